@@ -1,0 +1,73 @@
+//! Shared helpers for the integration and end-to-end tests: locating the workspace binaries,
+//! writing pre-shared keys, picking free ports and reporting skips loudly.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Directory holding the workspace binaries (`target/<profile>/`), derived from the test executable
+/// (`target/<profile>/deps/<test>-<hash>`). `OFFLOAD_BIN_DIR` overrides it (the VM tier uses this).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("OFFLOAD_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test exe has a parent");
+    let dir = if deps.ends_with("deps") {
+        deps.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        deps.to_path_buf()
+    };
+    dir
+}
+
+/// Path of a workspace binary; panics with the build command to run if it is missing, because the
+/// test command builds every binary before running tests (`cargo build --workspace --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// Writes a fresh random 32-byte pre-shared key (hex) with mode 0600 into `dir` and returns its path.
+pub fn write_key(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let key: [u8; 32] = rand::random();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::File::create(&path).expect("create key file");
+    f.write_all(hex.as_bytes()).expect("write key");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+    path
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local_addr")
+        .port()
+}
+
+/// True when running as root; tests needing root call [`skip`] otherwise.
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Prints a skip reason where CI logs show it. Never skip silently.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+    println!("SKIPPED {test}: {reason}");
+}
+
+/// Installs a tracing subscriber honouring `RUST_LOG` once per test binary.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
