@@ -71,3 +71,39 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// The link kinds the transport-agnostic tests exercise: `OFFLOAD_TEST_LINKS` (comma separated,
+/// e.g. `vsock,rdma` inside the VM tier), default `tcp,unix`.
+pub fn link_kinds() -> Vec<String> {
+    std::env::var("OFFLOAD_TEST_LINKS")
+        .unwrap_or_else(|_| "tcp,unix".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A fresh listen URL for `kind`, using `dir` for Unix socket paths. vsock listens on `any`
+/// (connect to CID 1 inside the VM); rdma listens on `OFFLOAD_RDMA_LISTEN_IP` (rxe0's address).
+pub fn listen_url(kind: &str, dir: &Path) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match kind {
+        "tcp" => format!("tcp://127.0.0.1:{}", free_port()),
+        "unix" => format!("unix://{}/link-{n}.sock", dir.display()),
+        "vsock" => format!("vsock://any:{}", 20000 + (std::process::id() % 20000) + n * 7),
+        "rdma" => {
+            let ip = std::env::var("OFFLOAD_RDMA_LISTEN_IP").unwrap_or_else(|_| "10.10.0.1".into());
+            format!("rdma://{ip}:{}", 20000 + (std::process::id() % 20000) + n * 7)
+        }
+        other => panic!("unknown link kind {other:?} in OFFLOAD_TEST_LINKS"),
+    }
+}
+
+/// The URL a client uses to reach a listener created from [`listen_url`].
+pub fn connect_url(listen: &str) -> String {
+    match listen.strip_prefix("vsock://any:") {
+        Some(port) => format!("vsock://1:{port}"),
+        None => listen.to_string(),
+    }
+}
