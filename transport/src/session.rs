@@ -1,0 +1,1170 @@
+//! The session: handshake, then calls and streams multiplexed over one connection, with
+//! heartbeats and limits. Written once; every service and every link uses it.
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::auth::Key;
+use crate::endpoint::Endpoint;
+use crate::link::{self, Conn, Listener, TransportError};
+use crate::service::{Registry, RemoteError};
+use crate::stream::{CloseAction, Inbound, Shared, Stream};
+use crate::wire::{self, ErrorBody, Header, Kind, WireError, HEADER_LEN};
+
+/// Session tunables. The defaults suit a HOST–DPU link.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Pre-shared key; `None` only with an explicit `--allow-unauthenticated`.
+    pub key: Option<Key>,
+    /// How often an idle session sends a ping.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the peer is declared dead and pending calls fail.
+    pub heartbeat_timeout: Duration,
+    /// Deadline for the whole handshake.
+    pub handshake_timeout: Duration,
+    /// Largest frame accepted (and sent): bounds memory per message.
+    pub max_frame: u32,
+    /// Most streams open at once per session.
+    pub max_streams: usize,
+    /// Most incoming calls being handled at once per session.
+    pub max_inflight_calls: usize,
+    /// Per-stream receive window in bytes.
+    pub stream_window: u32,
+    /// Optional deadline for each call (the heartbeat already bounds calls to a dead peer).
+    pub call_timeout: Option<Duration>,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            key: None,
+            heartbeat_interval: Duration::from_secs(3),
+            heartbeat_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_frame: 16 << 20,
+            max_streams: 4096,
+            max_inflight_calls: 8192,
+            stream_window: 4 << 20,
+            call_timeout: None,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Defaults with the given key.
+    pub fn new(key: Option<Key>) -> Self {
+        SessionConfig {
+            key,
+            ..Default::default()
+        }
+    }
+}
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("handshake I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("handshake not completed within {0:?}")]
+    Timeout(Duration),
+    #[error("peer is not a dpu-offload endpoint (bad magic)")]
+    NotOffload,
+    #[error("peer speaks protocol version {theirs}, this side speaks {ours}")]
+    Version { ours: u16, theirs: u16 },
+    #[error("authentication failed: the peer rejected our key ({0})")]
+    Rejected(String),
+    #[error("authentication failed: the peer could not prove it holds the key")]
+    PeerNotAuthenticated,
+    #[error("authentication mismatch: {0}")]
+    Mismatch(String),
+    #[error("malformed handshake: {0}")]
+    Wire(#[from] WireError),
+    #[error("unexpected {0:?} frame during the handshake")]
+    Unexpected(Kind),
+    #[error("peer closed the connection during the handshake (wrong key, or not a dpu-offload endpoint?)")]
+    PeerClosed,
+}
+
+/// Why a session could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{endpoint}: {source}")]
+    Handshake {
+        endpoint: String,
+        #[source]
+        source: HandshakeError,
+    },
+}
+
+/// Why an established session ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseReason {
+    #[error("peer closed the connection")]
+    PeerClosed,
+    #[error("peer shut the session down")]
+    PeerGoAway,
+    #[error("closed locally")]
+    Local,
+    #[error("peer silent for {0:?} (heartbeat timeout)")]
+    HeartbeatTimeout(Duration),
+    #[error("protocol violation by peer: {0}")]
+    Protocol(String),
+    #[error("connection error: {0}")]
+    Io(String),
+}
+
+/// Why a call or stream open failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("session closed: {0}")]
+    Closed(CloseReason),
+    #[error("peer offers no service {0:?}")]
+    UnknownService(String),
+    #[error("peer is overloaded (too many calls or streams in flight)")]
+    Busy,
+    #[error("message of {len} bytes exceeds the frame limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Error codes the session itself puts in Error frames (services use their own, ≥ 0).
+const CODE_UNKNOWN_SERVICE: i32 = -1;
+const CODE_BUSY: i32 = -2;
+
+/// One outgoing frame: header (+ small prefix) and a payload passed through without copying.
+struct Frame {
+    head: BytesMut,
+    body: Bytes,
+}
+
+impl Frame {
+    fn new(kind: Kind, id: u32, prefix: &[u8], body: Bytes) -> Frame {
+        let mut head = BytesMut::with_capacity(HEADER_LEN + prefix.len());
+        Header {
+            len: (prefix.len() + body.len()) as u32,
+            kind,
+            id,
+        }
+        .put(&mut head);
+        head.extend_from_slice(prefix);
+        Frame { head, body }
+    }
+}
+
+struct StreamEntry {
+    shared: Arc<Shared>,
+    tx: mpsc::UnboundedSender<Inbound>,
+}
+
+#[derive(Default)]
+struct State {
+    calls: HashMap<u32, oneshot::Sender<Result<Bytes, CallError>>>,
+    streams: HashMap<u32, StreamEntry>,
+    closed: Option<CloseReason>,
+    going_away: bool,
+}
+
+pub(crate) struct Inner {
+    ctl_tx: mpsc::UnboundedSender<Frame>,
+    data_tx: mpsc::UnboundedSender<Frame>,
+    state: Mutex<State>,
+    next_call: AtomicU32,
+    next_stream: AtomicU32,
+    inflight_calls: AtomicU32,
+    registry: Registry,
+    cfg: SessionConfig,
+    peer_services: Vec<String>,
+    peer_window: u32,
+    peer_max_frame: u32,
+    peer: String,
+    started: Instant,
+    last_seen_ms: AtomicU64,
+    closed_tx: watch::Sender<Option<CloseReason>>,
+}
+
+/// A live, authenticated session. Cheap to clone; all clones share one connection.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("peer", &self.inner.peer)
+            .field("peer_services", &self.inner.peer_services)
+            .finish()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn touch(&self) {
+        self.last_seen_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn credit_threshold(&self) -> u64 {
+        (self.cfg.stream_window as u64 / 4).max(1)
+    }
+
+    fn closed_err(&self) -> io::Error {
+        let reason = self.lock().closed.clone().unwrap_or(CloseReason::Local);
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("session closed: {reason}"),
+        )
+    }
+
+    pub(crate) fn send_stream_frame(&self, kind: Kind, id: u32, body: Bytes) -> io::Result<()> {
+        self.data_tx
+            .send(Frame::new(kind, id, &[], body))
+            .map_err(|_| self.closed_err())
+    }
+
+    pub(crate) fn send_credit(&self, id: u32, n: u64) {
+        let n = n.min(u32::MAX as u64) as u32;
+        let _ = self
+            .ctl_tx
+            .send(Frame::new(Kind::Credit, id, &n.to_le_bytes(), Bytes::new()));
+    }
+
+    pub(crate) fn send_reset(&self, id: u32, reason: &str) {
+        let _ = self.ctl_tx.send(Frame::new(
+            Kind::Reset,
+            id,
+            &[],
+            Bytes::copy_from_slice(reason.as_bytes()),
+        ));
+    }
+
+    pub(crate) fn stream_closed(&self, shared: &Shared, action: CloseAction) {
+        match action {
+            CloseAction::None => {}
+            CloseAction::Remove => {
+                self.lock().streams.remove(&shared.id);
+            }
+            CloseAction::ResetAndRemove => {
+                self.send_reset(shared.id, "stream dropped by the application");
+                self.lock().streams.remove(&shared.id);
+            }
+        }
+    }
+
+    /// Ends the session once: fails pending calls, resets streams, wakes `closed()` waiters.
+    fn close(&self, reason: CloseReason) {
+        let (calls, streams) = {
+            let mut st = self.lock();
+            if st.closed.is_some() {
+                return;
+            }
+            st.closed = Some(reason.clone());
+            (
+                std::mem::take(&mut st.calls),
+                std::mem::take(&mut st.streams),
+            )
+        };
+        match &reason {
+            CloseReason::Local | CloseReason::PeerClosed | CloseReason::PeerGoAway => {
+                tracing::debug!(peer = %self.peer, %reason, "session closed")
+            }
+            _ => tracing::warn!(peer = %self.peer, %reason, "session closed"),
+        }
+        for (_, tx) in calls {
+            let _ = tx.send(Err(CallError::Closed(reason.clone())));
+        }
+        let msg = format!("session closed: {reason}");
+        for (_, e) in streams {
+            e.shared.set_reset(&msg);
+            let _ = e.tx.send(Inbound::Reset(msg.clone()));
+        }
+        let _ = self.closed_tx.send(Some(reason));
+    }
+}
+
+/// Builds a handshake frame.
+fn hs_frame(kind: Kind, body: Bytes) -> BytesMut {
+    let f = Frame::new(kind, 0, &[], body);
+    let mut out = f.head;
+    out.extend_from_slice(&f.body);
+    out
+}
+
+/// Largest handshake message; a Hello lists a few service names.
+const MAX_HANDSHAKE_FRAME: u32 = 16 * 1024;
+
+async fn read_hs_frame<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<(Kind, Vec<u8>), HandshakeError> {
+    let mut h = [0u8; HEADER_LEN];
+    match r.read_exact(&mut h).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(HandshakeError::PeerClosed)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let h = Header::parse(&h, MAX_HANDSHAKE_FRAME)?;
+    let mut body = vec![0u8; h.len as usize];
+    match r.read_exact(&mut body).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(HandshakeError::PeerClosed)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok((h.kind, body))
+}
+
+/// Extended Hello: the base message plus the limits the peer must respect.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HelloMsg {
+    hello: wire::Hello,
+    stream_window: u32,
+    max_frame: u32,
+}
+
+const AUTH_CONTEXT: &[u8] = b"dpu-offload session auth v1";
+
+struct Negotiated {
+    peer_services: Vec<String>,
+    peer_window: u32,
+    peer_max_frame: u32,
+}
+
+async fn handshake(
+    conn: &mut Conn,
+    cfg: &SessionConfig,
+    registry: &Registry,
+    dialer: bool,
+) -> Result<Negotiated, HandshakeError> {
+    let nonce: [u8; 32] = rand::random();
+    let mine = HelloMsg {
+        hello: wire::Hello {
+            magic: wire::MAGIC,
+            version: wire::VERSION,
+            nonce,
+            services: registry.names(),
+            authenticated: cfg.key.is_some(),
+        },
+        stream_window: cfg.stream_window,
+        max_frame: cfg.max_frame,
+    };
+    let mine_bytes = wire::encode(&mine);
+    conn.write_all(&hs_frame(Kind::Hello, mine_bytes.clone()))
+        .await?;
+    conn.flush().await?;
+    let (kind, theirs_bytes) = read_hs_frame(conn).await?;
+    if kind != Kind::Hello {
+        return Err(HandshakeError::Unexpected(kind));
+    }
+    let theirs: HelloMsg =
+        wire::decode("hello", &theirs_bytes).map_err(|_| HandshakeError::NotOffload)?;
+    if theirs.hello.magic != wire::MAGIC {
+        return Err(HandshakeError::NotOffload);
+    }
+    // Transcript order is (dialer hello, acceptor hello) on both sides.
+    let (c_hello, s_hello): (&[u8], &[u8]) = if dialer {
+        (&mine_bytes, &theirs_bytes)
+    } else {
+        (&theirs_bytes, &mine_bytes)
+    };
+    let tag_for = |key: &Key, role: &[u8]| key.tag(&[AUTH_CONTEXT, role, c_hello, s_hello]);
+    let refuse = |reason: &str| {
+        hs_frame(
+            Kind::Refuse,
+            wire::encode(&wire::Refuse {
+                reason: reason.into(),
+            }),
+        )
+    };
+
+    if dialer {
+        if theirs.hello.version != wire::VERSION {
+            return Err(HandshakeError::Version {
+                ours: wire::VERSION,
+                theirs: theirs.hello.version,
+            });
+        }
+        let tag = cfg
+            .key
+            .as_ref()
+            .map(|k| tag_for(k, b"C").to_vec())
+            .unwrap_or_default();
+        conn.write_all(&hs_frame(Kind::Auth, wire::encode(&wire::Auth { tag })))
+            .await?;
+        conn.flush().await?;
+        let (kind, body) = read_hs_frame(conn).await?;
+        match kind {
+            Kind::Welcome => {
+                let w: wire::Welcome = wire::decode("welcome", &body)?;
+                match &cfg.key {
+                    Some(k) => {
+                        if !k.verify(&[AUTH_CONTEXT, b"S", c_hello, s_hello], &w.tag) {
+                            return Err(HandshakeError::PeerNotAuthenticated);
+                        }
+                    }
+                    None if theirs.hello.authenticated => {
+                        return Err(HandshakeError::Mismatch(
+                            "the peer requires a key but none is configured here".into(),
+                        ))
+                    }
+                    None => {}
+                }
+            }
+            Kind::Refuse => {
+                let r: wire::Refuse = wire::decode("refuse", &body)?;
+                return Err(HandshakeError::Rejected(r.reason));
+            }
+            other => return Err(HandshakeError::Unexpected(other)),
+        }
+    } else {
+        if theirs.hello.version != wire::VERSION {
+            let _ = conn
+                .write_all(&refuse(&format!(
+                    "unsupported protocol version {}; this side speaks {}",
+                    theirs.hello.version,
+                    wire::VERSION
+                )))
+                .await;
+            return Err(HandshakeError::Version {
+                ours: wire::VERSION,
+                theirs: theirs.hello.version,
+            });
+        }
+        let (kind, body) = read_hs_frame(conn).await?;
+        if kind != Kind::Auth {
+            return Err(HandshakeError::Unexpected(kind));
+        }
+        let a: wire::Auth = wire::decode("auth", &body)?;
+        match &cfg.key {
+            Some(k) => {
+                if !theirs.hello.authenticated {
+                    let _ = conn
+                        .write_all(&refuse("this server requires a pre-shared key"))
+                        .await;
+                    return Err(HandshakeError::Mismatch("peer has no key".into()));
+                }
+                if !k.verify(&[AUTH_CONTEXT, b"C", c_hello, s_hello], &a.tag) {
+                    let _ = conn.write_all(&refuse("wrong key")).await;
+                    return Err(HandshakeError::Rejected("wrong key".into()));
+                }
+                let tag = tag_for(k, b"S").to_vec();
+                conn.write_all(&hs_frame(
+                    Kind::Welcome,
+                    wire::encode(&wire::Welcome { tag }),
+                ))
+                .await?;
+            }
+            None => {
+                if theirs.hello.authenticated {
+                    let _ = conn
+                        .write_all(&refuse("this server runs unauthenticated but the client holds a key; refusing to downgrade"))
+                        .await;
+                    return Err(HandshakeError::Mismatch(
+                        "peer holds a key, this side runs unauthenticated".into(),
+                    ));
+                }
+                conn.write_all(&hs_frame(
+                    Kind::Welcome,
+                    wire::encode(&wire::Welcome { tag: vec![] }),
+                ))
+                .await?;
+            }
+        }
+        conn.flush().await?;
+    }
+    Ok(Negotiated {
+        peer_services: theirs.hello.services,
+        peer_window: theirs.stream_window.max(1),
+        peer_max_frame: theirs.max_frame.max(4096),
+    })
+}
+
+impl Session {
+    /// Dials `ep`, runs the handshake and starts the session.
+    pub async fn connect(
+        ep: &Endpoint,
+        cfg: SessionConfig,
+        registry: Registry,
+    ) -> Result<Session, SessionError> {
+        let conn = link::connect(ep).await?;
+        Session::start(conn, cfg, registry, true, ep.to_string())
+            .await
+            .map_err(|source| SessionError::Handshake {
+                endpoint: ep.to_string(),
+                source,
+            })
+    }
+
+    /// Runs the handshake over an established connection. `dialer` picks the role (the side
+    /// that connected is the dialer) and the stream-id parity.
+    pub async fn start(
+        mut conn: Conn,
+        cfg: SessionConfig,
+        registry: Registry,
+        dialer: bool,
+        peer: String,
+    ) -> Result<Session, HandshakeError> {
+        let limit = cfg.handshake_timeout;
+        let neg = tokio::time::timeout(limit, handshake(&mut conn, &cfg, &registry, dialer))
+            .await
+            .map_err(|_| HandshakeError::Timeout(limit))??;
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let (data_tx, data_rx) = mpsc::unbounded_channel();
+        let (closed_tx, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            ctl_tx,
+            data_tx,
+            state: Mutex::new(State::default()),
+            next_call: AtomicU32::new(1),
+            next_stream: AtomicU32::new(if dialer { 1 } else { 2 }),
+            inflight_calls: AtomicU32::new(0),
+            registry,
+            cfg,
+            peer_services: neg.peer_services,
+            peer_window: neg.peer_window,
+            peer_max_frame: neg.peer_max_frame,
+            peer,
+            started: Instant::now(),
+            last_seen_ms: AtomicU64::new(0),
+            closed_tx,
+        });
+        let (r, w) = tokio::io::split(conn);
+        tokio::spawn(writer_task(
+            w,
+            ctl_rx,
+            data_rx,
+            Arc::downgrade(&inner),
+            inner.closed_tx.subscribe(),
+        ));
+        tokio::spawn(reader_task(r, inner.clone(), dialer));
+        tokio::spawn(heartbeat_task(Arc::downgrade(&inner)));
+        let session = Session { inner };
+        for svc in session.inner.registry.all() {
+            svc.attached(&session);
+        }
+        tracing::debug!(peer = %session.inner.peer, services = ?session.inner.peer_services, "session established");
+        Ok(session)
+    }
+
+    /// Services the peer offers.
+    pub fn peer_services(&self) -> &[String] {
+        &self.inner.peer_services
+    }
+
+    /// Describes the peer (address, pid or CID) for logs.
+    pub fn peer(&self) -> &str {
+        &self.inner.peer
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().closed.is_some()
+    }
+
+    /// Waits until the session ends and says why.
+    pub async fn closed(&self) -> CloseReason {
+        let mut rx = self.inner.closed_tx.subscribe();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return CloseReason::Local;
+            }
+        }
+    }
+
+    /// Ends the session now: pending calls and open streams fail on both sides.
+    pub fn close(&self) {
+        let _ = self
+            .inner
+            .ctl_tx
+            .send(Frame::new(Kind::GoAway, 0, &[], Bytes::new()));
+        self.inner.lock().going_away = true;
+        self.inner.close(CloseReason::Local);
+    }
+
+    /// Graceful shutdown: stops new calls, waits (up to `grace`) for calls already in flight
+    /// in either direction, then closes.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.lock().going_away = true;
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            let busy = !self.inner.lock().calls.is_empty()
+                || self.inner.inflight_calls.load(Ordering::Relaxed) > 0;
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.close();
+    }
+
+    fn check_open(&self) -> Result<(), CallError> {
+        let st = self.inner.lock();
+        if let Some(r) = &st.closed {
+            return Err(CallError::Closed(r.clone()));
+        }
+        if st.going_away {
+            return Err(CallError::Closed(CloseReason::Local));
+        }
+        Ok(())
+    }
+
+    /// Calls `service` on the peer with an opaque request and waits for its reply.
+    pub async fn call(&self, service: &str, req: Bytes) -> Result<Bytes, CallError> {
+        let max = self.inner.peer_max_frame.min(self.inner.cfg.max_frame) as usize;
+        let len = req.len() + 1 + service.len();
+        if len > max {
+            return Err(CallError::TooLarge { len, max });
+        }
+        let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.inner.lock();
+            if let Some(r) = &st.closed {
+                return Err(CallError::Closed(r.clone()));
+            }
+            if st.going_away {
+                return Err(CallError::Closed(CloseReason::Local));
+            }
+            st.calls.insert(id, tx);
+        }
+        // Forget the pending entry if the caller gives up (dropped future or timeout).
+        struct Guard<'a>(&'a Inner, u32);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                self.0.lock().calls.remove(&self.1);
+            }
+        }
+        let _guard = Guard(&self.inner, id);
+        let mut prefix = BytesMut::new();
+        wire::put_service_prefix(service, &mut prefix);
+        if self
+            .inner
+            .ctl_tx
+            .send(Frame::new(Kind::Request, id, &prefix, req))
+            .is_err()
+        {
+            return Err(CallError::Closed(CloseReason::Local));
+        }
+        let res = match self.inner.cfg.call_timeout {
+            Some(t) => match tokio::time::timeout(t, rx).await {
+                Ok(r) => r,
+                Err(_) => return Err(CallError::Timeout(t)),
+            },
+            None => rx.await,
+        };
+        match res {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Closed(
+                self.inner
+                    .lock()
+                    .closed
+                    .clone()
+                    .unwrap_or(CloseReason::Local),
+            )),
+        }
+    }
+
+    /// Opens a stream to `service` on the peer; `header` tells it what the stream is for.
+    pub async fn open_stream(&self, service: &str, header: Bytes) -> Result<Stream, CallError> {
+        self.check_open()?;
+        let max = self.inner.peer_max_frame.min(self.inner.cfg.max_frame) as usize;
+        let len = header.len() + 1 + service.len();
+        if len > max {
+            return Err(CallError::TooLarge { len, max });
+        }
+        let id = self.inner.next_stream.fetch_add(2, Ordering::Relaxed);
+        let shared = Shared::new(id, self.inner.peer_window as u64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut st = self.inner.lock();
+            if let Some(r) = &st.closed {
+                return Err(CallError::Closed(r.clone()));
+            }
+            if st.streams.len() >= self.inner.cfg.max_streams {
+                return Err(CallError::Busy);
+            }
+            st.streams.insert(
+                id,
+                StreamEntry {
+                    shared: shared.clone(),
+                    tx,
+                },
+            );
+        }
+        let mut prefix = BytesMut::new();
+        wire::put_service_prefix(service, &mut prefix);
+        self.inner
+            .data_tx
+            .send(Frame::new(Kind::Open, id, &prefix, header))
+            .map_err(|_| CallError::Closed(CloseReason::Local))?;
+        Ok(Stream::new(shared, self.inner.clone(), rx))
+    }
+}
+
+/// Accepts connections forever, running each handshake in its own task so a slow or hostile
+/// peer never delays anyone else. Failed handshakes are logged and dropped.
+pub async fn serve(mut listener: Box<dyn Listener>, cfg: SessionConfig, registry: Registry) {
+    let local = listener.local_endpoint();
+    tracing::info!(%local, services = ?registry.names(), "listening");
+    loop {
+        match listener.accept().await {
+            Ok((conn, peer)) => {
+                let cfg = cfg.clone();
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    match Session::start(conn, cfg, registry, false, peer.clone()).await {
+                        Ok(s) => {
+                            tracing::info!(%peer, "peer authenticated");
+                            let reason = s.closed().await;
+                            tracing::info!(%peer, %reason, "peer gone");
+                        }
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "handshake failed; connection dropped")
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(%local, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Batch limits for one vectored write.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+const MAX_BATCH_FRAMES: usize = 128;
+/// Payloads up to this size are copied into the batch buffer; larger ones are written in place.
+const COPY_THRESHOLD: usize = 16 * 1024;
+
+async fn write_chunks<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut VecDeque<Bytes>,
+) -> io::Result<()> {
+    while !chunks.is_empty() {
+        let slices: Vec<IoSlice<'_>> = chunks.iter().take(64).map(|c| IoSlice::new(c)).collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = chunks.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                chunks.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends a frame to the batch: small payloads are copied next to their header, large ones
+/// are queued as they are. Returns whether it was a GoAway (the last frame to write).
+fn stage(
+    f: Frame,
+    staging: &mut BytesMut,
+    chunks: &mut VecDeque<Bytes>,
+    bytes: &mut usize,
+) -> bool {
+    let go_away = f.head.len() >= 5 && f.head[4] == Kind::GoAway as u8;
+    *bytes += f.head.len() + f.body.len();
+    staging.extend_from_slice(&f.head);
+    if f.body.len() <= COPY_THRESHOLD {
+        staging.extend_from_slice(&f.body);
+    } else {
+        chunks.push_back(staging.split().freeze());
+        chunks.push_back(f.body);
+    }
+    go_away
+}
+
+async fn writer_task(
+    mut w: WriteHalf<Conn>,
+    mut ctl: mpsc::UnboundedReceiver<Frame>,
+    mut data: mpsc::UnboundedReceiver<Frame>,
+    inner: std::sync::Weak<Inner>,
+    mut closed: watch::Receiver<Option<CloseReason>>,
+) {
+    let mut staging = BytesMut::with_capacity(64 * 1024);
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut data_open = true;
+    let mut go_away = false;
+    loop {
+        // Control frames (calls, replies, credit, pings) go before bulk data.
+        let first = tokio::select! {
+            biased;
+            f = ctl.recv() => f,
+            _ = closed.changed() => None,
+            f = data.recv(), if data_open => match f {
+                Some(f) => Some(f),
+                None => { data_open = false; continue; }
+            },
+        };
+        let Some(first) = first else { break };
+        let mut batch_bytes = 0usize;
+        let mut frames = 1usize;
+        go_away |= stage(first, &mut staging, &mut chunks, &mut batch_bytes);
+        while frames < MAX_BATCH_FRAMES && batch_bytes < MAX_BATCH_BYTES {
+            let next = match ctl.try_recv() {
+                Ok(f) => Some(f),
+                Err(_) if data_open => data.try_recv().ok(),
+                Err(_) => None,
+            };
+            let Some(f) = next else { break };
+            go_away |= stage(f, &mut staging, &mut chunks, &mut batch_bytes);
+            frames += 1;
+        }
+        if !staging.is_empty() {
+            chunks.push_back(staging.split().freeze());
+        }
+        if let Err(e) = write_chunks(&mut w, &mut chunks).await {
+            if let Some(inner) = inner.upgrade() {
+                inner.close(CloseReason::Io(e.to_string()));
+            }
+            return;
+        }
+        if go_away {
+            break;
+        }
+    }
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
+
+async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
+    let (interval, timeout) = match inner.upgrade() {
+        Some(i) => (i.cfg.heartbeat_interval, i.cfg.heartbeat_timeout),
+        None => return,
+    };
+    let tick = interval.min(timeout / 2).max(Duration::from_millis(10));
+    let mut seq = 0u32;
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(i) = inner.upgrade() else { return };
+        if i.lock().closed.is_some() {
+            return;
+        }
+        let now = i.started.elapsed().as_millis() as u64;
+        let silent =
+            Duration::from_millis(now.saturating_sub(i.last_seen_ms.load(Ordering::Relaxed)));
+        if silent > timeout {
+            i.close(CloseReason::HeartbeatTimeout(silent));
+            return;
+        }
+        if silent >= interval.min(tick) {
+            seq = seq.wrapping_add(1);
+            let _ = i
+                .ctl_tx
+                .send(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
+        }
+    }
+}
+
+/// Initial read buffer; frames larger than the free space grow it.
+const READ_BUF: usize = 256 * 1024;
+
+async fn reader_task(mut r: ReadHalf<Conn>, inner: Arc<Inner>, dialer: bool) {
+    let reason = read_loop(&mut r, &inner, dialer).await;
+    inner.close(reason);
+}
+
+async fn read_loop(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, dialer: bool) -> CloseReason {
+    let mut buf = BytesMut::with_capacity(READ_BUF);
+    inner.touch();
+    loop {
+        while buf.len() >= HEADER_LEN {
+            let mut h = [0u8; HEADER_LEN];
+            h.copy_from_slice(&buf[..HEADER_LEN]);
+            let header = match Header::parse(&h, inner.cfg.max_frame) {
+                Ok(h) => h,
+                Err(e) => return CloseReason::Protocol(e.to_string()),
+            };
+            let total = HEADER_LEN + header.len as usize;
+            if buf.len() < total {
+                buf.reserve(total - buf.len());
+                break;
+            }
+            buf.advance(HEADER_LEN);
+            let payload = buf.split_to(header.len as usize).freeze();
+            if let Err(reason) = dispatch(inner, header, payload, dialer) {
+                return reason;
+            }
+        }
+        if buf.capacity() - buf.len() < 16 * 1024 {
+            buf.reserve(READ_BUF);
+        }
+        let mut closed = inner.closed_tx.subscribe();
+        let read = tokio::select! {
+            r = r.read_buf(&mut buf) => r,
+            _ = closed.wait_for(|c| c.is_some()) => return CloseReason::Local,
+        };
+        match read {
+            Ok(0) => {
+                if buf.is_empty() {
+                    let st = inner.lock();
+                    return if st.going_away {
+                        CloseReason::PeerGoAway
+                    } else {
+                        CloseReason::PeerClosed
+                    };
+                }
+                return CloseReason::Protocol(format!(
+                    "connection ended inside a frame ({} bytes pending)",
+                    buf.len()
+                ));
+            }
+            Ok(_) => inner.touch(),
+            Err(e) => return CloseReason::Io(e.to_string()),
+        }
+    }
+}
+
+fn u32_payload(p: &[u8]) -> Result<u32, CloseReason> {
+    let arr: [u8; 4] = p
+        .try_into()
+        .map_err(|_| CloseReason::Protocol(format!("credit frame of {} bytes", p.len())))?;
+    Ok(u32::from_le_bytes(arr))
+}
+
+fn error_frame(id: u32, code: i32, message: String) -> Frame {
+    Frame::new(
+        Kind::Error,
+        id,
+        &[],
+        wire::encode(&ErrorBody { code, message }),
+    )
+}
+
+fn dispatch(
+    inner: &Arc<Inner>,
+    h: Header,
+    payload: Bytes,
+    dialer: bool,
+) -> Result<(), CloseReason> {
+    let proto = |m: String| Err(CloseReason::Protocol(m));
+    match h.kind {
+        Kind::Request => {
+            let (service, body) =
+                wire::split_service(payload).map_err(|e| CloseReason::Protocol(e.to_string()))?;
+            let Some(svc) = inner.registry.get(&service).cloned() else {
+                let _ = inner
+                    .ctl_tx
+                    .send(error_frame(h.id, CODE_UNKNOWN_SERVICE, service));
+                return Ok(());
+            };
+            let busy = inner.inflight_calls.fetch_add(1, Ordering::Relaxed) as usize
+                >= inner.cfg.max_inflight_calls;
+            if busy {
+                inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
+                let _ = inner
+                    .ctl_tx
+                    .send(error_frame(h.id, CODE_BUSY, "busy".into()));
+                return Ok(());
+            }
+            let session = Session {
+                inner: inner.clone(),
+            };
+            tokio::spawn(async move {
+                let res = svc.call(&session, body).await;
+                session.inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
+                let frame = match res {
+                    Ok(b) => {
+                        let max = session
+                            .inner
+                            .peer_max_frame
+                            .min(session.inner.cfg.max_frame)
+                            as usize;
+                        if b.len() > max {
+                            error_frame(
+                                h.id,
+                                libc::EMSGSIZE,
+                                format!("reply of {} bytes exceeds the frame limit {max}", b.len()),
+                            )
+                        } else {
+                            Frame::new(Kind::Response, h.id, &[], b)
+                        }
+                    }
+                    Err(e) => error_frame(h.id, e.code, e.message),
+                };
+                let _ = session.inner.ctl_tx.send(frame);
+            });
+        }
+        Kind::Response | Kind::Error => {
+            let tx = inner.lock().calls.remove(&h.id);
+            let Some(tx) = tx else { return Ok(()) }; // caller gave up
+            let res = if h.kind == Kind::Response {
+                Ok(payload)
+            } else {
+                let e: ErrorBody = wire::decode("error", &payload)
+                    .map_err(|e| CloseReason::Protocol(e.to_string()))?;
+                Err(match e.code {
+                    CODE_UNKNOWN_SERVICE => CallError::UnknownService(e.message),
+                    CODE_BUSY => CallError::Busy,
+                    code => CallError::Remote(RemoteError {
+                        code,
+                        message: e.message,
+                    }),
+                })
+            };
+            let _ = tx.send(res);
+        }
+        Kind::Open => {
+            // The peer opens odd ids if it dialed, even ids if it accepted.
+            let peer_parity = if dialer { 0 } else { 1 };
+            if h.id % 2 != peer_parity {
+                return proto(format!("stream id {} has the wrong parity", h.id));
+            }
+            let (service, header) =
+                wire::split_service(payload).map_err(|e| CloseReason::Protocol(e.to_string()))?;
+            let svc = inner.registry.get(&service).cloned();
+            let shared = Shared::new(h.id, inner.peer_window as u64);
+            let (tx, rx) = mpsc::unbounded_channel();
+            {
+                let mut st = inner.lock();
+                if st.streams.contains_key(&h.id) {
+                    return proto(format!("stream id {} reused", h.id));
+                }
+                if svc.is_none() || st.streams.len() >= inner.cfg.max_streams {
+                    drop(st);
+                    let why = if svc.is_none() {
+                        format!("no service {service:?}")
+                    } else {
+                        "too many streams".to_string()
+                    };
+                    inner.send_reset(h.id, &why);
+                    return Ok(());
+                }
+                st.streams.insert(
+                    h.id,
+                    StreamEntry {
+                        shared: shared.clone(),
+                        tx,
+                    },
+                );
+            }
+            let Some(svc) = svc else { return Ok(()) };
+            let session = Session {
+                inner: inner.clone(),
+            };
+            let stream = Stream::new(shared, inner.clone(), rx);
+            tokio::spawn(async move {
+                svc.stream(&session, header, stream).await;
+            });
+        }
+        Kind::Data => {
+            let entry = inner
+                .lock()
+                .streams
+                .get(&h.id)
+                .map(|e| (e.shared.clone(), e.tx.clone()));
+            // Unknown: already reset or dropped here; the peer learns from the Reset.
+            let Some((shared, tx)) = entry else {
+                return Ok(());
+            };
+            let n = payload.len() as u64;
+            let discard = {
+                let mut st = shared.lock();
+                if st.remote_fin {
+                    return proto(format!("data after EOF on stream {}", h.id));
+                }
+                if st.reader_gone || st.reset.is_some() {
+                    true
+                } else {
+                    st.recv_buffered += n;
+                    if st.recv_buffered > inner.cfg.stream_window as u64 {
+                        return proto(format!(
+                            "stream {} exceeded its window of {} bytes",
+                            h.id, inner.cfg.stream_window
+                        ));
+                    }
+                    false
+                }
+            };
+            if discard || tx.send(Inbound::Data(payload)).is_err() {
+                if discard {
+                    inner.send_credit(h.id, n);
+                } else {
+                    let mut st = shared.lock();
+                    st.recv_buffered = st.recv_buffered.saturating_sub(n);
+                    drop(st);
+                    inner.send_credit(h.id, n);
+                }
+            }
+        }
+        Kind::Eof => {
+            let entry = inner
+                .lock()
+                .streams
+                .get(&h.id)
+                .map(|e| (e.shared.clone(), e.tx.clone()));
+            let Some((shared, tx)) = entry else {
+                return Ok(());
+            };
+            let remove = {
+                let mut st = shared.lock();
+                st.remote_fin = true;
+                st.reader_gone && st.writer_gone
+            };
+            let _ = tx.send(Inbound::Eof);
+            if remove {
+                inner.lock().streams.remove(&h.id);
+            }
+        }
+        Kind::Reset => {
+            let reason = String::from_utf8_lossy(&payload).into_owned();
+            let entry = inner.lock().streams.remove(&h.id);
+            if let Some(e) = entry {
+                e.shared.set_reset(&reason);
+                let _ = e.tx.send(Inbound::Reset(reason));
+            }
+        }
+        Kind::Credit => {
+            let n = u32_payload(&payload)?;
+            let shared = inner.lock().streams.get(&h.id).map(|e| e.shared.clone());
+            if let Some(s) = shared {
+                s.add_credit(n as u64);
+            }
+        }
+        Kind::Ping => {
+            let _ = inner
+                .ctl_tx
+                .send(Frame::new(Kind::Pong, h.id, &[], Bytes::new()));
+        }
+        Kind::Pong => {}
+        Kind::GoAway => {
+            inner.lock().going_away = true;
+        }
+        Kind::Hello | Kind::Auth | Kind::Welcome | Kind::Refuse => {
+            return proto(format!("{:?} frame after the handshake", h.kind));
+        }
+    }
+    Ok(())
+}

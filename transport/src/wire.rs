@@ -1,0 +1,232 @@
+//! The session wire format: a fixed 12-byte frame header, postcard-encoded control messages,
+//! and raw payload bytes for calls and stream data (never re-encoded, never copied again).
+//!
+//! ```text
+//! 0      4     5       6        8          12
+//! | len  | kind| flags | rsvd   | id       | payload (len bytes) ...
+//! ```
+//! `len` and `id` are little endian. `id` is a call id (Request/Response/Error) or a stream id
+//! (Open/Data/Eof/Reset/Credit); stream ids are odd when opened by the dialing side, even when
+//! opened by the accepting side, so both can open streams without coordination.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken by this build.
+pub const VERSION: u16 = 1;
+/// First bytes of every Hello, so a wrong peer (HTTP, SSH, garbage) is recognised at once.
+pub const MAGIC: [u8; 8] = *b"DPUOFFL\x01";
+/// Size of the frame header.
+pub const HEADER_LEN: usize = 12;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Auth = 2,
+    Welcome = 3,
+    Refuse = 4,
+    Request = 5,
+    Response = 6,
+    Error = 7,
+    Open = 8,
+    Data = 9,
+    Eof = 10,
+    Reset = 11,
+    Credit = 12,
+    Ping = 13,
+    Pong = 14,
+    GoAway = 15,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => Auth,
+            3 => Welcome,
+            4 => Refuse,
+            5 => Request,
+            6 => Response,
+            7 => Error,
+            8 => Open,
+            9 => Data,
+            10 => Eof,
+            11 => Reset,
+            12 => Credit,
+            13 => Ping,
+            14 => Pong,
+            15 => GoAway,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub len: u32,
+    pub kind: Kind,
+    pub id: u32,
+}
+
+/// Malformed input from the peer; always closes that one connection.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: u32, max: u32 },
+    #[error("undecodable {what}: {reason}")]
+    Decode { what: &'static str, reason: String },
+}
+
+impl Header {
+    /// Parses a header from the first [`HEADER_LEN`] bytes, enforcing `max_frame`.
+    pub fn parse(b: &[u8; HEADER_LEN], max_frame: u32) -> Result<Header, WireError> {
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let kind = Kind::from_u8(b[4]).ok_or(WireError::UnknownKind(b[4]))?;
+        let id = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if len > max_frame {
+            return Err(WireError::TooLarge {
+                len,
+                max: max_frame,
+            });
+        }
+        Ok(Header { len, kind, id })
+    }
+
+    /// Appends the encoded header.
+    pub fn put(&self, out: &mut BytesMut) {
+        out.put_u32_le(self.len);
+        out.put_u8(self.kind as u8);
+        out.put_u8(0);
+        out.put_u16_le(0);
+        out.put_u32_le(self.id);
+    }
+}
+
+/// First message of each side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub magic: [u8; 8],
+    pub version: u16,
+    pub nonce: [u8; 32],
+    /// Services this side serves to the peer.
+    pub services: Vec<String>,
+    /// Whether this side holds a pre-shared key and demands authentication.
+    pub authenticated: bool,
+}
+
+/// The dialer's proof of the key (empty when unauthenticated).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Auth {
+    pub tag: Vec<u8>,
+}
+
+/// The acceptor's proof of the key; the session is open once the dialer has checked it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Welcome {
+    pub tag: Vec<u8>,
+}
+
+/// Why the acceptor refused the handshake (sent before it closes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refuse {
+    pub reason: String,
+}
+
+/// An application error carried back to the caller.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: i32,
+    pub message: String,
+}
+
+/// Encodes a control message.
+pub fn encode<T: Serialize>(msg: &T) -> Bytes {
+    // Serializing plain structs into a Vec cannot fail.
+    Bytes::from(postcard::to_allocvec(msg).unwrap_or_default())
+}
+
+/// Decodes a control message, naming it in the error.
+pub fn decode<'a, T: Deserialize<'a>>(what: &'static str, b: &'a [u8]) -> Result<T, WireError> {
+    postcard::from_bytes(b).map_err(|e| WireError::Decode {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+/// Payload of Request and Open: a length-prefixed service name followed by the body, so the
+/// body itself is passed on as a zero-copy slice.
+pub fn put_service_prefix(service: &str, out: &mut BytesMut) {
+    let name = service.as_bytes();
+    out.put_u8(name.len().min(255) as u8);
+    out.put_slice(&name[..name.len().min(255)]);
+}
+
+/// Splits a Request/Open payload into the service name and the body.
+pub fn split_service(mut payload: Bytes) -> Result<(String, Bytes), WireError> {
+    if payload.is_empty() {
+        return Err(WireError::Decode {
+            what: "service name",
+            reason: "empty payload".into(),
+        });
+    }
+    let n = payload.get_u8() as usize;
+    if payload.len() < n {
+        return Err(WireError::Decode {
+            what: "service name",
+            reason: "truncated".into(),
+        });
+    }
+    let name = payload.split_to(n);
+    let name = std::str::from_utf8(&name)
+        .map_err(|_| WireError::Decode {
+            what: "service name",
+            reason: "not UTF-8".into(),
+        })?
+        .to_string();
+    Ok((name, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_limits() {
+        let h = Header {
+            len: 42,
+            kind: Kind::Data,
+            id: 7,
+        };
+        let mut b = BytesMut::new();
+        h.put(&mut b);
+        let arr: [u8; HEADER_LEN] = b[..].try_into().unwrap();
+        assert_eq!(Header::parse(&arr, 100).unwrap(), h);
+        assert_eq!(
+            Header::parse(&arr, 10).unwrap_err(),
+            WireError::TooLarge { len: 42, max: 10 }
+        );
+        let mut bad = arr;
+        bad[4] = 200;
+        assert_eq!(
+            Header::parse(&bad, 100).unwrap_err(),
+            WireError::UnknownKind(200)
+        );
+    }
+
+    #[test]
+    fn service_prefix() {
+        let mut b = BytesMut::new();
+        put_service_prefix("fs", &mut b);
+        b.put_slice(b"body");
+        let (s, body) = split_service(b.freeze()).unwrap();
+        assert_eq!(s, "fs");
+        assert_eq!(&body[..], b"body");
+        assert!(split_service(Bytes::from_static(&[5, b'a'])).is_err());
+    }
+}
