@@ -27,4 +27,5 @@ pub use session::{
 };
 pub use stream::{Stream, StreamReader, StreamWriter};
 
+pub use async_trait::async_trait;
 pub use bytes::Bytes;

@@ -1,0 +1,380 @@
+//! The session layer over real sockets, for every link kind in `OFFLOAD_TEST_LINKS`
+//! (tcp and unix here; vsock and rdma inside the VM tier).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use transport::{
+    CallError, Endpoint, Key, Registry, RemoteError, Service, Session,
+    SessionConfig, Stream,
+};
+
+/// Echoes calls; streams: echoes everything back, then finishes. Header "sink" reads and
+/// discards; header "stall" never reads; header "hash" replies with the sha256 of all input.
+/// Every session it is attached to is reported on `sessions` (to call back the other way).
+struct Echo {
+    sessions: mpsc::UnboundedSender<Session>,
+}
+
+#[transport::async_trait]
+impl Service for Echo {
+    async fn call(&self, _s: &Session, req: Bytes) -> Result<Bytes, RemoteError> {
+        if &req[..] == b"fail" {
+            return Err(RemoteError::new(42, "asked to fail"));
+        }
+        if req.starts_with(b"sleep") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Ok(req)
+    }
+
+    async fn stream(&self, _s: &Session, header: Bytes, stream: Stream) {
+        match &header[..] {
+            b"stall" => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(stream);
+            }
+            b"hash" => {
+                let (mut rd, mut wr) = stream.split();
+                let mut h = Sha256::new();
+                while let Ok(Some(b)) = rd.recv().await {
+                    h.update(&b);
+                }
+                let _ = wr.send(Bytes::copy_from_slice(&h.finalize())).await;
+                let _ = wr.finish();
+            }
+            _ => {
+                let (mut rd, mut wr) = stream.split();
+                while let Ok(Some(b)) = rd.recv().await {
+                    if wr.send(b).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = wr.finish();
+            }
+        }
+    }
+
+    fn attached(&self, session: &Session) {
+        let _ = self.sessions.send(session.clone());
+    }
+}
+
+fn echo_registry() -> (Registry, mpsc::UnboundedReceiver<Session>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        Registry::new().with("echo", Arc::new(Echo { sessions: tx })),
+        rx,
+    )
+}
+
+fn key() -> Key {
+    Key::from_bytes(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap()
+}
+
+fn cfg() -> SessionConfig {
+    SessionConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        heartbeat_timeout: Duration::from_millis(1500),
+        handshake_timeout: Duration::from_secs(2),
+        ..SessionConfig::new(Some(key()))
+    }
+}
+
+struct Server {
+    ep: Endpoint,
+    sessions: mpsc::UnboundedReceiver<Session>,
+    _dir: tempfile::TempDir,
+}
+
+async fn server(kind: &str, cfg: SessionConfig) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let url = tests::listen_url(kind, dir.path());
+    let listener = transport::listen(&url.parse().unwrap()).await.unwrap();
+    let ep: Endpoint = tests::connect_url(&listener.local_endpoint().to_string())
+        .parse()
+        .unwrap();
+    let (reg, sessions) = echo_registry();
+    tokio::spawn(transport::serve(listener, cfg, reg));
+    Server {
+        ep,
+        sessions,
+        _dir: dir,
+    }
+}
+
+async fn client(ep: &Endpoint) -> (Session, mpsc::UnboundedReceiver<Session>) {
+    let (reg, rx) = echo_registry();
+    (Session::connect(ep, cfg(), reg).await.unwrap(), rx)
+}
+
+/// Runs `f` once per link kind under test.
+async fn for_each_link<F, Fut>(f: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    tests::init_tracing();
+    for kind in tests::link_kinds() {
+        eprintln!("--- link {kind}");
+        f(kind).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_and_streams_in_both_directions() {
+    for_each_link(|kind| async move {
+        let mut srv = server(&kind, cfg()).await;
+        let (c, _) = client(&srv.ep).await;
+        assert_eq!(c.peer_services(), ["echo".to_string()]);
+        // client -> server
+        let r = c.call("echo", Bytes::from_static(b"ping")).await.unwrap();
+        assert_eq!(&r[..], b"ping");
+        let err = c.call("echo", Bytes::from_static(b"fail")).await.unwrap_err();
+        assert_eq!(err, CallError::Remote(RemoteError::new(42, "asked to fail")));
+        let err = c.call("nope", Bytes::new()).await.unwrap_err();
+        assert_eq!(err, CallError::UnknownService("nope".into()));
+        // server -> client, on the same session
+        let s = srv.sessions.recv().await.unwrap();
+        let r = s.call("echo", Bytes::from_static(b"back")).await.unwrap();
+        assert_eq!(&r[..], b"back");
+        // streams opened by each side
+        for opener in [&c, &s] {
+            let mut st = opener.open_stream("echo", Bytes::new()).await.unwrap();
+            st.write_all(b"hello ").await.unwrap();
+            st.send(Bytes::from_static(b"world")).await.unwrap();
+            st.finish().await.unwrap();
+            let mut got = Vec::new();
+            st.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hello world");
+        }
+        // a stream to an unknown service is reset
+        let mut st = c.open_stream("nope", Bytes::new()).await.unwrap();
+        let e = st.recv().await.unwrap_err();
+        assert!(e.to_string().contains("no service"), "{e}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_calls_on_one_session() {
+    for_each_link(|kind| async move {
+        let srv = server(&kind, cfg()).await;
+        let (c, _) = client(&srv.ep).await;
+        let mut tasks = Vec::new();
+        for i in 0..1000u32 {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let body = Bytes::from(format!("call-{i}").into_bytes());
+                let r = c.call("echo", body.clone()).await.unwrap();
+                assert_eq!(r, body);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_stream_blocks_neither_calls_nor_other_streams() {
+    for_each_link(|kind| async move {
+        let srv = server(&kind, cfg()).await;
+        let (c, _) = client(&srv.ep).await;
+        let mut stalled = c.open_stream("echo", Bytes::from_static(b"stall")).await.unwrap();
+        // Fill the stalled stream's window (4 MiB by default) and more: the writer must block.
+        let filler = tokio::spawn(async move {
+            let chunk = Bytes::from(vec![7u8; 1 << 20]);
+            for _ in 0..16 {
+                if stalled.send(chunk.clone()).await.is_err() {
+                    break;
+                }
+            }
+            stalled
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!filler.is_finished(), "a stalled reader must stop its sender");
+        // Calls and another stream still flow, with a generous liveness bound.
+        let live = async {
+            for _ in 0..100 {
+                c.call("echo", Bytes::from_static(b"x")).await.unwrap();
+            }
+            let st = c.open_stream("echo", Bytes::new()).await.unwrap();
+            let data = Bytes::from(vec![1u8; 8 << 20]);
+            let (mut rd, mut wr) = st.split();
+            let send = async {
+                wr.send(data.clone()).await.unwrap();
+                wr.finish().unwrap();
+            };
+            let recv = async {
+                let mut n = 0;
+                while let Some(b) = rd.recv().await.unwrap() {
+                    n += b.len();
+                }
+                n
+            };
+            let ((), n) = tokio::join!(send, recv);
+            assert_eq!(n, data.len());
+        };
+        tokio::time::timeout(Duration::from_secs(20), live)
+            .await
+            .expect("calls and other streams must proceed while one stream is stalled");
+        filler.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_arrive_intact() {
+    for_each_link(|kind| async move {
+        let srv = server(&kind, cfg()).await;
+        let (c, _) = client(&srv.ep).await;
+        let mut data = vec![0u8; 64 << 20];
+        let mut x = 0x12345678u32;
+        for b in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        let want = Sha256::digest(&data).to_vec();
+        let st = c.open_stream("echo", Bytes::from_static(b"hash")).await.unwrap();
+        let (mut rd, mut wr) = st.split();
+        let data = Bytes::from(data);
+        wr.send(data.clone()).await.unwrap();
+        wr.finish().unwrap();
+        let got = rd.recv().await.unwrap().unwrap();
+        assert_eq!(got.to_vec(), want, "sha256 of 64 MiB through a stream");
+        // And echoed back through AsyncRead/AsyncWrite, both directions at once.
+        let st = c.open_stream("echo", Bytes::new()).await.unwrap();
+        let (mut rd, mut wr) = st.split();
+        let w = tokio::spawn(async move {
+            for part in data.chunks(1 << 20) {
+                wr.write_all(part).await.unwrap();
+            }
+            wr.shutdown().await.unwrap();
+        });
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0;
+        loop {
+            let n = rd.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n;
+            h.update(&buf[..n]);
+        }
+        w.await.unwrap();
+        assert_eq!(total, 64 << 20);
+        assert_eq!(h.finalize().to_vec(), want);
+        // A 8 MiB call (within the frame limit) round-trips too.
+        let big = Bytes::from(vec![9u8; 8 << 20]);
+        assert_eq!(c.call("echo", big.clone()).await.unwrap(), big);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_and_reset() {
+    for_each_link(|kind| async move {
+        let srv = server(&kind, cfg()).await;
+        let (c, _) = client(&srv.ep).await;
+        // After our finish, the echo side still sends what it had.
+        let mut st = c.open_stream("echo", Bytes::new()).await.unwrap();
+        st.send(Bytes::from_static(b"abc")).await.unwrap();
+        st.finish().await.unwrap();
+        assert!(st.send(Bytes::from_static(b"late")).await.is_err(), "write after finish");
+        assert_eq!(&st.recv().await.unwrap().unwrap()[..], b"abc");
+        assert!(st.recv().await.unwrap().is_none(), "EOF after the peer finished");
+        // A reset reaches the service's reader as an error, and the session goes on.
+        let st = c.open_stream("echo", Bytes::from_static(b"stall")).await.unwrap();
+        st.reset();
+        assert_eq!(&c.call("echo", Bytes::from_static(b"ok")).await.unwrap()[..], b"ok");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_calls_fail_when_the_peer_dies_or_goes_silent() {
+    tests::init_tracing();
+    // A peer whose connection drops mid-call: the call fails at once with a clear error.
+    let srv = server("tcp", cfg()).await;
+    let (c, _) = client(&srv.ep).await;
+    let c2 = c.clone();
+    let pending = tokio::spawn(async move { c2.call("echo", Bytes::from_static(b"sleep")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut srv = srv;
+    let s = srv.sessions.recv().await.unwrap();
+    s.close();
+    let err = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("call must fail, not hang")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, CallError::Closed(_)), "{err}");
+
+    // A silent peer (a TCP proxy that stops forwarding): heartbeats fail the call within the
+    // configured timeout (1.5 s) — bounded here at 10 s for a loaded machine.
+    let srv = server("tcp", cfg()).await;
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let paddr = proxy.local_addr().unwrap();
+    let target = srv.ep.to_string().trim_start_matches("tcp://").to_string();
+    let (freeze_tx, freeze_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let (mut a, _) = proxy.accept().await.unwrap();
+        let mut b = tokio::net::TcpStream::connect(target).await.unwrap();
+        let mut frozen = freeze_rx;
+        let (mut ar, mut aw) = a.split();
+        let (mut br, mut bw) = b.split();
+        let mut x = [0u8; 65536];
+        let mut y = [0u8; 65536];
+        loop {
+            tokio::select! {
+                n = ar.read(&mut x) => { let n = n.unwrap(); if n == 0 { break } bw.write_all(&x[..n]).await.unwrap(); }
+                n = br.read(&mut y) => { let n = n.unwrap(); if n == 0 { break } aw.write_all(&y[..n]).await.unwrap(); }
+                _ = frozen.changed() => { tokio::time::sleep(Duration::from_secs(3600)).await; }
+            }
+        }
+    });
+    let pep: Endpoint = format!("tcp://{paddr}").parse().unwrap();
+    let (c, _) = client(&pep).await;
+    assert_eq!(&c.call("echo", Bytes::from_static(b"1")).await.unwrap()[..], b"1");
+    freeze_tx.send(true).unwrap();
+    let t0 = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), c.call("echo", Bytes::from_static(b"2")))
+        .await
+        .expect("heartbeat must fail the call")
+        .unwrap_err();
+    assert!(
+        matches!(err, CallError::Closed(transport::CloseReason::HeartbeatTimeout(_))),
+        "{err}"
+    );
+    eprintln!("silent peer detected after {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_limit_is_enforced_per_session() {
+    let srv = server(
+        "tcp",
+        SessionConfig {
+            max_streams: 4,
+            ..cfg()
+        },
+    )
+    .await;
+    let (c, _) = client(&srv.ep).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        open.push(c.open_stream("echo", Bytes::from_static(b"stall")).await.unwrap());
+    }
+    let mut extra = c.open_stream("echo", Bytes::new()).await.unwrap();
+    let e = extra.recv().await.unwrap_err();
+    assert!(e.to_string().contains("too many streams"), "{e}");
+    assert_eq!(&c.call("echo", Bytes::from_static(b"alive")).await.unwrap()[..], b"alive");
+}
