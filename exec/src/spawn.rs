@@ -1,0 +1,279 @@
+//! Resolving and starting the program of an [`ExecRequest`] (synchronous; run it off the
+//! async workers).
+
+use std::collections::HashSet;
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::proto::ExecRequest;
+use crate::sys;
+
+/// PATH used when the request's environment has none (what glibc's execvp assumes).
+const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Why a program was not started, with the code a shell would exit with.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("{0}: command not found")]
+    NotFound(String),
+    #[error("{0}: No such file or directory")]
+    NoSuchFile(String),
+    #[error("{0}: not allowed by the exec allow-list of the server")]
+    NotAllowed(String),
+    #[error("{0}: Permission denied")]
+    NotExecutable(String),
+    #[error("cannot change directory to {0}: {1}")]
+    BadCwd(String, std::io::Error),
+    #[error("unknown user {0}")]
+    BadUser(String),
+    #[error("empty command line")]
+    EmptyArgv,
+    #[error("{0}: {1}")]
+    Os(String, std::io::Error),
+}
+
+impl SpawnError {
+    /// Shell-style exit code: 127 for "not found", 126 for everything else that prevented the start.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SpawnError::NotFound(_) | SpawnError::NoSuchFile(_) => 127,
+            SpawnError::Os(_, e) if e.kind() == std::io::ErrorKind::NotFound => 127,
+            _ => 126,
+        }
+    }
+}
+
+/// Which executables may run.
+#[derive(Debug, Clone)]
+pub enum Policy {
+    /// Any executable (explicitly configured).
+    Any,
+    /// Only these exact paths (symlinks resolved).
+    Only(HashSet<PathBuf>),
+}
+
+fn show(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Resolves argv[0] like execvp: a name with '/' is taken relative to `cwd`; otherwise the
+/// first executable regular file in PATH wins. Returns the canonical path (symlinks resolved).
+pub fn resolve(argv0: &[u8], path_env: Option<&[u8]>, cwd: &Path) -> Result<PathBuf, SpawnError> {
+    if argv0.is_empty() {
+        return Err(SpawnError::NotFound(String::new()));
+    }
+    let candidate = if argv0.contains(&b'/') {
+        let p = Path::new(OsStr::from_bytes(argv0));
+        let full = cwd.join(p);
+        match std::fs::metadata(&full) {
+            Err(_) => return Err(SpawnError::NoSuchFile(show(argv0))),
+            Ok(m) if !m.is_file() || m.permissions().mode() & 0o111 == 0 => {
+                return Err(SpawnError::NotExecutable(show(argv0)))
+            }
+            Ok(_) => full,
+        }
+    } else {
+        let path = path_env.unwrap_or(DEFAULT_PATH);
+        path.split(|&b| b == b':')
+            .map(|dir| {
+                if dir.is_empty() {
+                    cwd.join(OsStr::from_bytes(argv0))
+                } else {
+                    cwd.join(OsStr::from_bytes(dir)).join(OsStr::from_bytes(argv0))
+                }
+            })
+            .find(|p| is_executable_file(p))
+            .ok_or_else(|| SpawnError::NotFound(show(argv0)))?
+    };
+    std::fs::canonicalize(&candidate).map_err(|e| SpawnError::Os(show(argv0), e))
+}
+
+/// A started program and the parent's ends of its stdio.
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    /// Non-pty: (stdin write end, stdout read end, stderr read end).
+    pub pipes: Option<(OwnedFd, OwnedFd, OwnedFd)>,
+    /// Pty mode: the master (stdin and output).
+    pub pty_master: Option<OwnedFd>,
+}
+
+struct Creds {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+}
+
+fn lookup_user(user: &str) -> Result<Creds, SpawnError> {
+    let bad = || SpawnError::BadUser(user.to_string());
+    let u = match user.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(uid.into()).map_err(|_| bad())?,
+        Err(_) => nix::unistd::User::from_name(user).map_err(|_| bad())?,
+    };
+    match u {
+        Some(u) => {
+            let name = CString::new(u.name.as_bytes()).map_err(|_| bad())?;
+            let groups = nix::unistd::getgrouplist(&name, u.gid)
+                .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_else(|_| vec![u.gid.as_raw()]);
+            Ok(Creds {
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+                groups,
+            })
+        }
+        // A bare numeric id without a passwd entry is still a valid identity.
+        None => match user.parse::<u32>() {
+            Ok(id) => Ok(Creds {
+                uid: id,
+                gid: id,
+                groups: vec![id],
+            }),
+            Err(_) => Err(bad()),
+        },
+    }
+}
+
+/// Resolves, checks against `policy` and starts the program in a new session (its own process
+/// group, pgid = pid), with pipes or a pty as stdio.
+pub fn spawn(req: &ExecRequest, policy: &Policy) -> Result<Spawned, SpawnError> {
+    let argv0 = req.argv.first().ok_or(SpawnError::EmptyArgv)?;
+    let cwd: PathBuf = match &req.cwd {
+        Some(c) => PathBuf::from(OsStr::from_bytes(c)),
+        None => std::env::current_dir().map_err(|e| SpawnError::BadCwd(".".into(), e))?,
+    };
+    match std::fs::metadata(&cwd) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(SpawnError::BadCwd(
+                cwd.display().to_string(),
+                std::io::Error::from_raw_os_error(libc::ENOTDIR),
+            ))
+        }
+        Err(e) => return Err(SpawnError::BadCwd(cwd.display().to_string(), e)),
+    }
+    let path_env = req
+        .env
+        .iter()
+        .find(|(k, _)| k.as_slice() == b"PATH")
+        .map(|(_, v)| v.as_slice());
+    let exe = resolve(argv0, path_env, &cwd)?;
+    if let Policy::Only(set) = policy {
+        if !set.contains(&exe) {
+            return Err(SpawnError::NotAllowed(if argv0.contains(&b'/') {
+                show(argv0)
+            } else {
+                format!("{} ({})", show(argv0), exe.display())
+            }));
+        }
+    }
+    let creds = req.user.as_deref().map(lookup_user).transpose()?;
+
+    let mut cmd = Command::new(&exe);
+    cmd.arg0(OsStr::from_bytes(argv0))
+        .args(req.argv[1..].iter().map(|a| OsStr::from_bytes(a)))
+        .env_clear()
+        .envs(
+            req.env
+                .iter()
+                .map(|(k, v)| (OsStr::from_bytes(k), OsStr::from_bytes(v))),
+        )
+        .current_dir(&cwd);
+
+    let os = |e: std::io::Error| SpawnError::Os(show(argv0), e);
+    let (pipes, pty_master) = if let Some(size) = req.pty {
+        let (master, slave) = sys::open_pty(size).map_err(os)?;
+        let s1 = slave.try_clone().map_err(os)?;
+        let s2 = slave.try_clone().map_err(os)?;
+        cmd.stdin(Stdio::from(slave))
+            .stdout(Stdio::from(s1))
+            .stderr(Stdio::from(s2));
+        (None, Some(master))
+    } else {
+        let (in_r, in_w) = sys::pipe().map_err(os)?;
+        let (out_r, out_w) = sys::pipe().map_err(os)?;
+        let (err_r, err_w) = sys::pipe().map_err(os)?;
+        sys::grow_pipe(out_r.as_raw_fd(), 1 << 20);
+        cmd.stdin(Stdio::from(in_r))
+            .stdout(Stdio::from(out_w))
+            .stderr(Stdio::from(err_w));
+        (Some((in_w, out_r, err_r)), None)
+    };
+    let pty = req.pty.is_some();
+    // SAFETY: the closure only makes async-signal-safe system calls (no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(move || {
+            // Signals the server ignores must not stay ignored in the program.
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(c) = &creds {
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
+                    || libc::setgid(c.gid) < 0
+                    || libc::setuid(c.uid) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::ENOEXEC) | Some(libc::EPERM) => {
+            SpawnError::NotExecutable(show(argv0))
+        }
+        _ => os(e),
+    })?;
+    // `cmd` (holding the child's pipe ends) is dropped here, so EOF reaches us when the child
+    // (and whatever inherits its stdio) closes them.
+    drop(cmd);
+    Ok(Spawned {
+        pid: child.id() as libc::pid_t,
+        pipes,
+        pty_master,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_like_execvp() {
+        let root = Path::new("/");
+        let t = resolve(b"true", Some(b"/nonexistent:/usr/bin"), root).unwrap();
+        assert_eq!(t, std::fs::canonicalize("/usr/bin/true").unwrap());
+        assert!(matches!(
+            resolve(b"no-such-cmd-xyz", None, root),
+            Err(SpawnError::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve(b"./no-such-cmd-xyz", None, root),
+            Err(SpawnError::NoSuchFile(_))
+        ));
+        assert!(matches!(
+            resolve(b"/etc/passwd", None, root),
+            Err(SpawnError::NotExecutable(_))
+        ));
+        assert_eq!(SpawnError::NotFound("x".into()).exit_code(), 127);
+        assert_eq!(SpawnError::NotAllowed("x".into()).exit_code(), 126);
+    }
+}
