@@ -1,1 +1,13 @@
-//! placeholder
+//! qtfs: HOST directories, `/proc`, `/sys` and cgroup mounted on the DPU through FUSE.
+//!
+//! - [`proto`]: the handle-based wire protocol of the `fs` service.
+//! - [`server`]: [`FsService`], the HOST side (exports resolved beneath their roots).
+//! - [`client`]: [`QtfsFs`], the DPU side FUSE filesystem used by `mount.qtfs`.
+
+pub mod client;
+pub mod proto;
+pub mod server;
+mod sys;
+
+pub use client::{ClientError, MountOptions, QtfsFs};
+pub use server::{Export, FsConfig, FsError, FsService};

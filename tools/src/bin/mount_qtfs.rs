@@ -1,1 +1,326 @@
-fn main() {}
+//! mount.qtfs — mounts a HOST directory (or `/proc`, `/sys`) on the DPU through FUSE.
+//!
+//! Installed as `/sbin/mount.qtfs` it makes `mount -t qtfs [-o OPTS] SRC DST` work (mount(8)
+//! runs `mount.qtfs SRC DST [-sfnv] -o OPTS`). It checks the HOST, mounts, then backgrounds
+//! itself (like sshfs); `umount DST` ends it.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use offload_fs::{MountOptions, QtfsFs};
+use transport::{Client, Registry};
+
+const AFTER_HELP: &str = "\
+Options (-o, comma separated):
+  addr=URL            HOST offloadd address (tcp://H:P, unix:///p, vsock://CID:PORT, ...);
+                      default $QTFS_SERVER_ADDR, then `addr`/`connect` in /etc/offload/dpu.toml
+  transport=T         link type when addr= is a bare address
+  keyfile=F           pre-shared key (default $OFFLOAD_KEY_FILE, then /etc/offload/psk)
+  proc | sys          pseudo filesystem mode (no caching, direct I/O; proc: /proc/self -> local_proc)
+  local_proc=P        where the DPU's own procfs is mounted (default /local_proc)
+  ro | rw             read-only / read-write mount
+  attr_timeout=S      attribute cache seconds (default 1), entry_timeout=S likewise
+  timeout=S           fail operations with EIO after S seconds of HOST outage (default 30)
+  hard                wait for the HOST forever instead
+  allow_other         let every user use the mount
+  threads=N           FUSE event-loop threads (default 4)
+  writeback_cache     kernel write-back caching (off by default)
+  log=FILE            write the background process's log there
+Examples:
+  mount -t qtfs -o proc /proc /another_rootfs/proc
+  mount.qtfs -o addr=tcp://10.0.0.1:7000,keyfile=/etc/offload/psk /var/lib/docker /mnt/docker";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mount.qtfs",
+    version,
+    about = "Mount a HOST directory on the DPU over the dpu-offload link (FUSE)",
+    after_help = AFTER_HELP
+)]
+struct Args {
+    /// HOST path inside an export (e.g. /proc, /var/lib/docker/containers).
+    src: String,
+    /// Local mount point.
+    dst: PathBuf,
+    /// Mount options (see below); may be repeated.
+    #[arg(short = 'o', value_name = "OPTS", action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Stay in the foreground (serve the mount from this process).
+    #[arg(short = 'f', long)]
+    foreground: bool,
+    /// Ignored (mount(8) compatibility: no mtab).
+    #[arg(short = 'n', hide = true)]
+    no_mtab: bool,
+    /// Ignored (mount(8) compatibility: sloppy).
+    #[arg(short = 's', hide = true)]
+    sloppy: bool,
+    /// Verbose logging.
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// Ignored (mount(8) compatibility: filesystem type).
+    #[arg(short = 't', hide = true)]
+    fstype: Option<String>,
+    /// Internal: fd to report readiness on (used when backgrounding).
+    #[arg(long, hide = true)]
+    ready_fd: Option<i32>,
+}
+
+/// Everything `-o` selects.
+struct Opts {
+    mount: MountOptions,
+    addr: Option<String>,
+    transport: Option<String>,
+    keyfile: Option<PathBuf>,
+    allow_unauthenticated: bool,
+    log: Option<PathBuf>,
+}
+
+fn secs(v: &str, what: &str) -> anyhow::Result<Duration> {
+    let f: f64 = v
+        .parse()
+        .with_context(|| format!("{what}={v}: not a number of seconds"))?;
+    anyhow::ensure!(f.is_finite() && f >= 0.0, "{what}={v}: must be >= 0");
+    Ok(Duration::from_secs_f64(f))
+}
+
+fn parse_opts(src: &str, list: &[String]) -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        mount: MountOptions {
+            source: src.to_string(),
+            ..Default::default()
+        },
+        addr: None,
+        transport: None,
+        keyfile: None,
+        allow_unauthenticated: false,
+        log: None,
+    };
+    for opt in list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = opt.split_once('=').unwrap_or((opt, ""));
+        let m = &mut o.mount;
+        match k {
+            "addr" | "server" => o.addr = Some(v.to_string()),
+            "transport" => o.transport = Some(v.to_string()),
+            "keyfile" | "key_file" => o.keyfile = Some(PathBuf::from(v)),
+            "allow_unauthenticated" => o.allow_unauthenticated = true,
+            "proc" => m.proc_fs = true,
+            "sys" => m.sys_fs = true,
+            "local_proc" => m.local_proc = PathBuf::from(v),
+            "ro" => m.read_only = true,
+            "rw" => m.read_only = false,
+            "attr_timeout" => m.attr_timeout = secs(v, k)?,
+            "entry_timeout" => m.entry_timeout = secs(v, k)?,
+            "timeout" => m.timeout = secs(v, k)?,
+            "hard" => m.hard = true,
+            "soft" => m.hard = false,
+            "allow_other" => m.allow_other = true,
+            "writeback_cache" => m.writeback_cache = true,
+            "threads" => {
+                m.threads = v
+                    .parse()
+                    .with_context(|| format!("threads={v}: not a number"))?
+            }
+            "log" => o.log = Some(PathBuf::from(v)),
+            // Generic mount(8) options that mean nothing here (or are the defaults).
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "_netdev" | "nofail"
+            | "relatime" | "norelatime" | "strictatime" | "noatime" | "atime" | "nodiratime"
+            | "exec" | "noexec" | "suid" | "nosuid" | "dev" | "nodev" | "async" | "sync"
+            | "loud" | "silent" | "comment" => {}
+            k if k.starts_with("x-") => {}
+            other => bail!("unknown option {other:?} (see mount.qtfs --help)"),
+        }
+    }
+    Ok(o)
+}
+
+/// The HOST address from the environment or `/etc/offload/dpu.toml`.
+fn default_addr() -> anyhow::Result<String> {
+    if let Ok(a) = std::env::var("QTFS_SERVER_ADDR") {
+        if !a.is_empty() {
+            return Ok(a);
+        }
+    }
+    let path = Path::new("/etc/offload/dpu.toml");
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let v: toml::Value =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let pick = |t: &toml::Value| -> Option<String> {
+            ["addr", "connect", "host_addr", "server"]
+                .iter()
+                .find_map(|k| t.get(k).and_then(|x| x.as_str()).map(str::to_string))
+        };
+        if let Some(a) = v.get("qtfs").and_then(pick).or_else(|| pick(&v)) {
+            return Ok(a);
+        }
+    }
+    bail!("no HOST address: pass -o addr=URL, set QTFS_SERVER_ADDR, or put `connect = \"URL\"` in /etc/offload/dpu.toml")
+}
+
+/// Connects, checks the source and mounts; returns the live mount and the runtime serving it.
+fn setup(args: &Args) -> anyhow::Result<(offload_fs::client::Mounted, tokio::runtime::Runtime)> {
+    let o = parse_opts(&args.src, &args.options)?;
+    let addr = match &o.addr {
+        Some(a) => a.clone(),
+        None => default_addr()?,
+    };
+    let ep = tools::endpoint(o.transport.as_deref(), &addr)?;
+    let key = transport::resolve_key(o.keyfile.as_deref(), o.allow_unauthenticated)?;
+    let cfg = transport::SessionConfig::new(key);
+    if !args.dst.is_dir() {
+        bail!("mount point {} is not a directory", args.dst.display());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("qtfs")
+        .build()
+        .context("starting the runtime")?;
+    let connect_timeout = o
+        .mount
+        .timeout
+        .clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let client = Client::new(ep.clone(), cfg, Registry::new());
+    let fs = rt.block_on(async {
+        match tokio::time::timeout(connect_timeout, QtfsFs::connect(client, o.mount)).await {
+            Ok(r) => r.map_err(|e| anyhow::anyhow!("{e}")),
+            Err(_) => Err(anyhow::anyhow!(
+                "HOST {ep} did not answer within {connect_timeout:?}"
+            )),
+        }
+    })?;
+    let mounted = {
+        let _g = rt.enter();
+        fs.mount(&args.dst)
+            .with_context(|| format!("mounting on {}", args.dst.display()))?
+    };
+    Ok((mounted, rt))
+}
+
+fn report(fd: Option<&OwnedFd>, msg: &str) {
+    if let Some(fd) = fd {
+        // SAFETY: borrowing a valid fd for one write; the File is forgotten, not closed.
+        let mut f =
+            std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd.as_raw_fd()) });
+        let _ = f.write_all(msg.as_bytes());
+    }
+}
+
+fn serve(args: &Args) -> ExitCode {
+    // SAFETY: the fd was handed to us by our parent for exactly this purpose.
+    let ready = args.ready_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    match setup(args) {
+        Ok((mounted, rt)) => {
+            report(ready.as_ref(), "OK");
+            drop(ready);
+            tracing::info!(src = %args.src, dst = %args.dst.display(), "mounted");
+            let res = mounted.run();
+            rt.shutdown_timeout(Duration::from_secs(1));
+            match res {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "FUSE session failed");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if ready.is_some() {
+                report(ready.as_ref(), &format!("ERR {msg}"));
+            } else {
+                eprintln!("mount.qtfs: {msg}");
+            }
+            ExitCode::from(32)
+        }
+    }
+}
+
+/// Re-executes this program in the foreground as a detached child and waits until it reports
+/// the mount live (exit 0) or failed (its message, exit 32).
+fn background(args: &Args) -> anyhow::Result<ExitCode> {
+    let (rd, wr) = nix::unistd::pipe().context("pipe")?;
+    let exe = std::env::current_exe().context("locating mount.qtfs")?;
+    let o = parse_opts(&args.src, &args.options)?;
+    let log = match &o.log {
+        Some(p) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening log {}", p.display()))?,
+        ),
+        None => Stdio::null(),
+    };
+    let mut cmd = Command::new(exe);
+    cmd.arg(&args.src)
+        .arg(&args.dst)
+        .arg("-f")
+        .arg("--ready-fd")
+        .arg(wr.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for o in &args.options {
+        cmd.arg("-o").arg(o);
+    }
+    if args.verbose {
+        cmd.arg("-v");
+    }
+    let wfd = wr.as_raw_fd();
+    // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            let flags = libc::fcntl(wfd, libc::F_GETFD);
+            if flags >= 0 {
+                libc::fcntl(wfd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount process")?;
+    drop(wr);
+    let mut msg = String::new();
+    let mut f = std::fs::File::from(rd);
+    let _ = f.read_to_string(&mut msg);
+    if msg == "OK" {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = child.wait();
+    match msg.strip_prefix("ERR ") {
+        Some(m) => eprintln!("mount.qtfs: {m}"),
+        None => eprintln!("mount.qtfs: the mount process exited before the mount was live"),
+    }
+    Ok(ExitCode::from(32))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tools::init_tracing(if args.verbose { "debug" } else { "warn" });
+    let _ = (args.no_mtab, args.sloppy, &args.fstype);
+    if args.foreground || args.ready_fd.is_some() {
+        return serve(&args);
+    }
+    // Reject bad options before forking so the message reaches the user directly.
+    if let Err(e) = parse_opts(&args.src, &args.options) {
+        eprintln!("mount.qtfs: {e:#}");
+        return ExitCode::from(32);
+    }
+    match background(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mount.qtfs: {e:#}");
+            ExitCode::from(32)
+        }
+    }
+}

@@ -1,0 +1,1884 @@
+//! DPU side of qtfs: a FUSE filesystem (fuser 0.18) whose every operation is a call to the
+//! HOST's `fs` service over a [`transport::Client`] session.
+//!
+//! # Concurrency
+//! fuser's event-loop threads only decode requests; each one is spawned onto a tokio runtime and
+//! answered asynchronously, so any number of requests (a blocked FIFO read, a lock wait, a slow
+//! `fsync`) are in flight at once without holding an event-loop thread.
+//!
+//! # Inodes and restarts
+//! FUSE inode numbers are assigned here and map to the HOST's opaque node ids of the current
+//! server *instance*. Each inode remembers its parent and name, each open handle its inode and
+//! flags. When the HOST daemon restarts, calls fail until it is back (EIO after `timeout`, or
+//! wait forever with `hard`), then the server answers "stale instance": the client mounts the
+//! same source again and lazily re-resolves inodes by name from the root and re-opens handles,
+//! so the mount and files opened before the restart keep working. Files that were unlinked while
+//! open cannot be re-resolved (ESTALE).
+//!
+//! # Pseudo filesystems (`proc`, `sys`)
+//! Zero attribute/entry TTLs and direct I/O on every open, so files that report size 0 are read
+//! to EOF and nothing is cached. With `proc`, the root entries `self` and `thread-self` are
+//! symlinks generated here: their target is `<local_proc>/<tgid>` (resp.
+//! `<local_proc>/<tgid>/task/<tid>`) of the *calling* DPU process, taken from the FUSE request's
+//! pid, so a process reading `/proc/self/status` sees itself while `/proc/<pid>` and
+//! `/proc/1/mountinfo` are the HOST's.
+//!
+//! # FIFOs (decision)
+//! The DPU kernel handles a node of type S_IFIFO itself (a local pipe; the FUSE server never
+//! sees the open). So HOST FIFOs are presented to the DPU as *regular files* of size 0 opened
+//! with direct I/O and as non-seekable streams: open, read, write and poll go to the HOST, where
+//! the real FIFO is opened (the open blocks until the peer end appears, on a dedicated HOST
+//! thread, never in a bounded pool). A reader on the DPU mount thus connects to a writer on the
+//! HOST path and vice versa, with normal blocking and EOF semantics. `mkfifo` through the mount
+//! creates a real FIFO on the HOST. The cost: `stat` on the DPU reports a regular file, so
+//! `test -p` is false there. FIFOs that `ctr` creates on the DPU side for container stdio are
+//! bridged by shim-bridge, not here.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::future::Future;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyLock, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use tracing::{debug, info, warn};
+use transport::CallError;
+
+use crate::proto::{
+    self, Attr, Caller, DirEntry, Entry, Fh, NodeId, Op, Reply, SetTime, Ts, STALE_INSTANCE,
+};
+
+/// Options of one mount (from `mount -o ...`).
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// HOST path (inside an export) to mount.
+    pub source: String,
+    /// procfs mode: `self`/`thread-self` point into `local_proc`, no caching, direct I/O.
+    pub proc_fs: bool,
+    /// sysfs/cgroupfs mode: no caching, direct I/O.
+    pub sys_fs: bool,
+    /// Read-only mount.
+    pub read_only: bool,
+    /// Where the DPU's own procfs is mounted (as seen by the processes using this mount).
+    pub local_proc: PathBuf,
+    /// Attribute cache TTL (ignored for proc/sys: zero).
+    pub attr_timeout: Duration,
+    /// Entry (name) cache TTL (ignored for proc/sys: zero).
+    pub entry_timeout: Duration,
+    /// How long an operation waits for the HOST during an outage before failing with EIO.
+    pub timeout: Duration,
+    /// Wait forever for the HOST instead of failing (`hard`).
+    pub hard: bool,
+    /// Let other users than the mounting one use the mount.
+    pub allow_other: bool,
+    /// Kernel write-back caching (off by default: HOST-side writers must stay visible).
+    pub writeback_cache: bool,
+    /// fuser event-loop threads.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            source: "/".into(),
+            proc_fs: false,
+            sys_fs: false,
+            read_only: false,
+            local_proc: PathBuf::from("/local_proc"),
+            attr_timeout: Duration::from_secs(1),
+            entry_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(30),
+            hard: false,
+            allow_other: false,
+            writeback_cache: false,
+            threads: 4,
+        }
+    }
+}
+
+impl MountOptions {
+    fn pseudo(&self) -> bool {
+        self.proc_fs || self.sys_fs
+    }
+}
+
+/// Why a mount could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The HOST could not be reached or the handshake failed (wrong key, not an offloadd).
+    #[error("cannot reach the HOST fs service: {0}")]
+    Connect(#[from] transport::SessionError),
+    /// The HOST refused the mount source.
+    #[error("HOST refused {source_path}: {message}")]
+    Refused {
+        /// The requested source.
+        source_path: String,
+        /// The HOST's explanation.
+        message: String,
+    },
+    /// A call failed at the session level.
+    #[error("fs call failed: {0}")]
+    Call(#[from] CallError),
+    /// The reply could not be decoded.
+    #[error(transparent)]
+    Proto(#[from] proto::ProtoError),
+    /// The reply made no sense for the request.
+    #[error("unexpected reply from the HOST fs service")]
+    Unexpected,
+}
+
+/// Internal errno marking "server instance changed".
+const STALE: i32 = -1;
+const ROOT: u64 = 1;
+const SELF_INO: u64 = u64::MAX - 1;
+const THREAD_SELF_INO: u64 = u64::MAX - 2;
+
+type R<T> = Result<T, i32>;
+
+struct Inode {
+    kernel_lookups: u64,
+    parent: u64,
+    name: Vec<u8>,
+    node: NodeId,
+    epoch: u64,
+    server_lookups: u64,
+    /// A HOST FIFO shown as a regular file.
+    fifo: bool,
+}
+
+struct Handle {
+    ino: u64,
+    flags: i32,
+    dir: bool,
+    fh: Fh,
+    epoch: u64,
+}
+
+struct State {
+    instance: u64,
+    epoch: u64,
+    inodes: HashMap<u64, Inode>,
+    by_node: HashMap<NodeId, u64>,
+    next_ino: u64,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+}
+
+struct Inner {
+    client: transport::Client,
+    opts: MountOptions,
+    state: Mutex<State>,
+    remount_lock: tokio::sync::Mutex<()>,
+    rt: tokio::runtime::Handle,
+    uid: u32,
+    gid: u32,
+}
+
+/// The FUSE filesystem. Build with [`QtfsFs::connect`], then mount with fuser.
+pub struct QtfsFs {
+    inner: Arc<Inner>,
+}
+
+fn ts_to_system(t: Ts) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::new(t.sec.unsigned_abs(), 0) + Duration::new(0, t.nsec)
+    }
+}
+
+fn system_to_ts(t: SystemTime) -> Ts {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Ts {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let mut sec = -(d.as_secs() as i64);
+            let mut nsec = d.subsec_nanos();
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Ts { sec, nsec }
+        }
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(system_to_ts(t)),
+    })
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::RegularFile,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn is_fifo(mode: u32) -> bool {
+    mode & libc::S_IFMT == libc::S_IFIFO
+}
+
+fn fuse_attr(ino: u64, a: &Attr) -> FileAttr {
+    let fifo = is_fifo(a.mode);
+    FileAttr {
+        ino: INodeNo(ino),
+        size: if fifo { 0 } else { a.size },
+        blocks: a.blocks,
+        atime: ts_to_system(a.atime),
+        mtime: ts_to_system(a.mtime),
+        ctime: ts_to_system(a.ctime),
+        crtime: ts_to_system(a.ctime),
+        kind: kind_of(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: if a.blksize == 0 { 4096 } else { a.blksize },
+        flags: 0,
+    }
+}
+
+fn errno(e: i32) -> Errno {
+    if e <= 0 {
+        Errno::EIO
+    } else {
+        Errno::from_i32(e)
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+/// Thread-group id of a DPU thread (FUSE reports the calling thread's id).
+fn tgid_of(tid: u32) -> u32 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return tid;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(tid)
+}
+
+impl QtfsFs {
+    /// Dials the HOST and mounts `opts.source` there (checking that it is exported), before
+    /// anything is mounted locally so that errors reach the user.
+    pub async fn connect(
+        client: transport::Client,
+        opts: MountOptions,
+    ) -> Result<QtfsFs, ClientError> {
+        let session = client.session().await?;
+        let req = proto::encode(&proto::Request {
+            instance: 0,
+            op: Op::Mount {
+                version: proto::VERSION,
+                path: opts.source.clone(),
+            },
+        })?;
+        let reply = match session.call("fs", Bytes::from(req)).await {
+            Ok(r) => r,
+            Err(CallError::Remote(e)) => {
+                return Err(ClientError::Refused {
+                    source_path: opts.source.clone(),
+                    message: e.message,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let Reply::Mounted { instance, root, .. } = proto::decode::<Reply>(&reply)? else {
+            return Err(ClientError::Unexpected);
+        };
+        if !matches!(root.attr.mode & libc::S_IFMT, libc::S_IFDIR) {
+            return Err(ClientError::Refused {
+                source_path: opts.source.clone(),
+                message: "not a directory".into(),
+            });
+        }
+        let mut inodes = HashMap::new();
+        inodes.insert(
+            ROOT,
+            Inode {
+                kernel_lookups: 1,
+                parent: ROOT,
+                name: Vec::new(),
+                node: root.node,
+                epoch: 1,
+                server_lookups: 1,
+                fifo: false,
+            },
+        );
+        let mut by_node = HashMap::new();
+        by_node.insert(root.node, ROOT);
+        info!(source = %opts.source, endpoint = %client.endpoint(), "qtfs connected");
+        Ok(QtfsFs {
+            inner: Arc::new(Inner {
+                client,
+                state: Mutex::new(State {
+                    instance,
+                    epoch: 1,
+                    inodes,
+                    by_node,
+                    next_ino: 2,
+                    handles: HashMap::new(),
+                    next_fh: 1,
+                }),
+                remount_lock: tokio::sync::Mutex::new(()),
+                rt: tokio::runtime::Handle::current(),
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+                opts,
+            }),
+        })
+    }
+
+    /// fuser configuration for this mount (threads, ACL, kernel options).
+    pub fn fuser_config(&self) -> fuser::Config {
+        let o = &self.inner.opts;
+        let mut cfg = fuser::Config::default();
+        let mut mo = vec![
+            fuser::MountOption::FSName(format!("qtfs:{}", o.source)),
+            fuser::MountOption::Subtype("qtfs".into()),
+            fuser::MountOption::DefaultPermissions,
+        ];
+        if o.read_only {
+            mo.push(fuser::MountOption::RO);
+        }
+        // Device nodes and setuid binaries on the HOST stay inert on the DPU unless asked for.
+        mo.push(fuser::MountOption::NoDev);
+        mo.push(fuser::MountOption::NoSuid);
+        cfg.mount_options = mo;
+        cfg.acl = if o.allow_other {
+            fuser::SessionACL::All
+        } else {
+            fuser::SessionACL::Owner
+        };
+        cfg.n_threads = Some(o.threads.max(1));
+        cfg.clone_fd = true;
+        cfg
+    }
+}
+
+impl Inner {
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn ttl(&self) -> Duration {
+        if self.opts.pseudo() {
+            Duration::ZERO
+        } else {
+            self.opts.attr_timeout
+        }
+    }
+
+    fn entry_ttl(&self) -> Duration {
+        if self.opts.pseudo() {
+            Duration::ZERO
+        } else {
+            self.opts.entry_timeout
+        }
+    }
+
+    /// One request to the HOST with the current instance, retrying across session loss until
+    /// the mount's timeout (or forever for `hard`). Returns `Err(STALE)` on an instance change.
+    async fn rpc(&self, op: Op) -> R<Reply> {
+        let instance = self.st().instance;
+        let body = proto::encode(&proto::Request { instance, op }).map_err(|_| libc::EIO)?;
+        let body = Bytes::from(body);
+        let start = Instant::now();
+        let deadline = if self.opts.hard {
+            None
+        } else {
+            Some(self.opts.timeout)
+        };
+        loop {
+            let remaining = deadline.map(|d| d.saturating_sub(start.elapsed()));
+            if remaining == Some(Duration::ZERO) {
+                return Err(libc::EIO);
+            }
+            let session = match self
+                .client
+                .session_retry(Duration::from_millis(100), remaining)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "HOST unreachable");
+                    return Err(libc::EIO);
+                }
+            };
+            match session.call("fs", body.clone()).await {
+                Ok(reply) => return proto::decode::<Reply>(&reply).map_err(|_| libc::EIO),
+                Err(CallError::Remote(e)) if e.code == STALE_INSTANCE => return Err(STALE),
+                Err(CallError::Remote(e)) => return Err(e.code),
+                Err(CallError::Closed(reason)) => {
+                    debug!(%reason, "session lost; redialing");
+                    self.client.invalidate().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(CallError::Busy) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => {
+                    warn!(error = %e, "fs call failed");
+                    return Err(libc::EIO);
+                }
+            }
+        }
+    }
+
+    /// Mounts the source again on a restarted server and starts a new epoch.
+    async fn remount(&self, seen_epoch: u64) -> R<()> {
+        let _g = self.remount_lock.lock().await;
+        if self.st().epoch != seen_epoch {
+            return Ok(());
+        }
+        let reply = self
+            .rpc(Op::Mount {
+                version: proto::VERSION,
+                path: self.opts.source.clone(),
+            })
+            .await?;
+        let Reply::Mounted { instance, root, .. } = reply else {
+            return Err(libc::EIO);
+        };
+        let mut st = self.st();
+        st.instance = instance;
+        st.epoch += 1;
+        let epoch = st.epoch;
+        st.by_node.clear();
+        st.by_node.insert(root.node, ROOT);
+        if let Some(r) = st.inodes.get_mut(&ROOT) {
+            r.node = root.node;
+            r.epoch = epoch;
+            r.server_lookups = 1;
+        }
+        info!(epoch, "HOST fs service restarted; re-resolving inodes");
+        Ok(())
+    }
+
+    /// Runs `f`, re-mounting and retrying when the server instance changed underneath.
+    async fn with<T, F, Fut>(self: &Arc<Self>, f: F) -> R<T>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = R<T>>,
+    {
+        for _ in 0..4 {
+            let epoch = self.st().epoch;
+            match f().await {
+                Err(STALE) => self.remount(epoch).await?,
+                other => return other,
+            }
+        }
+        Err(libc::EIO)
+    }
+
+    /// The current server node of an inode, re-resolving it by name after a restart.
+    fn node_of<'a>(
+        self: &'a Arc<Self>,
+        ino: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = R<NodeId>> + Send + 'a>> {
+        Box::pin(async move {
+            let (parent, name) = {
+                let st = self.st();
+                let n = st.inodes.get(&ino).ok_or(libc::ESTALE)?;
+                if n.epoch == st.epoch {
+                    return Ok(n.node);
+                }
+                if ino == ROOT {
+                    return Err(STALE);
+                }
+                (n.parent, n.name.clone())
+            };
+            let pnode = self.node_of(parent).await?;
+            let reply = self
+                .rpc(Op::Lookup {
+                    parent: pnode,
+                    name,
+                })
+                .await?;
+            let Reply::Entry(e) = reply else {
+                return Err(libc::EIO);
+            };
+            let mut st = self.st();
+            let epoch = st.epoch;
+            if let Some(n) = st.inodes.get_mut(&ino) {
+                if n.epoch != epoch {
+                    n.node = e.node;
+                    n.epoch = epoch;
+                    n.server_lookups = 1;
+                } else {
+                    n.server_lookups += 1;
+                }
+            }
+            st.by_node.insert(e.node, ino);
+            Ok(e.node)
+        })
+    }
+
+    /// The current server handle of an open file, re-opening it after a restart.
+    async fn fh_of(self: &Arc<Self>, fh: u64) -> R<Fh> {
+        let (ino, flags, dir) = {
+            let st = self.st();
+            let h = st.handles.get(&fh).ok_or(libc::EBADF)?;
+            if h.epoch == st.epoch {
+                return Ok(h.fh);
+            }
+            (h.ino, h.flags, h.dir)
+        };
+        let node = self.node_of(ino).await?;
+        let op = if dir {
+            Op::OpenDir { node }
+        } else {
+            Op::Open {
+                node,
+                flags: flags & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL),
+            }
+        };
+        let Reply::Opened { fh: sfh, .. } = self.rpc(op).await? else {
+            return Err(libc::EIO);
+        };
+        let mut st = self.st();
+        let epoch = st.epoch;
+        if let Some(h) = st.handles.get_mut(&fh) {
+            h.fh = sfh;
+            h.epoch = epoch;
+        }
+        debug!(fh, "re-opened handle after HOST restart");
+        Ok(sfh)
+    }
+
+    /// Records an entry the server returned for `parent/name`: one kernel lookup reference.
+    fn add_entry(&self, parent: u64, name: &[u8], e: &Entry) -> u64 {
+        let mut st = self.st();
+        let epoch = st.epoch;
+        if let Some(&ino) = st.by_node.get(&e.node) {
+            if let Some(n) = st.inodes.get_mut(&ino) {
+                n.kernel_lookups += 1;
+                n.server_lookups += 1;
+                if ino != ROOT {
+                    n.parent = parent;
+                    n.name = name.to_vec();
+                }
+                n.fifo = is_fifo(e.attr.mode);
+                return ino;
+            }
+        }
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        st.inodes.insert(
+            ino,
+            Inode {
+                kernel_lookups: 1,
+                parent,
+                name: name.to_vec(),
+                node: e.node,
+                epoch,
+                server_lookups: 1,
+                fifo: is_fifo(e.attr.mode),
+            },
+        );
+        st.by_node.insert(e.node, ino);
+        ino
+    }
+
+    /// Drops `n` kernel references; forgets the server node when none remain.
+    fn forget(self: &Arc<Self>, ino: u64, n: u64) {
+        if ino == ROOT || ino == SELF_INO || ino == THREAD_SELF_INO {
+            return;
+        }
+        let release = {
+            let mut st = self.st();
+            let epoch = st.epoch;
+            let gone = match st.inodes.get_mut(&ino) {
+                Some(i) => {
+                    i.kernel_lookups = i.kernel_lookups.saturating_sub(n);
+                    i.kernel_lookups == 0
+                }
+                None => false,
+            };
+            if !gone {
+                return;
+            }
+            match st.inodes.remove(&ino) {
+                Some(i) if i.epoch == epoch => {
+                    if st.by_node.get(&i.node) == Some(&ino) {
+                        st.by_node.remove(&i.node);
+                    }
+                    Some((i.node, i.server_lookups))
+                }
+                _ => None,
+            }
+        };
+        if let Some((node, count)) = release {
+            let me = self.clone();
+            self.rt.spawn(async move {
+                // Best effort: a lost forget only keeps an O_PATH fd open on the HOST.
+                let _ = me
+                    .rpc(Op::Forget {
+                        nodes: vec![(node, count)],
+                    })
+                    .await;
+            });
+        }
+    }
+
+    fn new_handle(&self, ino: u64, flags: i32, dir: bool, fh: Fh) -> u64 {
+        let mut st = self.st();
+        let id = st.next_fh;
+        st.next_fh += 1;
+        let epoch = st.epoch;
+        st.handles.insert(
+            id,
+            Handle {
+                ino,
+                flags,
+                dir,
+                fh,
+                epoch,
+            },
+        );
+        id
+    }
+
+    fn is_fifo_ino(&self, ino: u64) -> bool {
+        self.st().inodes.get(&ino).is_some_and(|i| i.fifo)
+    }
+
+    fn open_flags(&self, direct: bool, fifo: bool) -> FopenFlags {
+        let mut f = FopenFlags::empty();
+        if direct || fifo || self.opts.pseudo() {
+            f |= FopenFlags::FOPEN_DIRECT_IO;
+        }
+        if fifo {
+            f |= FopenFlags::FOPEN_NONSEEKABLE | FopenFlags::FOPEN_STREAM;
+        }
+        f
+    }
+
+    fn synthetic_attr(&self, ino: u64) -> FileAttr {
+        let now = SystemTime::now();
+        FileAttr {
+            ino: INodeNo(ino),
+            size: 0,
+            blocks: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            kind: FileType::Symlink,
+            perm: 0o777,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn self_link(&self, ino: u64, pid: u32) -> Vec<u8> {
+        let tgid = tgid_of(pid);
+        let base = self.opts.local_proc.as_os_str().as_bytes();
+        let s = if ino == SELF_INO {
+            format!("{}/{tgid}", String::from_utf8_lossy(base))
+        } else {
+            format!("{}/{tgid}/task/{pid}", String::from_utf8_lossy(base))
+        };
+        s.into_bytes()
+    }
+}
+
+macro_rules! spawn_reply {
+    ($self:ident, $reply:ident, |$me:ident| $body:expr, |$v:ident| $ok:expr) => {{
+        let $me = $self.inner.clone();
+        $self.inner.rt.spawn(async move {
+            let res = $me.with(|| async { $body }).await;
+            match res {
+                Ok($v) => $ok,
+                Err(e) => $reply.error(errno(e)),
+            }
+        });
+    }};
+}
+
+impl QtfsFs {
+    fn entry_reply(inner: &Arc<Inner>, parent: u64, name: &[u8], e: Entry, reply: ReplyEntry) {
+        let ino = inner.add_entry(parent, name, &e);
+        reply.entry_with_ttls(
+            &inner.ttl(),
+            &inner.entry_ttl(),
+            &fuse_attr(ino, &e.attr),
+            Generation(0),
+        );
+    }
+}
+
+impl Filesystem for QtfsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let caps = config.capabilities();
+        let mut want = InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_AUTO_INVAL_DATA
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+        if !self.inner.opts.pseudo() {
+            want |= InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO;
+        }
+        if self.inner.opts.writeback_cache {
+            want |= InitFlags::FUSE_WRITEBACK_CACHE;
+        }
+        let _ = config.add_capabilities(want & caps);
+        let _ = config.set_max_write(proto::MAX_IO);
+        let _ = config.set_max_readahead(proto::MAX_IO);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = parent.0;
+        let name = name.as_bytes().to_vec();
+        if self.inner.opts.proc_fs && parent == ROOT {
+            let syn = match name.as_slice() {
+                b"self" => Some(SELF_INO),
+                b"thread-self" => Some(THREAD_SELF_INO),
+                _ => None,
+            };
+            if let Some(ino) = syn {
+                reply.entry(
+                    &Duration::ZERO,
+                    &self.inner.synthetic_attr(ino),
+                    Generation(0),
+                );
+                return;
+            }
+        }
+        let me = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let res = me
+                .with(|| async {
+                    let p = me.node_of(parent).await?;
+                    me.rpc(Op::Lookup {
+                        parent: p,
+                        name: name.clone(),
+                    })
+                    .await
+                })
+                .await;
+            match res {
+                Ok(Reply::Entry(e)) => QtfsFs::entry_reply(&me, parent, &name, e, reply),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inner.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ino = ino.0;
+        if ino == SELF_INO || ino == THREAD_SELF_INO {
+            reply.attr(&Duration::ZERO, &self.inner.synthetic_attr(ino));
+            return;
+        }
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                let sfh = match fh {
+                    Some(h) => me.fh_of(h.0).await.ok(),
+                    None => None,
+                };
+                match me.rpc(Op::GetAttr { node, fh: sfh }).await? {
+                    Reply::Attr(a) => Ok(a),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |a| reply.attr(&me.ttl(), &fuse_attr(ino, &a))
+        )
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let ino = ino.0;
+        let (atime, mtime) = (set_time(atime), set_time(mtime));
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                let sfh = match fh {
+                    Some(h) => me.fh_of(h.0).await.ok(),
+                    None => None,
+                };
+                match me
+                    .rpc(Op::SetAttr {
+                        node,
+                        fh: sfh,
+                        mode,
+                        uid,
+                        gid,
+                        size,
+                        atime,
+                        mtime,
+                    })
+                    .await?
+                {
+                    Reply::Attr(a) => Ok(a),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |a| reply.attr(&me.ttl(), &fuse_attr(ino, &a))
+        )
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        let ino = ino.0;
+        if ino == SELF_INO || ino == THREAD_SELF_INO {
+            reply.data(&self.inner.self_link(ino, req.pid()));
+            return;
+        }
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                match me.rpc(Op::ReadLink { node }).await? {
+                    Reply::Data(d) => Ok(d),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |d| reply.data(&d)
+        )
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let parent = parent.0;
+        let name = name.as_bytes().to_vec();
+        let caller = caller(req);
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let p = me.node_of(parent).await?;
+                match me
+                    .rpc(Op::Mknod {
+                        parent: p,
+                        name: name.clone(),
+                        mode,
+                        rdev: rdev as u64,
+                        caller,
+                    })
+                    .await?
+                {
+                    Reply::Entry(e) => Ok(e),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |e| QtfsFs::entry_reply(&me, parent, &name, e, reply)
+        )
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let parent = parent.0;
+        let name = name.as_bytes().to_vec();
+        let caller = caller(req);
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let p = me.node_of(parent).await?;
+                match me
+                    .rpc(Op::Mkdir {
+                        parent: p,
+                        name: name.clone(),
+                        mode,
+                        caller,
+                    })
+                    .await?
+                {
+                    Reply::Entry(e) => Ok(e),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |e| QtfsFs::entry_reply(&me, parent, &name, e, reply)
+        )
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let parent = parent.0;
+        let name = name.as_bytes().to_vec();
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let p = me.node_of(parent).await?;
+                me.rpc(Op::Unlink {
+                    parent: p,
+                    name: name.clone(),
+                })
+                .await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let parent = parent.0;
+        let name = name.as_bytes().to_vec();
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let p = me.node_of(parent).await?;
+                me.rpc(Op::Rmdir {
+                    parent: p,
+                    name: name.clone(),
+                })
+                .await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let parent = parent.0;
+        let name = link_name.as_bytes().to_vec();
+        let target = target.as_os_str().as_bytes().to_vec();
+        let caller = caller(req);
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let p = me.node_of(parent).await?;
+                match me
+                    .rpc(Op::Symlink {
+                        parent: p,
+                        name: name.clone(),
+                        target: target.clone(),
+                        caller,
+                    })
+                    .await?
+                {
+                    Reply::Entry(e) => Ok(e),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |e| QtfsFs::entry_reply(&me, parent, &name, e, reply)
+        )
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (parent, newparent) = (parent.0, newparent.0);
+        let name = name.as_bytes().to_vec();
+        let newname = newname.as_bytes().to_vec();
+        let flags = flags.bits();
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let p = me.node_of(parent).await?;
+                let np = me.node_of(newparent).await?;
+                me.rpc(Op::Rename {
+                    parent: p,
+                    name: name.clone(),
+                    newparent: np,
+                    newname: newname.clone(),
+                    flags,
+                })
+                .await
+            },
+            |_r| {
+                // Keep the re-resolution names current.
+                let mut st = me.st();
+                let moved = st
+                    .inodes
+                    .iter()
+                    .find(|(_, i)| i.parent == parent && i.name == name)
+                    .map(|(k, _)| *k);
+                let other = st
+                    .inodes
+                    .iter()
+                    .find(|(_, i)| i.parent == newparent && i.name == newname)
+                    .map(|(k, _)| *k);
+                if let Some(k) = moved {
+                    if let Some(i) = st.inodes.get_mut(&k) {
+                        i.parent = newparent;
+                        i.name = newname.clone();
+                    }
+                }
+                if flags & libc::RENAME_EXCHANGE != 0 {
+                    if let Some(k) = other {
+                        if let Some(i) = st.inodes.get_mut(&k) {
+                            i.parent = parent;
+                            i.name = name.clone();
+                        }
+                    }
+                }
+                drop(st);
+                reply.ok()
+            }
+        )
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let (ino, newparent) = (ino.0, newparent.0);
+        let newname = newname.as_bytes().to_vec();
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                let np = me.node_of(newparent).await?;
+                match me
+                    .rpc(Op::Link {
+                        node,
+                        newparent: np,
+                        newname: newname.clone(),
+                    })
+                    .await?
+                {
+                    Reply::Entry(e) => Ok(e),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |e| QtfsFs::entry_reply(&me, newparent, &newname, e, reply)
+        )
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let ino = ino.0;
+        let flags = flags.0;
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                match me.rpc(Op::Open { node, flags }).await? {
+                    Reply::Opened { fh, direct } => Ok((fh, direct)),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |v| {
+                let (sfh, direct) = v;
+                let fifo = me.is_fifo_ino(ino);
+                let fh = me.new_handle(ino, flags, false, sfh);
+                reply.opened(FileHandle(fh), me.open_flags(direct, fifo))
+            }
+        )
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                match me
+                    .rpc(Op::Read {
+                        fh: sfh,
+                        offset,
+                        size,
+                    })
+                    .await?
+                {
+                    Reply::Data(d) => Ok(d),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |d| reply.data(&d)
+        )
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                match me
+                    .rpc(Op::Write {
+                        fh: sfh,
+                        offset,
+                        data: data.clone(),
+                    })
+                    .await?
+                {
+                    Reply::Written(n) => Ok(n),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |n| reply.written(n)
+        )
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                me.rpc(Op::Flush {
+                    fh: sfh,
+                    lock_owner: lock_owner.0,
+                })
+                .await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let h = self.inner.st().handles.remove(&fh.0);
+        let Some(h) = h else {
+            reply.ok();
+            return;
+        };
+        let me = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            if h.epoch == me.st().epoch {
+                let _ = me
+                    .rpc(Op::Release {
+                        fh: h.fh,
+                        lock_owner: lock_owner.map(|l| l.0),
+                    })
+                    .await;
+            }
+            reply.ok();
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                me.rpc(Op::Fsync { fh: sfh, datasync }).await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let ino = ino.0;
+        let flags = flags.0;
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                match me.rpc(Op::OpenDir { node }).await? {
+                    Reply::Opened { fh, .. } => Ok(fh),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |sfh| {
+                let fh = me.new_handle(ino, flags, true, sfh);
+                reply.opened(FileHandle(fh), FopenFlags::empty())
+            }
+        )
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                match me
+                    .rpc(Op::ReadDir {
+                        fh: sfh,
+                        offset,
+                        max_bytes: 64 * 1024,
+                        plus: false,
+                    })
+                    .await?
+                {
+                    Reply::Dir(v) => Ok(v),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |entries| {
+                for e in entries {
+                    let kind = kind_of(if e.kind == 0 { libc::S_IFREG } else { e.kind });
+                    if reply.add(
+                        INodeNo(e.ino.max(1)),
+                        e.offset,
+                        kind,
+                        OsStr::from_bytes(&e.name),
+                    ) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+        )
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let dir_ino = ino.0;
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                match me
+                    .rpc(Op::ReadDir {
+                        fh: sfh,
+                        offset,
+                        max_bytes: 64 * 1024,
+                        plus: true,
+                    })
+                    .await?
+                {
+                    Reply::Dir(v) => Ok(v),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |entries| {
+                let ttl = me.ttl();
+                let mut leftovers: Vec<(NodeId, u64)> = Vec::new();
+                let mut full = false;
+                for DirEntry {
+                    name,
+                    offset,
+                    entry,
+                    kind,
+                    ..
+                } in entries
+                {
+                    match entry {
+                        Some(e) if !full => {
+                            let ino = me.add_entry(dir_ino, &name, &e);
+                            let attr = fuse_attr(ino, &e.attr);
+                            if reply.add(
+                                INodeNo(ino),
+                                offset,
+                                OsStr::from_bytes(&name),
+                                &ttl,
+                                &attr,
+                                Generation(0),
+                            ) {
+                                full = true;
+                                me.forget(ino, 1);
+                            }
+                        }
+                        Some(e) => leftovers.push((e.node, 1)),
+                        None if !full => {
+                            // `.` and `..`: the kernel takes no reference for them.
+                            let a = Attr {
+                                mode: if kind == 0 { libc::S_IFDIR } else { kind },
+                                ..Default::default()
+                            };
+                            let attr = fuse_attr(dir_ino, &a);
+                            if reply.add(
+                                INodeNo(dir_ino),
+                                offset,
+                                OsStr::from_bytes(&name),
+                                &Duration::ZERO,
+                                &attr,
+                                Generation(0),
+                            ) {
+                                full = true;
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                if !leftovers.is_empty() {
+                    let me2 = me.clone();
+                    me.rt.spawn(async move {
+                        let _ = me2.rpc(Op::Forget { nodes: leftovers }).await;
+                    });
+                }
+                reply.ok()
+            }
+        )
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        let h = self.inner.st().handles.remove(&fh.0);
+        let Some(h) = h else {
+            reply.ok();
+            return;
+        };
+        let me = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            if h.epoch == me.st().epoch {
+                let _ = me.rpc(Op::ReleaseDir { fh: h.fh }).await;
+            }
+            reply.ok();
+        });
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                me.rpc(Op::FsyncDir { fh: sfh, datasync }).await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let ino = if ino.0 == SELF_INO || ino.0 == THREAD_SELF_INO {
+            ROOT
+        } else {
+            ino.0
+        };
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                match me.rpc(Op::StatFs { node }).await? {
+                    Reply::StatFs(s) => Ok(s),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |s| reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize
+            )
+        )
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let ino = ino.0;
+        let name = name.as_bytes().to_vec();
+        let value = value.to_vec();
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                me.rpc(Op::SetXattr {
+                    node,
+                    name: name.clone(),
+                    value: value.clone(),
+                    flags,
+                })
+                .await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let ino = ino.0;
+        if ino == SELF_INO || ino == THREAD_SELF_INO {
+            reply.error(Errno::ENODATA);
+            return;
+        }
+        let name = name.as_bytes().to_vec();
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                me.rpc(Op::GetXattr {
+                    node,
+                    name: name.clone(),
+                    size,
+                })
+                .await
+            },
+            |r| match r {
+                Reply::Size(n) => reply.size(n),
+                Reply::Data(d) => reply.data(&d),
+                _ => reply.error(Errno::EIO),
+            }
+        )
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let ino = ino.0;
+        if ino == SELF_INO || ino == THREAD_SELF_INO {
+            reply.size(0);
+            return;
+        }
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                me.rpc(Op::ListXattr { node, size }).await
+            },
+            |r| match r {
+                Reply::Size(n) => reply.size(n),
+                Reply::Data(d) => reply.data(&d),
+                _ => reply.error(Errno::EIO),
+            }
+        )
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let ino = ino.0;
+        let name = name.as_bytes().to_vec();
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                me.rpc(Op::RemoveXattr {
+                    node,
+                    name: name.clone(),
+                })
+                .await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let ino = ino.0;
+        if ino == SELF_INO || ino == THREAD_SELF_INO {
+            reply.ok();
+            return;
+        }
+        let caller = caller(req);
+        let mask = mask.bits();
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let node = me.node_of(ino).await?;
+                me.rpc(Op::Access { node, mask, caller }).await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let parent = parent.0;
+        let name = name.as_bytes().to_vec();
+        let caller = caller(req);
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let p = me.node_of(parent).await?;
+                match me
+                    .rpc(Op::Create {
+                        parent: p,
+                        name: name.clone(),
+                        mode,
+                        flags,
+                        caller,
+                    })
+                    .await?
+                {
+                    Reply::Created { entry, fh, direct } => Ok((entry, fh, direct)),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |v| {
+                let (entry, sfh, direct) = v;
+                let ino = me.add_entry(parent, &name, &entry);
+                let fh = me.new_handle(ino, flags, false, sfh);
+                reply.created(
+                    &me.entry_ttl(),
+                    &fuse_attr(ino, &entry.attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    me.open_flags(direct, false),
+                )
+            }
+        )
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                me.rpc(Op::GetLk {
+                    fh: sfh,
+                    owner: lock_owner.0,
+                    start,
+                    end,
+                    typ,
+                    pid,
+                })
+                .await
+            },
+            |r| match r {
+                Reply::Lock {
+                    start,
+                    end,
+                    typ,
+                    pid,
+                } => reply.locked(start, end, typ, pid),
+                _ => reply.error(Errno::EIO),
+            }
+        )
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                me.rpc(Op::SetLk {
+                    fh: sfh,
+                    owner: lock_owner.0,
+                    start,
+                    end,
+                    typ,
+                    pid,
+                    sleep,
+                })
+                .await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        ph: PollNotifier,
+        events: PollEvents,
+        flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        let ev = events.bits();
+        let notify = flags.contains(PollFlags::FUSE_POLL_SCHEDULE_NOTIFY);
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                match me
+                    .rpc(Op::Poll {
+                        fh: sfh,
+                        events: ev,
+                        wait_ms: 0,
+                    })
+                    .await?
+                {
+                    Reply::Poll(r) => Ok((sfh, r)),
+                    _ => Err(libc::EIO),
+                }
+            },
+            |v| {
+                let (sfh, revents) = v;
+                reply.poll(PollEvents::from_bits_retain(revents));
+                if revents == 0 && notify {
+                    // Wait on the HOST (dedicated thread there) and wake the kernel when ready.
+                    let me2 = me.clone();
+                    me.rt.spawn(async move {
+                        loop {
+                            let still_open = me2.st().handles.contains_key(&fh.0);
+                            if !still_open {
+                                return;
+                            }
+                            match me2
+                                .rpc(Op::Poll {
+                                    fh: sfh,
+                                    events: ev,
+                                    wait_ms: 5000,
+                                })
+                                .await
+                            {
+                                Ok(Reply::Poll(0)) => continue,
+                                _ => {
+                                    let _ = ph.notify();
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+            }
+        )
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                me.rpc(Op::Fallocate {
+                    fh: sfh,
+                    offset,
+                    length,
+                    mode,
+                })
+                .await
+            },
+            |_r| reply.ok()
+        )
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        spawn_reply!(
+            self,
+            reply,
+            |me| {
+                let sfh = me.fh_of(fh.0).await?;
+                me.rpc(Op::Lseek {
+                    fh: sfh,
+                    offset,
+                    whence,
+                })
+                .await
+            },
+            |r| match r {
+                Reply::Offset(o) => reply.offset(o),
+                _ => reply.error(Errno::EIO),
+            }
+        )
+    }
+}
+
+impl QtfsFs {
+    /// The uid/gid that mounted (informational).
+    pub fn owner(&self) -> (u32, u32) {
+        (self.inner.uid, self.inner.gid)
+    }
+}
+
+/// A live FUSE mount; [`Mounted::run`] serves it until it is unmounted (`umount DST`).
+pub struct Mounted(fuser::Session<QtfsFs>);
+
+impl Mounted {
+    /// Serves kernel requests until the filesystem is unmounted.
+    pub fn run(self) -> std::io::Result<()> {
+        self.0.run()
+    }
+}
+
+impl QtfsFs {
+    /// Mounts this filesystem at `mountpoint` (the mount syscall directly when root, else
+    /// fusermount3); the mount is live when this returns.
+    pub fn mount(self, mountpoint: &Path) -> std::io::Result<Mounted> {
+        let cfg = self.fuser_config();
+        Ok(Mounted(fuser::Session::new(self, mountpoint, &cfg)?))
+    }
+}
