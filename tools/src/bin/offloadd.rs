@@ -48,6 +48,8 @@ struct Config {
     // SERVICES: one field per service section.
     /// qtfs exports served to the DPU.
     fs: Option<offload_fs::FsConfig>,
+    /// Shim bridge: proxied Unix sockets, stdio FIFOs, remote signals.
+    bridge: Option<shim_bridge::BridgeConfig>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -68,6 +70,9 @@ fn registry(cfg: Config) -> anyhow::Result<Registry> {
     if let Some(c) = cfg.fs {
         reg.insert("fs", Arc::new(offload_fs::FsService::new(c)?));
     }
+    if let Some(c) = cfg.bridge {
+        reg.insert("bridge", Arc::new(shim_bridge::BridgeService::new(c)?));
+    }
     Ok(reg)
 }
 
@@ -75,7 +80,15 @@ fn main() -> anyhow::Result<()> {
     tools::init_tracing("info");
     let args = Args::parse();
     let session_cfg = args.link.session_config()?;
-    let cfg = load_config(args.config.as_ref())?;
+    let mut cfg = load_config(args.config.as_ref())?;
+    if let Some(b) = cfg.bridge.as_mut() {
+        // The bridge's side follows the daemon's: --listen is the HOST, --connect the DPU.
+        let side = match args.listen {
+            Some(_) => shim_bridge::Role::Host,
+            None => shim_bridge::Role::Dpu,
+        };
+        b.role.get_or_insert(side);
+    }
     let reg = registry(cfg)?;
     if reg.names().is_empty() {
         tracing::warn!("no service configured: peers can connect but there is nothing to use");
