@@ -608,6 +608,28 @@ impl Inner {
         ino
     }
 
+    /// Like [`Inner::add_entry`] but under a fresh inode number that later lookups never map
+    /// to (the node's server reference is still released on forget).
+    fn add_private_entry(&self, parent: u64, name: &[u8], e: &Entry) -> u64 {
+        let mut st = self.st();
+        let epoch = st.epoch;
+        let ino = st.next_ino;
+        st.next_ino += 1;
+        st.inodes.insert(
+            ino,
+            Inode {
+                kernel_lookups: 1,
+                parent,
+                name: name.to_vec(),
+                node: e.node,
+                epoch,
+                server_lookups: 1,
+                fifo: true,
+            },
+        );
+        ino
+    }
+
     /// Drops `n` kernel references; forgets the server node when none remain.
     fn forget(self: &Arc<Self>, ino: u64, n: u64) {
         if ino == ROOT || ino == SELF_INO || ino == THREAD_SELF_INO {
@@ -930,7 +952,19 @@ impl Filesystem for QtfsFs {
                     _ => Err(libc::EIO),
                 }
             },
-            |e| QtfsFs::entry_reply(&me, parent, &name, e, reply)
+            |e| {
+                if is_fifo(e.attr.mode) {
+                    // The kernel insists the new entry has the type it asked for; answer with
+                    // a FIFO under a private inode number and no caching, so the next lookup of
+                    // the name yields the regular-file view (see the module docs on FIFOs).
+                    let ino = me.add_private_entry(parent, &name, &e);
+                    let mut attr = fuse_attr(ino, &e.attr);
+                    attr.kind = FileType::NamedPipe;
+                    reply.entry(&Duration::ZERO, &attr, Generation(0));
+                } else {
+                    QtfsFs::entry_reply(&me, parent, &name, e, reply)
+                }
+            }
         )
     }
 

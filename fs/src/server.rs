@@ -47,6 +47,10 @@ pub struct FsConfig {
     /// Exported directories. Nothing outside them is reachable; empty means nothing is served.
     #[serde(default)]
     pub exports: Vec<Export>,
+    /// Let clients create character/block device nodes (off: a device node of a HOST disk
+    /// inside an export would bypass every export boundary).
+    #[serde(default)]
+    pub allow_devices: bool,
 }
 
 /// Errors building the service.
@@ -90,6 +94,7 @@ struct State {
 
 struct Inner {
     exports: Vec<Export>,
+    allow_devices: bool,
     instance: u64,
     next: AtomicU64,
     state: Mutex<State>,
@@ -153,6 +158,7 @@ impl FsService {
         Ok(FsService {
             inner: Arc::new(Inner {
                 exports: config.exports,
+                allow_devices: config.allow_devices,
                 instance: sys::random_u64() | 1,
                 next: AtomicU64::new(2),
                 state: Mutex::new(State::default()),
@@ -446,8 +452,17 @@ impl FsService {
                 atime,
                 mtime,
             } => {
-                let (fd, export, _) = self.node(node)?;
+                let (fd, export, nmode) = self.node(node)?;
                 self.writable(export)?;
+                if is_type(nmode, libc::S_IFLNK) {
+                    // chmod/truncate would go through /proc/self/fd: never on a symlink.
+                    if mode.is_some() {
+                        return Err(libc::EOPNOTSUPP);
+                    }
+                    if size.is_some() {
+                        return Err(libc::EINVAL);
+                    }
+                }
                 let file = fh.and_then(|fh| self.file(fh).ok());
                 let st = blocking(move || {
                     let raw = fd.as_raw_fd();
@@ -500,6 +515,13 @@ impl FsService {
                 rdev,
                 caller,
             } => {
+                let t = mode & libc::S_IFMT;
+                if (t == libc::S_IFCHR || t == libc::S_IFBLK) && !self.inner.allow_devices {
+                    return Err(libc::EPERM);
+                }
+                if t == libc::S_IFDIR || t == libc::S_IFLNK {
+                    return Err(libc::EINVAL);
+                }
                 let e = self
                     .create_node(parent, name, caller, Some(mode), move |d, n| {
                         sys::mknodat(d, n, mode, rdev)
@@ -566,6 +588,9 @@ impl FsService {
             }
             Op::Open { node, flags } => {
                 let (fd, export, mode) = self.node(node)?;
+                if is_type(mode, libc::S_IFLNK) {
+                    return Err(libc::ELOOP);
+                }
                 if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
                     self.writable(export)?;
                 }
@@ -721,14 +746,16 @@ impl FsService {
                 value,
                 flags,
             } => {
-                let (fd, export, _) = self.node(node)?;
+                let (fd, export, nmode) = self.node(node)?;
+                Self::no_symlink_xattr(nmode)?;
                 self.writable(export)?;
                 let name = CString::new(name).map_err(|_| libc::EINVAL)?;
                 blocking(move || sys::setxattr(fd.as_raw_fd(), &name, &value, flags)).await?;
                 Ok(Reply::Ok)
             }
             Op::GetXattr { node, name, size } => {
-                let (fd, _, _) = self.node(node)?;
+                let (fd, _, nmode) = self.node(node)?;
+                Self::no_symlink_xattr(nmode)?;
                 let name = CString::new(name).map_err(|_| libc::EINVAL)?;
                 let size = size.min(proto::MAX_IO);
                 let (n, data) =
@@ -740,7 +767,8 @@ impl FsService {
                 })
             }
             Op::ListXattr { node, size } => {
-                let (fd, _, _) = self.node(node)?;
+                let (fd, _, nmode) = self.node(node)?;
+                Self::no_symlink_xattr(nmode)?;
                 let size = size.min(proto::MAX_IO);
                 let (n, data) = blocking(move || sys::listxattr(fd.as_raw_fd(), size)).await?;
                 Ok(if size == 0 {
@@ -750,7 +778,8 @@ impl FsService {
                 })
             }
             Op::RemoveXattr { node, name } => {
-                let (fd, export, _) = self.node(node)?;
+                let (fd, export, nmode) = self.node(node)?;
+                Self::no_symlink_xattr(nmode)?;
                 self.writable(export)?;
                 let name = CString::new(name).map_err(|_| libc::EINVAL)?;
                 blocking(move || sys::removexattr(fd.as_raw_fd(), &name)).await?;
@@ -829,6 +858,16 @@ impl FsService {
                 };
                 Ok(Reply::Poll(r))
             }
+        }
+    }
+
+    /// xattr syscalls go through `/proc/self/fd/N`, which would follow a symlink's target on
+    /// the HOST: refuse them on symlinks (Linux allows no user xattrs there anyway).
+    fn no_symlink_xattr(mode: u32) -> R<()> {
+        if is_type(mode, libc::S_IFLNK) {
+            Err(libc::EOPNOTSUPP)
+        } else {
+            Ok(())
         }
     }
 

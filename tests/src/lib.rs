@@ -107,3 +107,4 @@ pub fn connect_url(listen: &str) -> String {
         None => listen.to_string(),
     }
 }
+pub mod fs;

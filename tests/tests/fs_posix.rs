@@ -1,0 +1,521 @@
+//! POSIX behaviour of a qtfs mount (real offloadd, real FUSE mount) over every test link kind:
+//! every operation of the fs issue with its errno cases, link counts, timestamps,
+//! sticky/setgid directories, locks, xattrs, sparse files.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use tests::fs::{as_nobody, fuse_ready, sh, ExportSpec, Host, Mount};
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn errno<T>(r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+fn last_errno(rc: i32) -> i32 {
+    if rc == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+fn tmpdir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn suite(kind: &str) {
+    let tmp = tmpdir();
+    let exp = tmp.path().join("export");
+    fs::create_dir(&exp).unwrap();
+    let host = Host::start(kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+    let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "attr_timeout=0.2");
+    let mp = |r: &str| m.path(r);
+    let hp = |r: &str| exp.join(r);
+
+    // create / write / read / append, visible on the HOST.
+    fs::write(mp("f"), b"hello").unwrap();
+    assert_eq!(fs::read(hp("f")).unwrap(), b"hello");
+    {
+        let mut f = OpenOptions::new().append(true).open(mp("f")).unwrap();
+        f.write_all(b" world").unwrap();
+    }
+    assert_eq!(fs::read_to_string(mp("f")).unwrap(), "hello world");
+    // HOST-side change visible (attr cache is 0.2 s; no writeback cache).
+    fs::write(hp("f"), b"from host, longer").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(fs::read_to_string(mp("f")).unwrap(), "from host, longer");
+
+    // truncate (setattr size) both ways.
+    OpenOptions::new()
+        .write(true)
+        .open(mp("f"))
+        .unwrap()
+        .set_len(4)
+        .unwrap();
+    assert_eq!(fs::read(hp("f")).unwrap(), b"from");
+    fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(mp("f"))
+        .unwrap();
+    assert_eq!(fs::metadata(hp("f")).unwrap().len(), 0);
+
+    // random access read/write, large I/O.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + 3) as u8).collect();
+    fs::write(mp("big"), &big).unwrap();
+    assert_eq!(fs::read(hp("big")).unwrap(), big);
+    let mut f = File::open(mp("big")).unwrap();
+    f.seek(SeekFrom::Start(1_234_567)).unwrap();
+    let mut buf = [0u8; 100];
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf[..], &big[1_234_567..1_234_667]);
+
+    // ENOENT, EEXIST, EISDIR, ENOTDIR, ENOTEMPTY.
+    assert_eq!(errno(File::open(mp("missing"))), libc::ENOENT);
+    fs::create_dir(mp("d")).unwrap();
+    assert!(hp("d").is_dir());
+    assert_eq!(errno(fs::create_dir(mp("d"))), libc::EEXIST);
+    assert_eq!(
+        errno(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(mp("big"))
+        ),
+        libc::EEXIST
+    );
+    assert_eq!(
+        errno(OpenOptions::new().write(true).open(mp("d"))),
+        libc::EISDIR
+    );
+    assert_eq!(errno(File::open(mp("big/x"))), libc::ENOTDIR);
+    assert_eq!(errno(fs::create_dir(mp("big/x"))), libc::ENOTDIR);
+    fs::write(mp("d/inner"), b"x").unwrap();
+    assert_eq!(errno(fs::remove_dir(mp("d"))), libc::ENOTEMPTY);
+    assert_eq!(errno(fs::remove_file(mp("d"))), libc::EISDIR);
+    assert_eq!(errno(fs::remove_dir(mp("big"))), libc::ENOTDIR);
+    fs::remove_file(mp("d/inner")).unwrap();
+    fs::remove_dir(mp("d")).unwrap();
+    assert!(!hp("d").exists());
+
+    // readdir of a larger directory (several readdirplus rounds).
+    fs::create_dir(mp("many")).unwrap();
+    for i in 0..600 {
+        fs::write(hp(&format!("many/file-with-a-longish-name-{i:04}")), b"").unwrap();
+    }
+    let mut names: Vec<_> = fs::read_dir(mp("many"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 600);
+    assert_eq!(names[599], "file-with-a-longish-name-0599");
+    sh(&format!("rm -rf {}", mp("many").display()));
+    assert!(!hp("many").exists());
+
+    // rename: plain, onto existing, RENAME_NOREPLACE, RENAME_EXCHANGE.
+    fs::write(mp("a"), b"A").unwrap();
+    fs::write(mp("b"), b"B").unwrap();
+    fs::rename(mp("a"), mp("a2")).unwrap();
+    assert!(!hp("a").exists() && hp("a2").exists());
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cpath(&mp("a2")).as_ptr(),
+            libc::AT_FDCWD,
+            cpath(&mp("b")).as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(last_errno(rc), libc::EEXIST);
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cpath(&mp("a2")).as_ptr(),
+            libc::AT_FDCWD,
+            cpath(&mp("b")).as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(last_errno(rc), 0);
+    assert_eq!(fs::read(hp("a2")).unwrap(), b"B");
+    assert_eq!(fs::read(hp("b")).unwrap(), b"A");
+    fs::rename(mp("a2"), mp("b")).unwrap();
+    assert_eq!(fs::read(mp("b")).unwrap(), b"B");
+    // Renamed file still usable under its new name after caches expire.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(fs::read(mp("b")).unwrap(), b"B");
+
+    // hard links and link counts.
+    fs::hard_link(mp("b"), mp("b-link")).unwrap();
+    assert_eq!(fs::metadata(mp("b")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(hp("b")).unwrap().nlink(), 2);
+    assert_eq!(
+        fs::metadata(mp("b")).unwrap().ino(),
+        fs::metadata(mp("b-link")).unwrap().ino()
+    );
+    fs::remove_file(mp("b")).unwrap();
+    assert_eq!(fs::metadata(mp("b-link")).unwrap().nlink(), 1);
+    assert_eq!(errno(fs::hard_link(mp("missing"), mp("x"))), libc::ENOENT);
+    assert_eq!(errno(fs::hard_link(mp("b-link"), mp("f"))), libc::EEXIST);
+    let dirlink_cnt = {
+        fs::create_dir(mp("dl")).unwrap();
+        fs::create_dir(mp("dl/sub")).unwrap();
+        fs::metadata(mp("dl")).unwrap().nlink()
+    };
+    assert_eq!(dirlink_cnt, 3);
+
+    // symlinks.
+    std::os::unix::fs::symlink("b-link", mp("sl")).unwrap();
+    assert_eq!(fs::read_link(mp("sl")).unwrap(), Path::new("b-link"));
+    assert_eq!(fs::read_link(hp("sl")).unwrap(), Path::new("b-link"));
+    assert_eq!(fs::read(mp("sl")).unwrap(), b"B");
+    assert!(fs::symlink_metadata(mp("sl"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    std::os::unix::fs::symlink("/nonexistent/x", mp("dangling")).unwrap();
+    assert_eq!(errno(File::open(mp("dangling"))), libc::ENOENT);
+
+    // chmod / chown / timestamps.
+    fs::set_permissions(mp("f"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(fs::metadata(hp("f")).unwrap().mode() & 0o7777, 0o640);
+    std::os::unix::fs::chown(mp("f"), Some(65534), Some(65534)).unwrap();
+    let md = fs::metadata(hp("f")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (65534, 65534));
+    std::os::unix::fs::chown(mp("f"), Some(0), Some(0)).unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_000_000_000, 123_456_789);
+    File::options()
+        .write(true)
+        .open(mp("f"))
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+        .unwrap();
+    let md = fs::metadata(hp("f")).unwrap();
+    assert_eq!((md.mtime(), md.mtime_nsec()), (1_000_000_000, 123_456_789));
+    assert_eq!(md.atime(), 1_000_000_000);
+    assert_eq!(fs::metadata(mp("f")).unwrap().mtime(), 1_000_000_000);
+    // A write moves mtime forward.
+    fs::write(mp("f"), b"new").unwrap();
+    assert!(fs::metadata(mp("f")).unwrap().mtime() > 1_000_000_000);
+    // mode given at creation is honoured exactly (umask applied by the caller's kernel).
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .open(mp("private"))
+        .unwrap();
+    drop(f);
+    assert_eq!(fs::metadata(hp("private")).unwrap().mode() & 0o777, 0o600);
+
+    // mknod: FIFO created as a real FIFO on the HOST; device nodes refused by default.
+    let rc = unsafe { libc::mkfifo(cpath(&mp("fifo")).as_ptr(), 0o644) };
+    assert_eq!(last_errno(rc), 0);
+    assert!(fs::metadata(hp("fifo")).unwrap().file_type().is_fifo());
+    let rc = unsafe {
+        libc::mknod(
+            cpath(&mp("null")).as_ptr(),
+            libc::S_IFCHR | 0o666,
+            libc::makedev(1, 3),
+        )
+    };
+    assert_eq!(last_errno(rc), libc::EPERM);
+
+    // statfs is the HOST filesystem's.
+    let mut a: libc::statvfs = unsafe { std::mem::zeroed() };
+    let mut b: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(cpath(&m.dir).as_ptr(), &mut a) }, 0);
+    assert_eq!(unsafe { libc::statvfs(cpath(&exp).as_ptr(), &mut b) }, 0);
+    assert_eq!(a.f_blocks, b.f_blocks);
+    assert_eq!(a.f_bsize, b.f_bsize);
+
+    // xattrs.
+    let name = c"user.qtfs";
+    let p = cpath(&mp("f"));
+    let rc = unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), b"v1".as_ptr() as _, 2, 0) };
+    assert_eq!(last_errno(rc), 0);
+    let mut vb = [0u8; 16];
+    let n = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), vb.as_mut_ptr() as _, 16) };
+    assert_eq!(&vb[..n as usize], b"v1");
+    let hpath = cpath(&hp("f"));
+    let n = unsafe { libc::getxattr(hpath.as_ptr(), name.as_ptr(), vb.as_mut_ptr() as _, 16) };
+    assert_eq!(n, 2);
+    let size = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(size, 2);
+    let mut lb = [0u8; 256];
+    let n = unsafe { libc::listxattr(p.as_ptr(), lb.as_mut_ptr() as _, 256) };
+    assert!(n > 0);
+    assert!(lb[..n as usize]
+        .split(|&c| c == 0)
+        .any(|s| s == b"user.qtfs"));
+    let rc = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            b"v2".as_ptr() as _,
+            2,
+            libc::XATTR_CREATE,
+        )
+    };
+    assert_eq!(last_errno(rc), libc::EEXIST);
+    let rc = unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) };
+    assert_eq!(last_errno(rc), 0);
+    let n = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), vb.as_mut_ptr() as _, 16) };
+    assert_eq!(last_errno(n as i32), libc::ENODATA);
+
+    // fallocate + SEEK_DATA / SEEK_HOLE on a sparse file.
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(mp("sparse"))
+            .unwrap();
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 65536) };
+        assert_eq!(last_errno(rc), 0);
+        assert_eq!(fs::metadata(hp("sparse")).unwrap().len(), 65536);
+        // Unwritten (fallocated) extents count as holes on ext4: write real data.
+        (&f).write_all(&[1u8; 65536]).unwrap();
+        f.set_len(8 << 20).unwrap();
+        let off = unsafe { libc::lseek(f.as_raw_fd(), 4 << 20, libc::SEEK_DATA) };
+        assert_eq!(
+            last_errno(off as i32),
+            libc::ENXIO,
+            "no data after the allocated head"
+        );
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+        assert!((65536..=8 << 20).contains(&hole), "hole at {hole}");
+        let data = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+        assert_eq!(data, 0);
+    }
+
+    // fsync / fdatasync / fsyncdir.
+    {
+        let f = OpenOptions::new().write(true).open(mp("f")).unwrap();
+        f.sync_all().unwrap();
+        f.sync_data().unwrap();
+        File::open(&m.dir).unwrap().sync_all().unwrap();
+    }
+
+    // POSIX locks: held through the mount, seen by another process on the mount and on the HOST.
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(mp("f"))
+            .unwrap();
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
+        let probe = |path: &Path| {
+            Command::new("python3")
+                .arg("-c")
+                .arg(
+                    "import fcntl,sys\nf=open(sys.argv[1],'r+')\ntry:\n fcntl.lockf(f,fcntl.LOCK_EX|fcntl.LOCK_NB)\n print('got')\nexcept OSError as e:\n print('busy',e.errno)",
+                )
+                .arg(path)
+                .output()
+                .unwrap()
+        };
+        let out = String::from_utf8_lossy(&probe(&mp("f")).stdout).into_owned();
+        assert!(out.starts_with("busy"), "mount-side probe: {out}");
+        let out = String::from_utf8_lossy(&probe(&hp("f")).stdout).into_owned();
+        assert!(out.starts_with("busy"), "HOST-side probe: {out}");
+        let mut q: libc::flock = unsafe { std::mem::zeroed() };
+        q.l_type = libc::F_WRLCK as i16;
+        q.l_whence = libc::SEEK_SET as i16;
+        // F_GETLK from a forked checker would need fork in a threaded test; check via python.
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg("import fcntl,struct,sys\nf=open(sys.argv[1],'r+')\nr=fcntl.fcntl(f,fcntl.F_GETLK,struct.pack('hhqqi',fcntl.F_WRLCK,0,0,0,0))\nprint(struct.unpack('hhqqi',r)[0])")
+            .arg(mp("f"))
+            .output()
+            .unwrap();
+        let typ: i32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(-1);
+        assert_eq!(typ, libc::F_WRLCK, "F_GETLK reports the write lock");
+        fl.l_type = libc::F_UNLCK as i16;
+        assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
+        let out = String::from_utf8_lossy(&probe(&mp("f")).stdout).into_owned();
+        assert!(out.starts_with("got"), "after unlock: {out}");
+        let _ = q;
+    }
+
+    // poll on a regular file is always ready.
+    {
+        let f = File::open(mp("f")).unwrap();
+        let mut pfd = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+        assert!(pfd.revents & libc::POLLIN != 0);
+    }
+
+    // EACCES for an unprivileged user (kernel checks with default_permissions).
+    fs::write(mp("secret"), b"s").unwrap();
+    fs::set_permissions(mp("secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    let out = as_nobody("cat", &[mp("secret").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    let out = as_nobody("touch", &[mp("nobody-file").to_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "nobody created a file in a 0755 root dir"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("test -w {}", mp("secret").display()))
+        .uid_gid(65534)
+        .status()
+        .unwrap();
+    assert!(!out.success(), "access(W_OK) as nobody");
+
+    // Sticky directory: nobody may create and remove its own file, not root's.
+    fs::create_dir(mp("sticky")).unwrap();
+    fs::set_permissions(mp("sticky"), fs::Permissions::from_mode(0o1777)).unwrap();
+    assert_eq!(fs::metadata(hp("sticky")).unwrap().mode() & 0o7777, 0o1777);
+    fs::write(mp("sticky/roots"), b"r").unwrap();
+    let out = as_nobody("touch", &[mp("sticky/mine").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = fs::metadata(hp("sticky/mine")).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (65534, 65534),
+        "created file owned by the caller"
+    );
+    let out = as_nobody("rm", &["-f", mp("sticky/roots").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"));
+    let out = as_nobody("rm", &[mp("sticky/mine").to_str().unwrap()]);
+    assert!(out.status.success());
+    let out = as_nobody("mkdir", &[mp("sticky/nd").to_str().unwrap()]);
+    assert!(out.status.success());
+    assert_eq!(fs::metadata(hp("sticky/nd")).unwrap().uid(), 65534);
+
+    // setgid directory: new entries inherit the group, subdirectories the setgid bit.
+    fs::create_dir(mp("sg")).unwrap();
+    std::os::unix::fs::chown(mp("sg"), None, Some(4321)).unwrap();
+    fs::set_permissions(mp("sg"), fs::Permissions::from_mode(0o2777)).unwrap();
+    fs::write(mp("sg/file"), b"").unwrap();
+    fs::create_dir(mp("sg/sub")).unwrap();
+    assert_eq!(fs::metadata(hp("sg/file")).unwrap().gid(), 4321);
+    let sub = fs::metadata(hp("sg/sub")).unwrap();
+    assert_eq!(sub.gid(), 4321);
+    assert!(
+        sub.mode() & libc::S_ISGID != 0,
+        "setgid inherited by subdirectory"
+    );
+    let out = as_nobody("touch", &[mp("sg/nb").to_str().unwrap()]);
+    assert!(out.status.success());
+    let md = fs::metadata(hp("sg/nb")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (65534, 4321));
+
+    // EXDEV: rename across a HOST mount boundary inside the export.
+    fs::create_dir(hp("sub-fs")).unwrap();
+    sh(&format!(
+        "mount -t tmpfs qtfs-test {}",
+        hp("sub-fs").display()
+    ));
+    let r = fs::rename(mp("f"), mp("sub-fs/f"));
+    sh(&format!("umount -l {}", hp("sub-fs").display()));
+    assert_eq!(errno(r), libc::EXDEV);
+    assert_eq!(fs::read(hp("f")).unwrap(), b"new");
+
+    // Everything was released: nothing is wrong with the mount after all that.
+    assert!(fs::read_dir(&m.dir).unwrap().count() > 5);
+    let _ = ErrorKind::NotFound;
+}
+
+trait UidGid {
+    fn uid_gid(&mut self, id: u32) -> &mut Self;
+}
+
+impl UidGid for Command {
+    fn uid_gid(&mut self, id: u32) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        self.uid(id).gid(id)
+    }
+}
+
+#[test]
+fn fs_posix_suite() {
+    tests::init_tracing();
+    if !fuse_ready("fs_posix_suite") {
+        return;
+    }
+    for kind in tests::link_kinds() {
+        eprintln!("--- link {kind}");
+        suite(&kind);
+    }
+}
+
+#[test]
+fn fs_read_only_export_and_ro_mount() {
+    tests::init_tracing();
+    if !fuse_ready("fs_read_only_export_and_ro_mount") {
+        return;
+    }
+    for kind in tests::link_kinds() {
+        let tmp = tmpdir();
+        let ro = tmp.path().join("ro");
+        let rw = tmp.path().join("rw");
+        fs::create_dir(&ro).unwrap();
+        fs::create_dir(&rw).unwrap();
+        fs::write(ro.join("f"), b"data").unwrap();
+        fs::write(rw.join("f"), b"data").unwrap();
+        let host = Host::start(
+            &kind,
+            tmp.path(),
+            &[ExportSpec::ro(&ro), ExportSpec::rw(&rw)],
+        );
+        let m = Mount::new(&host, &ro, &tmp.path().join("m1"), "");
+        assert_eq!(fs::read(m.path("f")).unwrap(), b"data");
+        assert_eq!(errno(fs::write(m.path("f"), b"x")), libc::EROFS);
+        assert_eq!(errno(fs::write(m.path("new"), b"x")), libc::EROFS);
+        assert_eq!(errno(fs::create_dir(m.path("d"))), libc::EROFS);
+        assert_eq!(errno(fs::remove_file(m.path("f"))), libc::EROFS);
+        assert_eq!(
+            errno(fs::set_permissions(
+                m.path("f"),
+                fs::Permissions::from_mode(0o600)
+            )),
+            libc::EROFS
+        );
+        assert_eq!(errno(fs::rename(m.path("f"), m.path("g"))), libc::EROFS);
+        assert_eq!(fs::read(ro.join("f")).unwrap(), b"data");
+        // A read-write export mounted with -o ro.
+        let m2 = Mount::new(&host, &rw, &tmp.path().join("m2"), "ro");
+        assert_eq!(errno(fs::write(m2.path("f"), b"x")), libc::EROFS);
+        assert_eq!(fs::read(m2.path("f")).unwrap(), b"data");
+        // EXDEV between two mounts.
+        let m3 = Mount::new(&host, &rw, &tmp.path().join("m3"), "");
+        assert_eq!(errno(fs::rename(m3.path("f"), m.path("f2"))), libc::EXDEV);
+        drop((m, m2, m3));
+    }
+}
