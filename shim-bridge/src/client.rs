@@ -31,12 +31,12 @@ pub async fn expose(session: &Session, path: &str) -> Result<u32, BridgeError> {
     }
 }
 
-/// Default config file of the DPU side, read for `connect` / `key_file` when neither flags nor
+/// Default config file of the DPU side, read for `[bridge.shim]` when neither flags nor
 /// environment name the HOST.
 pub const DPU_CONFIG: &str = "/etc/offload/dpu.toml";
 
 /// Where the HOST's offloadd is and how to authenticate: flags, then `CMD_NET_ADDR` /
-/// `OFFLOAD_HOST_ADDR`, then `connect`/`transport`/`key_file` in [`DPU_CONFIG`].
+/// `OFFLOAD_HOST_ADDR`, then `[bridge.shim]` in [`DPU_CONFIG`].
 #[derive(Debug, Clone, Default)]
 pub struct HostLink {
     /// Endpoint URL (`tcp://H:P`, `vsock://2:P`, ...).
@@ -47,45 +47,46 @@ pub struct HostLink {
     pub key_file: Option<PathBuf>,
     /// Allow an unauthenticated link (tests only).
     pub allow_unauthenticated: bool,
+    /// The real shim on the HOST (from `[bridge.shim] real`).
+    pub real_shim: Option<PathBuf>,
 }
 
 #[derive(serde::Deserialize, Default)]
 struct DpuFile {
-    connect: Option<String>,
-    transport: Option<String>,
-    key_file: Option<PathBuf>,
+    #[serde(default)]
+    bridge: Option<toml::Table>,
 }
 
 impl HostLink {
-    /// Fills unset fields from the environment and the DPU config file.
+    /// Fills unset fields from the environment and the DPU config file (missing file: fine).
     pub fn resolve(mut self, config: &Path) -> Result<HostLink, BridgeError> {
         if self.addr.is_none() {
             self.addr = ["CMD_NET_ADDR", "OFFLOAD_HOST_ADDR"]
                 .iter()
                 .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
         }
-        if self.addr.is_none() || self.key_file.is_none() {
-            if let Ok(text) = std::fs::read_to_string(config) {
-                // Only the keys we need; the rest of the file belongs to offloadd.
-                let v: toml::Table = toml::from_str(&text)
-                    .map_err(|e| BridgeError::Config(format!("{}: {e}", config.display())))?;
-                let f = DpuFile {
-                    connect: v.get("connect").and_then(|x| x.as_str()).map(String::from),
-                    transport: v
-                        .get("transport")
-                        .and_then(|x| x.as_str())
-                        .map(String::from),
-                    key_file: v
-                        .get("key_file")
-                        .and_then(|x| x.as_str())
-                        .map(PathBuf::from),
-                };
-                if self.addr.is_none() {
-                    self.addr = f.connect;
-                    self.transport = self.transport.or(f.transport);
-                }
-                self.key_file = self.key_file.or(f.key_file);
+        let text = match std::fs::read_to_string(config) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(self),
+            Err(e) => return Err(BridgeError::Config(format!("{}: {e}", config.display()))),
+        };
+        // Only [bridge] is ours; other sections belong to other services.
+        let f: DpuFile = toml::from_str::<toml::Table>(&text)
+            .and_then(|t| toml::Value::Table(t).try_into())
+            .map_err(|e| BridgeError::Config(format!("{}: {e}", config.display())))?;
+        let cfg: crate::BridgeConfig = match f.bridge {
+            Some(b) => toml::Value::Table(b)
+                .try_into()
+                .map_err(|e| BridgeError::Config(format!("{} [bridge]: {e}", config.display())))?,
+            None => return Ok(self),
+        };
+        if let Some(s) = cfg.shim {
+            if self.addr.is_none() {
+                self.addr = s.connect;
+                self.transport = self.transport.or(s.transport);
             }
+            self.key_file = self.key_file.or(s.key_file);
+            self.real_shim = self.real_shim.or(s.real);
         }
         Ok(self)
     }
@@ -94,7 +95,7 @@ impl HostLink {
     pub async fn connect(&self) -> Result<Session, BridgeError> {
         let addr = self.addr.as_deref().ok_or_else(|| {
             BridgeError::Config(format!(
-                "no HOST address: pass --addr, set CMD_NET_ADDR, or put connect = \"...\" in {DPU_CONFIG}"
+                "no HOST address: set CMD_NET_ADDR or [bridge.shim] connect in {DPU_CONFIG}"
             ))
         })?;
         let ep = Endpoint::from_parts(self.transport.as_deref(), addr)?;

@@ -88,6 +88,23 @@ pub struct BridgeConfig {
     pub rescan_interval_ms: u64,
     /// Size of one read from a local socket (bytes); larger reads mean fewer, bigger frames.
     pub read_chunk: usize,
+    /// Settings of `offload-shim` (the DPU's `containerd-shim-runc-v2`), read by that tool
+    /// from the DPU config file; offloadd ignores them.
+    pub shim: Option<ShimConfig>,
+}
+
+/// `[bridge.shim]`: how `offload-shim` reaches the HOST and which shim it runs there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShimConfig {
+    /// HOST endpoint (`tcp://H:P`, `vsock://2:P`, ...); `CMD_NET_ADDR` overrides it.
+    pub connect: Option<String>,
+    /// Transport for a bare `connect` address.
+    pub transport: Option<String>,
+    /// Pre-shared key file (default: `OFFLOAD_KEY_FILE`, then `/etc/offload/psk`).
+    pub key_file: Option<PathBuf>,
+    /// The real shim on the HOST (default `/usr/bin/containerd-shim-runc-v2`).
+    pub real: Option<PathBuf>,
 }
 
 impl Default for BridgeConfig {
@@ -103,6 +120,7 @@ impl Default for BridgeConfig {
             allow_kill: true,
             rescan_interval_ms: 1000,
             read_chunk: 256 * 1024,
+            shim: None,
         }
     }
 }

@@ -16,6 +16,7 @@ mod fifo;
 mod forward;
 pub mod proto;
 mod service;
+pub mod shim;
 mod watch;
 
 pub use config::{BridgeConfig, ForwardRule, PathMap, Role};

@@ -357,6 +357,13 @@ impl Inner {
 
     /// Per-session work once the peer proved it runs a bridge.
     async fn run_session(self: Arc<Self>, session: Session) {
+        if !session.peer_services().iter().any(|s| s == SERVICE) {
+            tracing::debug!(
+                peer = session.peer(),
+                "peer offers no bridge (tool session)"
+            );
+            return;
+        }
         let hello = match proto::encode(&Request::Hello {
             version: PROTO_VERSION,
         }) {

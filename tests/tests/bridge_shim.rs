@@ -1,0 +1,206 @@
+//! offload-shim against the real `containerd-shim-runc-v2`: a HOST offloadd (exec + bridge
+//! watching /run/containerd/s) and a DPU offloadd in its own mount namespace with a private
+//! tmpfs on /run, so the DPU's /run/containerd/s holds only proxies. The shim replacement runs
+//! inside the DPU namespace; its `start` output must equal the real shim's byte for byte, and
+//! containerd's first ttrpc call (`Task.Connect`) must reach the real shim through the proxy.
+//! Needs root, unshare/nsenter and containerd-shim-runc-v2 (Debian: containerd, runc).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const REAL: &str = "/usr/bin/containerd-shim-runc-v2";
+
+struct Kill(Vec<Child>);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Spawns `cmd` and waits for a stdout line containing `ready`.
+fn spawn_ready(mut cmd: Command, ready: &str) -> Child {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = ready.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains(&ready) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(15))
+        .expect("daemon ready line");
+    child
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `sh -c script` in the DPU's mount namespace; returns (combined output, exit code).
+fn in_dpu(pid: u32, script: &str, env: &[(&str, &Path)]) -> (Vec<u8>, i32) {
+    let mut c = Command::new("nsenter");
+    c.args(["-t", &pid.to_string(), "-m", "--", "sh", "-c", script]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("nsenter");
+    let mut all = out.stdout;
+    all.extend_from_slice(&out.stderr);
+    (all, out.status.code().unwrap_or(-1))
+}
+
+#[test]
+fn bridge_shim_start_matches_real_shim_and_is_reachable() {
+    if !tests::is_root() {
+        return tests::skip(
+            "bridge_shim_start_matches_real_shim_and_is_reachable",
+            "needs root (mount namespace)",
+        );
+    }
+    if !Path::new(REAL).exists() {
+        return tests::skip(
+            "bridge_shim_start_matches_real_shim_and_is_reachable",
+            "containerd-shim-runc-v2 not installed (apt-get install containerd runc)",
+        );
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let key = tests::write_key(d, "psk");
+    let link = format!("unix://{}/link.sock", d.display());
+    std::fs::write(
+        d.join("host.toml"),
+        format!("[exec]\nallow = [\"{REAL}\"]\n[bridge]\nwatch = [\"/run/containerd/s\"]\n"),
+    )
+    .unwrap();
+    std::fs::write(d.join("dpu.toml"), "[bridge]\n").unwrap();
+    let offloadd = tests::bin("offloadd");
+    let mut host = Command::new(&offloadd);
+    host.args(["--listen", &link, "--key-file"])
+        .arg(&key)
+        .arg("--config")
+        .arg(d.join("host.toml"));
+    let mut procs = Kill(vec![spawn_ready(host, "listening")]);
+    let mut dpu = Command::new("unshare");
+    dpu.args(["-m", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount -t tmpfs dpu-run /run && exec \"$0\" \"$@\"")
+        .arg(&offloadd)
+        .args(["--connect", &link, "--key-file"])
+        .arg(&key)
+        .arg("--config")
+        .arg(d.join("dpu.toml"));
+    let dpu = spawn_ready(dpu, "connected");
+    let dpu_pid = dpu.id();
+    procs.0.push(dpu);
+
+    // A bundle dir like containerd's: config.json and the shim's `log` FIFO with a reader.
+    let bundle = d.join("bundle");
+    std::fs::create_dir(&bundle).unwrap();
+    std::fs::write(bundle.join("config.json"), "{}").unwrap();
+    nix::unistd::mkfifo(
+        &bundle.join("log"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let log = bundle.join("log");
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::fs::File::open(log).unwrap(), &mut std::io::sink());
+    });
+
+    let id = format!("bt{}", std::process::id());
+    let args = format!(
+        "-namespace bridgetest -address /run/containerd/bridgetest-{id}.sock -publish-binary /usr/bin/containerd -id {id} start"
+    );
+    let shim = tests::bin("offload-shim");
+    // As containerd does: cwd = bundle, stdin = /dev/null, stdout and stderr on one pipe.
+    let (ours, code) = in_dpu(
+        dpu_pid,
+        &format!("cd \"$BUNDLE\" && exec \"$SHIM\" {args} </dev/null 2>&1"),
+        &[
+            ("BUNDLE", &bundle),
+            ("SHIM", &shim),
+            ("CMD_NET_ADDR", Path::new(&link)),
+            ("OFFLOAD_KEY_FILE", &key),
+            ("OFFLOAD_DPU_CONFIG", Path::new("/nonexistent")),
+        ],
+    );
+    assert_eq!(
+        code,
+        0,
+        "offload-shim start failed: {}",
+        String::from_utf8_lossy(&ours)
+    );
+    // The real shim on the HOST for the same live id answers with the same address.
+    let real = Command::new("sh")
+        .args(["-c", &format!("exec {REAL} {args} </dev/null 2>&1")])
+        .current_dir(&bundle)
+        .output()
+        .unwrap();
+    assert!(real.status.success());
+    assert_eq!(
+        ours, real.stdout,
+        "offload-shim output differs from the real shim's"
+    );
+    let text = String::from_utf8(ours).unwrap();
+    let sock = PathBuf::from(text.strip_prefix("unix://").expect("unix:// address"));
+    assert!(sock.starts_with("/run/containerd/s"), "{text}");
+
+    // Reachable on the DPU right away: containerd's first ttrpc call reaches the HOST shim.
+    let probe = tests::bin("bridge_bench");
+    let (out, code) = in_dpu(
+        dpu_pid,
+        &format!(
+            "test -S {0} && exec \"$PROBE\" ttrpc-connect {0} {id}",
+            sock.display()
+        ),
+        &[("PROBE", &probe)],
+    );
+    assert_eq!(
+        code,
+        0,
+        "ttrpc through the proxy failed: {}",
+        String::from_utf8_lossy(&out)
+    );
+    let out = String::from_utf8(out).unwrap();
+    let shim_pid: i32 = out
+        .trim()
+        .strip_prefix("shim_pid=")
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad probe output {out:?}"));
+    let cmdline = std::fs::read(format!("/proc/{shim_pid}/cmdline")).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(&id),
+        "pid {shim_pid} reported through the bridge is not the HOST shim of {id}"
+    );
+
+    // remote_kill from the DPU stops the HOST shim; its socket and the DPU proxy go away.
+    let rk = tests::bin("remote_kill");
+    let (out, code) = in_dpu(
+        dpu_pid,
+        &format!("exec \"$RK\" -s TERM {shim_pid}"),
+        &[
+            ("RK", &rk),
+            ("CMD_NET_ADDR", Path::new(&link)),
+            ("OFFLOAD_KEY_FILE", &key),
+        ],
+    );
+    assert_eq!(code, 0, "remote_kill: {}", String::from_utf8_lossy(&out));
+    wait_until("HOST shim socket removed", Duration::from_secs(5), || {
+        !sock.exists()
+    });
+    wait_until("DPU proxy removed", Duration::from_secs(3), || {
+        in_dpu(dpu_pid, &format!("test -e {}", sock.display()), &[]).1 != 0
+    });
+}
