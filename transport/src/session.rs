@@ -896,8 +896,44 @@ async fn reader_task(mut r: ReadHalf<Conn>, inner: Arc<Inner>, dialer: bool) {
     inner.close(reason);
 }
 
+/// Frames at least this large are read straight into their own buffer instead of through the
+/// shared read buffer, so bulk payloads are copied once (socket → payload) and never moved.
+const DIRECT_READ: usize = 64 * 1024;
+
+/// Reads more bytes into `buf` (at most `limit`), or says why the session ended.
+async fn fill(
+    r: &mut ReadHalf<Conn>,
+    buf: &mut BytesMut,
+    limit: usize,
+    inner: &Inner,
+    closed: &mut watch::Receiver<Option<CloseReason>>,
+) -> Result<(), CloseReason> {
+    let mut limited = (&mut *r).take(limit as u64);
+    let read = tokio::select! {
+        n = limited.read_buf(buf) => n,
+        _ = closed.wait_for(|c| c.is_some()) => return Err(CloseReason::Local),
+    };
+    match read {
+        Ok(0) if buf.is_empty() => Err(if inner.lock().going_away {
+            CloseReason::PeerGoAway
+        } else {
+            CloseReason::PeerClosed
+        }),
+        Ok(0) => Err(CloseReason::Protocol(format!(
+            "connection ended inside a frame ({} bytes pending)",
+            buf.len()
+        ))),
+        Ok(_) => {
+            inner.touch();
+            Ok(())
+        }
+        Err(e) => Err(CloseReason::Io(e.to_string())),
+    }
+}
+
 async fn read_loop(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, dialer: bool) -> CloseReason {
     let mut buf = BytesMut::with_capacity(READ_BUF);
+    let mut closed = inner.closed_tx.subscribe();
     inner.touch();
     loop {
         while buf.len() >= HEADER_LEN {
@@ -907,13 +943,24 @@ async fn read_loop(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, dialer: bool) -> 
                 Ok(h) => h,
                 Err(e) => return CloseReason::Protocol(e.to_string()),
             };
-            let total = HEADER_LEN + header.len as usize;
-            if buf.len() < total {
-                buf.reserve(total - buf.len());
+            let len = header.len as usize;
+            let payload = if buf.len() >= HEADER_LEN + len {
+                buf.advance(HEADER_LEN);
+                buf.split_to(len).freeze()
+            } else if len >= DIRECT_READ {
+                buf.advance(HEADER_LEN);
+                let mut frame = BytesMut::with_capacity(len);
+                frame.extend_from_slice(&buf.split());
+                while frame.len() < len {
+                    let want = len - frame.len();
+                    if let Err(reason) = fill(r, &mut frame, want, inner, &mut closed).await {
+                        return reason;
+                    }
+                }
+                frame.freeze()
+            } else {
                 break;
-            }
-            buf.advance(HEADER_LEN);
-            let payload = buf.split_to(header.len as usize).freeze();
+            };
             if let Err(reason) = dispatch(inner, header, payload, dialer) {
                 return reason;
             }
@@ -921,28 +968,8 @@ async fn read_loop(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, dialer: bool) -> 
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(READ_BUF);
         }
-        let mut closed = inner.closed_tx.subscribe();
-        let read = tokio::select! {
-            r = r.read_buf(&mut buf) => r,
-            _ = closed.wait_for(|c| c.is_some()) => return CloseReason::Local,
-        };
-        match read {
-            Ok(0) => {
-                if buf.is_empty() {
-                    let st = inner.lock();
-                    return if st.going_away {
-                        CloseReason::PeerGoAway
-                    } else {
-                        CloseReason::PeerClosed
-                    };
-                }
-                return CloseReason::Protocol(format!(
-                    "connection ended inside a frame ({} bytes pending)",
-                    buf.len()
-                ));
-            }
-            Ok(_) => inner.touch(),
-            Err(e) => return CloseReason::Io(e.to_string()),
+        if let Err(reason) = fill(r, &mut buf, usize::MAX, inner, &mut closed).await {
+            return reason;
         }
     }
 }

@@ -1,0 +1,185 @@
+//! Session layer vs a raw tokio socket on the same link, in one run: 64-byte round trips and
+//! one-way throughput with 64 KiB and 1 MiB messages, over TCP loopback and Unix.
+//!
+//! `cargo run --release -p tests --bin transport-bench [-- --secs 3]` prints a Markdown table
+//! (the one in docs/BENCHMARKS.md).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use transport::{Endpoint, Key, Registry, RemoteError, Service, Session, SessionConfig, Stream};
+
+struct Bench;
+
+#[transport::async_trait]
+impl Service for Bench {
+    async fn call(&self, _s: &Session, req: Bytes) -> Result<Bytes, RemoteError> {
+        Ok(req)
+    }
+    /// Sink: counts bytes until EOF, then replies with the count.
+    async fn stream(&self, _s: &Session, _h: Bytes, stream: Stream) {
+        let (mut rd, mut wr) = stream.split();
+        let mut n: u64 = 0;
+        while let Ok(Some(b)) = rd.recv().await {
+            n += b.len() as u64;
+        }
+        let _ = wr.send(Bytes::copy_from_slice(&n.to_le_bytes())).await;
+        let _ = wr.finish();
+    }
+}
+
+fn cfg() -> SessionConfig {
+    SessionConfig::new(Some(Key::from_bytes(vec![7u8; 32]).expect("key")))
+}
+
+/// Raw baseline server: echoes 64-byte messages on connections that start with b'E', sinks
+/// (and acknowledges the byte count at EOF) on connections that start with b'S'.
+async fn raw_server(ep: &Endpoint) -> Endpoint {
+    let mut l = transport::listen(ep).await.expect("listen raw");
+    let bound = l.local_endpoint();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut mode = [0u8; 1];
+                if c.read_exact(&mut mode).await.is_err() {
+                    return;
+                }
+                if mode[0] == b'E' {
+                    let mut m = [0u8; 64];
+                    while c.read_exact(&mut m).await.is_ok() {
+                        if c.write_all(&m).await.is_err() {
+                            return;
+                        }
+                    }
+                } else {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut n: u64 = 0;
+                    loop {
+                        match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k as u64,
+                        }
+                    }
+                    let _ = c.write_all(&n.to_le_bytes()).await;
+                }
+            });
+        }
+    });
+    bound
+}
+
+fn median_us(mut v: Vec<Duration>) -> f64 {
+    v.sort();
+    v[v.len() / 2].as_secs_f64() * 1e6
+}
+
+async fn raw_rtt(ep: &Endpoint, n: usize) -> f64 {
+    let mut c = transport::connect(ep).await.expect("connect raw");
+    c.write_all(b"E").await.expect("mode");
+    let m = [1u8; 64];
+    let mut r = [0u8; 64];
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(&m).await.expect("write");
+        c.read_exact(&mut r).await.expect("read");
+        v.push(t.elapsed());
+    }
+    median_us(v)
+}
+
+async fn session_rtt(s: &Session, n: usize) -> f64 {
+    let m = Bytes::from(vec![1u8; 64]);
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.call("bench", m.clone()).await.expect("call");
+        v.push(t.elapsed());
+    }
+    median_us(v)
+}
+
+/// MB/s (10^6 bytes) for `total` bytes sent as `msg`-sized writes, acknowledged at the end.
+async fn raw_tput(ep: &Endpoint, msg: usize, total: u64) -> f64 {
+    let mut c = transport::connect(ep).await.expect("connect raw");
+    c.write_all(b"S").await.expect("mode");
+    let buf = vec![3u8; msg];
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        c.write_all(&buf).await.expect("write");
+        sent += msg as u64;
+    }
+    c.shutdown().await.expect("shutdown");
+    let mut ack = [0u8; 8];
+    c.read_exact(&mut ack).await.expect("ack");
+    assert_eq!(u64::from_le_bytes(ack), sent);
+    sent as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+async fn session_tput(s: &Session, msg: usize, total: u64) -> f64 {
+    let st = s.open_stream("bench", Bytes::new()).await.expect("open");
+    let (mut rd, mut wr) = st.split();
+    let buf = Bytes::from(vec![3u8; msg]);
+    let t = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        wr.send(buf.clone()).await.expect("send");
+        sent += msg as u64;
+    }
+    wr.finish().expect("finish");
+    let ack = rd.recv().await.expect("ack").expect("ack");
+    assert_eq!(
+        u64::from_le_bytes(ack[..8].try_into().expect("8 bytes")),
+        sent
+    );
+    sent as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let secs: f64 = std::env::args()
+        .skip_while(|a| a != "--secs")
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let rtt_n = (20_000.0 * secs) as usize;
+    let total: u64 = (2048.0 * secs) as u64 * (1 << 20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    println!("| link | metric | raw socket | session | session/raw |");
+    println!("|---|---|---|---|---|");
+    for kind in ["tcp", "unix"] {
+        let raw_ep = raw_server(&tests::listen_url(kind, dir.path()).parse().expect("url")).await;
+        let l = transport::listen(&tests::listen_url(kind, dir.path()).parse().expect("url"))
+            .await
+            .expect("listen");
+        let sess_ep = l.local_endpoint();
+        tokio::spawn(transport::serve(
+            l,
+            cfg(),
+            Registry::new().with("bench", Arc::new(Bench)),
+        ));
+        let s = Session::connect(&sess_ep, cfg(), Registry::new())
+            .await
+            .expect("session");
+        // Warm up both paths.
+        raw_rtt(&raw_ep, 1000).await;
+        session_rtt(&s, 1000).await;
+        let r = raw_rtt(&raw_ep, rtt_n).await;
+        let m = session_rtt(&s, rtt_n).await;
+        println!(
+            "| {kind} | 64 B round trip, median µs | {r:.1} | {m:.1} | {:.2}× |",
+            m / r
+        );
+        for (msg, label) in [(64 << 10, "64 KiB"), (1 << 20, "1 MiB")] {
+            let r = raw_tput(&raw_ep, msg, total).await;
+            let m = session_tput(&s, msg, total).await;
+            println!(
+                "| {kind} | throughput, {label} writes, MB/s | {r:.0} | {m:.0} | {:.0} % |",
+                m / r * 100.0
+            );
+        }
+    }
+}
