@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: every binary built, every workspace test (real sockets, real FUSE
+# mounts, real containerd/runc where installed), then the VM tier (vsock and soft-RoCE RDMA in a
+# nested guest, plus host<->guest vsock). Set SKIP_VM=1 to leave the VM tier out (it prints so).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RUST_BACKTRACE=1
+echo "== build (all binaries, rdma feature included)"
+cargo build --workspace --bins --features tools/rdma,tests/rdma
+echo "== workspace tests"
+cargo test --workspace --features tools/rdma,tests/rdma -- --test-threads=2
+if [ "${SKIP_VM:-0}" = 1 ]; then
+  echo "SKIPPED VM tier: SKIP_VM=1"
+else
+  echo "== VM tier (vsock + RDMA in a nested guest)"
+  tests/vm/run.sh
+fi
