@@ -415,11 +415,10 @@ async fn handshake(
             Kind::Welcome => {
                 let w: wire::Welcome = wire::decode("welcome", &body)?;
                 match &cfg.key {
-                    Some(k) => {
-                        if !k.verify(&[AUTH_CONTEXT, b"S", c_hello, s_hello], &w.tag) {
-                            return Err(HandshakeError::PeerNotAuthenticated);
-                        }
+                    Some(k) if !k.verify(&[AUTH_CONTEXT, b"S", c_hello, s_hello], &w.tag) => {
+                        return Err(HandshakeError::PeerNotAuthenticated);
                     }
+                    Some(_) => {}
                     None if theirs.hello.authenticated => {
                         return Err(HandshakeError::Mismatch(
                             "the peer requires a key but none is configured here".into(),

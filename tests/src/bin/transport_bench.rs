@@ -138,29 +138,65 @@ async fn session_tput(s: &Session, msg: usize, total: u64) -> f64 {
     sent as f64 / t.elapsed().as_secs_f64() / 1e6
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let secs: f64 = std::env::args()
-        .skip_while(|a| a != "--secs")
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0);
-    let rtt_n = (20_000.0 * secs) as usize;
-    let total: u64 = (2048.0 * secs) as u64 * (1 << 20);
-    let dir = tempfile::tempdir().expect("tempdir");
-    println!("| link | metric | raw socket | session | session/raw |");
-    println!("|---|---|---|---|---|");
-    for kind in ["tcp", "unix"] {
+/// Child mode: serve the raw baseline and the session on `kind` links (multi-threaded, like
+/// offloadd) and print both endpoints on one line.
+fn serve_child(kind: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
         let raw_ep = raw_server(&tests::listen_url(kind, dir.path()).parse().expect("url")).await;
         let l = transport::listen(&tests::listen_url(kind, dir.path()).parse().expect("url"))
             .await
             .expect("listen");
-        let sess_ep = l.local_endpoint();
-        tokio::spawn(transport::serve(
-            l,
-            cfg(),
-            Registry::new().with("bench", Arc::new(Bench)),
-        ));
+        println!("{raw_ep} {}", l.local_endpoint());
+        transport::serve(l, cfg(), Registry::new().with("bench", Arc::new(Bench))).await;
+    });
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--serve") {
+        return serve_child(args.get(2).map(String::as_str).unwrap_or("tcp"));
+    }
+    let secs: f64 = args
+        .iter()
+        .skip_while(|a| *a != "--secs")
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    // The client side runs on a current-thread runtime, like rexec and mount.qtfs.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(client_main(secs));
+}
+
+async fn client_main(secs: f64) {
+    use std::io::BufRead;
+    let rtt_n = (20_000.0 * secs) as usize;
+    let total: u64 = (2048.0 * secs) as u64 * (1 << 20);
+    println!("| link | metric | raw socket | session | session/raw |");
+    println!("|---|---|---|---|---|");
+    for kind in ["tcp", "unix"] {
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut child = std::process::Command::new(exe)
+            .args(["--serve", kind])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("server endpoints");
+        let mut eps = line
+            .split_whitespace()
+            .map(|e| e.parse::<Endpoint>().expect("endpoint"));
+        let (raw_ep, sess_ep) = (eps.next().expect("raw"), eps.next().expect("session"));
         let s = Session::connect(&sess_ep, cfg(), Registry::new())
             .await
             .expect("session");
@@ -181,5 +217,7 @@ async fn main() {
                 m / r * 100.0
             );
         }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
