@@ -53,6 +53,16 @@ fn scan(dir: &Path, w: &DirWatcher) -> Vec<PathBuf> {
 pub(crate) async fn watch_fifos(inner: Arc<Inner>, session: Session, cancel: CancellationToken) {
     let mut w = DirWatcher::new(Duration::from_millis(inner.cfg.rescan_interval_ms.max(50)));
     let mut active: HashMap<PathBuf, CancellationToken> = HashMap::new();
+    // Create the dirs now so inotify sees the client's first FIFOs (ctr creates the dir lazily).
+    for d in &inner.cfg.fifo_dirs {
+        if let Err(e) = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(d)
+        {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot create FIFO dir; polling for it");
+        }
+    }
     loop {
         let mut now = Vec::new();
         for d in &inner.cfg.fifo_dirs {
@@ -110,7 +120,11 @@ async fn open_side(
     tracing::debug!(fifo = %local.display(), ?direction, "stdio FIFO bridged");
     let (mut rx, mut tx) = stream.split();
     let r = tokio::select! {
-        _ = cancel.cancelled() => Err(io::Error::other("FIFO removed")),
+        _ = cancel.cancelled() => {
+            // The client removed its FIFOs (normal end of a task, or stdin never used).
+            tx.reset_with("FIFO removed on the DPU");
+            return Ok(());
+        }
         r = pump_one_way(direction == FifoDirection::ToReceiver, local, &mut rx, &mut tx, cancel) => r,
     };
     if let Err(e) = &r {

@@ -28,6 +28,8 @@ struct Proxy {
     id: u64,
     target: String,
     cancel: CancellationToken,
+    /// Inode of the socket file we bound, to tell our file from a newer one at the same path.
+    ino: u64,
 }
 
 /// A session whose peer runs a bridge (answered `Hello`).
@@ -160,13 +162,18 @@ impl Inner {
                 }
             }
         }
-        if let Some(old) = lock(&self.proxies).remove(path) {
+        let old_ino = lock(&self.proxies).remove(path).map(|old| {
             old.cancel.cancel();
-        }
+            old.ino
+        });
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         match std::fs::symlink_metadata(path) {
+            // Our own previous listener (e.g. before a redial): replace it without probing.
+            Ok(m) if m.file_type().is_socket() && Some(m.ino()) == old_ino => {
+                std::fs::remove_file(path)?;
+            }
             Ok(m) if m.file_type().is_socket() => {
                 // Someone else's live socket is never replaced; a stale one is.
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -189,6 +196,7 @@ impl Inner {
                 id,
                 target: target.to_string(),
                 cancel: cancel.clone(),
+                ino,
             },
         );
         tracing::info!(path = %path.display(), target, "proxy listener up");

@@ -608,3 +608,60 @@ async fn bridge_stdio_fifos() {
         eprintln!("{kind}: stdio FIFOs ok");
     }
 }
+
+/// SCM_RIGHTS cannot cross machines: the bytes of a message carrying fds still arrive in order,
+/// the fds are dropped (and logged), the connection keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_scm_rights_bytes_pass_fds_dropped() {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    for kind in tests::link_kinds() {
+        let t = tempfile::tempdir().unwrap();
+        let (h, d) = dirs(&t);
+        let host_cfg = BridgeConfig {
+            forward: vec![ForwardRule {
+                listen_side: Role::Dpu,
+                path: d.join("p"),
+                target: Some(h.join("s")),
+            }],
+            ..Default::default()
+        };
+        let dpu_cfg = BridgeConfig {
+            allow_listen: vec![d.clone()],
+            ..Default::default()
+        };
+        let l = UnixListener::bind(h.join("s")).unwrap();
+        let _p = pair(&kind, t.path(), host_cfg, dpu_cfg).await;
+        wait_for("DPU proxy", Duration::from_secs(5), || {
+            is_sock(&d.join("p"))
+        })
+        .await;
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(b"ok").await.unwrap();
+            got
+        });
+        let path = d.join("p");
+        let reply = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            c.write_all(b"a").unwrap();
+            let f = std::fs::File::open("/dev/null").unwrap();
+            let fds = [f.as_raw_fd()];
+            let iov = [std::io::IoSlice::new(b"with-fd")];
+            let cmsg = [ControlMessage::ScmRights(&fds)];
+            sendmsg::<()>(c.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+            c.write_all(b"b").unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut r = Vec::new();
+            c.read_to_end(&mut r).unwrap();
+            r
+        })
+        .await
+        .unwrap();
+        assert_eq!(server.await.unwrap(), b"awith-fdb");
+        assert_eq!(reply, b"ok");
+    }
+}

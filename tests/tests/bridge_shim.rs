@@ -204,3 +204,139 @@ fn bridge_shim_start_matches_real_shim_and_is_reachable() {
         in_dpu(dpu_pid, &format!("test -e {}", sock.display()), &[]).1 != 0
     });
 }
+
+/// The whole chain with an unmodified containerd: containerd + ctr in the DPU namespace (own
+/// /run), `offload-shim` as the runtime, the real shim and runc on the HOST. `ctr run` must
+/// print the container's output (stdio FIFOs bridged) and return its exit code (events through
+/// the bridged `containerd.sock.ttrpc`, task API through the bridged shim socket).
+#[test]
+fn bridge_containerd_run_on_dpu_container_on_host() {
+    let name = "bridge_containerd_run_on_dpu_container_on_host";
+    if !tests::is_root() {
+        return tests::skip(name, "needs root (mount namespace, runc)");
+    }
+    for b in [
+        REAL,
+        "/usr/bin/containerd",
+        "/usr/bin/ctr",
+        "/usr/sbin/runc",
+        "/usr/bin/busybox",
+    ] {
+        if !Path::new(b).exists() {
+            return tests::skip(
+                name,
+                &format!("{b} missing (apt-get install containerd runc busybox-static)"),
+            );
+        }
+    }
+    if std::os::unix::net::UnixStream::connect("/run/containerd/containerd.sock.ttrpc").is_ok() {
+        return tests::skip(
+            name,
+            "a HOST containerd owns /run/containerd/containerd.sock.ttrpc",
+        );
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let key = tests::write_key(d, "psk");
+    let link = format!("unix://{}/link.sock", d.display());
+    std::fs::write(
+        d.join("host.toml"),
+        format!(
+            "[exec]\nallow = [\"{REAL}\"]\n[bridge]\nwatch = [\"/run/containerd/s\"]\n\
+             fifo_dirs = [\"/run/containerd/fifo\"]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("dpu.toml"),
+        "[bridge]\nfifo_dirs = [\"/run/containerd/fifo\"]\n[[bridge.forward]]\nlisten_side = \"host\"\n\
+         path = \"/run/containerd/containerd.sock.ttrpc\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("containerd.toml"),
+        format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"/run/containerd/containerd.sock\"\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    // Minimal rootfs: static busybox.
+    let rootfs = d.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    for sub in ["proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    std::fs::copy("/usr/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+
+    let offloadd = tests::bin("offloadd");
+    let mut host = Command::new(&offloadd);
+    host.args(["--listen", &link, "--key-file"])
+        .arg(&key)
+        .arg("--config")
+        .arg(d.join("host.toml"));
+    let mut procs = Kill(vec![spawn_ready(host, "listening")]);
+    // DPU: private /run, offloadd in the background, containerd in the foreground.
+    let mut dpu = Command::new("unshare");
+    dpu.args(["-m", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs dpu-run /run || exit 1; \"$OFFLOADD\" --connect \"$CMD_NET_ADDR\" --config \"$DIR/dpu.toml\" & echo $! >\"$DIR/dpu-offloadd.pid\"; \
+             sleep 0.5; echo dpu-ready; exec containerd --config \"$DIR/containerd.toml\" >\"$DIR/containerd.log\" 2>&1",
+        )
+        .env("OFFLOADD", &offloadd)
+        .env("DIR", d)
+        .env("CMD_NET_ADDR", &link)
+        .env("OFFLOAD_KEY_FILE", &key)
+        .env("OFFLOAD_DPU_CONFIG", "/nonexistent")
+        .env("RUST_LOG", "info");
+    let dpu = spawn_ready(dpu, "dpu-ready");
+    let dpu_pid = dpu.id();
+    procs.0.push(dpu);
+    let _dpu_offloadd = PidFile(d.join("dpu-offloadd.pid"));
+    wait_until("DPU containerd up", Duration::from_secs(15), || {
+        in_dpu(dpu_pid, "ctr version >/dev/null 2>&1", &[]).1 == 0
+    });
+    let shim = tests::bin("offload-shim");
+    let id = format!("bce{}", std::process::id());
+    let (out, code) = in_dpu(
+        dpu_pid,
+        &format!(
+            "exec ctr -n bridgetest run --rm --runtime \"$SHIM\" --rootfs \"$ROOTFS\" {id} \
+             /bin/sh -c 'echo hello from the HOST side; echo to-stderr >&2; exit 7'"
+        ),
+        &[("SHIM", &shim), ("ROOTFS", &rootfs)],
+    );
+    let text = String::from_utf8_lossy(&out).to_string();
+    let log = std::fs::read_to_string(d.join("containerd.log")).unwrap_or_default();
+    assert_eq!(
+        code,
+        7,
+        "ctr run: {text}\n--- containerd log tail:\n{}",
+        tail(&log, 30)
+    );
+    assert!(text.contains("hello from the HOST side"), "{text}");
+    assert!(text.contains("to-stderr"), "{text}");
+}
+
+/// Kills the process whose pid is in this file (a daemon started in the background by a shell).
+struct PidFile(PathBuf);
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
