@@ -306,6 +306,16 @@ impl Service for ExecService {
             key,
         };
         debug!(pid, id = req.id, "exec started");
+        let mut wr = wr;
+        if wr
+            .send(event_frame(&ServerEvent::Started { pid: pid as u32 }))
+            .await
+            .is_err()
+        {
+            kill_group(pid, &pidfd);
+            let _ = pidfd.wait().await;
+            return;
+        }
 
         let gone = Arc::new(Notify::new());
         // stdin pump: stream → program. Ends at stdin EOF (then keeps draining the stream so a
@@ -357,7 +367,6 @@ impl Service for ExecService {
             })
         };
 
-        let mut wr = wr;
         let outcome = pump_output(
             &mut wr,
             session,

@@ -1,1 +1,214 @@
-fn main() {}
+//! rexec: run a program on the peer (HOST or DPU) exactly as if it ran here.
+//!
+//! `CMD_NET_ADDR=tcp://IP:PORT rexec CMD ARGS…` — argv verbatim, this process's environment and
+//! working directory, stdin/stdout/stderr streamed, signals forwarded; exits with the program's
+//! code (128+S if it died of signal S). rexec's own failures (unreachable server, bad key, link
+//! lost mid-run) print one line on stderr and exit 255, like ssh.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
+
+use clap::Parser;
+use offload_exec::client::{self, Outcome, RunOptions};
+use offload_exec::proto::{ExecRequest, ExitStatus, VERSION};
+use transport::{Endpoint, Registry, Session, SessionConfig};
+
+/// Exit code for rexec's own errors (distinct from the program's usual range, like ssh).
+const EXIT_REXEC_ERROR: i32 = 255;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rexec",
+    version,
+    about = "Run a program on the peer exactly as if it ran here",
+    long_about = "Run a program on the peer (the exec service of offloadd or rexec_server) with this \
+process's environment, working directory and stdio; signals are forwarded. Exits with the \
+program's exit code, 128+S if it was killed by signal S, 126/127 if it was refused or not found, \
+and 255 on rexec's own errors (unreachable server, wrong key, connection lost).",
+    after_help = "Options end at the first non-option argument: `rexec ls -la` runs `ls -la`.\n\
+Example: CMD_NET_ADDR=tcp://10.0.0.1:7000 rexec --key-file /etc/offload/psk uname -a"
+)]
+struct Args {
+    /// Server address: URL (tcp://H:P, unix:///path, vsock://CID:PORT, vsock-uds:///path:PORT,
+    /// rdma://IP:PORT), or a bare address with --transport.
+    #[arg(long, env = "CMD_NET_ADDR", value_name = "ADDR")]
+    addr: String,
+    /// Link type for a bare --addr (tcp, unix, vsock, vsock-uds, rdma).
+    #[arg(long, value_name = "T")]
+    transport: Option<String>,
+    /// Pre-shared key file (default: $OFFLOAD_KEY_FILE, then /etc/offload/psk).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Connect without a key if none is configured (test setups only).
+    #[arg(long)]
+    allow_unauthenticated: bool,
+    /// Start the remote program with an empty environment (then add --env/--env-keep).
+    #[arg(long)]
+    env_clear: bool,
+    /// Set K=V in the remote environment (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env_set: Vec<OsString>,
+    /// With --env-clear: keep this variable from the local environment (repeatable).
+    #[arg(long, value_name = "K")]
+    env_keep: Vec<OsString>,
+    /// Remote working directory (default: the current directory).
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<PathBuf>,
+    /// Run as this user (name or uid) on the remote side.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Deliver forwarded signals to the remote process group instead of the process.
+    #[arg(long)]
+    pgroup: bool,
+    /// Allocate a remote pty (local terminal in raw mode, window size propagated).
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
+    /// Report how the remote program ended on stderr (e.g. killed by a signal).
+    #[arg(short, long)]
+    verbose: bool,
+    /// The program and its arguments, verbatim.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+fn build_env(args: &Args) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = if args.env_clear {
+        args.env_keep
+            .iter()
+            .filter_map(|k| std::env::var_os(k).map(|v| (k.as_bytes().to_vec(), v.into_vec())))
+            .collect()
+    } else {
+        std::env::vars_os()
+            .map(|(k, v)| (k.into_vec(), v.into_vec()))
+            .collect()
+    };
+    for kv in &args.env_set {
+        let b = kv.as_bytes();
+        let Some(eq) = b.iter().position(|&c| c == b'=') else {
+            anyhow::bail!("--env {}: expected K=V", kv.to_string_lossy());
+        };
+        let (k, v) = (b[..eq].to_vec(), b[eq + 1..].to_vec());
+        env.retain(|(ek, _)| *ek != k);
+        env.push((k, v));
+    }
+    Ok(env)
+}
+
+fn signal_name(sig: i32) -> String {
+    // SAFETY: strsignal returns a pointer to a static or thread-local string.
+    unsafe {
+        let p = libc::strsignal(sig);
+        if p.is_null() {
+            format!("signal {sig}")
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
+async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
+    let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.addr)
+        .map_err(|e| anyhow::anyhow!("bad address {:?}: {e}", args.addr))?;
+    let key = transport::resolve_key(args.key_file.as_deref(), args.allow_unauthenticated)?;
+    let session = Session::connect(&endpoint, SessionConfig::new(key), Registry::new())
+        .await
+        .map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
+    let _raw = if args.tty {
+        client::RawMode::enter()
+    } else {
+        None
+    };
+    let outcome = client::run(
+        &session,
+        req,
+        RunOptions {
+            tty: args.tty && _raw.is_some(),
+        },
+    )
+    .await?;
+    session.close();
+    Ok(outcome)
+}
+
+fn main() {
+    let args = Args::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let env = match build_env(&args) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("rexec: {e:#}");
+            std::process::exit(EXIT_REXEC_ERROR);
+        }
+    };
+    let cwd = args
+        .cwd
+        .clone()
+        .or_else(|| std::env::current_dir().ok())
+        .map(|p| p.into_os_string().into_vec());
+    let pty = if args.tty {
+        Some(client::local_winsize().unwrap_or(offload_exec::proto::WinSize {
+            rows: 24,
+            cols: 80,
+            xpixel: 0,
+            ypixel: 0,
+        }))
+    } else {
+        None
+    };
+    let req = ExecRequest {
+        version: VERSION,
+        id: client::new_id(),
+        argv: args.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env,
+        cwd,
+        user: args.user.clone(),
+        pty,
+        pgroup: args.pgroup,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rexec: cannot start runtime: {e}");
+            std::process::exit(EXIT_REXEC_ERROR);
+        }
+    };
+    let code = match rt.block_on(run(&args, req)) {
+        Ok(Outcome::Exited(st)) => {
+            if args.verbose {
+                match st {
+                    ExitStatus::Code(c) => eprintln!("rexec: remote program exited with code {c}"),
+                    ExitStatus::Signal {
+                        signal,
+                        core_dumped,
+                    } => eprintln!(
+                        "rexec: remote program killed by signal {signal} ({}){}; exiting {}",
+                        signal_name(signal),
+                        if core_dumped { ", core dumped" } else { "" },
+                        128 + signal
+                    ),
+                }
+            }
+            st.shell_code()
+        }
+        Ok(Outcome::NotStarted { code, message }) => {
+            eprintln!("rexec: {message}");
+            code
+        }
+        Err(e) => {
+            eprintln!("rexec: {e:#}");
+            EXIT_REXEC_ERROR
+        }
+    };
+    // exit() skips waiting for the stdin reader thread (blocked in read(2)); all output was
+    // written by client::run before it returned, and the terminal mode was restored above.
+    std::process::exit(code);
+}

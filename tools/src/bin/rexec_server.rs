@@ -1,1 +1,92 @@
-fn main() {}
+//! rexec_server: serves only the exec service, seed-compatible:
+//! `CMD_NET_ADDR=tcp://0.0.0.0:PORT rexec_server`. `offloadd` serves the same service next to
+//! the others; use this where only remote execution is wanted.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use offload_exec::{ExecConfig, ExecService};
+use serde::Deserialize;
+use transport::{Endpoint, Registry, SessionConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rexec_server",
+    version,
+    about = "Serve the exec service (rexec) on one listening address",
+    after_help = "Config file (TOML), same [exec] section as offloadd's:\n\
+  [exec]\n  allow = [\"/usr/bin/containerd-shim\", \"/usr/bin/kill\"]   # exact paths, symlinks resolved\n  \
+# allow_any = true                                        # instead of allow: run anything\n\
+Without an allow-list (and without --allow-any) every exec is refused with exit 126."
+)]
+struct Args {
+    /// Listen address URL (tcp://0.0.0.0:PORT, unix:///path, vsock://any:PORT, ...), or a bare
+    /// address with --transport.
+    #[arg(long = "listen", env = "CMD_NET_ADDR", value_name = "ADDR")]
+    listen: String,
+    /// Link type for a bare --listen address.
+    #[arg(long, value_name = "T")]
+    transport: Option<String>,
+    /// Pre-shared key file (default: $OFFLOAD_KEY_FILE, then /etc/offload/psk).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Accept peers without a key if none is configured (test setups only).
+    #[arg(long)]
+    allow_unauthenticated: bool,
+    /// TOML config with an [exec] section (allow-list).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Allow running any executable (no allow-list). Not with `allow` in the config.
+    #[arg(long)]
+    allow_any: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    exec: Option<ExecConfig>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading config {}", p.display()))?;
+            let f: ConfigFile =
+                toml::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?;
+            f.exec.unwrap_or_default()
+        }
+        None => ExecConfig::default(),
+    };
+    if args.allow_any {
+        cfg.allow_any = true;
+    }
+    let service = ExecService::new(cfg).context("exec service")?;
+    let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.listen)
+        .with_context(|| format!("bad listen address {:?}", args.listen))?;
+    let key = transport::resolve_key(args.key_file.as_deref(), args.allow_unauthenticated)
+        .context("pre-shared key")?;
+    let registry = Registry::new().with(offload_exec::proto::SERVICE, Arc::new(service));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        let listener = transport::listen(&endpoint)
+            .await
+            .with_context(|| format!("listening on {endpoint}"))?;
+        transport::serve(listener, SessionConfig::new(key), registry).await;
+        Ok(())
+    })
+}
