@@ -75,7 +75,7 @@ async fn bytes_arrive_intact_in_both_directions_across_write_sizes() {
         100_000,
         3,
     ];
-    let data = pattern(3 * 1024 * 1024 + 12345, 7);
+    let data = pattern(4 * 1024 * 1024 + 12345, 7);
     let expect = Sha256::digest(&data);
 
     let server = tokio::spawn(async move {
@@ -117,9 +117,9 @@ async fn bytes_arrive_intact_in_both_directions_across_write_sizes() {
     });
     let mut got = Vec::with_capacity(data.len());
     rd.read_to_end(&mut got).await.expect("client read");
-    let (_wr, writes) = writer.await.expect("writer");
+    let (_wr, msgs) = writer.await.expect("writer");
     let echoed = server.await.expect("server");
-    assert!(writes > 256, "expected many messages, got {writes}");
+    assert!(msgs > 256, "expected > 256 messages (credit counter wrap), got {msgs}");
     assert_eq!(echoed, data.len());
     assert_eq!(got.len(), data.len());
     assert_eq!(Sha256::digest(&got), expect, "echoed bytes differ");

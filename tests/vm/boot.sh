@@ -3,13 +3,14 @@
 # and run SCRIPT (an absolute host path) inside it as root, chrooted into the host's / (9p,
 # read-only, tmpfs overlay). Serial console -> LOG. RESULTS (host dir) is mounted writable in the
 # guest at the same path. Exit status: the script's, 98 if the guest never reported one.
-# Usage: boot.sh SCRIPT LOG RESULTS [CWD]   Env: SMP=2 MEM=2G VM_TIMEOUT=540 QEMU_EXTRA=
+# Usage: boot.sh SCRIPT LOG RESULTS [CWD]
+# Env: SMP=2 MEM=2G VM_TIMEOUT=540 QEMU_EXTRA= (more qemu args) APPEND_EXTRA= (more kernel args)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 C=$here/cache
 S=$1; LOG=$2; RES=$3; CWD=${4:-$(pwd)}
 mkdir -p "$RES"
-APPEND="console=ttyS0 panic=-1 quiet vmscript=$S vmcwd=$CWD vmresults=$RES"
+APPEND="console=ttyS0 panic=-1 quiet vmscript=$S vmcwd=$CWD vmresults=$RES ${APPEND_EXTRA:-}"
 # shellcheck disable=SC2086
 timeout --kill-after=5 "${VM_TIMEOUT:-540}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
   -smp "${SMP:-2}" -m "${MEM:-2G}" -display none -no-reboot -nic none -serial stdio -monitor none \
