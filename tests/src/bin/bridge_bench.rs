@@ -13,7 +13,6 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdUnix;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -181,6 +180,23 @@ async fn serve(echo: PathBuf, sink: PathBuf) -> Res<()> {
     Ok(())
 }
 
+/// Connects, retrying while the listener's backlog is full (EAGAIN on Unix sockets; socat
+/// listens with a backlog of 5).
+async fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    let start = Instant::now();
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && start.elapsed() < Duration::from_secs(10) =>
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Round trips of 64 bytes on `conns` connections for `secs`; returns (mean µs, total ops/s).
 async fn latency(path: &Path, conns: usize, secs: f64) -> Res<(f64, f64)> {
     let mut tasks = Vec::new();
@@ -188,7 +204,7 @@ async fn latency(path: &Path, conns: usize, secs: f64) -> Res<(f64, f64)> {
     for _ in 0..conns {
         let path = path.to_path_buf();
         tasks.push(tokio::spawn(async move {
-            let mut c = UnixStream::connect(&path).await?;
+            let mut c = connect(&path).await?;
             let msg = [7u8; 64];
             let mut buf = [0u8; 64];
             for _ in 0..50 {
@@ -224,7 +240,7 @@ async fn throughput(path: &Path, conns: usize, secs: f64) -> Res<f64> {
     for _ in 0..conns {
         let path = path.to_path_buf();
         tasks.push(tokio::spawn(async move {
-            let mut c = UnixStream::connect(&path).await?;
+            let mut c = connect(&path).await?;
             let chunk = vec![0x5au8; 1 << 20];
             let t0 = Instant::now();
             let mut sent = 0u64;
@@ -297,14 +313,19 @@ fn bench(secs: f64) -> Res<()> {
     )?;
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let port = free_port()?;
+    // BRIDGE_BENCH_CHUNK: bytes per local read in the bridge (default: the config default).
+    let chunk_line = std::env::var("BRIDGE_BENCH_CHUNK")
+        .map(|c| format!("read_chunk = {c}\n"))
+        .unwrap_or_default();
     std::fs::write(
         d.join("host.toml"),
         format!(
-            "[bridge]\n[[bridge.forward]]\nlisten_side = \"dpu\"\npath = \"{0}/b-echo\"\ntarget = \"{1}\"\n\
+            "[bridge]\n{3}[[bridge.forward]]\nlisten_side = \"dpu\"\npath = \"{0}/b-echo\"\ntarget = \"{1}\"\n\
              [[bridge.forward]]\nlisten_side = \"dpu\"\npath = \"{0}/b-sink\"\ntarget = \"{2}\"\n",
             d.display(),
             echo.display(),
-            sink.display()
+            sink.display(),
+            chunk_line
         ),
     )?;
     std::fs::write(
@@ -348,12 +369,14 @@ fn bench(secs: f64) -> Res<()> {
             Command::new("socat")
                 .arg(format!("TCP-LISTEN:{p},bind=127.0.0.1,reuseaddr,fork"))
                 .arg(format!("UNIX-CONNECT:{}", target.display()))
+                .stderr(quiet())
                 .spawn()?,
         );
         procs.0.push(
             Command::new("socat")
                 .arg(format!("UNIX-LISTEN:{},fork", d.join(name).display()))
                 .arg(format!("TCP:127.0.0.1:{p}"))
+                .stderr(quiet())
                 .spawn()?,
         );
         wait_socket(&d.join(name))?;
@@ -370,8 +393,6 @@ fn bench(secs: f64) -> Res<()> {
         ),
         ("socat Unix→TCP→Unix", d.join("s-echo"), d.join("s-sink")),
     ];
-    let results = Arc::new(());
-    let _ = results;
     for (name, e, s) in cases {
         let (l1, _) = rt.block_on(latency(&e, 1, secs))?;
         let (l16, ops16) = rt.block_on(latency(&e, 16, secs))?;
