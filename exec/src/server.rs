@@ -25,7 +25,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use transport::{RemoteError, Service, Session, Stream, StreamWriter};
+use transport::{RemoteError, Service, Session, Stream, StreamReader, StreamWriter};
 
 use crate::proto::{
     event_frame, ControlReply, ControlRequest, ExecRequest, ExitStatus, FrameKind, OutputFd,
@@ -33,6 +33,9 @@ use crate::proto::{
 };
 use crate::spawn::{self, Policy, SpawnError};
 use crate::sys::{self, AsyncFile, PidFd};
+
+/// How long a finished exec waits for the client to close the stream.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// Largest chunk of program output put in one frame.
 const CHUNK: usize = 256 * 1024;
@@ -215,11 +218,20 @@ fn kill_group(pid: libc::pid_t, pidfd: &PidFd) {
     let _ = pidfd.signal(libc::SIGKILL);
 }
 
-async fn send_failed(mut wr: StreamWriter, code: i32, message: String) {
-    let _ = wr
+/// Reports a program that did not start, then waits (bounded) for the client to close: dropping
+/// our reader first would reset the stream, and a reset may overtake the report.
+async fn send_failed(mut rd: StreamReader, mut wr: StreamWriter, code: i32, message: String) {
+    if wr
         .send(event_frame(&ServerEvent::Failed { code, message }))
+        .await
+        .is_ok()
+        && wr.finish().is_ok()
+    {
+        let _ = tokio::time::timeout(LINGER, async {
+            while let Ok(Some(_)) = rd.recv().await {}
+        })
         .await;
-    let _ = wr.finish();
+    }
 }
 
 #[async_trait]
@@ -238,11 +250,12 @@ impl Service for ExecService {
         let req: ExecRequest = match postcard::from_bytes(&header) {
             Ok(r) => r,
             Err(e) => {
-                return send_failed(wr, 126, format!("bad exec request: {e}")).await;
+                return send_failed(rd, wr, 126, format!("bad exec request: {e}")).await;
             }
         };
         if req.version != VERSION {
             return send_failed(
+                rd,
                 wr,
                 126,
                 format!(
@@ -254,7 +267,7 @@ impl Service for ExecService {
         }
         let key = req.id;
         if self.lookup(key).is_some() {
-            return send_failed(wr, 126, format!("exec id {} already in use", req.id)).await;
+            return send_failed(rd, wr, 126, format!("exec id {} already in use", req.id)).await;
         }
 
         let policy = self.policy.clone();
@@ -265,11 +278,11 @@ impl Service for ExecService {
             Ok(Err(e)) => {
                 info!(argv0 = %String::from_utf8_lossy(req.argv.first().map(|v| v.as_slice()).unwrap_or(b"")), error = %e, "exec refused");
                 let code = e.exit_code();
-                return send_failed(wr, code, e.to_string()).await;
+                return send_failed(rd, wr, code, e.to_string()).await;
             }
             Err(e) => {
                 let e = SpawnError::Os("spawn".into(), std::io::Error::other(e.to_string()));
-                return send_failed(wr, 126, e.to_string()).await;
+                return send_failed(rd, wr, 126, e.to_string()).await;
             }
         };
         let pid = spawned.pid;
@@ -277,7 +290,7 @@ impl Service for ExecService {
             Ok(p) => Arc::new(p),
             Err(e) => {
                 let _ = sys::kill(-pid, libc::SIGKILL);
-                return send_failed(wr, 126, format!("pidfd_open: {e}")).await;
+                return send_failed(rd, wr, 126, format!("pidfd_open: {e}")).await;
             }
         };
         // From here on the child exists: every early return kills it.
@@ -286,7 +299,7 @@ impl Service for ExecService {
             Err(e) => {
                 kill_group(pid, &pidfd);
                 let _ = pidfd.wait().await;
-                return send_failed(wr, 126, format!("exec stdio setup: {e}")).await;
+                return send_failed(rd, wr, 126, format!("exec stdio setup: {e}")).await;
             }
         };
         let running = Arc::new(Running {
@@ -389,7 +402,7 @@ impl Service for ExecService {
                     let _ = wr.finish();
                 }
                 // Keep reading (and discarding) stdin until the client closes, bounded.
-                let _ = tokio::time::timeout(Duration::from_secs(5), stdin_task).await;
+                let _ = tokio::time::timeout(LINGER, stdin_task).await;
             }
             None => {
                 info!(pid, "exec client went away; killed the process group");
