@@ -50,6 +50,8 @@ struct Config {
     fs: Option<offload_fs::FsConfig>,
     /// Shim bridge: proxied Unix sockets, stdio FIFOs, remote signals.
     bridge: Option<shim_bridge::BridgeConfig>,
+    /// Remote execution (rexec) for the peer; `allow` lists the executables it may run.
+    exec: Option<offload_exec::ExecConfig>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -69,6 +71,12 @@ fn registry(cfg: Config) -> anyhow::Result<Registry> {
     // if let Some(c) = cfg.fs { reg.insert("fs", Arc::new(offload_fs::FsService::new(c)?)); }
     if let Some(c) = cfg.fs {
         reg.insert("fs", Arc::new(offload_fs::FsService::new(c)?));
+    }
+    if let Some(c) = cfg.exec {
+        reg.insert(
+            offload_exec::proto::SERVICE,
+            Arc::new(offload_exec::ExecService::new(c)?),
+        );
     }
     if let Some(c) = cfg.bridge {
         reg.insert("bridge", Arc::new(shim_bridge::BridgeService::new(c)?));
