@@ -362,29 +362,33 @@ fn bench(secs: f64) -> Res<()> {
     wait_socket(&d.join("b-echo"))?;
     wait_socket(&d.join("b-sink"))?;
 
-    // socat: Unix -> TCP loopback -> Unix, one relay pair per server.
-    for (name, target) in [("s-echo", &echo), ("s-sink", &sink)] {
-        let p = free_port()?;
-        procs.0.push(
-            Command::new("socat")
-                .arg(format!("TCP-LISTEN:{p},bind=127.0.0.1,reuseaddr,fork"))
+    // socat: Unix -> TCP loopback -> Unix, one relay pair per server; with socat's default
+    // 8 KiB transfer block and with -b 262144 (the bridge reads 256 KiB at a time).
+    for (prefix, block) in [("s", None), ("sb", Some("262144"))] {
+        for (name, target) in [("echo", &echo), ("sink", &sink)] {
+            let p = free_port()?;
+            let listen = d.join(format!("{prefix}-{name}"));
+            let mut a = Command::new("socat");
+            let mut b = Command::new("socat");
+            if let Some(bs) = block {
+                a.args(["-b", bs]);
+                b.args(["-b", bs]);
+            }
+            a.arg(format!("TCP-LISTEN:{p},bind=127.0.0.1,reuseaddr,fork"))
                 .arg(format!("UNIX-CONNECT:{}", target.display()))
-                .stderr(quiet())
-                .spawn()?,
-        );
-        procs.0.push(
-            Command::new("socat")
-                .arg(format!("UNIX-LISTEN:{},fork", d.join(name).display()))
+                .stderr(quiet());
+            b.arg(format!("UNIX-LISTEN:{},fork", listen.display()))
                 .arg(format!("TCP:127.0.0.1:{p}"))
-                .stderr(quiet())
-                .spawn()?,
-        );
-        wait_socket(&d.join(name))?;
+                .stderr(quiet());
+            procs.0.push(a.spawn()?);
+            procs.0.push(b.spawn()?);
+            wait_socket(&listen)?;
+        }
     }
 
     println!("| path | RTT 64 B, 1 conn (µs) | RTT 64 B, 16 conns (µs, mean) | round trips/s, 16 conns | 1 MiB chunks, 1 conn (MB/s) | 1 MiB chunks, 16 conns (MB/s aggregate) |");
     println!("|---|---|---|---|---|---|");
-    let cases: [(&str, PathBuf, PathBuf); 3] = [
+    let cases: [(&str, PathBuf, PathBuf); 4] = [
         ("direct Unix socket", echo.clone(), sink.clone()),
         (
             "shim-bridge (2 offloadd, TCP loopback, PSK)",
@@ -392,6 +396,11 @@ fn bench(secs: f64) -> Res<()> {
             d.join("b-sink"),
         ),
         ("socat Unix→TCP→Unix", d.join("s-echo"), d.join("s-sink")),
+        (
+            "socat -b 262144 Unix→TCP→Unix",
+            d.join("sb-echo"),
+            d.join("sb-sink"),
+        ),
     ];
     for (name, e, s) in cases {
         let (l1, _) = rt.block_on(latency(&e, 1, secs))?;
