@@ -453,6 +453,7 @@ impl Inner {
         cancel: CancellationToken,
     ) {
         let mut w = DirWatcher::new(Duration::from_millis(self.cfg.rescan_interval_ms.max(50)));
+        let mut refused: HashSet<String> = HashSet::new();
         loop {
             for d in &self.cfg.watch {
                 w.watch(d);
@@ -475,6 +476,7 @@ impl Inner {
                         tracing::debug!(path = p, error = %e, "RemoveProxy failed");
                     }
                 }
+                refused.retain(|p| now.contains(p));
                 let new: Vec<String> = now.difference(&set).cloned().collect();
                 for p in new {
                     match announce(&session, &p).await {
@@ -482,7 +484,12 @@ impl Inner {
                             set.insert(p);
                         }
                         Err(e) => {
-                            tracing::warn!(path = p, error = %e, "peer refused proxy; retrying on next rescan")
+                            // Warn once per path; the retry on every rescan stays quiet.
+                            if refused.insert(p.clone()) {
+                                tracing::warn!(path = p, error = %e, "peer refused proxy; retrying on each rescan");
+                            } else {
+                                tracing::debug!(path = p, error = %e, "peer still refuses proxy");
+                            }
                         }
                     }
                 }

@@ -152,6 +152,30 @@ fn bridge_shim_start_matches_real_shim_and_is_reachable() {
         ours, real.stdout,
         "offload-shim output differs from the real shim's"
     );
+    // A failing `start` (no config.json in the bundle): stderr text and exit code pass through.
+    let empty = d.join("empty-bundle");
+    std::fs::create_dir(&empty).unwrap();
+    let fail_args = args.replace(&id, &format!("{id}-fail"));
+    let (ours_fail, ours_code) = in_dpu(
+        dpu_pid,
+        &format!("cd \"$BUNDLE\" && exec \"$SHIM\" {fail_args} </dev/null 2>&1"),
+        &[
+            ("BUNDLE", &empty),
+            ("SHIM", &shim),
+            ("CMD_NET_ADDR", Path::new(&link)),
+            ("OFFLOAD_KEY_FILE", &key),
+            ("OFFLOAD_DPU_CONFIG", Path::new("/nonexistent")),
+        ],
+    );
+    let real_fail = Command::new("sh")
+        .args(["-c", &format!("exec {REAL} {fail_args} </dev/null 2>&1")])
+        .current_dir(&empty)
+        .output()
+        .unwrap();
+    assert_ne!(ours_code, 0);
+    assert_eq!(Some(ours_code), real_fail.status.code());
+    assert_eq!(ours_fail, real_fail.stdout, "failing start: output differs");
+
     let text = String::from_utf8(ours).unwrap();
     let sock = PathBuf::from(text.strip_prefix("unix://").expect("unix:// address"));
     assert!(sock.starts_with("/run/containerd/s"), "{text}");
