@@ -158,6 +158,9 @@ fn serve_child(kind: &str) {
 }
 
 fn main() {
+    if std::env::var_os("BENCH_NO_TUNE").is_none() {
+        transport::tune_allocator();
+    }
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve") {
         return serve_child(args.get(2).map(String::as_str).unwrap_or("tcp"));

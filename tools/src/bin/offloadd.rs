@@ -25,7 +25,12 @@ vsock-uds:///path:PORT, rdma://IP:PORT; or a bare address with --transport."
 )]
 struct Args {
     /// Listen here and serve every peer that authenticates (the HOST side).
-    #[arg(long, value_name = "ADDR", conflicts_with = "connect", required_unless_present = "connect")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with = "connect",
+        required_unless_present = "connect"
+    )]
     listen: Option<String>,
     /// Dial this peer and serve it over the resulting session (the DPU side).
     #[arg(long, value_name = "ADDR")]
@@ -85,6 +90,7 @@ fn registry(cfg: Config) -> anyhow::Result<Registry> {
 }
 
 fn main() -> anyhow::Result<()> {
+    transport::tune_allocator();
     tools::init_tracing("info");
     let args = Args::parse();
     let session_cfg = args.link.session_config()?;
