@@ -10,7 +10,8 @@
 # Usage: tests/vm/run.sh            Env: CARGO_TARGET_DIR (default <repo>/target)
 #   VM_SUITES=regex   only test executables whose name matches (default ^(transport|fs|exec|bridge|vm)_)
 #   VM_LINKS=vsock,rdma   link kinds for the link-agnostic suites
-#   VM_SUITE_TIMEOUT=180  per suite run (seconds)   VM_HOSTVSOCK=0 skip the host<->guest test
+#   VM_SUITE_TIMEOUT=150  per suite run (seconds)   VM_HOSTVSOCK=0 skip the host<->guest test
+#   VM_BUDGET=540  seconds for all guest suite runs; runs that do not fit are reported failed
 #   VM_SKIP="64mib large_payloads"  test-name substrings skipped in the guest (sized for native speed)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,25 +25,31 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
 FEATURES=tools/rdma,tests/rdma
 echo "vm: building workspace binaries and test executables (features $FEATURES)"
 cargo build --workspace --bins --features "$FEATURES" -q || { echo "vm: build failed" >&2; exit 1; }
-cargo test -p tests --features rdma --no-run --message-format=json -q > "$C/build.json" \
+# Same command line as the workspace test run (tests/run-all.sh), so nothing is rebuilt.
+cargo test --workspace --features "$FEATURES" --no-run --message-format=json -q > "$C/build.json" \
   || { echo "vm: test build failed" >&2; exit 1; }
 BIN_DIR=$CARGO_TARGET_DIR/debug
 
 RUN=$C/run; rm -rf "$RUN"; mkdir -p "$RUN"
 PAT=${VM_SUITES:-'^(transport|fs|exec|bridge|vm)_'}
 LINKS=${VM_LINKS:-vsock,rdma}
-grep '"kind":\["test"\]' "$C/build.json" \
+grep '"kind":\["test"\]' "$C/build.json" | grep '"package_id":"[^"]*tests[#@ ]' \
   | sed -n 's/.*"target":{[^}]*"name":"\([^"]*\)".*"executable":"\([^"]*\)".*/\1 \2/p' \
   | sort -u | while read -r name exe; do
       [[ $name =~ $PAT ]] || continue
-      case $name in vm_*) echo "$name - $exe";; *) echo "$name $LINKS $exe";; esac
-    done > "$RUN/plan"
+      # Order: the link's own tests, the transport, then the services (the time budget may
+      # cut the tail; what was not run is reported as failed).
+      case $name in
+        vm_*) echo "1 $name - $exe";; transport_*) echo "2 $name $LINKS $exe";;
+        bridge_*) echo "3 $name $LINKS $exe";; fs_*) echo "4 $name $LINKS $exe";; *) echo "5 $name $LINKS $exe";;
+      esac
+    done | sort -n -k1,1 -s | cut -d' ' -f2- > "$RUN/plan"
 [ -s "$RUN/plan" ] || { echo "vm: no test executables matched $PAT" >&2; exit 1; }
 echo "vm: skipped inside the guest (native-size payloads, they run on the machine over tcp/unix): ${VM_SKIP-64mib large_payloads}"
 echo "vm: suites: $(awk '{print $1}' "$RUN/plan" | tr '\n' ' ')"
 cat > "$RUN/guest.sh" <<G
 #!/bin/sh
-export OFFLOAD_BIN_DIR=$BIN_DIR VM_SUITE_TIMEOUT=${VM_SUITE_TIMEOUT:-180} RUST_BACKTRACE=1
+export OFFLOAD_BIN_DIR=$BIN_DIR VM_SUITE_TIMEOUT=${VM_SUITE_TIMEOUT:-150} VM_BUDGET=${VM_BUDGET:-540} RUST_BACKTRACE=1
 ${VM_SKIP+export VM_SKIP="$VM_SKIP"}
 exec $here/guest/suites.sh
 G
