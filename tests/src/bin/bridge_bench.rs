@@ -402,7 +402,12 @@ fn bench(secs: f64) -> Res<()> {
             d.join("sb-sink"),
         ),
     ];
+    // BRIDGE_BENCH_ONLY=<substring>: run only the matching paths (e.g. for profiling).
+    let only = std::env::var("BRIDGE_BENCH_ONLY").unwrap_or_default();
     for (name, e, s) in cases {
+        if !name.contains(only.as_str()) {
+            continue;
+        }
         let (l1, _) = rt.block_on(latency(&e, 1, secs))?;
         let (l16, ops16) = rt.block_on(latency(&e, 16, secs))?;
         let t1 = rt.block_on(throughput(&s, 1, secs))?;
