@@ -544,16 +544,10 @@ impl Service for BridgeService {
                         format!("{} is not under bridge.allow_listen", local.display()),
                     ));
                 }
-                // Proxies live as long as the session that asked for them.
-                let cancel = CancellationToken::new();
-                let c2 = cancel.clone();
-                let s2 = session.clone();
-                tokio::spawn(async move {
-                    s2.closed().await;
-                    c2.cancel();
-                });
+                // Proxies live as long as the session that asked for them: the accept loop
+                // ends on `session.closed()` and cancels its connections.
                 self.inner
-                    .add_proxy(session, &local, &target, &cancel)
+                    .add_proxy(session, &local, &target, &CancellationToken::new())
                     .map_err(|e| io_rerr(&e, &format!("listen on {}", local.display())))?;
                 Reply::Done
             }
