@@ -270,10 +270,17 @@ impl Service for ExecService {
             return send_failed(rd, wr, 126, format!("exec id {} already in use", req.id)).await;
         }
 
-        let policy = self.policy.clone();
-        let req = Arc::new(req);
-        let r2 = req.clone();
-        let spawned = match tokio::task::spawn_blocking(move || spawn::spawn(&r2, &policy)).await {
+        // Without a user switch, resolving (a few stats) and posix_spawn (vfork + exec) take well
+        // under a millisecond: done inline, a hand-off to the blocking pool would cost more than
+        // it saves. A user switch (NSS lookups, fork) goes to the blocking pool.
+        let spawned = if req.user.is_none() {
+            Ok(spawn::spawn(&req, &self.policy))
+        } else {
+            let policy = self.policy.clone();
+            let r2 = req.clone();
+            tokio::task::spawn_blocking(move || spawn::spawn(&r2, &policy)).await
+        };
+        let spawned = match spawned {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 info!(argv0 = %String::from_utf8_lossy(req.argv.first().map(|v| v.as_slice()).unwrap_or(b"")), error = %e, "exec refused");

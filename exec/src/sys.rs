@@ -44,8 +44,9 @@ pub fn grow_pipe(fd: RawFd, size: i32) {
     }
 }
 
-/// Opens a new pty pair (master, slave), both close-on-exec, with the given window size.
-pub fn open_pty(size: WinSize) -> io::Result<(OwnedFd, OwnedFd)> {
+/// Opens a new pty pair (master, slave, slave path), both close-on-exec, with the given window
+/// size.
+pub fn open_pty(size: WinSize) -> io::Result<(OwnedFd, OwnedFd, std::ffi::CString)> {
     // SAFETY: plain libc calls; every returned fd is wrapped in an OwnedFd immediately.
     unsafe {
         let m = cvt(libc::posix_openpt(
@@ -65,7 +66,7 @@ pub fn open_pty(size: WinSize) -> io::Result<(OwnedFd, OwnedFd)> {
         ))?;
         let slave = OwnedFd::from_raw_fd(s);
         set_winsize(m, size)?;
-        Ok((master, slave))
+        Ok((master, slave, CStr::from_ptr(name.as_ptr()).to_owned()))
     }
 }
 
