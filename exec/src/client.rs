@@ -66,7 +66,9 @@ pub fn new_id() -> u64 {
 
 /// Builds the stream header.
 pub fn encode_request(req: &ExecRequest) -> Bytes {
-    postcard::to_allocvec(req).map(Bytes::from).unwrap_or_default()
+    postcard::to_allocvec(req)
+        .map(Bytes::from)
+        .unwrap_or_default()
 }
 
 /// Sends one control request; errors are logged only (the exec itself reports what matters).
@@ -125,7 +127,11 @@ pub async fn run(
     let result = loop {
         let chunk = match rd.recv().await {
             Ok(Some(c)) => c,
-            Ok(None) => break Err(ClientError::Lost("stream ended before the exit status".into())),
+            Ok(None) => {
+                break Err(ClientError::Lost(
+                    "stream ended before the exit status".into(),
+                ))
+            }
             Err(e) => break Err(ClientError::Lost(e.to_string())),
         };
         dec.push(&chunk);
@@ -336,7 +342,13 @@ impl Signals {
         .await
     }
 
-    async fn forward(mut self, session: Session, id: u64, mut started: watch::Receiver<bool>, tty: bool) {
+    async fn forward(
+        mut self,
+        session: Session,
+        id: u64,
+        mut started: watch::Receiver<bool>,
+        tty: bool,
+    ) {
         let mut queued: Vec<Sig> = Vec::new();
         loop {
             tokio::select! {

@@ -178,8 +178,15 @@ impl ExecService {
                         }
                     })
                 };
-                debug!(pid = r.pid, ?sig, pgroup = r.pgroup, "exec: forwarding signal");
-                res.map_err(|e| RemoteError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string()))?;
+                debug!(
+                    pid = r.pid,
+                    ?sig,
+                    pgroup = r.pgroup,
+                    "exec: forwarding signal"
+                );
+                res.map_err(|e| {
+                    RemoteError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
+                })?;
             }
             ControlRequest::Resize { size, .. } => {
                 if let Some(m) = &r.pty {
@@ -227,18 +234,17 @@ async fn send_failed(mut rd: StreamReader, mut wr: StreamWriter, code: i32, mess
         .is_ok()
         && wr.finish().is_ok()
     {
-        let _ = tokio::time::timeout(LINGER, async {
-            while let Ok(Some(_)) = rd.recv().await {}
-        })
-        .await;
+        let _ = tokio::time::timeout(LINGER, async { while let Ok(Some(_)) = rd.recv().await {} })
+            .await;
     }
 }
 
 #[async_trait]
 impl Service for ExecService {
     async fn call(&self, session: &Session, req: Bytes) -> Result<Bytes, RemoteError> {
-        let req: ControlRequest = postcard::from_bytes(&req)
-            .map_err(|e| RemoteError::new(libc::EINVAL, format!("bad exec control request: {e}")))?;
+        let req: ControlRequest = postcard::from_bytes(&req).map_err(|e| {
+            RemoteError::new(libc::EINVAL, format!("bad exec control request: {e}"))
+        })?;
         let reply = self.control(session, req)?;
         postcard::to_allocvec(&reply)
             .map(Bytes::from)

@@ -90,7 +90,8 @@ pub fn resolve(argv0: &[u8], path_env: Option<&[u8]>, cwd: &Path) -> Result<Path
                 if dir.is_empty() {
                     cwd.join(OsStr::from_bytes(argv0))
                 } else {
-                    cwd.join(OsStr::from_bytes(dir)).join(OsStr::from_bytes(argv0))
+                    cwd.join(OsStr::from_bytes(dir))
+                        .join(OsStr::from_bytes(argv0))
                 }
             })
             .find(|p| is_executable_file(p))
@@ -284,7 +285,10 @@ fn check(r: libc::c_int, what: &str) -> Result<(), SpawnError> {
     if r == 0 {
         Ok(())
     } else {
-        Err(SpawnError::Os(what.into(), std::io::Error::from_raw_os_error(r)))
+        Err(SpawnError::Os(
+            what.into(),
+            std::io::Error::from_raw_os_error(r),
+        ))
     }
 }
 
@@ -297,7 +301,11 @@ fn spawn_fast(req: &ExecRequest, exe: &Path, cwd: &Path) -> Result<Spawned, Spaw
     let argv0 = req.argv.first().ok_or(SpawnError::EmptyArgv)?;
     let exe_c = cstring(exe.as_os_str().as_bytes())?;
     let cwd_c = cstring(cwd.as_os_str().as_bytes())?;
-    let args: Vec<CString> = req.argv.iter().map(|a| cstring(a)).collect::<Result<_, _>>()?;
+    let args: Vec<CString> = req
+        .argv
+        .iter()
+        .map(|a| cstring(a))
+        .collect::<Result<_, _>>()?;
     let envs: Vec<CString> = req
         .env
         .iter()
@@ -341,7 +349,10 @@ fn spawn_fast(req: &ExecRequest, exe: &Path, cwd: &Path) -> Result<Spawned, Spaw
             attr: std::mem::zeroed(),
             fa: std::mem::zeroed(),
         };
-        check(libc::posix_spawnattr_init(&mut g.attr), "posix_spawnattr_init")?;
+        check(
+            libc::posix_spawnattr_init(&mut g.attr),
+            "posix_spawnattr_init",
+        )?;
         check(
             libc::posix_spawn_file_actions_init(&mut g.fa),
             "posix_spawn_file_actions_init",
@@ -350,8 +361,14 @@ fn spawn_fast(req: &ExecRequest, exe: &Path, cwd: &Path) -> Result<Spawned, Spaw
         libc::sigfillset(&mut all);
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
-        check(libc::posix_spawnattr_setsigdefault(&mut g.attr, &all), "setsigdefault")?;
-        check(libc::posix_spawnattr_setsigmask(&mut g.attr, &none), "setsigmask")?;
+        check(
+            libc::posix_spawnattr_setsigdefault(&mut g.attr, &all),
+            "setsigdefault",
+        )?;
+        check(
+            libc::posix_spawnattr_setsigmask(&mut g.attr, &none),
+            "setsigmask",
+        )?;
         check(
             libc::posix_spawnattr_setflags(
                 &mut g.attr,
@@ -363,11 +380,23 @@ fn spawn_fast(req: &ExecRequest, exe: &Path, cwd: &Path) -> Result<Spawned, Spaw
         )?;
         if let Some(path) = &pty_path {
             check(
-                libc::posix_spawn_file_actions_addopen(&mut g.fa, 0, path.as_ptr(), libc::O_RDWR, 0),
+                libc::posix_spawn_file_actions_addopen(
+                    &mut g.fa,
+                    0,
+                    path.as_ptr(),
+                    libc::O_RDWR,
+                    0,
+                ),
                 "addopen",
             )?;
-            check(libc::posix_spawn_file_actions_adddup2(&mut g.fa, 0, 1), "adddup2")?;
-            check(libc::posix_spawn_file_actions_adddup2(&mut g.fa, 0, 2), "adddup2")?;
+            check(
+                libc::posix_spawn_file_actions_adddup2(&mut g.fa, 0, 1),
+                "adddup2",
+            )?;
+            check(
+                libc::posix_spawn_file_actions_adddup2(&mut g.fa, 0, 2),
+                "adddup2",
+            )?;
         } else {
             for (i, fd) in child_ends.iter().enumerate() {
                 check(
@@ -392,7 +421,9 @@ fn spawn_fast(req: &ExecRequest, exe: &Path, cwd: &Path) -> Result<Spawned, Spaw
         if r != 0 {
             let e = std::io::Error::from_raw_os_error(r);
             return Err(match r {
-                libc::EACCES | libc::ENOEXEC | libc::EPERM => SpawnError::NotExecutable(show(argv0)),
+                libc::EACCES | libc::ENOEXEC | libc::EPERM => {
+                    SpawnError::NotExecutable(show(argv0))
+                }
                 libc::ENOENT => SpawnError::NoSuchFile(show(argv0)),
                 _ => os(e),
             });

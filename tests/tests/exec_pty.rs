@@ -48,7 +48,9 @@ fn exec_tty_size_and_restore() {
         let s0 = slave.try_clone().expect("dup");
         let s1 = slave.try_clone().expect("dup");
         let s2 = slave.try_clone().expect("dup");
-        cmd.stdin(Stdio::from(s0)).stdout(Stdio::from(s1)).stderr(Stdio::from(s2));
+        cmd.stdin(Stdio::from(s0))
+            .stdout(Stdio::from(s1))
+            .stderr(Stdio::from(s2));
         // SAFETY: async-signal-safe calls only: new session with the pty as controlling tty.
         unsafe {
             cmd.pre_exec(|| {
@@ -88,7 +90,10 @@ fn exec_tty_size_and_restore() {
             seen.clone()
         };
         let out = wait_for("33 101");
-        assert!(out.contains("/dev/pts/"), "[{kind}] remote stdin is a pty: {out:?}");
+        assert!(
+            out.contains("/dev/pts/"),
+            "[{kind}] remote stdin is a pty: {out:?}"
+        );
 
         // Resize the local terminal: rexec gets SIGWINCH and propagates the size.
         let ws = libc::winsize {
@@ -98,18 +103,33 @@ fn exec_tty_size_and_restore() {
             ws_ypixel: 0,
         };
         // SAFETY: valid winsize on our pty master.
-        assert_eq!(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
+        assert_eq!(
+            unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+            0
+        );
         std::thread::sleep(Duration::from_millis(500));
         let mut w = std::fs::File::from(master.try_clone().expect("dup master"));
         w.write_all(b"hello\r").expect("type a line");
         let out = wait_for("line=hello");
-        assert!(out.contains("40 120"), "[{kind}] new window size propagated: {out:?}");
+        assert!(
+            out.contains("40 120"),
+            "[{kind}] new window size propagated: {out:?}"
+        );
 
         let status = child.wait().expect("wait");
         assert_eq!(status.code(), Some(5), "[{kind}] exit code through the pty");
         let after = termios(&slave);
-        assert_eq!(after.c_lflag, before.c_lflag, "[{kind}] local terminal mode restored");
-        assert_eq!(after.c_iflag, before.c_iflag, "[{kind}] local terminal mode restored");
-        assert_eq!(after.c_oflag, before.c_oflag, "[{kind}] local terminal mode restored");
+        assert_eq!(
+            after.c_lflag, before.c_lflag,
+            "[{kind}] local terminal mode restored"
+        );
+        assert_eq!(
+            after.c_iflag, before.c_iflag,
+            "[{kind}] local terminal mode restored"
+        );
+        assert_eq!(
+            after.c_oflag, before.c_oflag,
+            "[{kind}] local terminal mode restored"
+        );
     }
 }

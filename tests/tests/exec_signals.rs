@@ -52,7 +52,11 @@ fn exec_forwards_term_and_usr1() {
                 .expect("stdout")
                 .read_to_string(&mut out)
                 .expect("read");
-            assert_eq!(status.code(), Some(3), "[{kind} pgroup={pgroup}] exit after TERM");
+            assert_eq!(
+                status.code(),
+                Some(3),
+                "[{kind} pgroup={pgroup}] exit after TERM"
+            );
             assert_eq!(out, "got USR1\ngot TERM\n", "[{kind} pgroup={pgroup}]");
         }
     }
@@ -65,10 +69,7 @@ fn exec_client_sigkill_kills_remote_group() {
         let server = Server::start(&kind);
         let pidfile = server.dir.path().join("pids");
         // The main process and a background child of it (same process group).
-        let script = format!(
-            "sleep 1000 & echo $$ $! > {}; wait",
-            pidfile.display()
-        );
+        let script = format!("sleep 1000 & echo $$ $! > {}; wait", pidfile.display());
         let mut child = server
             .rexec(&["sh", "-c", &script])
             .stdin(Stdio::null())
@@ -79,7 +80,10 @@ fn exec_client_sigkill_kills_remote_group() {
             .map(|p| p.parse().expect("pid"))
             .collect();
         assert_eq!(pids.len(), 2);
-        assert!(pids.iter().all(|&p| alive(p)), "[{kind}] remote processes run");
+        assert!(
+            pids.iter().all(|&p| alive(p)),
+            "[{kind}] remote processes run"
+        );
         child.kill().expect("SIGKILL rexec");
         child.wait().expect("reap rexec");
         let killed = Instant::now();
@@ -90,7 +94,10 @@ fn exec_client_sigkill_kills_remote_group() {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        println!("[{kind}] remote group gone {:?} after client SIGKILL", killed.elapsed());
+        println!(
+            "[{kind}] remote group gone {:?} after client SIGKILL",
+            killed.elapsed()
+        );
     }
 }
 
@@ -102,7 +109,13 @@ fn exec_hundred_concurrent() {
         let children: Vec<_> = (0..100)
             .map(|i| {
                 server
-                    .rexec(&["sh", "-c", "echo $1; exit $(($1 % 7))", "sh", &i.to_string()])
+                    .rexec(&[
+                        "sh",
+                        "-c",
+                        "echo $1; exit $(($1 % 7))",
+                        "sh",
+                        &i.to_string(),
+                    ])
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
@@ -112,8 +125,17 @@ fn exec_hundred_concurrent() {
             .collect();
         for (i, c) in children.into_iter().enumerate() {
             let out = c.wait_with_output().expect("wait");
-            assert_eq!(out.status.code(), Some((i % 7) as i32), "[{kind}] #{i}: {}", String::from_utf8_lossy(&out.stderr));
-            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{i}\n"), "[{kind}] #{i}");
+            assert_eq!(
+                out.status.code(),
+                Some((i % 7) as i32),
+                "[{kind}] #{i}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                format!("{i}\n"),
+                "[{kind}] #{i}"
+            );
         }
     }
 }
@@ -126,7 +148,10 @@ fn exec_seed_style_wrapper_script() {
         let wrapper = server.dir.path().join("sh-wrapper");
         std::fs::write(
             &wrapper,
-            format!("#!/bin/sh\nexec {} /bin/sh \"$@\"\n", tests::bin("rexec").display()),
+            format!(
+                "#!/bin/sh\nexec {} /bin/sh \"$@\"\n",
+                tests::bin("rexec").display()
+            ),
         )
         .expect("write wrapper");
         std::fs::set_permissions(
@@ -134,7 +159,13 @@ fn exec_seed_style_wrapper_script() {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .expect("chmod");
-        let args = ["-c", "echo \"$0:$#:$*\"; echo oops >&2; read l; echo \"in:$l\"; exit 42", "zero", "a b", "-x"];
+        let args = [
+            "-c",
+            "echo \"$0:$#:$*\"; echo oops >&2; read l; echo \"in:$l\"; exit 42",
+            "zero",
+            "a b",
+            "-x",
+        ];
         let run = |prog: &std::path::Path| {
             let mut c = Command::new(prog);
             c.args(args)
@@ -145,7 +176,11 @@ fn exec_seed_style_wrapper_script() {
                 .stderr(Stdio::piped());
             let mut ch = c.spawn().expect("spawn");
             use std::io::Write;
-            ch.stdin.take().expect("stdin").write_all(b"line\n").expect("write stdin");
+            ch.stdin
+                .take()
+                .expect("stdin")
+                .write_all(b"line\n")
+                .expect("write stdin");
             ch.wait_with_output().expect("wait")
         };
         let l = run(std::path::Path::new("/bin/sh"));
@@ -159,8 +194,16 @@ fn exec_seed_style_wrapper_script() {
 
 fn one_line_255(out: &std::process::Output, what: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(255), "{what}: exit 255, stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "{what}: exactly one line on stderr: {err:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "{what}: exit 255, stderr: {err}"
+    );
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "{what}: exactly one line on stderr: {err:?}"
+    );
     assert!(err.starts_with("rexec: "), "{what}: {err}");
 }
 
@@ -171,7 +214,10 @@ fn exec_errors_exit_255_with_one_line() {
     let key = tests::write_key(dir.path(), "k");
     // Nobody listens on this port.
     let out = Command::new(tests::bin("rexec"))
-        .env("CMD_NET_ADDR", format!("tcp://127.0.0.1:{}", tests::free_port()))
+        .env(
+            "CMD_NET_ADDR",
+            format!("tcp://127.0.0.1:{}", tests::free_port()),
+        )
         .env("OFFLOAD_KEY_FILE", &key)
         .arg("true")
         .stdin(Stdio::null())

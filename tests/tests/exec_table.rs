@@ -100,8 +100,20 @@ fn exec_matches_local_run() {
         for c in &cases {
             let l = local(c);
             let r = remote(&server, c);
-            assert_eq!(code(&r), code(&l), "[{kind}] {}: exit status (remote stderr: {})", c.name, String::from_utf8_lossy(&r.stderr));
-            assert!(r.stdout == l.stdout, "[{kind}] {}: stdout differs ({} vs {} bytes)", c.name, r.stdout.len(), l.stdout.len());
+            assert_eq!(
+                code(&r),
+                code(&l),
+                "[{kind}] {}: exit status (remote stderr: {})",
+                c.name,
+                String::from_utf8_lossy(&r.stderr)
+            );
+            assert!(
+                r.stdout == l.stdout,
+                "[{kind}] {}: stdout differs ({} vs {} bytes)",
+                c.name,
+                r.stdout.len(),
+                l.stdout.len()
+            );
             assert_eq!(
                 String::from_utf8_lossy(&r.stderr),
                 String::from_utf8_lossy(&l.stderr),
@@ -120,9 +132,16 @@ fn exec_refused_and_missing_binaries() {
         let server = Server::start(&kind);
         // /usr/bin/id exists but is not in the allow-list.
         let r = run_with_stdin(server.rexec(&["id"]), None);
-        assert_eq!(r.status.code(), Some(126), "[{kind}] refused binary exits 126");
+        assert_eq!(
+            r.status.code(),
+            Some(126),
+            "[{kind}] refused binary exits 126"
+        );
         let err = String::from_utf8_lossy(&r.stderr);
-        assert!(err.contains("not allowed"), "[{kind}] clear refusal message: {err}");
+        assert!(
+            err.contains("not allowed"),
+            "[{kind}] clear refusal message: {err}"
+        );
         assert_eq!(err.lines().count(), 1, "[{kind}] one line: {err}");
         assert!(r.stdout.is_empty());
 
@@ -130,15 +149,27 @@ fn exec_refused_and_missing_binaries() {
         let link = server.dir.path().join("sneaky");
         std::os::unix::fs::symlink("/usr/bin/id", &link).expect("symlink");
         let r = run_with_stdin(server.rexec(&[link.to_str().expect("utf8")]), None);
-        assert_eq!(r.status.code(), Some(126), "[{kind}] symlink to unlisted binary");
+        assert_eq!(
+            r.status.code(),
+            Some(126),
+            "[{kind}] symlink to unlisted binary"
+        );
 
         let r = run_with_stdin(server.rexec(&["no-such-command-xyz"]), None);
-        assert_eq!(r.status.code(), Some(127), "[{kind}] missing binary exits 127");
+        assert_eq!(
+            r.status.code(),
+            Some(127),
+            "[{kind}] missing binary exits 127"
+        );
         let err = String::from_utf8_lossy(&r.stderr);
         assert!(err.contains("not found"), "[{kind}] message: {err}");
 
         let r = run_with_stdin(server.rexec(&["/nonexistent/bin/x"]), None);
-        assert_eq!(r.status.code(), Some(127), "[{kind}] missing path exits 127");
+        assert_eq!(
+            r.status.code(),
+            Some(127),
+            "[{kind}] missing path exits 127"
+        );
     }
 }
 
@@ -157,15 +188,28 @@ fn exec_env_options() {
         ]);
         cmd.env("KEEP_ME", "kept").env("DROP_ME", "x");
         let r = run_with_stdin(cmd, None);
-        assert_eq!(r.status.code(), Some(0), "[{kind}] {}", String::from_utf8_lossy(&r.stderr));
+        assert_eq!(
+            r.status.code(),
+            Some(0),
+            "[{kind}] {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
         let mut lines: Vec<String> = String::from_utf8_lossy(&r.stdout)
             .lines()
             .map(str::to_string)
             .collect();
         lines.sort();
-        assert_eq!(lines, vec!["KEEP_ME=kept".to_string(), "SET_ME=v=1".to_string()], "[{kind}]");
+        assert_eq!(
+            lines,
+            vec!["KEEP_ME=kept".to_string(), "SET_ME=v=1".to_string()],
+            "[{kind}]"
+        );
 
         let r = run_with_stdin(server.rexec(&["--cwd", "/tmp", "pwd"]), None);
-        assert_eq!(String::from_utf8_lossy(&r.stdout), "/tmp\n", "[{kind}] --cwd");
+        assert_eq!(
+            String::from_utf8_lossy(&r.stdout),
+            "/tmp\n",
+            "[{kind}] --cwd"
+        );
     }
 }

@@ -68,7 +68,12 @@ struct Args {
     #[arg(short, long)]
     verbose: bool,
     /// The program and its arguments, verbatim.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     command: Vec<OsString>,
 }
 
@@ -152,12 +157,14 @@ fn main() {
         .or_else(|| std::env::current_dir().ok())
         .map(|p| p.into_os_string().into_vec());
     let pty = if args.tty {
-        Some(client::local_winsize().unwrap_or(offload_exec::proto::WinSize {
-            rows: 24,
-            cols: 80,
-            xpixel: 0,
-            ypixel: 0,
-        }))
+        Some(
+            client::local_winsize().unwrap_or(offload_exec::proto::WinSize {
+                rows: 24,
+                cols: 80,
+                xpixel: 0,
+                ypixel: 0,
+            }),
+        )
     } else {
         None
     };
