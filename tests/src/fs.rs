@@ -109,11 +109,12 @@ impl Host {
                 sink.clear();
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("offloadd did not report listening within 20 s");
-        assert!(line.contains("listening"), "offloadd: {line:?}");
+        // Owned before waiting so that a failed start is still killed on drop.
         self.child = Some(child);
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("offloadd did not report listening within 30 s");
+        assert!(line.contains("listening"), "offloadd: {line:?}");
     }
 
     /// SIGKILLs the daemon (an unclean HOST restart).
