@@ -254,6 +254,14 @@ impl Inner {
         ));
     }
 
+    /// The shared state and inbound queue of a live stream.
+    fn stream_entry(&self, id: u32) -> Option<(Arc<Shared>, mpsc::UnboundedSender<Inbound>)> {
+        self.lock()
+            .streams
+            .get(&id)
+            .map(|e| (e.shared.clone(), e.tx.clone()))
+    }
+
     pub(crate) fn stream_closed(&self, shared: &Shared, action: CloseAction) {
         match action {
             CloseAction::None => {}
@@ -1106,11 +1114,7 @@ fn dispatch(
             });
         }
         Kind::Data => {
-            let entry = inner
-                .lock()
-                .streams
-                .get(&h.id)
-                .map(|e| (e.shared.clone(), e.tx.clone()));
+            let entry = inner.stream_entry(h.id);
             // Unknown: already reset or dropped here; the peer learns from the Reset.
             let Some((shared, tx)) = entry else {
                 return Ok(());
@@ -1146,11 +1150,7 @@ fn dispatch(
             }
         }
         Kind::Eof => {
-            let entry = inner
-                .lock()
-                .streams
-                .get(&h.id)
-                .map(|e| (e.shared.clone(), e.tx.clone()));
+            let entry = inner.stream_entry(h.id);
             let Some((shared, tx)) = entry else {
                 return Ok(());
             };
