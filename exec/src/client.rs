@@ -134,7 +134,7 @@ pub async fn run(
             }
             Err(e) => break Err(ClientError::Lost(e.to_string())),
         };
-        dec.push(&chunk);
+        dec.push_bytes(chunk);
         let mut done = None;
         loop {
             match dec.next_frame() {

@@ -217,45 +217,88 @@ pub enum Frame {
 }
 
 /// Incremental decoder for the server→client frame stream (input arrives in arbitrary pieces).
+/// A frame that arrives whole in one piece is sliced out without copying; only frames split
+/// across pieces are reassembled (each byte copied once).
 #[derive(Default)]
 pub struct FrameDecoder {
-    buf: bytes::BytesMut,
+    /// Unparsed bytes of the latest piece (starts at a frame boundary).
+    pending: bytes::Bytes,
+    /// Reassembly buffer for a frame split across pieces (starts at a frame boundary).
+    partial: bytes::BytesMut,
+}
+
+/// Parses a frame header: (kind, payload length).
+fn parse_header(b: &[u8]) -> Result<(FrameKind, usize), FrameError> {
+    let kind = FrameKind::from_u8(b[0]).ok_or(FrameError::UnknownKind(b[0]))?;
+    let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+    if len > MAX_FRAME_PAYLOAD {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok((kind, len))
+}
+
+fn make_frame(kind: FrameKind, payload: bytes::Bytes) -> Result<Frame, FrameError> {
+    Ok(match kind {
+        FrameKind::Stdout => Frame::Stdout(payload),
+        FrameKind::Stderr => Frame::Stderr(payload),
+        FrameKind::Event => Frame::Event(
+            postcard::from_bytes(&payload).map_err(|e| FrameError::BadEvent(e.to_string()))?,
+        ),
+    })
 }
 
 impl FrameDecoder {
-    /// Appends received bytes.
+    /// Appends received bytes (copied; see [`FrameDecoder::push_bytes`]).
     pub fn push(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
+        self.push_bytes(bytes::Bytes::copy_from_slice(data));
+    }
+
+    /// Appends a received piece without copying it.
+    pub fn push_bytes(&mut self, data: bytes::Bytes) {
+        if self.partial.is_empty() && self.pending.is_empty() {
+            self.pending = data;
+        } else {
+            self.partial.extend_from_slice(&self.pending);
+            self.pending = bytes::Bytes::new();
+            self.partial.extend_from_slice(&data);
+        }
     }
 
     /// Bytes received but not yet decoded (non-zero at EOF means a truncated stream).
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.pending.len() + self.partial.len()
     }
 
     /// Next complete frame, if any.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        if self.buf.len() < FRAME_HEADER {
-            return Ok(None);
+        if !self.partial.is_empty() {
+            if self.partial.len() < FRAME_HEADER {
+                return Ok(None);
+            }
+            let (kind, len) = parse_header(&self.partial)?;
+            if self.partial.len() < FRAME_HEADER + len {
+                self.partial
+                    .reserve(FRAME_HEADER + len - self.partial.len());
+                return Ok(None);
+            }
+            let _ = self.partial.split_to(FRAME_HEADER);
+            let payload = self.partial.split_to(len).freeze();
+            return make_frame(kind, payload).map(Some);
         }
-        let kind = FrameKind::from_u8(self.buf[0]).ok_or(FrameError::UnknownKind(self.buf[0]))?;
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if len > MAX_FRAME_PAYLOAD {
-            return Err(FrameError::TooLarge(len));
+        if self.pending.len() >= FRAME_HEADER {
+            let (kind, len) = parse_header(&self.pending)?;
+            if self.pending.len() >= FRAME_HEADER + len {
+                let mut frame = self.pending.split_to(FRAME_HEADER + len);
+                let payload = frame.split_off(FRAME_HEADER);
+                return make_frame(kind, payload).map(Some);
+            }
         }
-        if self.buf.len() < FRAME_HEADER + len {
-            self.buf.reserve(FRAME_HEADER + len - self.buf.len());
-            return Ok(None);
+        // Incomplete frame: move it to the reassembly buffer.
+        if !self.pending.is_empty() {
+            self.partial.extend_from_slice(&self.pending);
+            self.pending = bytes::Bytes::new();
         }
-        let _ = self.buf.split_to(FRAME_HEADER);
-        let payload = self.buf.split_to(len).freeze();
-        Ok(Some(match kind {
-            FrameKind::Stdout => Frame::Stdout(payload),
-            FrameKind::Stderr => Frame::Stderr(payload),
-            FrameKind::Event => Frame::Event(
-                postcard::from_bytes(&payload).map_err(|e| FrameError::BadEvent(e.to_string()))?,
-            ),
-        }))
+        Ok(None)
     }
 }
 
@@ -286,7 +329,7 @@ mod tests {
         let mut d = FrameDecoder::default();
         let mut got = Vec::new();
         for b in wire.chunks(2) {
-            d.push(b);
+            d.push_bytes(bytes::Bytes::copy_from_slice(b));
             while let Some(f) = d.next_frame().unwrap() {
                 got.push(f);
             }
@@ -306,16 +349,51 @@ mod tests {
     }
 
     #[test]
+    fn whole_pieces_decode_without_copy() {
+        let mut piece = Vec::new();
+        piece.extend_from_slice(&frame_header(FrameKind::Stdout, 4));
+        piece.extend_from_slice(b"wxyz");
+        piece.extend_from_slice(&frame_header(FrameKind::Stderr, 1));
+        let piece = bytes::Bytes::from(piece);
+        let mut d = FrameDecoder::default();
+        d.push_bytes(piece.clone());
+        match d.next_frame().unwrap() {
+            Some(Frame::Stdout(b)) => {
+                assert_eq!(&b[..], b"wxyz");
+                assert_eq!(
+                    b.as_ptr(),
+                    piece[FRAME_HEADER..].as_ptr(),
+                    "sliced, not copied"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(d.next_frame().unwrap(), None);
+        d.push_bytes(bytes::Bytes::from_static(b"!"));
+        assert_eq!(
+            d.next_frame().unwrap(),
+            Some(Frame::Stderr(bytes::Bytes::from_static(b"!")))
+        );
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
     fn bad_frames_are_errors_not_panics() {
         let mut d = FrameDecoder::default();
-        d.push(&[9, 0, 0, 0, 0]);
+        d.push_bytes(bytes::Bytes::from_static(&[9, 0, 0, 0, 0]));
         assert_eq!(d.next_frame(), Err(FrameError::UnknownKind(9)));
         let mut d = FrameDecoder::default();
-        d.push(&frame_header(FrameKind::Stdout, MAX_FRAME_PAYLOAD + 1));
+        d.push_bytes(bytes::Bytes::copy_from_slice(&frame_header(
+            FrameKind::Stdout,
+            MAX_FRAME_PAYLOAD + 1,
+        )));
         assert!(matches!(d.next_frame(), Err(FrameError::TooLarge(_))));
         let mut d = FrameDecoder::default();
-        d.push(&frame_header(FrameKind::Event, 2));
-        d.push(&[0xff, 0xff]);
+        d.push_bytes(bytes::Bytes::copy_from_slice(&frame_header(
+            FrameKind::Event,
+            2,
+        )));
+        d.push_bytes(bytes::Bytes::from_static(&[0xff, 0xff]));
         assert!(matches!(d.next_frame(), Err(FrameError::BadEvent(_))));
     }
 

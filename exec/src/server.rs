@@ -37,8 +37,9 @@ use crate::sys::{self, AsyncFile, PidFd};
 /// How long a finished exec waits for the client to close the stream.
 const LINGER: Duration = Duration::from_secs(5);
 
-/// Largest chunk of program output put in one frame.
-const CHUNK: usize = 256 * 1024;
+/// Largest chunk of program output put in one frame: header + chunk fit one transport data
+/// frame (256 KiB), so the client can slice frames out of received pieces without copying.
+const CHUNK: usize = 256 * 1024 - FRAME_HEADER;
 
 /// Configuration of the exec service (`[exec]` in the daemon's TOML).
 #[derive(Debug, Clone, Deserialize)]

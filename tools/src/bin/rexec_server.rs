@@ -41,6 +41,10 @@ struct Args {
     /// Allow running any executable (no allow-list). Not with `allow` in the config.
     #[arg(long)]
     allow_any: bool,
+    /// Runtime worker threads; 0 = a single-threaded runtime (lowest exec latency: all the work is
+    /// I/O and posix_spawn, and no wake-up has to cross threads).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    threads: usize,
 }
 
 #[derive(Deserialize, Default)]
@@ -78,10 +82,17 @@ fn main() -> anyhow::Result<()> {
     let key = transport::resolve_key(args.key_file.as_deref(), args.allow_unauthenticated)
         .context("pre-shared key")?;
     let registry = Registry::new().with(offload_exec::proto::SERVICE, Arc::new(service));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
+    let rt = if args.threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    }
+    .context("tokio runtime")?;
     rt.block_on(async move {
         let listener = transport::listen(&endpoint)
             .await
