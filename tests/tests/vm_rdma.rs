@@ -74,6 +74,8 @@ async fn bytes_arrive_intact_in_both_directions_across_write_sizes() {
         32 * 1024 + 1,
         100_000,
         3,
+        17,
+        300,
     ];
     let data = pattern(4 * 1024 * 1024 + 12345, 7);
     let expect = Sha256::digest(&data);
@@ -311,7 +313,9 @@ async fn cpu_cost_per_mib() {
     let acc = tokio::spawn(async move { l.accept_stream().await.expect("accept") });
     let c = RdmaStream::connect(addr).await.expect("connect");
     let s = acc.await.expect("accept task");
+    let before = transport::rdma::counters();
     let (rdma_user, rdma_sys, got) = cpu_for_transfer(s, c, MIB).await;
+    let after = transport::rdma::counters();
     assert_eq!(got, MIB * 1024 * 1024);
 
     let tl = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -327,6 +331,16 @@ async fn cpu_cost_per_mib() {
     assert_eq!(got, MIB * 1024 * 1024);
 
     let per = |x: f64| x * 1e3 / MIB as f64;
+    let d = |a: u64, b: u64| (a - b) as f64 / MIB as f64;
+    println!(
+        "RDMA-CPU-COST per MiB: writes={:.1} ctrl={:.1} completions={:.1} cq_polls={:.1} progress_calls={:.1} cq_events={:.1}",
+        d(after.writes, before.writes),
+        d(after.ctrl, before.ctrl),
+        d(after.completions, before.completions),
+        d(after.cq_polls, before.cq_polls),
+        d(after.progress, before.progress),
+        d(after.cq_events, before.cq_events)
+    );
     println!(
         "RDMA-CPU-COST mib={MIB} rdma_ms_per_mib user={:.1} sys={:.1} | tcp_loopback_ms_per_mib user={:.1} sys={:.1} | ratio={:.2} (both ends; debug build; TCG-emulated guest, soft-RoCE)",
         per(rdma_user),

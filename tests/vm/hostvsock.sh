@@ -10,10 +10,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 C=$here/cache
 B=${OFFLOAD_BIN_DIR:-${CARGO_TARGET_DIR:-$repo/target}/debug}
-VH=$C/vhost/bin/vhost-device-vsock
+# Built once per machine (outside the work tree, like the kernel; OFFLOAD_VM_CACHE overrides).
+MC=${OFFLOAD_VM_CACHE:-/var/cache/offload-vm}
+VH=$MC/vhost/bin/vhost-device-vsock
 if [ ! -x "$VH" ]; then
-  echo "hostvsock: installing vhost-device-vsock into $C/vhost (once)"
-  cargo install -q vhost-device-vsock --locked --root "$C/vhost" || { echo "hostvsock: cargo install vhost-device-vsock failed"; exit 1; }
+  echo "hostvsock: installing vhost-device-vsock into $MC/vhost (once per machine, 1-4 min)"
+  cargo install -q vhost-device-vsock --locked --root "$MC/vhost" || { echo "hostvsock: cargo install vhost-device-vsock failed"; exit 1; }
 fi
 for b in offloadd mount_qtfs rexec rexec_server; do [ -x "$B/$b" ] || { echo "hostvsock: $B/$b missing"; exit 1; }; done
 

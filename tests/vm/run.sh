@@ -74,7 +74,7 @@ while read -r line; do
   echo "${line#*| }"
   p=$(echo "$line" | sed -n 's/.* \([0-9]*\) passed.*/\1/p'); f=$(echo "$line" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
   pass=$((pass + ${p:-0})); fail=$((fail + ${f:-0}))
-  case $line in *"rc=0 "*) ;; *)
+  case $line in *"rc=0 "*|*"rc=125 "*) ;; *)
     echo "---- $name over $link: failures (full log: $RUN/$name.$link.log)"
     sed -n '/^failures:/,$p' "$RUN/$name.$link.log" | head -n 150
     [ -n "$(sed -n '/^failures:/p' "$RUN/$name.$link.log")" ] || tail -n 60 "$RUN/$name.$link.log";;

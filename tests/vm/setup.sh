@@ -1,7 +1,8 @@
 #!/bin/bash
 # Idempotent setup for the VM test tier; everything lands in tests/vm/cache/ (gitignored).
 #   1. Debian packages (qemu, busybox, rdma-core userland + dev headers for rdma-sys)
-#   2. the Debian 6.1 generic kernel package, fetched with `apt-get download` and extracted
+#   2. the Debian 6.1 generic kernel package (kept in /var/cache/offload-vm, shared by every
+#      clone on the machine), fetched with `apt-get download` and extracted
 #      with `dpkg -x` (never installed), depmod'ed, and its uncompressed ELF vmlinux (PVH entry:
 #      booting it skips the XZ decompressor, ~3.6 s under TCG)
 #   3. a small initramfs: busybox + kmod + the module subset the guest needs. Everything else
@@ -30,21 +31,29 @@ KPKG=${KPKG:-$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: 
 if [ -z "$KPKG" ]; then apt-get update -qq; KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-6/{print $2; exit}'); fi
 [ -n "$KPKG" ] || { echo "vm setup: cannot determine the Debian kernel package (set KPKG)" >&2; exit 1; }
 KV=${KPKG#linux-image-}
-K=$C/kernel
-if [ ! -f "$K/.done-$KV" ]; then
+# The extracted kernel (≈ 450 MB) is kept per machine, outside the work tree, so fresh clones on
+# the same machine (CI) reuse it. OFFLOAD_VM_CACHE overrides the place.
+MC=${OFFLOAD_VM_CACHE:-/var/cache/offload-vm}
+mkdir -p "$MC"
+K=$MC/kernel-$KV
+if [ ! -f "$K/.done" ]; then
   echo "vm setup: fetching $KPKG"
-  rm -rf "$K" "$C/debs"; mkdir -p "$K" "$C/debs"
-  (cd "$C/debs" && apt-get download "$KPKG" >/dev/null)
-  dpkg -x "$C"/debs/"${KPKG}"_*.deb "$K"
-  /usr/sbin/depmod -b "$K" "$KV"
+  rm -rf "$K.tmp"; mkdir -p "$K.tmp/debs"
+  (cd "$K.tmp/debs" && apt-get download "$KPKG" >/dev/null)
+  dpkg -x "$K.tmp"/debs/"${KPKG}"_*.deb "$K.tmp"
+  rm -rf "$K.tmp/debs"
+  /usr/sbin/depmod -b "$K.tmp" "$KV"
   # bzImage -> ELF vmlinux: find the XZ stream and decompress it (trailing data makes xz complain).
-  vz=$K/boot/vmlinuz-$KV
+  vz=$K.tmp/boot/vmlinuz-$KV
   off=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$vz" | head -1 | cut -d: -f1)
-  tail -c +$((off + 1)) "$vz" | xz -dc 2>/dev/null > "$K/vmlinux" || true
-  file "$K/vmlinux" | grep -q 'ELF 64-bit' || { echo "vm setup: vmlinux extraction failed" >&2; exit 1; }
-  rm -rf "$C/debs"
-  touch "$K/.done-$KV"
+  tail -c +$((off + 1)) "$vz" | xz -dc 2>/dev/null > "$K.tmp/vmlinux" || true
+  file "$K.tmp/vmlinux" | grep -q 'ELF 64-bit' || { echo "vm setup: vmlinux extraction failed" >&2; exit 1; }
+  touch "$K.tmp/.done"
+  rm -rf "$K"; mv "$K.tmp" "$K"
 fi
+# Older layout kept the kernel inside the work tree.
+[ -L "$C/kernel" ] || rm -rf "$C/kernel"
+ln -sfn "$K" "$C/kernel"
 echo "$KV" > "$C/kv"
 
 # Initramfs (rebuilt when the init script or this script changes).

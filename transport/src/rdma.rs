@@ -69,6 +69,50 @@ const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long dropping a connection waits for its posted writes to be acknowledged.
 const DRAIN_ON_DROP: Duration = Duration::from_millis(500);
 
+/// Process-wide event counters (cheap relaxed atomics), for benchmarks and diagnosis.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    /// Calls into the progress engine (each poll_read / poll_write / poll_shutdown).
+    pub progress: u64,
+    /// `ibv_poll_cq` calls.
+    pub cq_polls: u64,
+    /// Work completions processed.
+    pub completions: u64,
+    /// Completion-channel events (idle -> busy wakeups).
+    pub cq_events: u64,
+    /// Data messages (RDMA writes) posted.
+    pub writes: u64,
+    /// Control messages (credit returns, FIN) posted.
+    pub ctrl: u64,
+}
+
+mod counters {
+    use std::sync::atomic::AtomicU64;
+    pub static PROGRESS: AtomicU64 = AtomicU64::new(0);
+    pub static CQ_POLLS: AtomicU64 = AtomicU64::new(0);
+    pub static COMPLETIONS: AtomicU64 = AtomicU64::new(0);
+    pub static CQ_EVENTS: AtomicU64 = AtomicU64::new(0);
+    pub static WRITES: AtomicU64 = AtomicU64::new(0);
+    pub static CTRL: AtomicU64 = AtomicU64::new(0);
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64, n: u64) {
+    c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The counters summed over every RDMA connection of this process so far.
+pub fn counters() -> Counters {
+    use std::sync::atomic::Ordering::Relaxed;
+    Counters {
+        progress: counters::PROGRESS.load(Relaxed),
+        cq_polls: counters::CQ_POLLS.load(Relaxed),
+        completions: counters::COMPLETIONS.load(Relaxed),
+        cq_events: counters::CQ_EVENTS.load(Relaxed),
+        writes: counters::WRITES.load(Relaxed),
+        ctrl: counters::CTRL.load(Relaxed),
+    }
+}
+
 const WR_RECV: u64 = 1;
 const WR_DATA: u64 = 2;
 const WR_CTRL: u64 = 3;
@@ -937,6 +981,7 @@ impl RdmaStream {
             Side::Read => Wakers::set(&self.wakers.read, cx.waker()),
             Side::Write => Wakers::set(&self.wakers.write, cx.waker()),
         }
+        bump(&counters::PROGRESS, 1);
         let shared = Waker::from(self.wakers.clone());
         let mut scx = Context::from_waker(&shared);
         let mut worked = false;
@@ -980,6 +1025,7 @@ impl RdmaStream {
                         }
                         // SAFETY: cq is ours (the only CQ on this channel).
                         unsafe { sys::ibv_ack_cq_events(cq, 1) };
+                        bump(&counters::CQ_EVENTS, 1);
                         self.armed = false;
                     }
                     continue;
@@ -1076,6 +1122,7 @@ impl RdmaStream {
             // SAFETY: cq valid; wc has room for 16; the first n entries are initialised by the call.
             let n =
                 unsafe { sys::ibv_poll_cq(self.res.cq, 16, wc.as_mut_ptr() as *mut sys::ibv_wc) };
+            bump(&counters::CQ_POLLS, 1);
             if n < 0 {
                 self.fail("ibv_poll_cq failed".into());
                 return any;
@@ -1084,6 +1131,7 @@ impl RdmaStream {
                 return any;
             }
             any = true;
+            bump(&counters::COMPLETIONS, n as u64);
             for w in &wc[..n as usize] {
                 // SAFETY: initialised by ibv_poll_cq (see above).
                 let w = unsafe { w.assume_init_ref() };
@@ -1217,6 +1265,7 @@ impl RdmaStream {
         }
         self.sq_posted = self.sq_posted.wrapping_add(1);
         self.ctrl_sent = self.ctrl_sent.wrapping_add(1);
+        bump(&counters::CTRL, 1);
         self.released_reported = self.released;
         self.ctrl_polled_reported = self.ctrl_polled;
         if fin {
@@ -1275,6 +1324,7 @@ impl RdmaStream {
         }
         self.sq_posted = self.sq_posted.wrapping_add(1);
         self.tx_data = self.tx_data.wrapping_add(1);
+        bump(&counters::WRITES, 1);
         self.released_reported = self.released;
         self.ctrl_polled_reported = self.ctrl_polled;
         Ok(())
