@@ -78,10 +78,13 @@ struct OpenFile {
     blocking: bool,
 }
 
+/// A directory snapshot: (name, type bits, HOST inode) per entry, in getdents order.
+type Listing = Vec<(Vec<u8>, u32, u64)>;
+
 struct DirHandle {
     node_fd: Arc<OwnedFd>,
     export: usize,
-    entries: Option<Arc<Vec<(Vec<u8>, u32, u64)>>>,
+    entries: Option<Arc<Listing>>,
 }
 
 #[derive(Default)]

@@ -90,8 +90,11 @@ pub fn fd_path(fd: RawFd) -> CString {
 /// Re-opens an `O_PATH` descriptor with real access flags.
 pub fn reopen(fd: RawFd, flags: i32) -> Result<OwnedFd, Errno> {
     let p = fd_path(fd);
-    let flags =
-        (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_PATH)) | libc::O_CLOEXEC;
+    // O_NOFOLLOW would refuse the /proc magic link itself; the node was reached without
+    // following anything already.
+    let flags = (flags
+        & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_PATH | libc::O_NOFOLLOW))
+        | libc::O_CLOEXEC;
     loop {
         // SAFETY: valid C string; the result is checked.
         let rc = unsafe { libc::open(p.as_ptr(), flags) };
