@@ -211,5 +211,28 @@ fn exec_env_options() {
             "/tmp\n",
             "[{kind}] --cwd"
         );
+
+        if tests::is_root() {
+            // --user: uid, gid and supplementary groups of that user.
+            let r = run_with_stdin(
+                server.rexec(&["--user", "nobody", "--cwd", "/", "sh", "-c", "id -u; id -G"]),
+                None,
+            );
+            let expect = Command::new("sh")
+                .args(["-c", "id -u nobody; id -G nobody"])
+                .output()
+                .expect("id");
+            assert_eq!(
+                r.status.code(),
+                Some(0),
+                "[{kind}] --user: {}",
+                String::from_utf8_lossy(&r.stderr)
+            );
+            assert_eq!(r.stdout, expect.stdout, "[{kind}] --user nobody");
+            let r = run_with_stdin(server.rexec(&["--user", "no-such-user-xyz", "true"]), None);
+            assert_eq!(r.status.code(), Some(126), "[{kind}] unknown user");
+        } else {
+            tests::skip("exec_env_options --user", "needs root to switch users");
+        }
     }
 }
