@@ -8,7 +8,7 @@ export RUST_BACKTRACE=1
 echo "== build (all binaries, rdma feature included)"
 cargo build --workspace --bins --features tools/rdma,tests/rdma
 echo "== workspace tests"
-cargo test --workspace --features tools/rdma,tests/rdma -- --test-threads=2
+cargo test --workspace --no-fail-fast --features tools/rdma,tests/rdma -- --test-threads=2
 if [ "${SKIP_VM:-0}" = 1 ]; then
   echo "SKIPPED VM tier: SKIP_VM=1"
 else
