@@ -5,6 +5,7 @@
 # guest at the same path. Exit status: the script's, 98 if the guest never reported one.
 # Usage: boot.sh SCRIPT LOG RESULTS [CWD]
 # Env: SMP=2 MEM=2G VM_TIMEOUT=540 QEMU_EXTRA= (more qemu args) APPEND_EXTRA= (more kernel args)
+#      TMPDISK=img (a raw ext4 image to use as the guest's /tmp; default tmpfs)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 C=$here/cache
@@ -17,7 +18,7 @@ timeout --kill-after=5 "${VM_TIMEOUT:-540}" qemu-system-x86_64 -accel tcg,thread
   -kernel "$C/kernel/vmlinux" -initrd "$C/initramfs.gz" -append "$APPEND" \
   -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
   -virtfs "local,path=$RES,mount_tag=results,security_model=none,multidevs=remap" \
-  ${QEMU_EXTRA:-} </dev/null > "$LOG" 2>&1
+  ${TMPDISK:+-drive file=$TMPDISK,format=raw,if=virtio,cache=unsafe} ${QEMU_EXTRA:-} </dev/null > "$LOG" 2>&1
 qrc=$?
 rc=$(sed -n 's/^VM-EXIT rc=\([0-9]*\).*/\1/p' "$LOG" | tail -1)
 if [ -z "$rc" ]; then

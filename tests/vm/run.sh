@@ -56,7 +56,9 @@ G
 chmod +x "$RUN/guest.sh"
 tb=$(date +%s)
 echo "vm: booting the guest (setup+build took $((tb - t0))s)"
-VM_TIMEOUT=${VM_TIMEOUT:-1500} "$here/boot.sh" "$RUN/guest.sh" "$RUN/serial.log" "$RUN" "$repo"
+# Guest /tmp on a fresh sparse ext4 image (discarded after the run).
+truncate -s 8G "$RUN/tmp.img" && mkfs.ext4 -q -F "$RUN/tmp.img" || { echo "vm: mkfs.ext4 failed" >&2; exit 1; }
+TMPDISK=$RUN/tmp.img VM_TIMEOUT=${VM_TIMEOUT:-1500} "$here/boot.sh" "$RUN/guest.sh" "$RUN/serial.log" "$RUN" "$repo"
 rc=$?
 te=$(date +%s)
 if [ $rc = 98 ] || [ $rc = 99 ]; then
@@ -81,6 +83,7 @@ while read -r line; do
   esac
 done < <(grep -a '^VM-SUITE' "$RUN/serial.log")
 echo "vm: guest suites took $((te - tb))s"
+rm -f "$RUN/tmp.img"
 hrc=0
 if [ "${VM_HOSTVSOCK:-1}" != 0 ] && [ -x "$here/hostvsock.sh" ]; then
   if "$here/hostvsock.sh"; then pass=$((pass + 1)); else hrc=1; fail=$((fail + 1)); fi

@@ -16,7 +16,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 # Packages. rdma-core/ibverbs-providers provide librxe + /etc/libibverbs.d for the guest (via 9p);
 # libibverbs-dev librdmacm-dev libclang-dev pkg-config are for building rdma-sys (bindgen).
-PKGS="qemu-system-x86 busybox-static kmod cpio xz-utils file iproute2 rdma-core ibverbs-providers
+PKGS="qemu-system-x86 busybox-static kmod cpio xz-utils file iproute2 e2fsprogs rdma-core ibverbs-providers
       ibverbs-utils rdmacm-utils libibverbs-dev librdmacm-dev libclang-dev pkg-config"
 need=()
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
@@ -74,7 +74,7 @@ if [ ! -f "$C/initramfs.gz" ] || [ "$(cat "$C/initramfs.stamp" 2>/dev/null)" != 
   [ -e "$R/lib" ] || true
   for t in modprobe insmod lsmod; do ln -sf ../../usr/bin/kmod "$R/usr/sbin/$t"; done
   M=$K/lib/modules/$KV
-  MODS="virtio_pci 9pnet_virtio 9p overlay fuse veth vsock_loopback vmw_vsock_virtio_transport rdma_rxe ib_uverbs rdma_ucm"
+  MODS="virtio_pci 9pnet_virtio 9p overlay fuse veth vsock_loopback vmw_vsock_virtio_transport rdma_rxe ib_uverbs rdma_ucm virtio_blk ext4"
   for m in $MODS; do
     /usr/sbin/modprobe -d "$K" -S "$KV" --show-depends "$m" | awk '$1=="insmod"{print $2}' | while read -r p; do
       rel=${p#*/lib/modules/$KV/}; mkdir -p "$R/lib/modules/$KV/$(dirname "$rel")"; cp -n "$p" "$R/lib/modules/$KV/$rel"
