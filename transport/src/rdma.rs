@@ -11,6 +11,10 @@
 //! credit returns. Control messages (credit returns when no data flows back, end-of-stream) are
 //! zero-length `SEND_WITH_IMM`s.
 //!
+//! Small data is not sent as a SEND into separate bounce buffers on purpose: writes of every
+//! size land in one ordered ring with one receive path and one credit type, and a small inline
+//! write costs the same as an inline SEND.
+//!
 //! Copies per message: one on the sending side (user buffer into the inline WQE or the registered
 //! send slot), one on the receiving side (ring slot into the reader's buffer) — the minimum for
 //! the `AsyncRead`/`AsyncWrite` byte-stream interface.
