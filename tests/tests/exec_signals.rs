@@ -253,3 +253,25 @@ fn exec_errors_exit_255_with_one_line() {
         one_line_255(&out, &format!("[{kind}] server killed mid-run"));
     }
 }
+
+#[test]
+fn exec_background_child_holding_pipes_does_not_block_exit() {
+    tests::init_tracing();
+    for kind in tests::link_kinds() {
+        let server = Server::start(&kind);
+        // The background `sleep` inherits stdout/stderr and keeps them open after `sh` exits:
+        // rexec must return sh's status (and its output) without waiting for the sleep.
+        let started = Instant::now();
+        let out = run_with_stdin(
+            server.rexec(&["sh", "-c", "sleep 5 & echo main; echo err >&2; exit 4"]),
+            None,
+        );
+        assert_eq!(out.status.code(), Some(4), "[{kind}] main process status");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "main\n", "[{kind}]");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n", "[{kind}]");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "[{kind}] rexec waited for the background child's pipes"
+        );
+    }
+}
