@@ -104,7 +104,11 @@ pub async fn run(
 
     // stdin: thread → channel → stream. EOF → half-close.
     let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(4);
-    spawn_stdin_reader(in_tx)?;
+    if stdin_is_empty() {
+        drop(in_tx); // EOF right away, no thread
+    } else {
+        spawn_stdin_reader(in_tx)?;
+    }
     let stdin_task = tokio::spawn(async move {
         while let Some(b) = in_rx.recv().await {
             if wr.send(b).await.is_err() {
@@ -185,6 +189,18 @@ async fn close_output(session: &Session, id: u64, fd: RawFd) {
         OutputFd::Stderr
     };
     control(session, ControlRequest::CloseOutput { id, fd }).await;
+}
+
+/// True if fd 0 is closed or is /dev/null: stdin is at EOF and needs no reader thread.
+fn stdin_is_empty() -> bool {
+    // SAFETY: fstat into a valid struct.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(0, &mut st) < 0 {
+            return true;
+        }
+        st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
+    }
 }
 
 /// Reads fd 0 in a thread (blocking reads; works for files, pipes and terminals alike).
