@@ -125,7 +125,7 @@ async fn open_side(
             tx.reset_with("FIFO removed on the DPU");
             return Ok(());
         }
-        r = pump_one_way(direction == FifoDirection::ToReceiver, local, &mut rx, &mut tx, cancel) => r,
+        r = pump_one_way(true, direction, local, &mut rx, &mut tx, cancel) => r,
     };
     if let Err(e) = &r {
         // The peer then removes its FIFO at once.
@@ -163,8 +163,7 @@ pub(crate) async fn serve_fifo(
         d2.cancel();
     });
     let (mut rx, mut tx) = stream.split();
-    let send = direction == FifoDirection::FromReceiver;
-    let r = pump_one_way(send, &local, &mut rx, &mut tx, &deadline).await;
+    let r = pump_one_way(false, direction, &local, &mut rx, &mut tx, &deadline).await;
     timer.abort();
     if let Err(e) = r {
         tracing::debug!(fifo = %local.display(), error = %e, "FIFO pump ended");
@@ -193,24 +192,48 @@ fn make_fifo(p: &Path) -> io::Result<()> {
     }
 }
 
-/// Pumps one direction of a FIFO stream (`send`: FIFO → stream, else stream → FIFO). The unused
-/// direction is finished at once and the peer's EOF on it awaited, so neither side drops a
-/// stream the other still considers open (which would reset it and lose the tail).
+/// Pumps one direction of a FIFO stream. The unused direction carries the ordering: it is
+/// finished (EOF) by the side that is ready, and each side waits for the other's EOF before it
+/// drops the stream (dropping a stream the peer still sends on would reset it).
+///
+/// stdin: the HOST opens its write end once the shim has opened the FIFO for reading, and only
+/// then finishes its direction; the DPU opens its read end after that. So `ctr`'s writes into
+/// its FIFO block exactly as long as they would with a local shim (ctr only sends `CloseIO`
+/// once its task exists; a DPU reader opened early would let ctr see EOF too soon).
 async fn pump_one_way(
-    send: bool,
+    opener: bool,
+    direction: FifoDirection,
     path: &Path,
     rx: &mut StreamReader,
     tx: &mut StreamWriter,
     cancel: &CancellationToken,
 ) -> io::Result<()> {
-    if send {
-        fifo_to_stream(path, tx).await?;
-        while rx.recv().await?.is_some() {}
-    } else {
-        tx.finish()?;
-        stream_to_fifo(path, rx, cancel).await?;
+    match (opener, direction) {
+        (true, FifoDirection::ToReceiver) => {
+            while rx.recv().await?.is_some() {}
+            fifo_to_stream(path, tx).await
+        }
+        (true, FifoDirection::FromReceiver) => {
+            tx.finish()?;
+            stream_to_fifo(path, rx, None, cancel).await
+        }
+        (false, FifoDirection::ToReceiver) => {
+            // The DPU sends nothing before our EOF; anything from it here is a reset.
+            let w = tokio::select! {
+                w = open_writer(path, cancel) => w?,
+                r = rx.recv() => {
+                    return Err(r.err().unwrap_or_else(|| io::Error::other("stdin data before the HOST was ready")))
+                }
+            };
+            tx.finish()?;
+            stream_to_fifo(path, rx, Some(w), cancel).await
+        }
+        (false, FifoDirection::FromReceiver) => {
+            fifo_to_stream(path, tx).await?;
+            while rx.recv().await?.is_some() {}
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 /// Reads `path` (opened now, before any writer, so nothing written later is lost) until every
@@ -237,9 +260,10 @@ async fn fifo_to_stream(path: &Path, tx: &mut StreamWriter) -> io::Result<()> {
 async fn stream_to_fifo(
     path: &Path,
     rx: &mut StreamReader,
+    opened: Option<pipe::Sender>,
     cancel: &CancellationToken,
 ) -> io::Result<()> {
-    let mut w: Option<pipe::Sender> = None;
+    let mut w = opened;
     loop {
         let data = rx.recv().await?;
         if w.is_none() {

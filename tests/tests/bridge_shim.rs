@@ -314,7 +314,7 @@ fn bridge_containerd_run_on_dpu_container_on_host() {
         .env("CMD_NET_ADDR", &link)
         .env("OFFLOAD_KEY_FILE", &key)
         .env("OFFLOAD_DPU_CONFIG", "/nonexistent")
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
     let dpu = spawn_ready(dpu, "dpu-ready");
     let dpu_pid = dpu.id();
     procs.0.push(dpu);
@@ -327,7 +327,7 @@ fn bridge_containerd_run_on_dpu_container_on_host() {
     let (out, code) = in_dpu(
         dpu_pid,
         &format!(
-            "exec ctr -n bridgetest run --rm --runtime \"$SHIM\" --rootfs \"$ROOTFS\" {id} \
+            "exec timeout -s KILL 30 ctr -n bridgetest run --rm --runtime \"$SHIM\" --rootfs \"$ROOTFS\" {id} \
              /bin/sh -c 'echo hello from the HOST side; echo to-stderr >&2; exit 7'"
         ),
         &[("SHIM", &shim), ("ROOTFS", &rootfs)],
@@ -342,6 +342,21 @@ fn bridge_containerd_run_on_dpu_container_on_host() {
     );
     assert!(text.contains("hello from the HOST side"), "{text}");
     assert!(text.contains("to-stderr"), "{text}");
+
+    // stdin too (ctr forwards its stdin): DPU → HOST through the bridged stdin FIFO. The
+    // container reads two lines rather than waiting for EOF: ctr 1.6 itself never delivers
+    // stdin EOF when its stdin ends before the task exists (same without the bridge).
+    let (out, code) = in_dpu(
+        dpu_pid,
+        &format!(
+            "printf 'line one\\nline two\\n' | timeout -s KILL 30 ctr -n bridgetest run --rm --runtime \"$SHIM\" \
+             --rootfs \"$ROOTFS\" {id}-in /bin/sh -c 'read a; read b; echo \"got: $a / $b\"'"
+        ),
+        &[("SHIM", &shim), ("ROOTFS", &rootfs)],
+    );
+    let text = String::from_utf8_lossy(&out).to_string();
+    assert_eq!(code, 0, "ctr run with stdin: {text}");
+    assert_eq!(text, "got: line one / line two\n");
 }
 
 /// Kills the process whose pid is in this file (a daemon started in the background by a shell).
