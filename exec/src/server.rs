@@ -345,8 +345,7 @@ impl Service for ExecService {
         }
 
         let gone = Arc::new(Notify::new());
-        // stdin pump: stream → program. Ends at stdin EOF (then keeps draining the stream so a
-        // reset is still noticed) or when the stream dies.
+        // stdin pump: stream → program. Ends at stdin EOF or when the stream dies (→ `gone`).
         let stdin_task = {
             let gone = gone.clone();
             let stdin = io.stdin;
@@ -372,17 +371,8 @@ impl Service for ExecService {
                                     let _ = m.write_all(&[c]).await;
                                 }
                             }
-                            // Wait for the stream to end to notice a reset; nothing more comes.
-                            loop {
-                                match rd.recv().await {
-                                    Ok(Some(_)) => {}
-                                    Ok(None) => break,
-                                    Err(_) => {
-                                        gone.notify_one();
-                                        break;
-                                    }
-                                }
-                            }
+                            // Nothing more comes this way; a dead client is noticed through
+                            // the session (and failed sends).
                             return;
                         }
                         Err(_) => {
