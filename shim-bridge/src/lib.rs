@@ -38,6 +38,10 @@
 //! static rules, sockets directly in its watched dirs, `allow_connect` prefixes), and only
 //! listens where `allow_listen` permits; FIFOs only under `fifo_dirs`; `..` is refused.
 //!
+//! Stdio FIFO ordering (`fifo.rs`): stdout/stderr are read on the HOST from the moment the
+//! FIFO is mirrored (nothing the shim writes is lost); stdin is opened on the DPU only after the
+//! HOST shim opened its end, so `ctr` sees the same blocking as with a local shim.
+//!
 //! Limitations: SCM_RIGHTS (fd passing) cannot cross machines; fds a client sends are closed
 //! and a warning is logged, the bytes still go through. Stdio FIFOs are mirrored when they
 //! appear (inotify): the HOST copy exists within milliseconds, before the shim's `Create`
