@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""qtfs benchmark: local ext4 vs a qtfs mount over TCP loopback vs sshfs (FUSE over ssh to 127.0.0.1).
+
+Derived from /work/shared/containerd-lab/41-fs-bench.py (same workloads and method), with a
+"qtfs" target: a release offloadd exporting the backing dir on 127.0.0.1:$QTFS_PORT and a
+release mount_qtfs mount; "cold" unmounts it, drops caches and mounts again.
+
+Workloads (each repeated N times, median reported; 'cold' = caches dropped and,
+for sshfs, a fresh mount so neither the kernel nor sshfs has cached anything):
+  write1g   dd if=/dev/zero of=big bs=1M count=1024 conv=fsync
+  read1g    cold, dd if=big of=/dev/null bs=1M
+  stat10k   os.stat() of 10,000 existing files by name (cold pass, then warm pass)
+  ls10k     ls -l of a 10,000-entry directory (cold, then warm)
+  untar     tar -xf of a ~51 MB / ~4,000-entry header tree (wall of tar; and tar+sync)
+Usage: fs/bench/fs-bench.py [-n N] [targets...]   targets: local qtfs sshfs sshfs-aes
+Needs /work/shared/containerd-lab/40-sshd-start.sh to have run (for sshfs targets) and
+`cargo build --release -p tools --bin offloadd --bin mount_qtfs` (binaries from $QTFS_BIN,
+default target/release).
+"""
+import os, sys, subprocess, time, json, statistics, shutil, argparse
+
+LAB = os.environ.get("LAB", "/tmp/ctrlab")
+B = f"{LAB}/bench"
+K = f"{LAB}/ssh"
+SSH_PORT = os.environ.get("SSH_PORT", "2222")
+SRC_TAR = f"{LAB}/src-tree.tar"
+SSH_OPTS = (f"Port={SSH_PORT},IdentityFile={K}/id_ed25519,IdentitiesOnly=yes,"
+            "StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,LogLevel=ERROR,BatchMode=yes")
+QTFS_BIN = os.environ.get("QTFS_BIN", os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../target/release"))
+QTFS_PORT = os.environ.get("QTFS_PORT", "7790")
+QTFS_DIR = f"{B}/qtfs"
+TARGETS = {
+    # name: (backing dir, mount point or None, extra sshfs -o)
+    "local":     (f"{B}/local", None, None),
+    "qtfs":      (f"{B}/export", f"{B}/mnt-qtfs", None),
+    "sshfs":     (f"{B}/export", f"{B}/mnt-sshfs", ""),
+    "sshfs-aes": (f"{B}/export", f"{B}/mnt-sshfs-aes", ",Ciphers=aes128-gcm@openssh.com,Compression=no"),
+}
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, **kw)
+
+def drop():
+    sh("sync; echo 3 > /proc/sys/vm/drop_caches")
+
+def is_mounted(mnt):
+    return subprocess.run(["mountpoint", "-q", mnt]).returncode == 0
+
+def qtfs_server():
+    """Starts (once) a release offloadd exporting the backing dir."""
+    os.makedirs(QTFS_DIR, exist_ok=True)
+    key = f"{QTFS_DIR}/psk"
+    if not os.path.exists(key):
+        with open(key, "w") as f:
+            f.write(os.urandom(32).hex())
+        os.chmod(key, 0o600)
+    with open(f"{QTFS_DIR}/host.toml", "w") as f:
+        f.write(f'[fs]\nexports = [{{ path = "{B}/export" }}]\n')
+    if subprocess.run(["ss", "-tln", f"sport = :{QTFS_PORT}"], capture_output=True, text=True).stdout.count("LISTEN") == 0:
+        subprocess.Popen([f"{QTFS_BIN}/offloadd", "--listen", f"tcp://127.0.0.1:{QTFS_PORT}",
+                          "--key-file", key, "--config", f"{QTFS_DIR}/host.toml"],
+                         stdout=subprocess.DEVNULL, stderr=open(f"{QTFS_DIR}/offloadd.log", "a"))
+        time.sleep(0.5)
+    return key
+
+def umount(t):
+    _, mnt, _ = TARGETS[t]
+    if mnt and is_mounted(mnt):
+        sh(f"umount {mnt}" if t == "qtfs" else f"fusermount3 -u {mnt}")
+
+def mount(t):
+    back, mnt, extra = TARGETS[t]
+    if mnt is None:
+        return
+    os.makedirs(mnt, exist_ok=True)
+    if not is_mounted(mnt):
+        if t == "qtfs":
+            key = qtfs_server()
+            sh(f"{QTFS_BIN}/mount_qtfs {back} {mnt} -o addr=tcp://127.0.0.1:{QTFS_PORT},keyfile={key}")
+        else:
+            sh(f"sshfs -o {SSH_OPTS}{extra} root@127.0.0.1:{back} {mnt}")
+
+def cold(t):
+    umount(t); drop(); mount(t)
+
+def path(t):
+    back, mnt, _ = TARGETS[t]
+    return mnt or back
+
+def timed(cmd):
+    t0 = time.monotonic(); sh(cmd); return time.monotonic() - t0
+
+def prepare(t):
+    back = TARGETS[t][0]
+    os.makedirs(f"{back}/files10k", exist_ok=True)
+    if len(os.listdir(f"{back}/files10k")) != 10000:
+        for i in range(10000):
+            with open(f"{back}/files10k/f{i:05d}", "w") as f:
+                f.write("x" * 100)
+    if not os.path.exists(SRC_TAR):
+        sh(f"tar -C /usr/include -cf {SRC_TAR} llvm-14 c++ linux x86_64-linux-gnu unicode")
+
+def stat_loop(d):
+    names = [f"{d}/f{i:05d}" for i in range(10000)]
+    t0 = time.monotonic()
+    for n in names:
+        os.stat(n)
+    return time.monotonic() - t0
+
+def run(t, n):
+    back = TARGETS[t][0]
+    prepare(t)
+    r = {k: [] for k in ["write1g_s", "read1g_s", "stat10k_cold_s", "stat10k_warm_s",
+                         "ls10k_cold_s", "ls10k_warm_s", "untar_s", "untar_sync_s"]}
+    for i in range(n):
+        cold(t)
+        if os.path.exists(f"{back}/big"):
+            os.unlink(f"{back}/big")
+        r["write1g_s"].append(timed(f"dd if=/dev/zero of={path(t)}/big bs=1M count=1024 conv=fsync status=none"))
+        cold(t)
+        r["read1g_s"].append(timed(f"dd if={path(t)}/big of=/dev/null bs=1M status=none"))
+        cold(t)
+        r["stat10k_cold_s"].append(stat_loop(f"{path(t)}/files10k"))
+        r["stat10k_warm_s"].append(stat_loop(f"{path(t)}/files10k"))
+        cold(t)
+        r["ls10k_cold_s"].append(timed(f"ls -l {path(t)}/files10k > /dev/null"))
+        r["ls10k_warm_s"].append(timed(f"ls -l {path(t)}/files10k > /dev/null"))
+        shutil.rmtree(f"{back}/untar", ignore_errors=True)
+        cold(t)
+        os.makedirs(f"{path(t)}/untar")
+        t0 = time.monotonic()
+        sh(f"tar -xf {SRC_TAR} -C {path(t)}/untar")
+        t1 = time.monotonic(); sh("sync"); t2 = time.monotonic()
+        r["untar_s"].append(t1 - t0); r["untar_sync_s"].append(t2 - t0)
+        print(f"  [{t} run {i+1}/{n}] " + " ".join(f"{k}={v[-1]:.3f}" for k, v in r.items()), flush=True)
+    umount(t)
+    if os.path.exists(f"{back}/big"):
+        os.unlink(f"{back}/big")
+    return r
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=3)
+    ap.add_argument("targets", nargs="*", default=["local", "qtfs", "sshfs"])
+    a = ap.parse_args()
+    res = {}
+    for t in a.targets:
+        print(f"== {t}", flush=True)
+        res[t] = run(t, a.n)
+    out = f"{B}/results.json"
+    old = json.load(open(out)) if os.path.exists(out) else {}
+    old.update(res); json.dump(old, open(out, "w"), indent=1)
+    med = lambda v: statistics.median(v)
+    fmt = lambda v: f"{v:.0f}" if v >= 100 else (f"{v:.1f}" if v >= 10 else f"{v:.3g}")
+    print(f"\nmedian of {a.n} (min-max)   " + "".join(f"{t:>26}" for t in res))
+    rows = [("seq write 1 GiB MB/s", "write1g_s", lambda s: 1024 / s),
+            ("seq read 1 GiB MB/s (cold)", "read1g_s", lambda s: 1024 / s),
+            ("stat x10k cold us/op", "stat10k_cold_s", lambda s: s * 100),
+            ("stat x10k warm us/op", "stat10k_warm_s", lambda s: s * 100),
+            ("ls -l 10k cold s", "ls10k_cold_s", lambda s: s),
+            ("ls -l 10k warm s", "ls10k_warm_s", lambda s: s),
+            ("untar 51MB/4k files s", "untar_s", lambda s: s),
+            ("untar + sync s", "untar_sync_s", lambda s: s)]
+    for label, k, f in rows:
+        cells = []
+        for t in res:
+            vals = sorted(f(x) for x in res[t][k])
+            cells.append(f"{fmt(f(med(res[t][k])))} ({fmt(vals[0])}-{fmt(vals[-1])})")
+        print(f"{label:27}" + "".join(f"{c:>26}" for c in cells))
+
+if __name__ == "__main__":
+    main()
