@@ -181,6 +181,9 @@ struct Inner {
     rt: tokio::runtime::Handle,
     uid: u32,
     gid: u32,
+    /// (inode, xattr name) known absent until the instant: `ls -l` probes ACL xattrs of every
+    /// file, and the answer is almost always ENODATA. Same staleness bound as attributes.
+    no_xattr: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
 }
 
 /// The FUSE filesystem. Build with [`QtfsFs::connect`], then mount with fuser.
@@ -351,6 +354,7 @@ impl QtfsFs {
                 rt: tokio::runtime::Handle::current(),
                 uid: nix::unistd::getuid().as_raw(),
                 gid: nix::unistd::getgid().as_raw(),
+                no_xattr: Mutex::new(HashMap::new()),
                 opts,
             }),
         })
@@ -669,6 +673,43 @@ impl Inner {
                     .await;
             });
         }
+    }
+
+    fn xattr_known_absent(&self, ino: u64, name: &[u8]) -> bool {
+        let cache = match self.no_xattr.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        cache
+            .get(&(ino, name.to_vec()))
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
+    fn remember_no_xattr(&self, ino: u64, name: Vec<u8>) {
+        let ttl = self.ttl();
+        if ttl.is_zero() {
+            return;
+        }
+        let mut cache = match self.no_xattr.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if cache.len() > 65536 {
+            let now = Instant::now();
+            cache.retain(|_, until| *until > now);
+            if cache.len() > 65536 {
+                cache.clear();
+            }
+        }
+        cache.insert((ino, name), Instant::now() + ttl);
+    }
+
+    fn forget_xattrs(&self, ino: u64) {
+        let mut cache = match self.no_xattr.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        cache.retain(|(i, _), _| *i != ino);
     }
 
     fn new_handle(&self, ino: u64, flags: i32, dir: bool, fh: Fh) -> u64 {
@@ -1556,7 +1597,10 @@ impl Filesystem for QtfsFs {
                 })
                 .await
             },
-            |_r| reply.ok()
+            |_r| {
+                me.forget_xattrs(ino);
+                reply.ok()
+            }
         )
     }
 
@@ -1567,24 +1611,35 @@ impl Filesystem for QtfsFs {
             return;
         }
         let name = name.as_bytes().to_vec();
-        spawn_reply!(
-            self,
-            reply,
-            |me| {
-                let node = me.node_of(ino).await?;
-                me.rpc(Op::GetXattr {
-                    node,
-                    name: name.clone(),
-                    size,
+        if self.inner.xattr_known_absent(ino, &name) {
+            reply.error(Errno::ENODATA);
+            return;
+        }
+        let me = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let res = me
+                .with(|| async {
+                    let node = me.node_of(ino).await?;
+                    me.rpc(Op::GetXattr {
+                        node,
+                        name: name.clone(),
+                        size,
+                    })
+                    .await
                 })
-                .await
-            },
-            |r| match r {
-                Reply::Size(n) => reply.size(n),
-                Reply::Data(d) => reply.data(&d),
-                _ => reply.error(Errno::EIO),
+                .await;
+            match res {
+                Ok(Reply::Size(n)) => reply.size(n),
+                Ok(Reply::Data(d)) => reply.data(&d),
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => {
+                    if e == libc::ENODATA {
+                        me.remember_no_xattr(ino, name);
+                    }
+                    reply.error(errno(e))
+                }
             }
-        )
+        });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -1622,7 +1677,10 @@ impl Filesystem for QtfsFs {
                 })
                 .await
             },
-            |_r| reply.ok()
+            |_r| {
+                me.forget_xattrs(ino);
+                reply.ok()
+            }
         )
     }
 

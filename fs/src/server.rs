@@ -158,6 +158,7 @@ impl FsService {
                 warn!(path = %e.path.display(), "fs export does not exist (yet)");
             }
         }
+        raise_nofile_limit();
         Ok(FsService {
             inner: Arc::new(Inner {
                 exports: config.exports,
@@ -987,6 +988,25 @@ impl FsService {
             code: libc::EIO,
             message: e.to_string(),
         })
+    }
+}
+
+/// Every node the DPU kernel remembers is an open `O_PATH` descriptor here (like virtiofsd),
+/// so lift the soft descriptor limit to the hard one.
+fn raise_nofile_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer; plain syscalls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            let old = rl.rlim_cur;
+            rl.rlim_cur = rl.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) == 0 {
+                debug!(from = old, to = rl.rlim_max, "raised RLIMIT_NOFILE");
+            }
+        }
     }
 }
 
