@@ -9,8 +9,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use transport::{
-    CallError, Endpoint, Key, Registry, RemoteError, Service, Session,
-    SessionConfig, Stream,
+    CallError, Endpoint, Key, Registry, RemoteError, Service, Session, SessionConfig, Stream,
 };
 
 /// Echoes calls; streams: echoes everything back, then finishes. Header "sink" reads and
@@ -36,6 +35,12 @@ impl Service for Echo {
         match &header[..] {
             b"stall" => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(stream);
+            }
+            b"burst" => {
+                // Send and drop at once: what was sent must still arrive, then EOF.
+                let mut stream = stream;
+                let _ = stream.send(Bytes::from(vec![5u8; 3 << 20])).await;
                 drop(stream);
             }
             b"hash" => {
@@ -134,8 +139,14 @@ async fn calls_and_streams_in_both_directions() {
         // client -> server
         let r = c.call("echo", Bytes::from_static(b"ping")).await.unwrap();
         assert_eq!(&r[..], b"ping");
-        let err = c.call("echo", Bytes::from_static(b"fail")).await.unwrap_err();
-        assert_eq!(err, CallError::Remote(RemoteError::new(42, "asked to fail")));
+        let err = c
+            .call("echo", Bytes::from_static(b"fail"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            CallError::Remote(RemoteError::new(42, "asked to fail"))
+        );
         let err = c.call("nope", Bytes::new()).await.unwrap_err();
         assert_eq!(err, CallError::UnknownService("nope".into()));
         // server -> client, on the same session
@@ -186,7 +197,10 @@ async fn stalled_stream_blocks_neither_calls_nor_other_streams() {
     for_each_link(|kind| async move {
         let srv = server(&kind, cfg()).await;
         let (c, _) = client(&srv.ep).await;
-        let mut stalled = c.open_stream("echo", Bytes::from_static(b"stall")).await.unwrap();
+        let mut stalled = c
+            .open_stream("echo", Bytes::from_static(b"stall"))
+            .await
+            .unwrap();
         // Fill the stalled stream's window (4 MiB by default) and more: the writer must block.
         let filler = tokio::spawn(async move {
             let chunk = Bytes::from(vec![7u8; 1 << 20]);
@@ -198,7 +212,10 @@ async fn stalled_stream_blocks_neither_calls_nor_other_streams() {
             stalled
         });
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!filler.is_finished(), "a stalled reader must stop its sender");
+        assert!(
+            !filler.is_finished(),
+            "a stalled reader must stop its sender"
+        );
         // Calls and another stream still flow, with a generous liveness bound.
         let live = async {
             for _ in 0..100 {
@@ -243,7 +260,10 @@ async fn large_payloads_arrive_intact() {
             *b = x as u8;
         }
         let want = Sha256::digest(&data).to_vec();
-        let st = c.open_stream("echo", Bytes::from_static(b"hash")).await.unwrap();
+        let st = c
+            .open_stream("echo", Bytes::from_static(b"hash"))
+            .await
+            .unwrap();
         let (mut rd, mut wr) = st.split();
         let data = Bytes::from(data);
         wr.send(data.clone()).await.unwrap();
@@ -289,13 +309,35 @@ async fn half_close_and_reset() {
         let mut st = c.open_stream("echo", Bytes::new()).await.unwrap();
         st.send(Bytes::from_static(b"abc")).await.unwrap();
         st.finish().await.unwrap();
-        assert!(st.send(Bytes::from_static(b"late")).await.is_err(), "write after finish");
+        assert!(
+            st.send(Bytes::from_static(b"late")).await.is_err(),
+            "write after finish"
+        );
         assert_eq!(&st.recv().await.unwrap().unwrap()[..], b"abc");
-        assert!(st.recv().await.unwrap().is_none(), "EOF after the peer finished");
+        assert!(
+            st.recv().await.unwrap().is_none(),
+            "EOF after the peer finished"
+        );
+        // A service that sends and drops the stream at once: every byte arrives, then EOF.
+        for _ in 0..20 {
+            let mut st = c
+                .open_stream("echo", Bytes::from_static(b"burst"))
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            st.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got.len(), 3 << 20);
+        }
         // A reset reaches the service's reader as an error, and the session goes on.
-        let st = c.open_stream("echo", Bytes::from_static(b"stall")).await.unwrap();
+        let st = c
+            .open_stream("echo", Bytes::from_static(b"stall"))
+            .await
+            .unwrap();
         st.reset();
-        assert_eq!(&c.call("echo", Bytes::from_static(b"ok")).await.unwrap()[..], b"ok");
+        assert_eq!(
+            &c.call("echo", Bytes::from_static(b"ok")).await.unwrap()[..],
+            b"ok"
+        );
     })
     .await;
 }
@@ -344,15 +386,24 @@ async fn pending_calls_fail_when_the_peer_dies_or_goes_silent() {
     });
     let pep: Endpoint = format!("tcp://{paddr}").parse().unwrap();
     let (c, _) = client(&pep).await;
-    assert_eq!(&c.call("echo", Bytes::from_static(b"1")).await.unwrap()[..], b"1");
+    assert_eq!(
+        &c.call("echo", Bytes::from_static(b"1")).await.unwrap()[..],
+        b"1"
+    );
     freeze_tx.send(true).unwrap();
     let t0 = Instant::now();
-    let err = tokio::time::timeout(Duration::from_secs(10), c.call("echo", Bytes::from_static(b"2")))
-        .await
-        .expect("heartbeat must fail the call")
-        .unwrap_err();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.call("echo", Bytes::from_static(b"2")),
+    )
+    .await
+    .expect("heartbeat must fail the call")
+    .unwrap_err();
     assert!(
-        matches!(err, CallError::Closed(transport::CloseReason::HeartbeatTimeout(_))),
+        matches!(
+            err,
+            CallError::Closed(transport::CloseReason::HeartbeatTimeout(_))
+        ),
         "{err}"
     );
     eprintln!("silent peer detected after {:?}", t0.elapsed());
@@ -371,10 +422,17 @@ async fn stream_limit_is_enforced_per_session() {
     let (c, _) = client(&srv.ep).await;
     let mut open = Vec::new();
     for _ in 0..4 {
-        open.push(c.open_stream("echo", Bytes::from_static(b"stall")).await.unwrap());
+        open.push(
+            c.open_stream("echo", Bytes::from_static(b"stall"))
+                .await
+                .unwrap(),
+        );
     }
     let mut extra = c.open_stream("echo", Bytes::new()).await.unwrap();
     let e = extra.recv().await.unwrap_err();
     assert!(e.to_string().contains("too many streams"), "{e}");
-    assert_eq!(&c.call("echo", Bytes::from_static(b"alive")).await.unwrap()[..], b"alive");
+    assert_eq!(
+        &c.call("echo", Bytes::from_static(b"alive")).await.unwrap()[..],
+        b"alive"
+    );
 }

@@ -121,6 +121,8 @@ pub enum CloseReason {
     Protocol(String),
     #[error("connection error: {0}")]
     Io(String),
+    #[error("peer closed the connection inside a frame ({0} bytes pending)")]
+    Truncated(usize),
 }
 
 /// Why a call or stream open failed.
@@ -177,7 +179,11 @@ struct State {
     going_away: bool,
 }
 
+/// Source of process-unique session ids.
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
 pub(crate) struct Inner {
+    id: u64,
     ctl_tx: mpsc::UnboundedSender<Frame>,
     data_tx: mpsc::UnboundedSender<Frame>,
     state: Mutex<State>,
@@ -269,7 +275,13 @@ impl Inner {
                 self.lock().streams.remove(&shared.id);
             }
             CloseAction::ResetAndRemove => {
-                self.send_reset(shared.id, "stream dropped by the application");
+                // Behind the stream's data and EOF (data channel), so what was sent before
+                // the drop still arrives.
+                let _ = self.send_stream_frame(
+                    Kind::Reset,
+                    shared.id,
+                    Bytes::from_static(b"stream dropped by the application"),
+                );
                 self.lock().streams.remove(&shared.id);
             }
         }
@@ -289,7 +301,11 @@ impl Inner {
             )
         };
         match &reason {
-            CloseReason::Local | CloseReason::PeerClosed | CloseReason::PeerGoAway => {
+            // A peer that exits while sending (a killed rexec) is routine, not a warning.
+            CloseReason::Local
+            | CloseReason::PeerClosed
+            | CloseReason::PeerGoAway
+            | CloseReason::Truncated(_) => {
                 tracing::debug!(peer = %self.peer, %reason, "session closed")
             }
             _ => tracing::warn!(peer = %self.peer, %reason, "session closed"),
@@ -537,6 +553,7 @@ impl Session {
         let (data_tx, data_rx) = mpsc::unbounded_channel();
         let (closed_tx, _) = watch::channel(None);
         let inner = Arc::new(Inner {
+            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             ctl_tx,
             data_tx,
             state: Mutex::new(State::default()),
@@ -569,6 +586,11 @@ impl Session {
         }
         tracing::debug!(peer = %session.inner.peer, services = ?session.inner.peer_services, "session established");
         Ok(session)
+    }
+
+    /// Unique within this process: lets services scope per-session state (exec ids, proxies).
+    pub fn id(&self) -> u64 {
+        self.inner.id
     }
 
     /// Services the peer offers.
@@ -926,10 +948,7 @@ async fn fill(
         } else {
             CloseReason::PeerClosed
         }),
-        Ok(0) => Err(CloseReason::Protocol(format!(
-            "connection ended inside a frame ({} bytes pending)",
-            buf.len()
-        ))),
+        Ok(0) => Err(CloseReason::Truncated(buf.len())),
         Ok(_) => {
             inner.touch();
             Ok(())
