@@ -216,7 +216,7 @@ fn suite(kind: &str) {
     // mode given at creation is honoured exactly (umask applied by the caller's kernel).
     let f = OpenOptions::new()
         .write(true)
-        .create(true)
+        .create_new(true)
         .mode(0o600)
         .open(mp("private"))
         .unwrap();
