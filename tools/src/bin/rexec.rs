@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use offload_exec::client::{self, Outcome, RunOptions};
 use offload_exec::proto::{ExecRequest, ExitStatus, VERSION};
-use transport::{Endpoint, Registry, Session, SessionConfig};
+use transport::{Endpoint, Registry, Session};
 
 /// Exit code for rexec's own errors (distinct from the program's usual range, like ssh).
 const EXIT_REXEC_ERROR: i32 = 255;
@@ -37,12 +37,8 @@ struct Args {
     /// Link type for a bare --addr (tcp, unix, vsock, vsock-uds, rdma).
     #[arg(long, value_name = "T")]
     transport: Option<String>,
-    /// Pre-shared key file (default: $OFFLOAD_KEY_FILE, then /etc/offload/psk).
-    #[arg(long, value_name = "FILE")]
-    key_file: Option<PathBuf>,
-    /// Connect without a key if none is configured (test setups only).
-    #[arg(long)]
-    allow_unauthenticated: bool,
+    #[command(flatten)]
+    link: tools::KeyArgs,
     /// Start the remote program with an empty environment (then add --env/--env-keep).
     #[arg(long)]
     env_clear: bool,
@@ -115,8 +111,7 @@ fn signal_name(sig: i32) -> String {
 async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
     let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.addr)
         .map_err(|e| anyhow::anyhow!("bad address {:?}: {e}", args.addr))?;
-    let key = transport::resolve_key(args.key_file.as_deref(), args.allow_unauthenticated)?;
-    let session = Session::connect(&endpoint, SessionConfig::new(key), Registry::new())
+    let session = Session::connect(&endpoint, args.link.session_config()?, Registry::new())
         .await
         .map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
     let _raw = if args.tty {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use offload_exec::{ExecConfig, ExecService};
 use serde::Deserialize;
-use transport::{Endpoint, Registry, SessionConfig};
+use transport::{Endpoint, Registry};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,12 +29,8 @@ struct Args {
     /// Link type for a bare --listen address.
     #[arg(long, value_name = "T")]
     transport: Option<String>,
-    /// Pre-shared key file (default: $OFFLOAD_KEY_FILE, then /etc/offload/psk).
-    #[arg(long, value_name = "FILE")]
-    key_file: Option<PathBuf>,
-    /// Accept peers without a key if none is configured (test setups only).
-    #[arg(long)]
-    allow_unauthenticated: bool,
+    #[command(flatten)]
+    link: tools::KeyArgs,
     /// TOML config with an [exec] section (allow-list).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -79,8 +75,7 @@ fn main() -> anyhow::Result<()> {
     let service = ExecService::new(cfg).context("exec service")?;
     let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.listen)
         .with_context(|| format!("bad listen address {:?}", args.listen))?;
-    let key = transport::resolve_key(args.key_file.as_deref(), args.allow_unauthenticated)
-        .context("pre-shared key")?;
+    let session_cfg = args.link.session_config().context("pre-shared key")?;
     let registry = Registry::new().with(offload_exec::proto::SERVICE, Arc::new(service));
     let rt = if args.threads == 0 {
         tokio::runtime::Builder::new_current_thread()
@@ -97,7 +92,7 @@ fn main() -> anyhow::Result<()> {
         let listener = transport::listen(&endpoint)
             .await
             .with_context(|| format!("listening on {endpoint}"))?;
-        transport::serve(listener, SessionConfig::new(key), registry).await;
+        transport::serve(listener, session_cfg, registry).await;
         Ok(())
     })
 }
