@@ -441,7 +441,11 @@ impl Inner {
             };
             match session.call("fs", body.clone()).await {
                 Ok(reply) => return proto::decode::<Reply>(&reply).map_err(|_| libc::EIO),
-                Err(CallError::Remote(e)) if e.code == STALE_INSTANCE => return Err(STALE),
+                // ESTALE: the server released our nodes (our previous session ended while
+                // the daemon stayed up); re-resolve like after a restart.
+                Err(CallError::Remote(e)) if e.code == STALE_INSTANCE || e.code == libc::ESTALE => {
+                    return Err(STALE)
+                }
                 Err(CallError::Remote(e)) => return Err(e.code),
                 Err(CallError::Closed(reason)) => {
                     debug!(%reason, "session lost; redialing");

@@ -93,6 +93,18 @@ struct State {
     by_key: HashMap<(usize, u64, u64), NodeId>,
     files: HashMap<Fh, Arc<OpenFile>>,
     dirs: HashMap<Fh, Arc<Mutex<DirHandle>>>,
+    /// Lookup references per session id, released when that session ends (a mount process
+    /// that exits or is unmounted never sends all its forgets).
+    held: HashMap<u64, HashMap<NodeId, u64>>,
+}
+
+tokio::task_local! {
+    /// Id of the session the current request came from (0 for in-process callers).
+    static SESSION: u64;
+}
+
+fn current_session() -> u64 {
+    SESSION.try_with(|s| *s).unwrap_or(0)
 }
 
 struct Inner {
@@ -208,11 +220,13 @@ impl FsService {
     fn register(&self, fd: OwnedFd, export: usize, st: &libc::stat) -> Entry {
         let key = (export, st.st_dev, st.st_ino);
         let attr = sys::attr_of(st);
+        let sid = current_session();
         let mut s = self.state();
         if let Some(&id) = s.by_key.get(&key) {
             if let Some(n) = s.nodes.get_mut(&id) {
                 n.lookups += 1;
                 n.mode = st.st_mode;
+                *s.held.entry(sid).or_default().entry(id).or_default() += 1;
                 return Entry { node: id, attr };
             }
         }
@@ -228,11 +242,46 @@ impl FsService {
             },
         );
         s.by_key.insert(key, id);
+        *s.held.entry(sid).or_default().entry(id).or_default() += 1;
         Entry { node: id, attr }
     }
 
     fn forget(&self, id: NodeId, n: u64) {
+        let sid = current_session();
         let mut s = self.state();
+        // Only what this session holds: a client forgetting nodes of its previous session
+        // (already released when that ended) must not take other mounts' references.
+        let mut n_held = 0;
+        if let Some(h) = s.held.get_mut(&sid) {
+            if let Some(c) = h.get_mut(&id) {
+                n_held = n.min(*c);
+                *c -= n_held;
+                if *c == 0 {
+                    h.remove(&id);
+                }
+            }
+        }
+        Self::drop_refs(&mut s, id, n_held);
+    }
+
+    /// Releases every reference a finished session still held.
+    fn session_ended(&self, sid: u64) {
+        let mut s = self.state();
+        let Some(h) = s.held.remove(&sid) else {
+            return;
+        };
+        let n = h.len();
+        for (id, c) in h {
+            Self::drop_refs(&mut s, id, c);
+        }
+        debug!(
+            session = sid,
+            nodes = n,
+            "released the nodes of a closed session"
+        );
+    }
+
+    fn drop_refs(s: &mut State, id: NodeId, n: u64) {
         let remove = match s.nodes.get_mut(&id) {
             Some(node) => {
                 node.lookups = node.lookups.saturating_sub(n);
@@ -1019,8 +1068,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[async_trait]
 impl Service for FsService {
-    async fn call(&self, _session: &Session, req: Bytes) -> Result<Bytes, RemoteError> {
-        self.dispatch(&req).await.map(Bytes::from)
+    async fn call(&self, session: &Session, req: Bytes) -> Result<Bytes, RemoteError> {
+        SESSION
+            .scope(session.id(), self.dispatch(&req))
+            .await
+            .map(Bytes::from)
+    }
+
+    fn attached(&self, session: &Session) {
+        let (me, s) = (self.clone(), session.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                s.closed().await;
+                me.session_ended(s.id());
+            });
+        }
     }
 
     async fn stream(&self, _session: &Session, _header: Bytes, stream: Stream) {

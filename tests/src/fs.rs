@@ -131,6 +131,11 @@ impl Host {
         self.spawn();
     }
 
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// `-o` options reaching this daemon.
     pub fn mount_opts(&self) -> String {
         format!(

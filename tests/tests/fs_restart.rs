@@ -131,3 +131,54 @@ fn fs_soft_timeout_then_recovery() {
     fs::write(m.path("g"), b"y").unwrap();
     assert_eq!(fs::read(exp.join("g")).unwrap(), b"y");
 }
+
+fn fd_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn fs_nodes_released_when_mount_ends() {
+    tests::init_tracing();
+    if !fuse_ready("fs_nodes_released_when_mount_ends") {
+        return;
+    }
+    let kind = tests::link_kinds()
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| "tcp".into());
+    let tmp = tmpdir();
+    let exp = tmp.path().join("export");
+    fs::create_dir_all(&exp).unwrap();
+    for i in 0..300 {
+        fs::write(exp.join(format!("f{i}")), b"x").unwrap();
+    }
+    let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+    let pid = host.pid().unwrap();
+    let idle = fd_count(pid);
+    let m = Mount::new(
+        &host,
+        &exp,
+        &tmp.path().join("mnt"),
+        "attr_timeout=60,entry_timeout=60",
+    );
+    for i in 0..300 {
+        fs::metadata(m.path(&format!("f{i}"))).unwrap();
+    }
+    let busy = fd_count(pid);
+    assert!(
+        busy >= idle + 300,
+        "one O_PATH fd per remembered node ({idle} -> {busy})"
+    );
+    drop(m); // umount: the mount process exits and its session ends
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fd_count(pid) > idle + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "HOST still holds {} fds after the mount ended (idle {idle})",
+            fd_count(pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
