@@ -19,7 +19,7 @@ use transport::{Client, Registry};
 const AFTER_HELP: &str = "\
 Options (-o, comma separated):
   addr=URL            HOST offloadd address (tcp://H:P, unix:///p, vsock://CID:PORT, ...);
-                      default $QTFS_SERVER_ADDR, then `addr`/`connect` in /etc/offload/dpu.toml
+                      default $QTFS_SERVER_ADDR, then [qtfs] addr in /etc/offload/dpu.toml
   transport=T         link type when addr= is a bare address
   keyfile=F           pre-shared key (default $OFFLOAD_KEY_FILE, then /etc/offload/psk)
   proc | sys          pseudo filesystem mode (no caching, direct I/O; proc: /proc/self -> local_proc)
@@ -163,7 +163,7 @@ fn default_addr() -> anyhow::Result<String> {
             return Ok(a);
         }
     }
-    bail!("no HOST address: pass -o addr=URL, set QTFS_SERVER_ADDR, or put `connect = \"URL\"` in /etc/offload/dpu.toml")
+    bail!("no HOST address: pass -o addr=URL, set QTFS_SERVER_ADDR, or put `[qtfs] addr = \"URL\"` in /etc/offload/dpu.toml")
 }
 
 /// Connects, checks the source and mounts; returns the live mount and the runtime serving it.

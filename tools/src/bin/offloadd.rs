@@ -51,6 +51,10 @@ struct Args {
 #[serde(deny_unknown_fields)]
 struct Config {
     // SERVICES: one field per service section.
+    /// DPU mount settings (`[qtfs] addr = "URL"`), read by mount.qtfs from the same file;
+    /// offloadd ignores them.
+    #[allow(dead_code)]
+    qtfs: Option<toml::Table>,
     /// qtfs exports served to the DPU.
     fs: Option<offload_fs::FsConfig>,
     /// Shim bridge: proxied Unix sockets, stdio FIFOs, remote signals.
