@@ -91,10 +91,16 @@ pub fn listen_url(kind: &str, dir: &Path) -> String {
     match kind {
         "tcp" => format!("tcp://127.0.0.1:{}", free_port()),
         "unix" => format!("unix://{}/link-{n}.sock", dir.display()),
-        "vsock" => format!("vsock://any:{}", 20000 + (std::process::id() % 20000) + n * 7),
+        "vsock" => format!(
+            "vsock://any:{}",
+            20000 + (std::process::id() % 20000) + n * 7
+        ),
         "rdma" => {
             let ip = std::env::var("OFFLOAD_RDMA_LISTEN_IP").unwrap_or_else(|_| "10.10.0.1".into());
-            format!("rdma://{ip}:{}", 20000 + (std::process::id() % 20000) + n * 7)
+            format!(
+                "rdma://{ip}:{}",
+                20000 + (std::process::id() % 20000) + n * 7
+            )
         }
         other => panic!("unknown link kind {other:?} in OFFLOAD_TEST_LINKS"),
     }

@@ -40,7 +40,9 @@ async fn server(kind: &str, k: Option<Key>) -> (Endpoint, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = tests::listen_url(kind, dir.path());
     let l = transport::listen(&url.parse().unwrap()).await.unwrap();
-    let ep = tests::connect_url(&l.local_endpoint().to_string()).parse().unwrap();
+    let ep = tests::connect_url(&l.local_endpoint().to_string())
+        .parse()
+        .unwrap();
     tokio::spawn(transport::serve(l, cfg(k), reg()));
     (ep, dir)
 }
@@ -70,7 +72,10 @@ async fn wrong_key_missing_key_and_downgrade_are_refused() {
             .await
             .unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(handshake_err(e), HandshakeError::Rejected(_)), "{msg}");
+        assert!(
+            matches!(handshake_err(e), HandshakeError::Rejected(_)),
+            "{msg}"
+        );
         assert!(msg.contains("wrong key"), "{msg}");
         assert_served(&ep).await;
 
@@ -91,7 +96,10 @@ async fn wrong_key_missing_key_and_downgrade_are_refused() {
         let s = Session::connect(&open_ep, cfg(None), Registry::new())
             .await
             .unwrap();
-        assert_eq!(&s.call("echo", Bytes::from_static(b"x")).await.unwrap()[..], b"x");
+        assert_eq!(
+            &s.call("echo", Bytes::from_static(b"x")).await.unwrap()[..],
+            b"x"
+        );
     }
 }
 
@@ -103,17 +111,27 @@ fn key_files_readable_by_group_or_others_are_refused() {
     for mode in [0o644, 0o640, 0o604, 0o660] {
         std::fs::set_permissions(&good, std::fs::Permissions::from_mode(mode)).unwrap();
         let e = Key::load(&good).unwrap_err().to_string();
-        assert!(e.contains("must not be accessible by group or others"), "{mode:o}: {e}");
+        assert!(
+            e.contains("must not be accessible by group or others"),
+            "{mode:o}: {e}"
+        );
     }
     let short = dir.path().join("short");
     std::fs::write(&short, "abc").unwrap();
     std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(Key::load(&short).unwrap_err().to_string().contains("at least 16"));
-    let e = Key::load(&dir.path().join("absent")).unwrap_err().to_string();
+    assert!(Key::load(&short)
+        .unwrap_err()
+        .to_string()
+        .contains("at least 16"));
+    let e = Key::load(&dir.path().join("absent"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("No such file"), "{e}");
     // Explicit file wins; no file and no permission to run open is an error naming the fixes.
     std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
-    assert!(transport::resolve_key(Some(&good), false).unwrap().is_some());
+    assert!(transport::resolve_key(Some(&good), false)
+        .unwrap()
+        .is_some());
 }
 
 /// Sends raw bytes as a "peer" and returns how the server ended the connection.
@@ -174,11 +192,17 @@ async fn hostile_bytes_close_only_that_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_frames_after_the_handshake_close_that_session_only() {
     tests::init_tracing();
-    for injected in [frame(200, 1, b"unknown kind"), frame(2, 0, b"late auth"), frame(12, 99, b"xx")] {
+    for injected in [
+        frame(200, 1, b"unknown kind"),
+        frame(2, 0, b"late auth"),
+        frame(12, 99, b"xx"),
+    ] {
         let (ep, _d) = server("tcp", Some(key(1))).await;
         let target = ep.clone();
         let mitm = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mep: Endpoint = format!("tcp://{}", mitm.local_addr().unwrap()).parse().unwrap();
+        let mep: Endpoint = format!("tcp://{}", mitm.local_addr().unwrap())
+            .parse()
+            .unwrap();
         let (inject_tx, mut inject_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         tokio::spawn(async move {
             let (c, _) = mitm.accept().await.unwrap();
@@ -201,11 +225,19 @@ async fn injected_frames_after_the_handshake_close_that_session_only() {
             }
             down.abort();
         });
-        let c = Session::connect(&mep, cfg(Some(key(1))), Registry::new()).await.unwrap();
-        assert_eq!(&c.call("echo", Bytes::from_static(b"1")).await.unwrap()[..], b"1");
+        let c = Session::connect(&mep, cfg(Some(key(1))), Registry::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            &c.call("echo", Bytes::from_static(b"1")).await.unwrap()[..],
+            b"1"
+        );
         inject_tx.send(injected).unwrap();
         let closed = tokio::time::timeout(Duration::from_secs(10), c.closed()).await;
-        assert!(closed.is_ok(), "the server must drop a connection that violates the protocol");
+        assert!(
+            closed.is_ok(),
+            "the server must drop a connection that violates the protocol"
+        );
         let e = c.call("echo", Bytes::new()).await.unwrap_err();
         assert!(matches!(e, CallError::Closed(_)), "{e}");
         assert_served(&ep).await;
@@ -250,11 +282,20 @@ async fn hybrid_vsock_handshake_against_a_unix_listener() {
             });
         }
     });
-    let ep: Endpoint = format!("vsock-uds://{}:5000", uds.display()).parse().unwrap();
-    let s = Session::connect(&ep, cfg(Some(key(1))), Registry::new()).await.unwrap();
-    assert_eq!(&s.call("echo", Bytes::from_static(b"v")).await.unwrap()[..], b"v");
+    let ep: Endpoint = format!("vsock-uds://{}:5000", uds.display())
+        .parse()
+        .unwrap();
+    let s = Session::connect(&ep, cfg(Some(key(1))), Registry::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        &s.call("echo", Bytes::from_static(b"v")).await.unwrap()[..],
+        b"v"
+    );
 
-    let bad: Endpoint = format!("vsock-uds://{}:6000", uds.display()).parse().unwrap();
+    let bad: Endpoint = format!("vsock-uds://{}:6000", uds.display())
+        .parse()
+        .unwrap();
     let e = Session::connect(&bad, cfg(Some(key(1))), Registry::new())
         .await
         .unwrap_err()
@@ -262,12 +303,17 @@ async fn hybrid_vsock_handshake_against_a_unix_listener() {
     assert!(e.contains("no acknowledgement"), "{e}");
 
     // Listening side: guest-initiated connections arrive at <path>_<port>.
-    let lep: Endpoint = format!("vsock-uds://{}:7000", uds.display()).parse().unwrap();
+    let lep: Endpoint = format!("vsock-uds://{}:7000", uds.display())
+        .parse()
+        .unwrap();
     let l = transport::listen(&lep).await.unwrap();
     tokio::spawn(transport::serve(l, cfg(Some(key(1))), reg()));
     let guest_side: Endpoint = format!("unix://{}_7000", uds.display()).parse().unwrap();
     let s = Session::connect(&guest_side, cfg(Some(key(1))), Registry::new())
         .await
         .unwrap();
-    assert_eq!(&s.call("echo", Bytes::from_static(b"g")).await.unwrap()[..], b"g");
+    assert_eq!(
+        &s.call("echo", Bytes::from_static(b"g")).await.unwrap()[..],
+        b"g"
+    );
 }

@@ -29,7 +29,10 @@ impl KeyArgs {
     pub fn session_config(&self) -> anyhow::Result<SessionConfig> {
         let key = transport::resolve_key(self.key_file.as_deref(), self.allow_unauthenticated)?;
         let secs = |v: f64, what: &str| -> anyhow::Result<Duration> {
-            anyhow::ensure!(v.is_finite() && v > 0.0, "--{what} must be a positive number of seconds");
+            anyhow::ensure!(
+                v.is_finite() && v > 0.0,
+                "--{what} must be a positive number of seconds"
+            );
             Ok(Duration::from_secs_f64(v))
         };
         Ok(SessionConfig {
