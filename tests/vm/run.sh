@@ -12,7 +12,7 @@
 #   VM_LINKS=vsock,rdma   link kinds for the link-agnostic suites
 #   VM_SUITE_TIMEOUT=150  per suite run (seconds)   VM_HOSTVSOCK=0 skip the host<->guest test
 #   VM_BUDGET=540  seconds for all guest suite runs; runs that do not fit are reported failed
-#   VM_LAST="fs_posix fs_restart fs_workloads"  suites run last (minutes each under emulation)
+#   VM_LAST="exec_table fs_posix fs_restart fs_workloads"  suites run last (minutes each under emulation)
 #   VM_SKIP="64mib large_payloads"  test-name substrings skipped in the guest (sized for native speed)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,7 +41,7 @@ grep '"kind":\["test"\]' "$C/build.json" | grep '"package_id":"[^"]*tests[#@ ]' 
       # Order: the link's own tests, the transport, then the services (the time budget may
       # cut the tail; what was not run is reported as failed).
       # Suites known to take minutes under emulation (VM_LAST) go last.
-      case " ${VM_LAST-fs_posix fs_restart fs_workloads} " in *" $name "*) echo "6 $name $LINKS $exe"; continue;; esac
+      case " ${VM_LAST-exec_table fs_posix fs_restart fs_workloads} " in *" $name "*) echo "6 $name $LINKS $exe"; continue;; esac
       case $name in
         vm_*) echo "1 $name - $exe";; transport_*) echo "2 $name $LINKS $exe";;
         bridge_*) echo "3 $name $LINKS $exe";; exec_*) echo "4 $name $LINKS $exe";; *) echo "5 $name $LINKS $exe";;

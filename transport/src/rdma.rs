@@ -1466,22 +1466,39 @@ impl Drop for RdmaStream {
 // ---------------------------------------------------------------------------------------------
 // Listener
 
-/// A bound rdma_cm listener.
-pub struct RdmaListener {
+/// The bound listening id and its event channel (owned by the listener's accept task).
+struct ListenCore {
     id: *mut sys::rdma_cm_id,
     cm: Option<CmChannel>,
-    local: SocketAddr,
 }
 
-// SAFETY: see `Res`; the id is used only through `&mut self`.
-unsafe impl Send for RdmaListener {}
+// SAFETY: see `Res`; the id is only used by the task that owns the core.
+unsafe impl Send for ListenCore {}
+
+impl Drop for ListenCore {
+    fn drop(&mut self) {
+        // SAFETY: id valid and owned; destroyed before its channel.
+        unsafe { sys::rdma_destroy_id(self.id) };
+        drop(self.cm.take());
+    }
+}
+
+/// A bound rdma_cm listener. Connection requests are completed concurrently by background
+/// tasks (a slow or broken peer does not hold up the others); `accept` hands out the ones that
+/// are established.
+pub struct RdmaListener {
+    local: SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<Result<RdmaStream, RdmaError>>,
+    task: tokio::task::JoinHandle<()>,
+}
 
 impl RdmaListener {
-    /// Binds `addr` (the IP of a local RDMA device, or unspecified; port 0 picks one).
+    /// Binds `addr` (the IP of a local RDMA device, or unspecified; port 0 picks one) and starts
+    /// accepting in the background. Must be called within a tokio runtime.
     pub fn bind(addr: SocketAddr) -> Result<Self, RdmaError> {
         let cm = CmChannel::new()?;
         let mut id: *mut sys::rdma_cm_id = null_mut();
-        // SAFETY: cm.ch valid; id is owned by the listener from here on.
+        // SAFETY: cm.ch valid; id is owned by the core from here on.
         if unsafe {
             sys::rdma_create_id(
                 cm.ch,
@@ -1493,11 +1510,8 @@ impl RdmaListener {
         {
             return Err(RdmaError::sys("rdma_create_id"));
         }
-        let mut me = RdmaListener {
-            id,
-            cm: Some(cm),
-            local: addr,
-        };
+        let core = ListenCore { id, cm: Some(cm) };
+        let mut local = addr;
         let mut sa = sockaddr_of(addr);
         // SAFETY: id valid; sa outlives the call.
         if unsafe { sys::rdma_bind_addr(id, &mut sa as *mut _ as *mut libc::sockaddr) } != 0 {
@@ -1515,7 +1529,7 @@ impl RdmaListener {
             });
         }
         // SAFETY: id bound.
-        if unsafe { sys::rdma_listen(id, 64) } != 0 {
+        if unsafe { sys::rdma_listen(id, 128) } != 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
                 Some(libc::EADDRINUSE) => RdmaError::AddrInUse { addr },
@@ -1527,25 +1541,28 @@ impl RdmaListener {
         }
         // SAFETY: id valid; returns the bound port in network order.
         let port = u16::from_be(unsafe { sys::rdma_get_src_port(id) });
-        me.local.set_port(port);
-        Ok(me)
+        local.set_port(port);
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let task = tokio::spawn(Self::accept_loop(core, tx));
+        Ok(RdmaListener { local, ready, task })
     }
 
-    /// The bound address (with the real port).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
-    }
-
-    /// Waits for the next connection request and completes it. A request that cannot be set up
-    /// (bad private data, resource exhaustion) is rejected and logged; the loop goes on.
-    pub async fn accept_stream(&mut self) -> Result<RdmaStream, RdmaError> {
+    async fn accept_loop(
+        core: ListenCore,
+        tx: tokio::sync::mpsc::Sender<Result<RdmaStream, RdmaError>>,
+    ) {
         loop {
-            let ev = self
-                .cm
-                .as_ref()
-                .expect("listener channel")
-                .next_event()
-                .await?;
+            let ev = match core.cm.as_ref() {
+                Some(cm) => cm.next_event().await,
+                None => return,
+            };
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
             if ev.kind != sys::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_REQUEST {
                 tracing::debug!(event = %event_name(ev.kind), "rdma listener event");
                 continue;
@@ -1555,10 +1572,33 @@ impl RdmaListener {
                 let CmEvent { id, private, .. } = ev;
                 (Res::empty(id, None), private)
             };
-            match Self::complete(res, private).await {
-                Ok(s) => return Ok(s),
-                Err(e) => tracing::warn!(error = %e, "rdma: incoming connection failed"),
-            }
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match Self::complete(res, private).await {
+                    // If the listener is gone, the stream is dropped (and torn down) here.
+                    Ok(s) => {
+                        let _ = tx.send(Ok(s)).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "rdma: incoming connection failed"),
+                }
+            });
+        }
+    }
+
+    /// The bound address (with the real port).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The next established connection. Requests that cannot be set up (bad private data,
+    /// resource exhaustion, a peer that never completes) are rejected and logged, not returned.
+    pub async fn accept_stream(&mut self) -> Result<RdmaStream, RdmaError> {
+        match self.ready.recv().await {
+            Some(r) => r,
+            None => Err(RdmaError::Sys {
+                op: "accept",
+                source: io::Error::other("the RDMA listener's accept task ended"),
+            }),
         }
     }
 
@@ -1609,9 +1649,8 @@ impl RdmaListener {
 
 impl Drop for RdmaListener {
     fn drop(&mut self) {
-        // SAFETY: id valid and owned; destroyed before its channel.
-        unsafe { sys::rdma_destroy_id(self.id) };
-        drop(self.cm.take());
+        // The accept task owns the listening id; aborting it drops (and destroys) it.
+        self.task.abort();
     }
 }
 
