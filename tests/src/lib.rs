@@ -58,10 +58,10 @@ pub fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
 
-/// Prints a skip reason where CI logs show it. Never skip silently.
+/// Prints a skip reason where CI logs show it. Never skip silently: the line goes straight to
+/// the process's stderr, which libtest does not capture (it captures only `print!`/`eprint!`).
 pub fn skip(test: &str, reason: &str) {
-    eprintln!("SKIPPED {test}: {reason}");
-    println!("SKIPPED {test}: {reason}");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
 /// Installs a tracing subscriber honouring `RUST_LOG` once per test binary.
