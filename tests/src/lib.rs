@@ -114,3 +114,47 @@ pub fn connect_url(listen: &str) -> String {
     }
 }
 pub mod fs;
+
+/// Kills and reaps the daemons a test started, even when the test fails.
+pub struct KillOnDrop(pub Vec<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Spawns `cmd` and waits (up to 15 s) for a stdout line containing `ready`, e.g. offloadd's
+/// "listening on" / "connected to".
+pub fn spawn_ready(mut cmd: std::process::Command, ready: &str) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn daemon");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ready = ready.to_string();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains(&ready) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(15))
+        .expect("daemon ready line");
+    child
+}
+
+/// Polls `f` every 10 ms until it holds; fails the test after `limit`.
+pub fn wait_until(what: &str, limit: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -5,48 +5,13 @@
 //! containerd's first ttrpc call (`Task.Connect`) must reach the real shim through the proxy.
 //! Needs root, unshare/nsenter and containerd-shim-runc-v2 (Debian: containerd, runc).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const REAL: &str = "/usr/bin/containerd-shim-runc-v2";
 
-struct Kill(Vec<Child>);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Spawns `cmd` and waits for a stdout line containing `ready`.
-fn spawn_ready(mut cmd: Command, ready: &str) -> Child {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
-    let out = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let ready = ready.to_string();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains(&ready) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(15))
-        .expect("daemon ready line");
-    child
-}
-
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use tests::{spawn_ready, wait_until, KillOnDrop as Kill};
 
 /// Runs `sh -c script` in the DPU's mount namespace; returns (combined output, exit code).
 fn in_dpu(pid: u32, script: &str, env: &[(&str, &Path)]) -> (Vec<u8>, i32) {
