@@ -50,7 +50,6 @@ struct Args {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
-    // SERVICES: one field per service section.
     /// DPU mount settings (`[qtfs] addr = "URL"`), read by mount.qtfs from the same file;
     /// offloadd ignores them.
     #[allow(dead_code)]
@@ -72,12 +71,9 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
 }
 
-#[allow(unused_mut, clippy::let_and_return)]
+/// The services this daemon offers: one per configured section.
 fn registry(cfg: Config) -> anyhow::Result<Registry> {
     let mut reg = Registry::new();
-    let _ = &cfg;
-    // SERVICES: register each configured service, e.g.
-    // if let Some(c) = cfg.fs { reg.insert("fs", Arc::new(offload_fs::FsService::new(c)?)); }
     if let Some(c) = cfg.fs {
         reg.insert("fs", Arc::new(offload_fs::FsService::new(c)?));
     }
