@@ -318,19 +318,6 @@ fn write_all_blocking(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The signals rexec forwards.
-const FORWARDED: [Sig; 9] = [
-    Sig::Int,
-    Sig::Term,
-    Sig::Hup,
-    Sig::Quit,
-    Sig::Usr1,
-    Sig::Usr2,
-    Sig::Winch,
-    Sig::Cont,
-    Sig::Tstp,
-];
-
 /// Handlers for the forwarded signals, installed before the exec starts so none is lost.
 struct Signals {
     streams: Vec<(Sig, tokio::signal::unix::Signal)>,
@@ -338,8 +325,9 @@ struct Signals {
 
 impl Signals {
     fn new() -> io::Result<Self> {
-        let mut streams = Vec::with_capacity(FORWARDED.len());
-        for s in FORWARDED {
+        let mut streams = Vec::with_capacity(Sig::ALL.len());
+        // Every forwardable signal except SIGKILL, which cannot be caught.
+        for s in Sig::ALL.into_iter().filter(|s| *s != Sig::Kill) {
             let kind = tokio::signal::unix::SignalKind::from_raw(s.number());
             streams.push((s, tokio::signal::unix::signal(kind)?));
         }

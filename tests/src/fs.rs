@@ -254,3 +254,12 @@ pub fn sh(script: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A temporary directory other users can traverse (tests run steps as `nobody`).
+pub fn tmpdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod tempdir");
+    d
+}

@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt
 use std::path::Path;
 use std::process::Command;
 
-use tests::fs::{as_nobody, fuse_ready, sh, ExportSpec, Host, Mount};
+use tests::fs::{as_nobody, fuse_ready, sh, tmpdir, ExportSpec, Host, Mount};
 
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -30,12 +30,6 @@ fn last_errno(rc: i32) -> i32 {
     } else {
         std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
     }
-}
-
-fn tmpdir() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    d
 }
 
 fn suite(kind: &str) {

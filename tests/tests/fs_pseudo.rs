@@ -4,18 +4,11 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::fs::{fuse_ready, sh, ExportSpec, Host, Mount};
-
-fn tmpdir() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
+use tests::fs::{fuse_ready, sh, tmpdir, ExportSpec, Host, Mount};
 
 /// Waits for a child with a generous bound and returns its stdout.
 fn finish(mut c: Child, what: &str) -> String {

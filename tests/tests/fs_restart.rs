@@ -4,16 +4,9 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use tests::fs::{fuse_ready, ExportSpec, Host, Mount};
-
-fn tmpdir() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    d
-}
+use tests::fs::{fuse_ready, tmpdir, ExportSpec, Host, Mount};
 
 #[test]
 fn fs_host_restart_under_workload() {
