@@ -15,6 +15,17 @@
 //! so the mount and files opened before the restart keep working. Files that were unlinked while
 //! open cannot be re-resolved (ESTALE).
 //!
+//! # Writes (write-behind, `-o sync` to turn off)
+//! A write is acknowledged to the kernel once its request is queued on the session, behind
+//! every earlier request, instead of once the HOST answered; up to 32 MiB per mount are in
+//! flight, further writers wait. The HOST applies prompt calls in arrival order (see
+//! [`transport::Service`]), so any later request — getattr, read, fsync, a HOST-side reader
+//! after close — sees the write. A failure (ENOSPC, EIO after an outage) is reported by the
+//! next write, by `close` (flush waits for the inode's writes in flight) or by `fsync`, as on
+//! NFS; unmounting delivers what is still in flight. Writes through FIFOs, pseudo filesystems
+//! and `O_APPEND`/`O_SYNC`/`O_DSYNC`/`O_DIRECT` handles stay synchronous. Page-cache write-back
+//! (`writeback_cache`) stays off: HOST-side writers must stay visible.
+//!
 //! # Pseudo filesystems (`proc`, `sys`)
 //! Zero attribute/entry TTLs and direct I/O on every open, so files that report size 0 are read
 //! to EOF and nothing is cached. With `proc`, the root entries `self` and `thread-self` are
@@ -84,6 +95,11 @@ pub struct MountOptions {
     pub writeback_cache: bool,
     /// fuser event-loop threads.
     pub threads: usize,
+    /// Acknowledge writes once they are queued to the HOST, in order, instead of once the HOST
+    /// answered (NFS-style write-behind: errors surface at `close`/`fsync`). Off with `-o sync`.
+    pub write_behind: bool,
+    /// Kernel readahead in KiB for this mount (0: the kernel's default, 128).
+    pub readahead_kb: u32,
 }
 
 impl Default for MountOptions {
@@ -101,6 +117,8 @@ impl Default for MountOptions {
             allow_other: false,
             writeback_cache: false,
             threads: 4,
+            write_behind: true,
+            readahead_kb: 4096,
         }
     }
 }
@@ -184,6 +202,58 @@ struct Inner {
     /// (inode, xattr name) known absent until the instant: `ls -l` probes ACL xattrs of every
     /// file, and the answer is almost always ENODATA. Same staleness bound as attributes.
     no_xattr: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
+    /// Inodes with acknowledged writes the HOST has not answered yet.
+    unstable: Mutex<HashMap<u64, Arc<Unstable>>>,
+    /// Bytes of acknowledged writes in flight, in KiB permits: bounds the memory write-behind
+    /// holds and makes writers wait when the HOST falls behind.
+    wb_budget: Arc<tokio::sync::Semaphore>,
+}
+
+/// Write-behind budget of one mount.
+const WB_BUDGET_KIB: usize = 32 * 1024;
+
+/// Acknowledged writes of one inode still on their way to the HOST.
+#[derive(Default)]
+struct Unstable {
+    /// (writes in flight, first failure not yet reported to the application)
+    state: Mutex<(usize, Option<i32>)>,
+    idle: tokio::sync::Notify,
+}
+
+impl Unstable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<i32>)> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn finish(&self, res: R<()>) {
+        let mut st = self.lock();
+        st.0 -= 1;
+        if let Err(e) = res {
+            st.1.get_or_insert(e);
+        }
+        if st.0 == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Waits until no write is in flight, then hands out (and clears) a pending failure.
+    async fn settle(&self) -> R<()> {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if st.0 == 0 {
+                    return st.1.take().map_or(Ok(()), Err);
+                }
+            }
+            idle.await;
+        }
+    }
 }
 
 /// The FUSE filesystem. Build with [`QtfsFs::connect`], then mount with fuser.
@@ -355,6 +425,8 @@ impl QtfsFs {
                 uid: nix::unistd::getuid().as_raw(),
                 gid: nix::unistd::getgid().as_raw(),
                 no_xattr: Mutex::new(HashMap::new()),
+                unstable: Mutex::new(HashMap::new()),
+                wb_budget: Arc::new(tokio::sync::Semaphore::new(WB_BUDGET_KIB)),
                 opts,
             }),
         })
@@ -716,6 +788,179 @@ impl Inner {
         cache.retain(|(i, _), _| *i != ino);
     }
 
+    /// Whether writes through handle `fh` may be acknowledged before the HOST answers: not for
+    /// pseudo filesystems, FIFOs, or files opened for synchronous or appending writes.
+    fn write_behind_ok(&self, fh: u64) -> bool {
+        if !self.opts.write_behind || self.opts.pseudo() {
+            return false;
+        }
+        let st = self.st();
+        let Some(h) = st.handles.get(&fh) else {
+            return false;
+        };
+        let no = libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT;
+        h.epoch == st.epoch
+            && !h.dir
+            && h.flags & no == 0
+            && !st.inodes.get(&h.ino).is_some_and(|i| i.fifo)
+    }
+
+    fn unstable_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Unstable>>> {
+        match self.unstable.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Counts one more acknowledged write of `ino` in flight.
+    fn begin_write(&self, ino: u64) -> Arc<Unstable> {
+        let mut map = self.unstable_map();
+        let u = map.entry(ino).or_default().clone();
+        u.lock().0 += 1;
+        u
+    }
+
+    /// A failure of an acknowledged write of `ino` not reported yet (cleared by taking it).
+    fn take_write_error(&self, ino: u64) -> Option<i32> {
+        let map = self.unstable_map();
+        let u = map.get(&ino)?;
+        let e = u.lock().1.take();
+        e
+    }
+
+    /// Waits for the acknowledged writes of `ino`; returns the first one that failed.
+    async fn settle(&self, ino: u64) -> R<()> {
+        let Some(u) = self.unstable_map().get(&ino).cloned() else {
+            return Ok(());
+        };
+        let res = u.settle().await;
+        let mut map = self.unstable_map();
+        if map.get(&ino).is_some_and(|u| *u.lock() == (0, None)) {
+            map.remove(&ino);
+        }
+        res
+    }
+
+    fn has_unstable(&self, ino: u64) -> bool {
+        self.unstable_map().contains_key(&ino)
+    }
+
+    /// One write through handle `fh`, answered by the HOST.
+    async fn write_sync(self: &Arc<Self>, fh: u64, offset: u64, data: &[u8]) -> R<u32> {
+        self.with(|| async {
+            let sfh = self.fh_of(fh).await?;
+            match self
+                .rpc(Op::Write {
+                    fh: sfh,
+                    offset,
+                    data: data.to_vec(),
+                })
+                .await?
+            {
+                Reply::Written(n) => Ok(n),
+                _ => Err(libc::EIO),
+            }
+        })
+        .await
+    }
+
+    /// Write-behind: queues the write to the HOST, acknowledges it, then collects the answer.
+    /// The session keeps frames in order and the HOST applies prompt calls in arrival order,
+    /// so every later request (getattr, read, fsync, ...) sees this write; a failure is
+    /// reported by the next write, `close` (flush) or `fsync` of the inode.
+    async fn write_behind(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: Vec<u8>,
+        reply: ReplyWrite,
+    ) {
+        let n = data.len() as u32;
+        let kib = data.len().div_ceil(1024).clamp(1, WB_BUDGET_KIB) as u32;
+        let Ok(permit) = self.wb_budget.clone().acquire_many_owned(kib).await else {
+            reply.error(Errno::EIO);
+            return;
+        };
+        if let Some(e) = self.take_write_error(ino) {
+            reply.error(errno(e));
+            return;
+        }
+        // No live session or a stale handle: write synchronously (waits out outages).
+        let Ok(sfh) = self.fh_of(fh).await else {
+            drop(permit);
+            return reply_write(reply, self.write_sync(fh, offset, &data).await);
+        };
+        let instance = self.st().instance;
+        // The request owns the only copy of the data; a rare resend decodes it back.
+        let body = match proto::encode(&proto::Request {
+            instance,
+            op: Op::Write {
+                fh: sfh,
+                offset,
+                data,
+            },
+        }) {
+            Ok(b) => Bytes::from(b),
+            Err(_) => {
+                reply.error(Errno::EIO);
+                return;
+            }
+        };
+        let session = self
+            .client
+            .session_retry(Duration::from_millis(100), Some(Duration::ZERO))
+            .await;
+        let call = match session.map(|s| s.start_call("fs", body.clone())) {
+            Ok(Ok(call)) => call,
+            _ => {
+                drop(permit);
+                let res = self.write_sync(fh, offset, &write_data(&body)).await;
+                return reply_write(reply, res);
+            }
+        };
+        let unstable = self.begin_write(ino);
+        reply.written(n);
+        let answer = match call.await {
+            Ok(r) => match proto::decode::<Reply>(&r) {
+                Ok(Reply::Written(w)) => Ok(w),
+                _ => Err(libc::EIO),
+            },
+            Err(CallError::Remote(e)) if e.code != STALE_INSTANCE && e.code != libc::ESTALE => {
+                Err(e.code)
+            }
+            // Session lost or HOST restarted: send it again (same bytes, same offset).
+            Err(_) => self.write_sync(fh, offset, &write_data(&body)).await,
+        };
+        let res = match answer {
+            Ok(w) if w >= n => Ok(()),
+            // Short write (the HOST ran out of space mid-way): the rest says why.
+            Ok(w) => {
+                let rest = write_data(&body).split_off(w as usize);
+                self.write_sync(fh, offset + u64::from(w), &rest)
+                    .await
+                    .and_then(|r| {
+                        if r as usize == rest.len() {
+                            Ok(())
+                        } else {
+                            Err(libc::EIO)
+                        }
+                    })
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            warn!(
+                ino,
+                offset,
+                errno = e,
+                "acknowledged write failed on the HOST; reported at close/fsync"
+            );
+        }
+        unstable.finish(res);
+        drop(permit);
+    }
+
     fn new_handle(&self, ino: u64, flags: i32, dir: bool, fh: Fh) -> u64 {
         let mut st = self.st();
         let id = st.next_fh;
@@ -782,6 +1027,24 @@ impl Inner {
     }
 }
 
+fn reply_write(reply: ReplyWrite, res: R<u32>) {
+    match res {
+        Ok(n) => reply.written(n),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+/// The data of an encoded write request (for a resend).
+fn write_data(body: &[u8]) -> Vec<u8> {
+    match proto::decode::<proto::Request>(body) {
+        Ok(proto::Request {
+            op: Op::Write { data, .. },
+            ..
+        }) => data,
+        _ => Vec::new(),
+    }
+}
+
 macro_rules! spawn_reply {
     ($self:ident, $reply:ident, |$me:ident| $body:expr, |$v:ident| $ok:expr) => {{
         let $me = $self.inner.clone();
@@ -827,6 +1090,33 @@ impl Filesystem for QtfsFs {
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
         Ok(())
+    }
+
+    /// Unmounting: acknowledged writes still in flight are delivered before the process ends
+    /// (bounded by the mount's timeout unless `hard`).
+    fn destroy(&mut self) {
+        let pending: Vec<u64> = self.inner.unstable_map().keys().copied().collect();
+        if pending.is_empty() {
+            return;
+        }
+        let me = self.inner.clone();
+        let drain = async move {
+            for ino in pending {
+                if let Err(e) = me.settle(ino).await {
+                    warn!(ino, errno = e, "write failed while unmounting; data lost");
+                }
+            }
+        };
+        if self.inner.opts.hard {
+            self.inner.rt.block_on(drain);
+        } else if self
+            .inner
+            .rt
+            .block_on(tokio::time::timeout(self.inner.opts.timeout, drain))
+            .is_err()
+        {
+            warn!("HOST unreachable while unmounting; acknowledged writes lost");
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -1268,7 +1558,7 @@ impl Filesystem for QtfsFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -1278,58 +1568,69 @@ impl Filesystem for QtfsFs {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
-        spawn_reply!(
-            self,
-            reply,
-            |me| {
-                let sfh = me.fh_of(fh.0).await?;
-                match me
-                    .rpc(Op::Write {
-                        fh: sfh,
-                        offset,
-                        data: data.clone(),
-                    })
-                    .await?
-                {
-                    Reply::Written(n) => Ok(n),
-                    _ => Err(libc::EIO),
-                }
-            },
-            |n| reply.written(n)
-        )
+        let me = self.inner.clone();
+        if self.inner.write_behind_ok(fh.0) {
+            self.inner
+                .rt
+                .spawn(async move { me.write_behind(ino.0, fh.0, offset, data, reply).await });
+            return;
+        }
+        self.inner.rt.spawn(async move {
+            reply_write(reply, me.write_sync(fh.0, offset, &data).await);
+        });
     }
 
-    /// Answered locally: every write already reached the HOST before it was acknowledged, so
-    /// there is nothing to flush, and close(2) (also the implicit close of O_CLOEXEC files at
+    /// Waits for the inode's acknowledged writes still in flight and reports the first that
+    /// failed (close(2) returns it, as on NFS). Nothing else is buffered here, so with no write
+    /// in flight it is answered at once and close (also the implicit close of O_CLOEXEC files at
     /// exec) never waits for the HOST during an outage.
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        let ino = ino.0;
+        if !self.inner.has_unstable(ino) {
+            reply.ok();
+            return;
+        }
+        let me = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            match me.settle(ino).await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let h = self.inner.st().handles.remove(&fh.0);
-        let Some(h) = h else {
-            reply.ok();
-            return;
-        };
         let me = self.inner.clone();
         self.inner.rt.spawn(async move {
+            // Writes still in flight need the handle (re-opened after a HOST restart).
+            if let Err(e) = me.settle(ino.0).await {
+                warn!(
+                    ino = ino.0,
+                    errno = e,
+                    "write failure after the last close; data lost"
+                );
+            }
+            let h = me.st().handles.remove(&fh.0);
+            let Some(h) = h else {
+                reply.ok();
+                return;
+            };
             if h.epoch == me.st().epoch {
                 let _ = me
                     .rpc(Op::Release {
@@ -1345,7 +1646,7 @@ impl Filesystem for QtfsFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
@@ -1354,6 +1655,7 @@ impl Filesystem for QtfsFs {
             self,
             reply,
             |me| {
+                me.settle(ino.0).await?;
                 let sfh = me.fh_of(fh.0).await?;
                 me.rpc(Op::Fsync { fh: sfh, datasync }).await
             },

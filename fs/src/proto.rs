@@ -86,6 +86,7 @@ pub struct Entry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirEntry {
     /// Name bytes (no `/`).
+    #[serde(with = "serde_bytes")]
     pub name: Vec<u8>,
     /// Offset to resume after this entry.
     pub offset: u64,
@@ -148,6 +149,7 @@ pub enum Op {
     },
     Lookup {
         parent: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
     },
     /// Drop lookup references: (node, count).
@@ -173,12 +175,15 @@ pub enum Op {
     },
     Symlink {
         parent: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
         caller: Caller,
     },
     Mknod {
         parent: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
         mode: u32,
         rdev: u64,
@@ -186,29 +191,35 @@ pub enum Op {
     },
     Mkdir {
         parent: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
         mode: u32,
         caller: Caller,
     },
     Unlink {
         parent: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
     },
     Rmdir {
         parent: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
     },
     /// `flags`: `RENAME_NOREPLACE` / `RENAME_EXCHANGE` as in renameat2(2).
     Rename {
         parent: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
         newparent: NodeId,
+        #[serde(with = "serde_bytes")]
         newname: Vec<u8>,
         flags: u32,
     },
     Link {
         node: NodeId,
         newparent: NodeId,
+        #[serde(with = "serde_bytes")]
         newname: Vec<u8>,
     },
     /// `flags` as open(2) (without `O_CREAT`/`O_EXCL`).
@@ -218,6 +229,7 @@ pub enum Op {
     },
     Create {
         parent: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
         mode: u32,
         flags: i32,
@@ -231,6 +243,7 @@ pub enum Op {
     Write {
         fh: Fh,
         offset: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     Flush {
@@ -267,13 +280,16 @@ pub enum Op {
     },
     SetXattr {
         node: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         flags: i32,
     },
     /// `size` 0 asks for the value's size only.
     GetXattr {
         node: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
         size: u32,
     },
@@ -283,6 +299,7 @@ pub enum Op {
     },
     RemoveXattr {
         node: NodeId,
+        #[serde(with = "serde_bytes")]
         name: Vec<u8>,
     },
     /// access(2) mask, checked as the caller.
@@ -338,7 +355,7 @@ pub enum Reply {
     },
     Entry(Entry),
     Attr(Attr),
-    Data(Vec<u8>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
     Ok,
     /// `direct`: the node must bypass the DPU page cache (FIFOs, devices, pseudo files).
     Opened {

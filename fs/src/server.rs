@@ -6,9 +6,10 @@
 //! `/proc/<pid>/root`-style magic links are never followed on the HOST. Symlinks are handed to
 //! the DPU as text (readlink) and resolved by the DPU kernel in the DPU's namespace.
 //!
-//! Syscalls run on tokio's blocking pool; operations that can block indefinitely (opening,
+//! Prompt syscalls (metadata, page-cache I/O) run inline on the request's task, long ones
+//! (fsync, fallocate) on tokio's blocking pool; operations that can block indefinitely (opening,
 //! reading or writing a FIFO or device, waiting for a lock, poll) run on dedicated threads so
-//! they can never starve the pool (the failure mode of the original qtfs).
+//! they can never starve a pool (the failure mode of the original qtfs).
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -123,7 +124,16 @@ pub struct FsService {
 
 type R<T> = Result<T, Errno>;
 
+/// Runs a syscall that completes promptly (metadata, page-cache I/O on a local filesystem)
+/// inline on the request's task. A hand-off to a thread pool costs two thread switches, more
+/// than the syscall itself; sftp-server and knfsd run these inline too.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> R<T> + Send + 'static) -> R<T> {
+    f()
+}
+
+/// Runs a syscall that may take long but finishes (fsync, fallocate of a large range) on
+/// tokio's blocking pool, so it does not hold an async worker.
+async fn pooled<T: Send + 'static>(f: impl FnOnce() -> R<T> + Send + 'static) -> R<T> {
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or(Err(libc::EIO))
@@ -749,7 +759,7 @@ impl FsService {
             }
             Op::Fsync { fh, datasync } => {
                 let f = self.file(fh)?;
-                blocking(move || sys::fsync(f.fd.as_raw_fd(), datasync)).await?;
+                pooled(move || sys::fsync(f.fd.as_raw_fd(), datasync)).await?;
                 Ok(Reply::Ok)
             }
             Op::OpenDir { node } => {
@@ -781,7 +791,7 @@ impl FsService {
             Op::FsyncDir { fh, datasync } => {
                 let d = self.state().dirs.get(&fh).cloned().ok_or(libc::EBADF)?;
                 let fd = lock(&d).node_fd.clone();
-                blocking(move || {
+                pooled(move || {
                     let r = sys::reopen(fd.as_raw_fd(), libc::O_RDONLY | libc::O_DIRECTORY)?;
                     sys::fsync(r.as_raw_fd(), datasync)
                 })
@@ -855,7 +865,7 @@ impl FsService {
             } => {
                 let f = self.file(fh)?;
                 self.writable(f.export)?;
-                blocking(move || sys::fallocate(f.fd.as_raw_fd(), mode, offset, length)).await?;
+                pooled(move || sys::fallocate(f.fd.as_raw_fd(), mode, offset, length)).await?;
                 Ok(Reply::Ok)
             }
             Op::Lseek { fh, offset, whence } => {

@@ -513,3 +513,81 @@ fn fs_read_only_export_and_ro_mount() {
         drop((m, m2, m3));
     }
 }
+
+/// Write-behind (the default): writes are acknowledged once queued, so a failure on the HOST
+/// must come back at the latest from close(2), and everything acknowledged before it must be
+/// on the HOST. The HOST directory is a 256 KiB tmpfs, so the HOST runs out of space.
+#[test]
+fn fs_write_behind_reports_host_errors() {
+    tests::init_tracing();
+    if !fuse_ready("fs_write_behind_reports_host_errors") {
+        return;
+    }
+    if !tests::is_root() {
+        tests::skip(
+            "fs_write_behind_reports_host_errors",
+            "needs root to mount a small tmpfs on the HOST side",
+        );
+        return;
+    }
+    for kind in tests::link_kinds() {
+        let tmp = tmpdir();
+        let exp = tmp.path().join("export");
+        fs::create_dir(&exp).unwrap();
+        let tiny = exp.join("tiny");
+        fs::create_dir(&tiny).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tiny"])
+            .arg(&tiny)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+        let _tiny_guard = Unmount(tiny.clone());
+        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "");
+
+        let chunk: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let path = cpath(&m.path("tiny/x"));
+        // SAFETY: plain libc calls on a path and buffers we own; close's result is the point.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o644) };
+        assert!(fd >= 0, "open: {}", std::io::Error::last_os_error());
+        let mut acked = 0usize;
+        let mut write_err = 0;
+        for _ in 0..16 {
+            let n = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+            if n < 0 {
+                write_err = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+                break;
+            }
+            acked += n as usize;
+        }
+        let rc = unsafe { libc::close(fd) };
+        let close_err = last_errno(rc);
+        assert!(
+            write_err == libc::ENOSPC || close_err == libc::ENOSPC,
+            "[{kind}] 1 MiB into a 256 KiB HOST fs: write error {write_err}, close error \
+             {close_err}, {acked} bytes acknowledged"
+        );
+        // What the HOST holds is the acknowledged data, in order.
+        let on_host = fs::read(tiny.join("x")).unwrap();
+        assert!(
+            on_host.len() >= 128 * 1024,
+            "[{kind}] only {} bytes",
+            on_host.len()
+        );
+        for (i, b) in on_host.iter().enumerate() {
+            assert_eq!(*b, chunk[i % chunk.len()], "[{kind}] byte {i}");
+        }
+        // Once reported, the error is gone: a new file after freeing space works.
+        fs::remove_file(m.path("tiny/x")).unwrap();
+        fs::write(m.path("tiny/y"), &chunk).unwrap();
+        assert_eq!(fs::read(tiny.join("y")).unwrap(), chunk);
+        drop(m);
+    }
+}

@@ -27,8 +27,11 @@ impl RemoteError {
     }
 }
 
-/// A service offered to the peer. Every call and every stream runs in its own task, so a
-/// handler may wait as long as it needs without holding up the session.
+/// A service offered to the peer. A call's handler runs on the session's reader up to its first
+/// `.await` that waits, then on its own task; every stream runs on its own task. So a handler may
+/// wait as long as it needs without holding up the session, but must not block before it first
+/// waits (prompt syscalls only): calls that complete without waiting take effect in the order
+/// the peer sent them.
 #[async_trait]
 pub trait Service: Send + Sync + 'static {
     /// Answers one request.

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -660,6 +661,18 @@ impl Session {
 
     /// Calls `service` on the peer with an opaque request and waits for its reply.
     pub async fn call(&self, service: &str, req: Bytes) -> Result<Bytes, CallError> {
+        self.start_call(service, req)?.await
+    }
+
+    /// Sends a call now and returns the wait for its reply. The request is queued behind every
+    /// frame sent before it when this returns, so a caller may acknowledge something that must
+    /// stay ordered after it (qtfs write-behind) before awaiting the reply. Dropping the future
+    /// forgets the call.
+    pub fn start_call(
+        &self,
+        service: &str,
+        req: Bytes,
+    ) -> Result<impl Future<Output = Result<Bytes, CallError>> + Send + 'static, CallError> {
         let max = self.inner.peer_max_frame.min(self.inner.cfg.max_frame) as usize;
         let len = req.len() + 1 + service.len();
         if len > max {
@@ -678,13 +691,13 @@ impl Session {
             st.calls.insert(id, tx);
         }
         // Forget the pending entry if the caller gives up (dropped future or timeout).
-        struct Guard<'a>(&'a Inner, u32);
-        impl Drop for Guard<'_> {
+        struct Guard(Arc<Inner>, u32);
+        impl Drop for Guard {
             fn drop(&mut self) {
                 self.0.lock().calls.remove(&self.1);
             }
         }
-        let _guard = Guard(&self.inner, id);
+        let guard = Guard(self.inner.clone(), id);
         let mut prefix = BytesMut::new();
         wire::put_service_prefix(service, &mut prefix);
         if self
@@ -695,23 +708,22 @@ impl Session {
         {
             return Err(CallError::Closed(CloseReason::Local));
         }
-        let res = match self.inner.cfg.call_timeout {
-            Some(t) => match tokio::time::timeout(t, rx).await {
+        let timeout = self.inner.cfg.call_timeout;
+        Ok(async move {
+            let res = match timeout {
+                Some(t) => match tokio::time::timeout(t, rx).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(CallError::Timeout(t)),
+                },
+                None => rx.await,
+            };
+            match res {
                 Ok(r) => r,
-                Err(_) => return Err(CallError::Timeout(t)),
-            },
-            None => rx.await,
-        };
-        match res {
-            Ok(r) => r,
-            Err(_) => Err(CallError::Closed(
-                self.inner
-                    .lock()
-                    .closed
-                    .clone()
-                    .unwrap_or(CloseReason::Local),
-            )),
-        }
+                Err(_) => Err(CallError::Closed(
+                    guard.0.lock().closed.clone().unwrap_or(CloseReason::Local),
+                )),
+            }
+        })
     }
 
     /// Opens a stream to `service` on the peer; `header` tells it what the stream is for.
@@ -1016,6 +1028,25 @@ fn error_frame(id: u32, code: i32, message: String) -> Frame {
     )
 }
 
+/// The frame answering call `id` with `res`, refusing a reply the peer could not accept.
+fn reply_frame(inner: &Inner, id: u32, res: Result<Bytes, RemoteError>) -> Frame {
+    match res {
+        Ok(b) => {
+            let max = inner.peer_max_frame.min(inner.cfg.max_frame) as usize;
+            if b.len() > max {
+                error_frame(
+                    id,
+                    libc::EMSGSIZE,
+                    format!("reply of {} bytes exceeds the frame limit {max}", b.len()),
+                )
+            } else {
+                Frame::new(Kind::Response, id, &[], b)
+            }
+        }
+        Err(e) => error_frame(id, e.code, e.message),
+    }
+}
+
 fn dispatch(
     inner: &Arc<Inner>,
     h: Header,
@@ -1045,30 +1076,24 @@ fn dispatch(
             let session = Session {
                 inner: inner.clone(),
             };
-            tokio::spawn(async move {
+            let id = h.id;
+            let mut call = Box::pin(async move {
                 let res = svc.call(&session, body).await;
                 session.inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
-                let frame = match res {
-                    Ok(b) => {
-                        let max = session
-                            .inner
-                            .peer_max_frame
-                            .min(session.inner.cfg.max_frame)
-                            as usize;
-                        if b.len() > max {
-                            error_frame(
-                                h.id,
-                                libc::EMSGSIZE,
-                                format!("reply of {} bytes exceeds the frame limit {max}", b.len()),
-                            )
-                        } else {
-                            Frame::new(Kind::Response, h.id, &[], b)
-                        }
-                    }
-                    Err(e) => error_frame(h.id, e.code, e.message),
-                };
-                let _ = session.inner.ctl_tx.send(frame);
+                let _ = session
+                    .inner
+                    .ctl_tx
+                    .send(reply_frame(&session.inner, id, res));
             });
+            // The handler runs up to its first wait right here, before the next frame is
+            // read: a call that never waits costs no task hand-off, and such calls take
+            // effect in arrival order (qtfs relies on it). One that waits continues on its
+            // own task; spawning polls it again at once with the task's waker, so the no-op
+            // waker of this first poll loses nothing.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if call.as_mut().poll(&mut cx).is_pending() {
+                tokio::spawn(call);
+            }
         }
         Kind::Response | Kind::Error => {
             let tx = inner.lock().calls.remove(&h.id);
