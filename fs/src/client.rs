@@ -667,6 +667,8 @@ impl Inner {
                     n.name = name.to_vec();
                 }
                 n.fifo = is_fifo(e.attr.mode);
+                drop(st);
+                self.note_xattrs(ino, &e.attr);
                 return ino;
             }
         }
@@ -685,6 +687,8 @@ impl Inner {
             },
         );
         st.by_node.insert(e.node, ino);
+        drop(st);
+        self.note_xattrs(ino, &e.attr);
         ino
     }
 
@@ -756,9 +760,23 @@ impl Inner {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        cache
-            .get(&(ino, name.to_vec()))
-            .is_some_and(|until| Instant::now() < *until)
+        let now = Instant::now();
+        let fresh = |k: (u64, Vec<u8>)| cache.get(&k).is_some_and(|until| now < *until);
+        fresh((ino, Vec::new())) || fresh((ino, name.to_vec()))
+    }
+
+    /// Records what fresh attributes say: an inode with no xattrs at all answers every xattr
+    /// probe here for one attribute TTL (the empty name stands for all names).
+    fn note_xattrs(&self, ino: u64, a: &Attr) {
+        if a.xattrs {
+            let mut cache = match self.no_xattr.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            cache.remove(&(ino, Vec::new()));
+        } else {
+            self.remember_no_xattr(ino, Vec::new());
+        }
     }
 
     fn remember_no_xattr(&self, ino: u64, name: Vec<u8>) {
@@ -1181,7 +1199,10 @@ impl Filesystem for QtfsFs {
                     _ => Err(libc::EIO),
                 }
             },
-            |a| reply.attr(&me.ttl(), &fuse_attr(ino, &a))
+            |a| {
+                me.note_xattrs(ino, &a);
+                reply.attr(&me.ttl(), &fuse_attr(ino, &a))
+            }
         )
     }
 
@@ -1231,7 +1252,10 @@ impl Filesystem for QtfsFs {
                     _ => Err(libc::EIO),
                 }
             },
-            |a| reply.attr(&me.ttl(), &fuse_attr(ino, &a))
+            |a| {
+                me.note_xattrs(ino, &a);
+                reply.attr(&me.ttl(), &fuse_attr(ino, &a))
+            }
         )
     }
 
@@ -1952,6 +1976,14 @@ impl Filesystem for QtfsFs {
         let ino = ino.0;
         if ino == SELF_INO || ino == THREAD_SELF_INO {
             reply.size(0);
+            return;
+        }
+        if self.inner.xattr_known_absent(ino, b"") {
+            if size == 0 {
+                reply.size(0);
+            } else {
+                reply.data(&[]);
+            }
             return;
         }
         spawn_reply!(

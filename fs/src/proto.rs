@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in [`Op::Mount`]; bumped on incompatible changes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// `RemoteError.code` meaning "node/handle ids are from another server instance": the client
 /// must mount again (get the new instance and root) and re-resolve. Far above any errno.
@@ -62,6 +62,10 @@ pub struct Attr {
     pub rdev: u64,
     /// Preferred I/O size.
     pub blksize: u32,
+    /// The node may carry extended attributes. `false` means it has none at all, so the DPU
+    /// answers xattr probes (`ls -l` asks every file for ACLs and an SELinux label) itself
+    /// until these attributes expire.
+    pub xattrs: bool,
 }
 
 /// A timestamp to set.

@@ -229,7 +229,7 @@ impl FsService {
     /// lookup reference.
     fn register(&self, fd: OwnedFd, export: usize, st: &libc::stat) -> Entry {
         let key = (export, st.st_dev, st.st_ino);
-        let attr = sys::attr_of(st);
+        let attr = sys::attr_of_node(fd.as_raw_fd(), st);
         let sid = current_session();
         let mut s = self.state();
         if let Some(&id) = s.by_key.get(&key) {
@@ -496,14 +496,16 @@ impl FsService {
             Op::GetAttr { node, fh } => {
                 if let Some(fh) = fh {
                     if let Ok(f) = self.file(fh) {
-                        let st = blocking(move || sys::fstat(f.fd.as_raw_fd())).await?;
-                        return Ok(Reply::Attr(sys::attr_of(&st)));
+                        let fd = f.fd.as_raw_fd();
+                        let st = blocking(move || sys::fstat(fd)).await?;
+                        return Ok(Reply::Attr(sys::attr_of_node(fd, &st)));
                     }
                 }
                 let (fd, _, _) = self.node(node)?;
-                let st = blocking(move || sys::fstat(fd.as_raw_fd())).await?;
+                let raw = fd.as_raw_fd();
+                let st = blocking(move || sys::fstat(raw)).await?;
                 self.update_mode(node, st.st_mode);
-                Ok(Reply::Attr(sys::attr_of(&st)))
+                Ok(Reply::Attr(sys::attr_of_node(raw, &st)))
             }
             Op::SetAttr {
                 node,
@@ -547,10 +549,10 @@ impl FsService {
                     if atime.is_some() || mtime.is_some() {
                         sys::utimens_fd(raw, atime, mtime)?;
                     }
-                    sys::fstat(raw)
+                    Ok(sys::attr_of_node(raw, &sys::fstat(raw)?))
                 })
                 .await?;
-                Ok(Reply::Attr(sys::attr_of(&st)))
+                Ok(Reply::Attr(st))
             }
             Op::ReadLink { node } => {
                 let (fd, _, _) = self.node(node)?;

@@ -117,8 +117,25 @@ fn ts(sec: i64, nsec: i64) -> Ts {
 }
 
 /// Converts a `struct stat`.
+/// Attributes of the node `fd` refers to, including whether it has any xattrs.
+pub fn attr_of_node(fd: RawFd, st: &libc::stat) -> Attr {
+    Attr {
+        xattrs: has_xattrs(fd),
+        ..attr_of(st)
+    }
+}
+
+/// False only when the node certainly has no xattrs (an error says nothing: true).
+pub fn has_xattrs(fd: RawFd) -> bool {
+    let p = xattr_target(fd);
+    // SAFETY: a size query with a null buffer.
+    let n = unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
+    n != 0
+}
+
 pub fn attr_of(st: &libc::stat) -> Attr {
     Attr {
+        xattrs: true,
         ino: st.st_ino,
         size: st.st_size.max(0) as u64,
         blocks: st.st_blocks.max(0) as u64,
