@@ -12,7 +12,7 @@ for sshfs, a fresh mount so neither the kernel nor sshfs has cached anything):
   stat10k   os.stat() of 10,000 existing files by name (cold pass, then warm pass)
   ls10k     ls -l of a 10,000-entry directory (cold, then warm)
   untar     tar -xf of a ~51 MB / ~4,000-entry header tree (wall of tar; and tar+sync)
-Usage: fs/bench/fs-bench.py [-n N] [targets...]   targets: local qtfs sshfs sshfs-aes
+Usage: fs/bench/fs-bench.py [-n N] [targets...]   targets: local qtfs qtfs-ttl20 sshfs sshfs-aes
 Needs /work/shared/containerd-lab/40-sshd-start.sh to have run (for sshfs targets) and
 `cargo build --release -p tools --bin offloadd --bin mount_qtfs` (binaries from $QTFS_BIN,
 default target/release).
@@ -32,7 +32,9 @@ QTFS_DIR = f"{B}/qtfs"
 TARGETS = {
     # name: (backing dir, mount point or None, extra sshfs -o)
     "local":     (f"{B}/local", None, None),
-    "qtfs":      (f"{B}/export", f"{B}/mnt-qtfs", None),
+    "qtfs":      (f"{B}/export", f"{B}/mnt-qtfs", ""),
+    # the same with sshfs's default cache lifetime (20 s) instead of qtfs's 1 s
+    "qtfs-ttl20": (f"{B}/export", f"{B}/mnt-qtfs-ttl20", ",attr_timeout=20,entry_timeout=20"),
     "sshfs":     (f"{B}/export", f"{B}/mnt-sshfs", ""),
     "sshfs-aes": (f"{B}/export", f"{B}/mnt-sshfs-aes", ",Ciphers=aes128-gcm@openssh.com,Compression=no"),
 }
@@ -66,7 +68,7 @@ def qtfs_server():
 def umount(t):
     _, mnt, _ = TARGETS[t]
     if mnt and is_mounted(mnt):
-        sh(f"umount {mnt}" if t == "qtfs" else f"fusermount3 -u {mnt}")
+        sh(f"umount {mnt}" if t.startswith("qtfs") else f"fusermount3 -u {mnt}")
 
 def mount(t):
     back, mnt, extra = TARGETS[t]
@@ -74,9 +76,9 @@ def mount(t):
         return
     os.makedirs(mnt, exist_ok=True)
     if not is_mounted(mnt):
-        if t == "qtfs":
+        if t.startswith("qtfs"):
             key = qtfs_server()
-            sh(f"{QTFS_BIN}/mount_qtfs {back} {mnt} -o addr=tcp://127.0.0.1:{QTFS_PORT},keyfile={key}")
+            sh(f"{QTFS_BIN}/mount_qtfs {back} {mnt} -o addr=tcp://127.0.0.1:{QTFS_PORT},keyfile={key}{extra}")
         else:
             sh(f"sshfs -o {SSH_OPTS}{extra} root@127.0.0.1:{back} {mnt}")
 

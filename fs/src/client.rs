@@ -806,21 +806,22 @@ impl Inner {
         cache.retain(|(i, _), _| *i != ino);
     }
 
-    /// Whether writes through handle `fh` may be acknowledged before the HOST answers: not for
-    /// pseudo filesystems, FIFOs, or files opened for synchronous or appending writes.
-    fn write_behind_ok(&self, fh: u64) -> bool {
+    /// The HOST handle and instance to write through handle `fh` with write-behind, if its
+    /// writes may be acknowledged before the HOST answers: not for pseudo filesystems, FIFOs,
+    /// files opened for synchronous or appending writes, or a handle not re-opened yet after a
+    /// HOST restart.
+    fn write_behind_target(&self, fh: u64) -> Option<(Fh, u64)> {
         if !self.opts.write_behind || self.opts.pseudo() {
-            return false;
+            return None;
         }
         let st = self.st();
-        let Some(h) = st.handles.get(&fh) else {
-            return false;
-        };
+        let h = st.handles.get(&fh)?;
         let no = libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT;
-        h.epoch == st.epoch
+        let ok = h.epoch == st.epoch
             && !h.dir
             && h.flags & no == 0
-            && !st.inodes.get(&h.ino).is_some_and(|i| i.fifo)
+            && !st.inodes.get(&h.ino).is_some_and(|i| i.fifo);
+        ok.then_some((h.fh, st.instance))
     }
 
     fn unstable_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Unstable>>> {
@@ -891,11 +892,11 @@ impl Inner {
         ino: u64,
         fh: u64,
         offset: u64,
-        data: Vec<u8>,
+        body: Bytes,
+        n: u32,
         reply: ReplyWrite,
     ) {
-        let n = data.len() as u32;
-        let kib = data.len().div_ceil(1024).clamp(1, WB_BUDGET_KIB) as u32;
+        let kib = (n as usize).div_ceil(1024).clamp(1, WB_BUDGET_KIB) as u32;
         let Ok(permit) = self.wb_budget.clone().acquire_many_owned(kib).await else {
             reply.error(Errno::EIO);
             return;
@@ -904,27 +905,6 @@ impl Inner {
             reply.error(errno(e));
             return;
         }
-        // No live session or a stale handle: write synchronously (waits out outages).
-        let Ok(sfh) = self.fh_of(fh).await else {
-            drop(permit);
-            return reply_write(reply, self.write_sync(fh, offset, &data).await);
-        };
-        let instance = self.st().instance;
-        // The request owns the only copy of the data; a rare resend decodes it back.
-        let body = match proto::encode(&proto::Request {
-            instance,
-            op: Op::Write {
-                fh: sfh,
-                offset,
-                data,
-            },
-        }) {
-            Ok(b) => Bytes::from(b),
-            Err(_) => {
-                reply.error(Errno::EIO);
-                return;
-            }
-        };
         let session = self
             .client
             .session_retry(Duration::from_millis(100), Some(Duration::ZERO))
@@ -932,6 +912,7 @@ impl Inner {
         let call = match session.map(|s| s.start_call("fs", body.clone())) {
             Ok(Ok(call)) => call,
             _ => {
+                // No live session: write synchronously (waits out the outage).
                 drop(permit);
                 let res = self.write_sync(fh, offset, &write_data(&body)).await;
                 return reply_write(reply, res);
@@ -1591,14 +1572,21 @@ impl Filesystem for QtfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let data = data.to_vec();
         let me = self.inner.clone();
-        if self.inner.write_behind_ok(fh.0) {
-            self.inner
-                .rt
-                .spawn(async move { me.write_behind(ino.0, fh.0, offset, data, reply).await });
+        if let Some((sfh, instance)) = self.inner.write_behind_target(fh.0) {
+            // Encoded here, straight from the kernel's buffer: the only copy of the data.
+            let Ok(body) = proto::encode_write(instance, sfh, offset, data) else {
+                reply.error(Errno::EIO);
+                return;
+            };
+            let n = data.len() as u32;
+            self.inner.rt.spawn(async move {
+                me.write_behind(ino.0, fh.0, offset, Bytes::from(body), n, reply)
+                    .await
+            });
             return;
         }
+        let data = data.to_vec();
         self.inner.rt.spawn(async move {
             reply_write(reply, me.write_sync(fh.0, offset, &data).await);
         });

@@ -396,6 +396,39 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
     Ok(postcard::to_allocvec(msg)?)
 }
 
+/// Index of `Op::Write` among `Op`'s variants (checked by a test against the derived encoding).
+const OP_WRITE: u32 = 16;
+
+/// Encodes `Request { instance, op: Op::Write { fh, offset, data } }` straight from a borrowed
+/// buffer: the bytes of [`encode`] without first copying `data` into an owned `Op`.
+pub fn encode_write(
+    instance: u64,
+    fh: Fh,
+    offset: u64,
+    data: &[u8],
+) -> Result<Vec<u8>, ProtoError> {
+    struct WriteRef<'a>(Fh, u64, &'a [u8]);
+    impl Serialize for WriteRef<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeStructVariant;
+            let mut v = s.serialize_struct_variant("Op", OP_WRITE, "Write", 3)?;
+            v.serialize_field("fh", &self.0)?;
+            v.serialize_field("offset", &self.1)?;
+            v.serialize_field("data", serde_bytes::Bytes::new(self.2))?;
+            v.end()
+        }
+    }
+    #[derive(Serialize)]
+    struct RequestRef<'a> {
+        instance: u64,
+        op: WriteRef<'a>,
+    }
+    encode(&RequestRef {
+        instance,
+        op: WriteRef(fh, offset, data),
+    })
+}
+
 /// Deserializes a message.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProtoError> {
     Ok(postcard::from_bytes(bytes)?)
@@ -403,6 +436,21 @@ pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProtoError> 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn borrowed_write_encoding_matches_the_derived_one() {
+        let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let owned = encode(&Request {
+            instance: 7,
+            op: Op::Write {
+                fh: 300,
+                offset: 1 << 40,
+                data: data.clone(),
+            },
+        })
+        .unwrap();
+        assert_eq!(encode_write(7, 300, 1 << 40, &data).unwrap(), owned);
+    }
+
     use super::*;
 
     #[test]
