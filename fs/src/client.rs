@@ -920,6 +920,24 @@ impl Inner {
         };
         let unstable = self.begin_write(ino);
         reply.written(n);
+        self.collect_write(ino, fh, offset, body, n, call, unstable, permit)
+            .await;
+    }
+
+    /// Waits for the HOST's answer to an acknowledged write and records a failure for the
+    /// application's next write, close or fsync.
+    #[allow(clippy::too_many_arguments)]
+    async fn collect_write(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        body: Bytes,
+        n: u32,
+        call: impl Future<Output = Result<Bytes, CallError>>,
+        unstable: Arc<Unstable>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let answer = match call.await {
             Ok(r) => match proto::decode::<Reply>(&r) {
                 Ok(Reply::Written(w)) => Ok(w),
@@ -1579,11 +1597,29 @@ impl Filesystem for QtfsFs {
                 reply.error(Errno::EIO);
                 return;
             };
-            let n = data.len() as u32;
-            self.inner.rt.spawn(async move {
-                me.write_behind(ino.0, fh.0, offset, Bytes::from(body), n, reply)
-                    .await
-            });
+            let (body, n) = (Bytes::from(body), data.len() as u32);
+            if let Some(e) = self.inner.take_write_error(ino.0) {
+                reply.error(errno(e));
+                return;
+            }
+            // Budget left and a live session: queue and acknowledge right on this FUSE thread,
+            // the runtime only collects the answer. Otherwise wait for both on the runtime.
+            let kib = (n as usize).div_ceil(1024).clamp(1, WB_BUDGET_KIB) as u32;
+            let permit = self.inner.wb_budget.clone().try_acquire_many_owned(kib);
+            if let (Ok(permit), Some(session)) = (permit, self.inner.client.current()) {
+                if let Ok(call) = session.start_call("fs", body.clone()) {
+                    let unstable = self.inner.begin_write(ino.0);
+                    reply.written(n);
+                    self.inner.rt.spawn(async move {
+                        me.collect_write(ino.0, fh.0, offset, body, n, call, unstable, permit)
+                            .await
+                    });
+                    return;
+                }
+            }
+            self.inner
+                .rt
+                .spawn(async move { me.write_behind(ino.0, fh.0, offset, body, n, reply).await });
             return;
         }
         let data = data.to_vec();

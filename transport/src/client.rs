@@ -32,6 +32,13 @@ impl Client {
         &self.endpoint
     }
 
+    /// The live session if there is one and no dial is under way; never waits (for callers
+    /// on threads outside the runtime, such as FUSE threads).
+    pub fn current(&self) -> Option<Session> {
+        let cur = self.current.try_lock().ok()?;
+        cur.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
     /// The live session, dialing once if there is none. Concurrent callers share one dial.
     pub async fn session(&self) -> Result<Session, SessionError> {
         let mut cur = self.current.lock().await;
