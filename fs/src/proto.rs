@@ -429,6 +429,20 @@ pub fn encode_write(
     })
 }
 
+/// The fields of an encoded write request (`instance, fh, offset, data`), borrowing the data:
+/// the HOST writes it from the received frame without first copying it into an `Op`.
+pub fn decode_write(bytes: &[u8]) -> Option<(u64, Fh, u64, &[u8])> {
+    let (instance, rest) = postcard::take_from_bytes::<u64>(bytes).ok()?;
+    let (variant, rest) = postcard::take_from_bytes::<u32>(rest).ok()?;
+    if variant != OP_WRITE {
+        return None;
+    }
+    let (fh, rest) = postcard::take_from_bytes::<Fh>(rest).ok()?;
+    let (offset, rest) = postcard::take_from_bytes::<u64>(rest).ok()?;
+    let (data, rest) = postcard::take_from_bytes::<&[u8]>(rest).ok()?;
+    rest.is_empty().then_some((instance, fh, offset, data))
+}
+
 /// Deserializes a message.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProtoError> {
     Ok(postcard::from_bytes(bytes)?)
@@ -449,6 +463,20 @@ mod tests {
         })
         .unwrap();
         assert_eq!(encode_write(7, 300, 1 << 40, &data).unwrap(), owned);
+        assert_eq!(
+            decode_write(&owned),
+            Some((7, 300, 1 << 40, data.as_slice()))
+        );
+        let other = encode(&Request {
+            instance: 7,
+            op: Op::Flush {
+                fh: 1,
+                lock_owner: 2,
+            },
+        })
+        .unwrap();
+        assert_eq!(decode_write(&other), None);
+        assert_eq!(decode_write(&owned[..owned.len() - 1]), None);
     }
 
     use super::*;

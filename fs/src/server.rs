@@ -1023,8 +1023,34 @@ impl FsService {
         Ok(Reply::Dir(out))
     }
 
+    /// A write to a regular file straight from the received request (the bulk path: no copy
+    /// of the data into an `Op`). `None`: not such a write; decode and handle it normally.
+    fn write_in_place(&self, req: &[u8]) -> Option<Result<Vec<u8>, RemoteError>> {
+        let (instance, fh, offset, data) = proto::decode_write(req)?;
+        if instance != self.inner.instance {
+            return None;
+        }
+        let f = self.file(fh).ok().filter(|f| f.seekable)?;
+        let res = self
+            .writable(f.export)
+            .and_then(|()| sys::pwrite(f.fd.as_raw_fd(), offset, data, true));
+        Some(match res {
+            Ok(n) => proto::encode(&Reply::Written(n as u32)).map_err(|e| RemoteError {
+                code: libc::EIO,
+                message: e.to_string(),
+            }),
+            Err(e) => Err(RemoteError {
+                code: e,
+                message: std::io::Error::from_raw_os_error(e).to_string(),
+            }),
+        })
+    }
+
     /// Handles one encoded request (also used by in-process tests).
     pub async fn dispatch(&self, req: &[u8]) -> Result<Vec<u8>, RemoteError> {
+        if let Some(reply) = self.write_in_place(req) {
+            return reply;
+        }
         let req: Request = proto::decode(req).map_err(|e| RemoteError {
             code: libc::EPROTO,
             message: e.to_string(),
