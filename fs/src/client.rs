@@ -486,6 +486,12 @@ impl Inner {
     /// One request to the HOST with the current instance, retrying across session loss until
     /// the mount's timeout (or forever for `hard`). Returns `Err(STALE)` on an instance change.
     async fn rpc(&self, op: Op) -> R<Reply> {
+        let reply = self.rpc_bytes(op).await?;
+        proto::decode::<Reply>(&reply).map_err(|_| libc::EIO)
+    }
+
+    /// [`Inner::rpc`] returning the encoded reply (read data is then used where it lies).
+    async fn rpc_bytes(&self, op: Op) -> R<Bytes> {
         let instance = self.st().instance;
         let body = proto::encode(&proto::Request { instance, op }).map_err(|_| libc::EIO)?;
         let body = Bytes::from(body);
@@ -512,7 +518,7 @@ impl Inner {
                 }
             };
             match session.call("fs", body.clone()).await {
-                Ok(reply) => return proto::decode::<Reply>(&reply).map_err(|_| libc::EIO),
+                Ok(reply) => return Ok(reply),
                 // ESTALE: the server released our nodes (our previous session ended while
                 // the daemon stayed up); re-resolve like after a restart.
                 Err(CallError::Remote(e)) if e.code == STALE_INSTANCE || e.code == libc::ESTALE => {
@@ -1562,19 +1568,19 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                match me
-                    .rpc(Op::Read {
+                let r = me
+                    .rpc_bytes(Op::Read {
                         fh: sfh,
                         offset,
                         size,
                     })
-                    .await?
-                {
-                    Reply::Data(d) => Ok(d),
-                    _ => Err(libc::EIO),
+                    .await?;
+                match proto::decode_data(&r) {
+                    Some(_) => Ok(r),
+                    None => Err(libc::EIO),
                 }
             },
-            |d| reply.data(&d)
+            |r| reply.data(proto::decode_data(&r).unwrap_or_default())
         )
     }
 

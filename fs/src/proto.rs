@@ -443,6 +443,33 @@ pub fn decode_write(bytes: &[u8]) -> Option<(u64, Fh, u64, &[u8])> {
     rest.is_empty().then_some((instance, fh, offset, data))
 }
 
+/// Index of `Reply::Data` among `Reply`'s variants (checked by a test).
+const REPLY_DATA: u32 = 3;
+
+/// Room [`data_reply`] needs in front of the data: the variant and length varints.
+pub const DATA_HEADROOM: usize = 6;
+
+/// Turns `buf` — [`DATA_HEADROOM`] spare bytes followed by the data — into an encoded
+/// `Reply::Data` without moving the data (the HOST reads file data straight into `buf`).
+pub fn data_reply(mut buf: Vec<u8>) -> Result<bytes::Bytes, ProtoError> {
+    let n = buf.len().saturating_sub(DATA_HEADROOM) as u64;
+    let mut head = [0u8; DATA_HEADROOM];
+    let h = postcard::to_slice(&(REPLY_DATA, n), &mut head)?.len();
+    let start = DATA_HEADROOM - h;
+    buf[start..DATA_HEADROOM].copy_from_slice(&head[..h]);
+    Ok(bytes::Bytes::from(buf).slice(start..))
+}
+
+/// The data of an encoded `Reply::Data`, borrowed from the reply (`None`: another reply).
+pub fn decode_data(bytes: &[u8]) -> Option<&[u8]> {
+    let (variant, rest) = postcard::take_from_bytes::<u32>(bytes).ok()?;
+    if variant != REPLY_DATA {
+        return None;
+    }
+    let (data, rest) = postcard::take_from_bytes::<&[u8]>(rest).ok()?;
+    rest.is_empty().then_some(data)
+}
+
 /// Deserializes a message.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProtoError> {
     Ok(postcard::from_bytes(bytes)?)
@@ -476,6 +503,15 @@ mod tests {
         })
         .unwrap();
         assert_eq!(decode_write(&other), None);
+        for len in [0usize, 5, 200, 70_000, 1 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
+            let mut buf = vec![0u8; DATA_HEADROOM];
+            buf.extend_from_slice(&data);
+            let fast = data_reply(buf).unwrap();
+            assert_eq!(&fast[..], &encode(&Reply::Data(data.clone())).unwrap()[..]);
+            assert_eq!(decode_data(&fast), Some(data.as_slice()));
+        }
+        assert_eq!(decode_data(&encode(&Reply::Ok).unwrap()), None);
         assert_eq!(decode_write(&owned[..owned.len() - 1]), None);
     }
 

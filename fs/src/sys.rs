@@ -372,6 +372,42 @@ pub fn removexattr(fd: RawFd, name: &CStr) -> Result<(), Errno> {
 }
 
 /// pread into a buffer of `size` bytes; loops for regular files so short reads mean EOF.
+/// Appends up to `size` bytes of a regular file at `offset` to `buf` (short only at EOF).
+pub fn pread_append(fd: RawFd, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<(), Errno> {
+    let start = buf.len();
+    buf.resize(start + size as usize, 0);
+    let mut got = 0usize;
+    while start + got < buf.len() {
+        let rest = &mut buf[start + got..];
+        // SAFETY: buffer valid for `rest.len()` bytes.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                rest.as_mut_ptr() as *mut libc::c_void,
+                rest.len(),
+                (offset + got as u64) as i64,
+            )
+        };
+        if n < 0 {
+            let e = last();
+            if e == libc::EINTR {
+                continue;
+            }
+            if got > 0 {
+                break;
+            }
+            buf.truncate(start);
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    buf.truncate(start + got);
+    Ok(())
+}
+
 pub fn pread(fd: RawFd, offset: u64, size: u32, seekable: bool) -> Result<Vec<u8>, Errno> {
     let mut buf = vec![0u8; size as usize];
     let mut got = 0usize;
