@@ -59,9 +59,9 @@ pub struct RunOptions {
     pub tty: bool,
 }
 
-/// A fresh random exec id.
+/// A fresh random exec id (from the OS: one id per process needs no userspace CSPRNG).
 pub fn new_id() -> u64 {
-    rand::random()
+    rand::RngCore::next_u64(&mut rand::rngs::OsRng)
 }
 
 /// Builds the stream header.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -399,7 +400,10 @@ async fn handshake(
     registry: &Registry,
     dialer: bool,
 ) -> Result<Negotiated, HandshakeError> {
-    let nonce: [u8; 32] = rand::random();
+    // Straight from the OS: a fresh nonce per handshake needs no userspace CSPRNG, whose
+    // set-up (ChaCha, CPU feature probing) costs more than the one getrandom(2) call.
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
     let mine = HelloMsg {
         hello: wire::Hello {
             magic: wire::MAGIC,
