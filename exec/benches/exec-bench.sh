@@ -2,7 +2,8 @@
 # rexec benchmark: remote-exec latency and stdout streaming, rexec vs ssh, in one run.
 #
 #   cargo build --release -p tools --bin rexec --bin rexec_server
-#   cargo rexec-static                    # the deployed build of rexec (.cargo/config.toml)
+#   cargo rexec-static                    # the deployed build of rexec (or rexec-static-nopie;
+#                                         # .cargo/config.toml)
 #   exec/benches/exec-bench.sh            # RUNS=200 (latency runs), STREAM_RUNS=3, BIN=target/release
 #
 # REXEC = the rexec measured (default: the static build if present, else $BIN/rexec); when it is
@@ -103,7 +104,7 @@ hf() { local name=$1 runs=$2; shift 2; local f=$W/hf-$RANDOM.json
   hyperfine -N --warmup 3 --runs "$runs" --export-json "$f" "$@" >/dev/null 2>&1 || { echo "| $name | FAILED |"; return; }
   summ "$f" "$name"; }
 
-linkage() { if file -L "$1" | grep -q 'static'; then echo static; else echo dynamic; fi; }
+linkage() { case "$(file -L "$1")" in *static-pie*) echo static-pie;; *statically*) echo static non-PIE;; *) echo dynamic;; esac; }
 echo "# rexec benchmark $(date -u +%FT%TZ) on $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# rexec: $REXEC ($(linkage "$REXEC"))"
 echo
