@@ -7,8 +7,8 @@
 
 // No std runtime start-up: rexec's latency is mostly process start-up, and std's (guard page
 // lookup through /proc/self/maps, signal alternate stack) buys nothing for a short-lived client.
-// `main` below does the two parts rexec relies on.
-#![no_main]
+// `main` below does the two parts rexec relies on. (Test builds keep the harness's main.)
+#![cfg_attr(not(test), no_main)]
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -138,6 +138,7 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
 
 /// The C entry point (see `#![no_main]`): what std's start-up would have done that matters here,
 /// then the client.
+#[cfg(not(test))]
 #[no_mangle]
 pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
     sanitize_stdio();
@@ -154,6 +155,7 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
 
 /// Opens /dev/null on any of fds 0–2 that is closed, as std's start-up does, so that the
 /// connection socket never becomes stdout.
+#[cfg(not(test))]
 fn sanitize_stdio() {
     for fd in 0..3 {
         // SAFETY: fcntl(F_GETFD) only inspects; open returns the lowest free fd.
@@ -167,6 +169,7 @@ fn sanitize_stdio() {
     }
 }
 
+#[cfg_attr(test, allow(dead_code))]
 fn rexec_main() -> std::convert::Infallible {
     let args = Args::parse();
     if std::env::var_os("RUST_LOG").is_some() {
