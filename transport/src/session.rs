@@ -899,13 +899,13 @@ async fn writer_task(
             Some(f)
         } else {
             tokio::select! {
-            biased;
-            f = ctl.recv() => f,
-            _ = closed.changed() => None,
-            f = data.recv(), if data_open => match f {
-                Some(f) => Some(f),
-                None => { data_open = false; continue; }
-            },
+                biased;
+                f = ctl.recv() => f,
+                _ = closed.changed() => None,
+                f = data.recv(), if data_open => match f {
+                    Some(f) => Some(f),
+                    None => { data_open = false; continue; }
+                },
             }
         };
         let Some(first) = first else { break };
