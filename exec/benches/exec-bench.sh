@@ -2,7 +2,12 @@
 # rexec benchmark: remote-exec latency and stdout streaming, rexec vs ssh, in one run.
 #
 #   cargo build --release -p tools --bin rexec --bin rexec_server
+#   cargo rexec-static                    # the deployed build of rexec (or rexec-static-nopie;
+#                                         # .cargo/config.toml)
 #   exec/benches/exec-bench.sh            # RUNS=200 (latency runs), STREAM_RUNS=3, BIN=target/release
+#
+# REXEC = the rexec measured (default: the static build if present, else $BIN/rexec); when it is
+# not $BIN/rexec, the dynamic $BIN/rexec is measured too (one more row).
 #
 # Measures (hyperfine -N, median):
 #   local fork/exec of /bin/true | rexec /bin/true over TCP loopback (and a Unix socket) |
@@ -30,6 +35,11 @@ cleanup() {
 trap cleanup EXIT
 for t in hyperfine /usr/sbin/sshd ssh python3; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
 [ -x "$BIN/rexec" ] && [ -x "$BIN/rexec_server" ] || { echo "build first: cargo build --release -p tools --bin rexec --bin rexec_server (BIN=$BIN)" >&2; exit 1; }
+STATIC=$(dirname "$BIN")/$(rustc --print host-tuple 2>/dev/null || echo none)/release/rexec
+if [ -z "${REXEC:-}" ]; then
+  if [ -x "$STATIC" ]; then REXEC=$STATIC; else REXEC=$BIN/rexec; fi
+fi
+[ -x "$REXEC" ] || { echo "REXEC=$REXEC is not executable" >&2; exit 1; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -40,7 +50,7 @@ CMD_NET_ADDR=tcp://127.0.0.1:$RPORT RUST_LOG=warn "$BIN/rexec_server" --key-file
 CMD_NET_ADDR=unix://$W/rexec.sock RUST_LOG=warn "$BIN/rexec_server" --key-file "$W/psk" --allow-any 2>>"$W/rexec_server.log" & PIDS+=($!)
 export OFFLOAD_KEY_FILE=$W/psk
 for i in $(seq 100); do
-  CMD_NET_ADDR=tcp://127.0.0.1:$RPORT "$BIN/rexec" /bin/true 2>/dev/null && CMD_NET_ADDR=unix://$W/rexec.sock "$BIN/rexec" /bin/true 2>/dev/null && break
+  CMD_NET_ADDR=tcp://127.0.0.1:$RPORT "$REXEC" /bin/true 2>/dev/null && CMD_NET_ADDR=unix://$W/rexec.sock "$REXEC" /bin/true 2>/dev/null && break
   sleep 0.05
 done
 
@@ -94,13 +104,22 @@ hf() { local name=$1 runs=$2; shift 2; local f=$W/hf-$RANDOM.json
   hyperfine -N --warmup 3 --runs "$runs" --export-json "$f" "$@" >/dev/null 2>&1 || { echo "| $name | FAILED |"; return; }
   summ "$f" "$name"; }
 
+linkage() { case "$(file -L "$1")" in *static-pie*) echo static-pie;; *statically*) echo static non-PIE;; *) echo dynamic;; esac; }
 echo "# rexec benchmark $(date -u +%FT%TZ) on $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# rexec: $REXEC ($(linkage "$REXEC"))"
 echo
 echo "| case | median ms | mean ms | min - max ms | runs |"
 echo "|---|---|---|---|---|"
+# CMD_NET_ADDR is exported to hyperfine, not set through `env`: an `env` wrapper is one more
+# program start (~1 ms here) that ssh's rows do not pay.
 hf "local fork/exec /bin/true" "$RUNS" "/bin/true"
-hf "rexec /bin/true (TCP loopback)" "$RUNS" "env CMD_NET_ADDR=tcp://127.0.0.1:$RPORT $BIN/rexec /bin/true"
-hf "rexec /bin/true (Unix socket)" "$RUNS" "env CMD_NET_ADDR=unix://$W/rexec.sock $BIN/rexec /bin/true"
+(export CMD_NET_ADDR=tcp://127.0.0.1:$RPORT
+ hf "rexec /bin/true (TCP loopback)" "$RUNS" "$REXEC /bin/true"
+ if [ "$REXEC" != "$BIN/rexec" ]; then
+   hf "rexec /bin/true (TCP, $(linkage "$BIN/rexec") build)" "$RUNS" "$BIN/rexec /bin/true"
+ fi)
+(export CMD_NET_ADDR=unix://$W/rexec.sock
+ hf "rexec /bin/true (Unix socket)" "$RUNS" "$REXEC /bin/true")
 hf "ssh true (ControlMaster reuse)" "$RUNS" "$SSH -o ControlMaster=no -o ControlPath=$W/cm lab true"
 hf "ssh true (fresh connection)" 100 "$SSH -o ControlMaster=no -o ControlPath=none lab true"
 echo
@@ -115,5 +134,5 @@ print('| %-44s | %7.2f (%5.0f MiB/s) | %7.2f | %6.2f - %6.2f | %d |' % (sys.argv
 PY
 }
 hfs "local head -c 1GiB /dev/zero" "head -c 1073741824 /dev/zero"
-hfs "rexec head -c 1GiB /dev/zero (TCP loopback)" "env CMD_NET_ADDR=tcp://127.0.0.1:$RPORT $BIN/rexec head -c 1073741824 /dev/zero"
+hfs "rexec head -c 1GiB /dev/zero (TCP loopback)" "$REXEC --addr tcp://127.0.0.1:$RPORT head -c 1073741824 /dev/zero"
 hfs "ssh head -c 1GiB /dev/zero (ControlMaster)" "$SSH -o ControlMaster=no -o ControlPath=$W/cm lab head -c 1073741824 /dev/zero"

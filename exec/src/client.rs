@@ -59,9 +59,9 @@ pub struct RunOptions {
     pub tty: bool,
 }
 
-/// A fresh random exec id.
+/// A fresh random exec id (from the OS: one id per process needs no userspace CSPRNG).
 pub fn new_id() -> u64 {
-    rand::random()
+    rand::RngCore::next_u64(&mut rand::rngs::OsRng)
 }
 
 /// Builds the stream header.
@@ -103,21 +103,23 @@ pub async fn run(
     let (mut rd, mut wr) = stream.split();
 
     // stdin: thread → channel → stream. EOF → half-close.
-    let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(4);
-    if stdin_is_empty() {
-        drop(in_tx); // EOF right away, no thread
-    } else {
-        spawn_stdin_reader(in_tx)?;
-    }
-    let stdin_task = tokio::spawn(async move {
-        while let Some(b) = in_rx.recv().await {
-            if wr.send(b).await.is_err() {
-                return;
-            }
-        }
+    let stdin_task = if stdin_is_empty() {
+        // EOF right away: no thread, no task, and the Eof leaves in the same write as the request.
         let _ = wr.finish();
-        // Keep the writer alive: dropping it now is fine (EOF already sent).
-    });
+        None
+    } else {
+        let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(4);
+        spawn_stdin_reader(in_tx)?;
+        Some(tokio::spawn(async move {
+            while let Some(b) = in_rx.recv().await {
+                if wr.send(b).await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.finish();
+            // Keep the writer alive: dropping it now is fine (EOF already sent).
+        }))
+    };
 
     // Signals are forwarded once the program runs (the server registers it before `Started`).
     let (started_tx, started_rx) = watch::channel(false);
@@ -176,7 +178,9 @@ pub async fn run(
         }
     };
     sig_task.abort();
-    stdin_task.abort();
+    if let Some(t) = stdin_task {
+        t.abort();
+    }
     // All output received before the status is written out before we return.
     out.finish();
     result

@@ -133,10 +133,16 @@ impl AsyncFile {
     /// (so a frame header can be written in place). `None` = EOF (EIO on a pty master counts as
     /// EOF: the last slave fd was closed).
     pub async fn read_chunk(&self, headroom: usize, max: usize) -> io::Result<Option<BytesMut>> {
-        let mut buf = BytesMut::with_capacity(headroom + max);
-        buf.resize(headroom, 0);
+        let mut buf = None;
         loop {
             let mut guard = self.0.readable().await?;
+            // Allocated only once the fd is readable: callers select! over several sources and
+            // drop the losing futures every round, so an up-front buffer would be churn.
+            let buf = buf.get_or_insert_with(|| {
+                let mut b = BytesMut::with_capacity(headroom + max);
+                b.resize(headroom, 0);
+                b
+            });
             let r = guard.try_io(|fd| {
                 let spare = buf.spare_capacity_mut();
                 // SAFETY: reading into the spare capacity of buf, at most its length.
@@ -158,7 +164,7 @@ impl AsyncFile {
                 Ok(Ok(n)) => {
                     // SAFETY: the kernel initialised n bytes after the current length.
                     unsafe { buf.set_len(headroom + n) };
-                    return Ok(Some(buf));
+                    return Ok(Some(std::mem::take(buf)));
                 }
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Ok(None),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,

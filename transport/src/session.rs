@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -371,15 +372,39 @@ struct Negotiated {
     peer_services: Vec<String>,
     peer_window: u32,
     peer_max_frame: u32,
+    /// Dialer only: its Auth frame, written by the session's writer ahead of the first frames
+    /// (one write, no extra round trip).
+    auth: Option<BytesMut>,
 }
 
+/// Writes handshake frames in one write and flushes.
+async fn hs_send(conn: &mut Conn, frames: &[&[u8]]) -> io::Result<()> {
+    let all = frames.concat();
+    conn.write_all(&all).await?;
+    conn.flush().await
+}
+
+/// The handshake. The acceptor proves the key first, so the dialer knows who it talks to
+/// before it sends anything but its Hello, and can send its own proof together with its first
+/// frames: 1 round trip instead of 2.
+///
+/// ```text
+/// dialer                               acceptor
+///   Hello_d                  ──▶
+///                            ◀──  Hello_a, Welcome{S tag} | Refuse
+///   Auth{C tag}, frames…     ──▶  (verified before any frame is read)
+///                            ◀──  Refuse (wrong key only)
+/// ```
 async fn handshake(
     conn: &mut Conn,
     cfg: &SessionConfig,
     registry: &Registry,
     dialer: bool,
 ) -> Result<Negotiated, HandshakeError> {
-    let nonce: [u8; 32] = rand::random();
+    // Straight from the OS: a fresh nonce per handshake needs no userspace CSPRNG, whose
+    // set-up (ChaCha, CPU feature probing) costs more than the one getrandom(2) call.
+    let mut nonce = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
     let mine = HelloMsg {
         hello: wire::Hello {
             magic: wire::MAGIC,
@@ -392,9 +417,10 @@ async fn handshake(
         max_frame: cfg.max_frame,
     };
     let mine_bytes = wire::encode(&mine);
-    conn.write_all(&hs_frame(Kind::Hello, mine_bytes.clone()))
-        .await?;
-    conn.flush().await?;
+    let my_hello = hs_frame(Kind::Hello, mine_bytes.clone());
+    if dialer {
+        hs_send(conn, &[&my_hello]).await?;
+    }
     let (kind, theirs_bytes) = read_hs_frame(conn).await?;
     if kind != Kind::Hello {
         return Err(HandshakeError::Unexpected(kind));
@@ -419,6 +445,12 @@ async fn handshake(
             }),
         )
     };
+    let negotiated = |auth| Negotiated {
+        peer_services: theirs.hello.services.clone(),
+        peer_window: theirs.stream_window.max(1),
+        peer_max_frame: theirs.max_frame.max(4096),
+        auth,
+    };
 
     if dialer {
         if theirs.hello.version != wire::VERSION {
@@ -432,16 +464,24 @@ async fn handshake(
             .as_ref()
             .map(|k| tag_for(k, b"C").to_vec())
             .unwrap_or_default();
-        conn.write_all(&hs_frame(Kind::Auth, wire::encode(&wire::Auth { tag })))
-            .await?;
-        conn.flush().await?;
+        let auth = hs_frame(Kind::Auth, wire::encode(&wire::Auth { tag }));
         let (kind, body) = read_hs_frame(conn).await?;
         match kind {
             Kind::Welcome => {
                 let w: wire::Welcome = wire::decode("welcome", &body)?;
                 match &cfg.key {
                     Some(k) if !k.verify(&[AUTH_CONTEXT, b"S", c_hello, s_hello], &w.tag) => {
-                        return Err(HandshakeError::PeerNotAuthenticated);
+                        // Wrong key here or an impostor there: our proof tells the acceptor
+                        // (its Refuse names the reason), and reveals nothing reusable (fresh
+                        // nonces, role-bound). Nothing else is sent.
+                        hs_send(conn, &[&auth]).await?;
+                        return match read_hs_frame(conn).await {
+                            Ok((Kind::Refuse, body)) => {
+                                let r: wire::Refuse = wire::decode("refuse", &body)?;
+                                Err(HandshakeError::Rejected(r.reason))
+                            }
+                            _ => Err(HandshakeError::PeerNotAuthenticated),
+                        };
                     }
                     Some(_) => {}
                     None if theirs.hello.authenticated => {
@@ -451,74 +491,75 @@ async fn handshake(
                     }
                     None => {}
                 }
+                Ok(negotiated(Some(auth)))
             }
             Kind::Refuse => {
                 let r: wire::Refuse = wire::decode("refuse", &body)?;
-                return Err(HandshakeError::Rejected(r.reason));
+                Err(HandshakeError::Rejected(r.reason))
             }
-            other => return Err(HandshakeError::Unexpected(other)),
+            other => Err(HandshakeError::Unexpected(other)),
         }
     } else {
         if theirs.hello.version != wire::VERSION {
-            let _ = conn
-                .write_all(&refuse(&format!(
-                    "unsupported protocol version {}; this side speaks {}",
-                    theirs.hello.version,
-                    wire::VERSION
-                )))
-                .await;
+            let _ = hs_send(
+                conn,
+                &[
+                    &my_hello,
+                    &refuse(&format!(
+                        "unsupported protocol version {}; this side speaks {}",
+                        theirs.hello.version,
+                        wire::VERSION
+                    )),
+                ],
+            )
+            .await;
             return Err(HandshakeError::Version {
                 ours: wire::VERSION,
                 theirs: theirs.hello.version,
             });
         }
+        match &cfg.key {
+            Some(_) if !theirs.hello.authenticated => {
+                let _ = hs_send(
+                    conn,
+                    &[&my_hello, &refuse("this server requires a pre-shared key")],
+                )
+                .await;
+                return Err(HandshakeError::Mismatch("peer has no key".into()));
+            }
+            None if theirs.hello.authenticated => {
+                let _ = hs_send(
+                    conn,
+                    &[&my_hello, &refuse("this server runs unauthenticated but the client holds a key; refusing to downgrade")],
+                )
+                .await;
+                return Err(HandshakeError::Mismatch(
+                    "peer holds a key, this side runs unauthenticated".into(),
+                ));
+            }
+            _ => {}
+        }
+        let tag = cfg
+            .key
+            .as_ref()
+            .map(|k| tag_for(k, b"S").to_vec())
+            .unwrap_or_default();
+        let welcome = hs_frame(Kind::Welcome, wire::encode(&wire::Welcome { tag }));
+        hs_send(conn, &[&my_hello, &welcome]).await?;
+        // Only the Auth is read here; frames pipelined behind it stay unread until it verified.
         let (kind, body) = read_hs_frame(conn).await?;
         if kind != Kind::Auth {
             return Err(HandshakeError::Unexpected(kind));
         }
         let a: wire::Auth = wire::decode("auth", &body)?;
-        match &cfg.key {
-            Some(k) => {
-                if !theirs.hello.authenticated {
-                    let _ = conn
-                        .write_all(&refuse("this server requires a pre-shared key"))
-                        .await;
-                    return Err(HandshakeError::Mismatch("peer has no key".into()));
-                }
-                if !k.verify(&[AUTH_CONTEXT, b"C", c_hello, s_hello], &a.tag) {
-                    let _ = conn.write_all(&refuse("wrong key")).await;
-                    return Err(HandshakeError::Rejected("wrong key".into()));
-                }
-                let tag = tag_for(k, b"S").to_vec();
-                conn.write_all(&hs_frame(
-                    Kind::Welcome,
-                    wire::encode(&wire::Welcome { tag }),
-                ))
-                .await?;
-            }
-            None => {
-                if theirs.hello.authenticated {
-                    let _ = conn
-                        .write_all(&refuse("this server runs unauthenticated but the client holds a key; refusing to downgrade"))
-                        .await;
-                    return Err(HandshakeError::Mismatch(
-                        "peer holds a key, this side runs unauthenticated".into(),
-                    ));
-                }
-                conn.write_all(&hs_frame(
-                    Kind::Welcome,
-                    wire::encode(&wire::Welcome { tag: vec![] }),
-                ))
-                .await?;
+        if let Some(k) = &cfg.key {
+            if !k.verify(&[AUTH_CONTEXT, b"C", c_hello, s_hello], &a.tag) {
+                let _ = hs_send(conn, &[&refuse("wrong key")]).await;
+                return Err(HandshakeError::Rejected("wrong key".into()));
             }
         }
-        conn.flush().await?;
+        Ok(negotiated(None))
     }
-    Ok(Negotiated {
-        peer_services: theirs.hello.services,
-        peer_window: theirs.stream_window.max(1),
-        peer_max_frame: theirs.max_frame.max(4096),
-    })
 }
 
 impl Session {
@@ -574,6 +615,10 @@ impl Session {
         let (r, w) = tokio::io::split(conn);
         tokio::spawn(writer_task(
             w,
+            neg.auth.map(|head| Frame {
+                head,
+                body: Bytes::new(),
+            }),
             ctl_rx,
             data_rx,
             Arc::downgrade(&inner),
@@ -849,6 +894,7 @@ fn stage(
 
 async fn writer_task(
     mut w: WriteHalf<Conn>,
+    mut lead: Option<Frame>,
     mut ctl: mpsc::UnboundedReceiver<Frame>,
     mut data: mpsc::UnboundedReceiver<Frame>,
     inner: std::sync::Weak<Inner>,
@@ -859,15 +905,20 @@ async fn writer_task(
     let mut data_open = true;
     let mut go_away = false;
     loop {
-        // Control frames (calls, replies, credit, pings) go before bulk data.
-        let first = tokio::select! {
-            biased;
-            f = ctl.recv() => f,
-            _ = closed.changed() => None,
-            f = data.recv(), if data_open => match f {
-                Some(f) => Some(f),
-                None => { data_open = false; continue; }
-            },
+        // The dialer's Auth goes first, batched with whatever the caller queued meanwhile.
+        // Then control frames (calls, replies, credit, pings) go before bulk data.
+        let first = if let Some(f) = lead.take() {
+            Some(f)
+        } else {
+            tokio::select! {
+                biased;
+                f = ctl.recv() => f,
+                _ = closed.changed() => None,
+                f = data.recv(), if data_open => match f {
+                    Some(f) => Some(f),
+                    None => { data_open = false; continue; }
+                },
+            }
         };
         let Some(first) = first else { break };
         let mut batch_bytes = 0usize;
@@ -1231,6 +1282,14 @@ fn dispatch(
         Kind::Pong => {}
         Kind::GoAway => {
             inner.lock().going_away = true;
+        }
+        // The acceptor refuses a dialer's Auth after the dialer already started the session
+        // (it only does so on a wrong key, which the dialer normally detects first).
+        Kind::Refuse if dialer => {
+            let why = wire::decode::<wire::Refuse>("refuse", &payload)
+                .map(|r| r.reason)
+                .unwrap_or_else(|e| e.to_string());
+            return proto(format!("the peer refused the session: {why}"));
         }
         Kind::Hello | Kind::Auth | Kind::Welcome | Kind::Refuse => {
             return proto(format!("{:?} frame after the handshake", h.kind));

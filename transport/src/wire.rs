@@ -12,8 +12,8 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-/// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
+/// Protocol version spoken by this build. 2: the acceptor proves the key first (1-RTT handshake).
+pub const VERSION: u16 = 2;
 /// First bytes of every Hello, so a wrong peer (HTTP, SSH, garbage) is recognised at once.
 pub const MAGIC: [u8; 8] = *b"DPUOFFL\x01";
 /// Size of the frame header.
