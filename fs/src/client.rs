@@ -22,7 +22,9 @@
 //! [`transport::Service`]), so any later request — getattr, read, fsync, a HOST-side reader
 //! after close — sees the write. A failure (ENOSPC, EIO after an outage) is reported by the
 //! next write, by `close` (flush waits for the inode's writes in flight) or by `fsync`, as on
-//! NFS; unmounting delivers what is still in flight. Writes through FIFOs, pseudo filesystems
+//! NFS; unmounting delivers what is still in flight. Writes in flight when the HOST daemon
+//! restarts are sent again once it is back; two *overlapping* writes caught in flight by a
+//! restart may then land in either order. Writes through FIFOs, pseudo filesystems
 //! and `O_APPEND`/`O_SYNC`/`O_DSYNC`/`O_DIRECT` handles stay synchronous. Page-cache write-back
 //! (`writeback_cache`) stays off: HOST-side writers must stay visible.
 //!
