@@ -88,6 +88,56 @@ fn fs_host_restart_under_workload() {
     }
 }
 
+/// A streaming write (write-behind: many 1 MiB writes acknowledged and in flight) across a
+/// HOST daemon SIGKILL and restart: `dd` succeeds and the HOST file is exactly the source.
+#[test]
+fn fs_streaming_write_across_restart() {
+    tests::init_tracing();
+    if !fuse_ready("fs_streaming_write_across_restart") {
+        return;
+    }
+    for kind in tests::link_kinds() {
+        let tmp = tmpdir();
+        let exp = tmp.path().join("export");
+        fs::create_dir_all(&exp).unwrap();
+        let src = tmp.path().join("src");
+        let data: Vec<u8> = (0..64u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        fs::write(&src, &data).unwrap();
+        let mut host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "timeout=60");
+        let dd = std::process::Command::new("dd")
+            .arg(format!("if={}", src.display()))
+            .arg(format!("of={}", m.path("big").display()))
+            .args(["bs=1M", "conv=fsync", "status=none"])
+            .spawn()
+            .unwrap();
+        // Kill once the file is growing on the HOST, i.e. writes are in flight.
+        let start = Instant::now();
+        while fs::metadata(exp.join("big")).map_or(0, |m| m.len()) < 4 << 20 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "[{kind}] dd never started"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        host.kill();
+        std::thread::sleep(Duration::from_millis(500));
+        host.restart();
+        let out = dd.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "[{kind}] dd across the restart: {}",
+            out.status
+        );
+        let got = fs::read(exp.join("big")).unwrap();
+        assert_eq!(got.len(), data.len(), "[{kind}] length");
+        assert!(got == data, "[{kind}] content differs from the source");
+        drop(m);
+    }
+}
+
 #[test]
 fn fs_soft_timeout_then_recovery() {
     tests::init_tracing();
