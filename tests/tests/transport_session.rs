@@ -387,10 +387,13 @@ async fn pending_calls_fail_when_the_peer_dies_or_goes_silent() {
         let mut x = [0u8; 65536];
         let mut y = [0u8; 65536];
         loop {
+            // Biased, freeze first: bytes that arrive after the freeze are never forwarded,
+            // even when they are ready in the same poll.
             tokio::select! {
+                biased;
+                _ = frozen.changed() => { tokio::time::sleep(Duration::from_secs(3600)).await; }
                 n = ar.read(&mut x) => { let n = n.unwrap(); if n == 0 { break } bw.write_all(&x[..n]).await.unwrap(); }
                 n = br.read(&mut y) => { let n = n.unwrap(); if n == 0 { break } aw.write_all(&y[..n]).await.unwrap(); }
-                _ = frozen.changed() => { tokio::time::sleep(Duration::from_secs(3600)).await; }
             }
         }
     });
