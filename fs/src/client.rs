@@ -214,6 +214,11 @@ struct Inner {
 /// Write-behind budget of one mount.
 const WB_BUDGET_KIB: usize = 32 * 1024;
 
+/// Budget permits (KiB) an acknowledged write of `n` bytes holds while in flight.
+fn wb_kib(n: u32) -> u32 {
+    (n as usize).div_ceil(1024).clamp(1, WB_BUDGET_KIB) as u32
+}
+
 /// Acknowledged writes of one inode still on their way to the HOST.
 #[derive(Default)]
 struct Unstable {
@@ -904,8 +909,7 @@ impl Inner {
         n: u32,
         reply: ReplyWrite,
     ) {
-        let kib = (n as usize).div_ceil(1024).clamp(1, WB_BUDGET_KIB) as u32;
-        let Ok(permit) = self.wb_budget.clone().acquire_many_owned(kib).await else {
+        let Ok(permit) = self.wb_budget.clone().acquire_many_owned(wb_kib(n)).await else {
             reply.error(Errno::EIO);
             return;
         };
@@ -1612,8 +1616,11 @@ impl Filesystem for QtfsFs {
             }
             // Budget left and a live session: queue and acknowledge right on this FUSE thread,
             // the runtime only collects the answer. Otherwise wait for both on the runtime.
-            let kib = (n as usize).div_ceil(1024).clamp(1, WB_BUDGET_KIB) as u32;
-            let permit = self.inner.wb_budget.clone().try_acquire_many_owned(kib);
+            let permit = self
+                .inner
+                .wb_budget
+                .clone()
+                .try_acquire_many_owned(wb_kib(n));
             if let (Ok(permit), Some(session)) = (permit, self.inner.client.current()) {
                 if let Ok(call) = session.start_call("fs", body.clone()) {
                     let unstable = self.inner.begin_write(ino.0);

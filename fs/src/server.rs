@@ -1032,20 +1032,14 @@ impl FsService {
         buf.resize(proto::DATA_HEADROOM, 0);
         let res = sys::pread_append(f.fd.as_raw_fd(), offset, size, &mut buf);
         Some(match res {
-            Ok(()) => proto::data_reply(buf).map_err(|e| RemoteError {
-                code: libc::EIO,
-                message: e.to_string(),
-            }),
-            Err(e) => Err(RemoteError {
-                code: e,
-                message: std::io::Error::from_raw_os_error(e).to_string(),
-            }),
+            Ok(()) => proto::data_reply(buf).map_err(encode_error),
+            Err(e) => Err(errno_error(e)),
         })
     }
 
     /// A write to a regular file straight from the received request (the bulk path: no copy
     /// of the data into an `Op`). `None`: not such a write; decode and handle it normally.
-    fn write_in_place(&self, req: &[u8]) -> Option<Result<Vec<u8>, RemoteError>> {
+    fn write_in_place(&self, req: &[u8]) -> Option<R<Reply>> {
         let (instance, fh, offset, data) = proto::decode_write(req)?;
         if instance != self.inner.instance {
             return None;
@@ -1054,22 +1048,13 @@ impl FsService {
         let res = self
             .writable(f.export)
             .and_then(|()| sys::pwrite(f.fd.as_raw_fd(), offset, data, true));
-        Some(match res {
-            Ok(n) => proto::encode(&Reply::Written(n as u32)).map_err(|e| RemoteError {
-                code: libc::EIO,
-                message: e.to_string(),
-            }),
-            Err(e) => Err(RemoteError {
-                code: e,
-                message: std::io::Error::from_raw_os_error(e).to_string(),
-            }),
-        })
+        Some(res.map(|n| Reply::Written(n as u32)))
     }
 
     /// Handles one encoded request (also used by in-process tests).
     pub async fn dispatch(&self, req: &[u8]) -> Result<Bytes, RemoteError> {
-        if let Some(reply) = self.write_in_place(req) {
-            return reply.map(Bytes::from);
+        if let Some(written) = self.write_in_place(req) {
+            return encoded(written.map_err(errno_error)?);
         }
         let req: Request = proto::decode(req).map_err(|e| RemoteError {
             code: libc::EPROTO,
@@ -1090,23 +1075,35 @@ impl FsService {
                     }
                 }
                 debug!(?op, "fs op");
-                self.handle(op).await.map_err(|e| RemoteError {
-                    code: e,
-                    message: std::io::Error::from_raw_os_error(e).to_string(),
-                })?
+                self.handle(op).await.map_err(errno_error)?
             }
         };
-        proto::encode(&reply)
-            .map(Bytes::from)
-            .map_err(|e| RemoteError {
-                code: libc::EIO,
-                message: e.to_string(),
-            })
+        encoded(reply)
     }
 }
 
 /// Every node the DPU kernel remembers is an open `O_PATH` descriptor here (like virtiofsd),
 /// so lift the soft descriptor limit to the hard one.
+/// An operation's errno as the service's error.
+fn errno_error(e: Errno) -> RemoteError {
+    RemoteError {
+        code: e,
+        message: std::io::Error::from_raw_os_error(e).to_string(),
+    }
+}
+
+/// A reply that could not be encoded (EIO to the caller).
+fn encode_error(e: proto::ProtoError) -> RemoteError {
+    RemoteError {
+        code: libc::EIO,
+        message: e.to_string(),
+    }
+}
+
+fn encoded(reply: Reply) -> Result<Bytes, RemoteError> {
+    proto::encode(&reply).map(Bytes::from).map_err(encode_error)
+}
+
 fn raise_nofile_limit() {
     let mut rl = libc::rlimit {
         rlim_cur: 0,

@@ -371,45 +371,9 @@ pub fn removexattr(fd: RawFd, name: &CStr) -> Result<(), Errno> {
     check(unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) }).map(drop)
 }
 
-/// pread into a buffer of `size` bytes; loops for regular files so short reads mean EOF.
-/// Appends up to `size` bytes of a regular file at `offset` to `buf` (short only at EOF).
-pub fn pread_append(fd: RawFd, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<(), Errno> {
-    let start = buf.len();
-    buf.resize(start + size as usize, 0);
-    let mut got = 0usize;
-    while start + got < buf.len() {
-        let rest = &mut buf[start + got..];
-        // SAFETY: buffer valid for `rest.len()` bytes.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                rest.as_mut_ptr() as *mut libc::c_void,
-                rest.len(),
-                (offset + got as u64) as i64,
-            )
-        };
-        if n < 0 {
-            let e = last();
-            if e == libc::EINTR {
-                continue;
-            }
-            if got > 0 {
-                break;
-            }
-            buf.truncate(start);
-            return Err(e);
-        }
-        if n == 0 {
-            break;
-        }
-        got += n as usize;
-    }
-    buf.truncate(start + got);
-    Ok(())
-}
-
-pub fn pread(fd: RawFd, offset: u64, size: u32, seekable: bool) -> Result<Vec<u8>, Errno> {
-    let mut buf = vec![0u8; size as usize];
+/// Reads into `buf` at `offset`: for regular files (`seekable`) pread(2) until `buf` is full
+/// or EOF, so a short count means EOF; otherwise one read(2). Returns the bytes read.
+fn read_into(fd: RawFd, offset: u64, buf: &mut [u8], seekable: bool) -> Result<usize, Errno> {
     let mut got = 0usize;
     loop {
         let rest = &mut buf[got..];
@@ -441,8 +405,24 @@ pub fn pread(fd: RawFd, offset: u64, size: u32, seekable: bool) -> Result<Vec<u8
             break;
         }
     }
+    Ok(got)
+}
+
+/// pread into a buffer of `size` bytes; loops for regular files so short reads mean EOF.
+pub fn pread(fd: RawFd, offset: u64, size: u32, seekable: bool) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; size as usize];
+    let got = read_into(fd, offset, &mut buf, seekable)?;
     buf.truncate(got);
     Ok(buf)
+}
+
+/// Appends up to `size` bytes of a regular file at `offset` to `buf` (short only at EOF).
+pub fn pread_append(fd: RawFd, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<(), Errno> {
+    let start = buf.len();
+    buf.resize(start + size as usize, 0);
+    let res = read_into(fd, offset, &mut buf[start..], true);
+    buf.truncate(start + *res.as_ref().unwrap_or(&0));
+    res.map(drop)
 }
 
 /// pwrite of the whole buffer (regular files) or one write(2) (pipes and devices).

@@ -436,7 +436,13 @@ async fn handshake(
     } else {
         (&theirs_bytes, &mine_bytes)
     };
-    let tag_for = |key: &Key, role: &[u8]| key.tag(&[AUTH_CONTEXT, role, c_hello, s_hello]);
+    // This side's proof for `role` (empty without a key).
+    let my_tag = |role: &[u8]| -> Vec<u8> {
+        cfg.key
+            .as_ref()
+            .map(|k| k.tag(&[AUTH_CONTEXT, role, c_hello, s_hello]).to_vec())
+            .unwrap_or_default()
+    };
     let refuse = |reason: &str| {
         hs_frame(
             Kind::Refuse,
@@ -459,11 +465,7 @@ async fn handshake(
                 theirs: theirs.hello.version,
             });
         }
-        let tag = cfg
-            .key
-            .as_ref()
-            .map(|k| tag_for(k, b"C").to_vec())
-            .unwrap_or_default();
+        let tag = my_tag(b"C");
         let auth = hs_frame(Kind::Auth, wire::encode(&wire::Auth { tag }));
         let (kind, body) = read_hs_frame(conn).await?;
         match kind {
@@ -539,11 +541,7 @@ async fn handshake(
             }
             _ => {}
         }
-        let tag = cfg
-            .key
-            .as_ref()
-            .map(|k| tag_for(k, b"S").to_vec())
-            .unwrap_or_default();
+        let tag = my_tag(b"S");
         let welcome = hs_frame(Kind::Welcome, wire::encode(&wire::Welcome { tag }));
         hs_send(conn, &[&my_hello, &welcome]).await?;
         // Only the Auth is read here; frames pipelined behind it stay unread until it verified.
