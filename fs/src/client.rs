@@ -47,7 +47,7 @@
 //! `test -p` is false there. FIFOs that `ctr` creates on the DPU side for container stdio are
 //! bridged by shim-bridge, not here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
@@ -87,6 +87,10 @@ pub struct MountOptions {
     pub attr_timeout: Duration,
     /// Entry (name) cache TTL (ignored for proc/sys: zero).
     pub entry_timeout: Duration,
+    /// How long a directory this mount made is known to hold only what the mount made in it
+    /// (libfuse's `negative_timeout`, scoped to new directories). Zero (the default) turns it
+    /// off: a HOST process creating a file there would stay invisible this long.
+    pub negative_timeout: Duration,
     /// How long an operation waits for the HOST during an outage before failing with EIO.
     pub timeout: Duration,
     /// Wait forever for the HOST instead of failing (`hard`).
@@ -114,6 +118,7 @@ impl Default for MountOptions {
             local_proc: PathBuf::from("/local_proc"),
             attr_timeout: Duration::from_secs(1),
             entry_timeout: Duration::from_secs(1),
+            negative_timeout: Duration::ZERO,
             timeout: Duration::from_secs(30),
             hard: false,
             allow_other: false,
@@ -173,7 +178,26 @@ struct Inode {
     server_lookups: u64,
     /// A HOST FIFO shown as a regular file.
     fifo: bool,
+    /// The attributes last received from the HOST (and handed to the kernel), when, and the
+    /// mount's change sequence when the request was sent (see [`Inner::fresh_attr`]).
+    attr: Option<(Attr, Instant, u64)>,
+    /// The change sequence when an operation last changed this node without the HOST saying
+    /// how (a write, a truncating open, an xattr change).
+    stale_at: u64,
 }
+
+/// A directory this mount created: empty on the HOST at `made`, and since then holding only
+/// `names` as far as this mount knows. With `negative_timeout`, lookups of other names are
+/// answered "no such entry" here until it runs out, without a round trip per file when a tree
+/// is unpacked into new directories. Off by default: a HOST process creating a file there
+/// (a shim writing its pid file into a bundle directory containerd made) must be seen.
+struct NewDir {
+    made: Instant,
+    names: HashSet<Vec<u8>>,
+}
+
+/// A new directory stops being tracked past this many names.
+const NEW_DIR_MAX_NAMES: usize = 4096;
 
 struct Handle {
     ino: u64,
@@ -191,6 +215,16 @@ struct State {
     next_ino: u64,
     handles: HashMap<u64, Handle>,
     next_fh: u64,
+    /// Directories made by this mount within the entry TTL (see [`NewDir`]).
+    new_dirs: HashMap<u64, NewDir>,
+    /// Counts changes this mount made whose effect on attributes the HOST did not report.
+    seq: u64,
+    /// `seq` at the last unlink, rmdir or rename: they change link counts and ctimes of inodes
+    /// the HOST does not name in its reply, so no attributes asked for before are reused.
+    removal_at: u64,
+    /// Acknowledged writes being sent again (after a lost session or a short write): until
+    /// they land, no reply says whether it saw them, so no attributes are reused.
+    resending: u32,
 }
 
 struct Inner {
@@ -410,6 +444,8 @@ impl QtfsFs {
                 epoch: 1,
                 server_lookups: 1,
                 fifo: false,
+                attr: None,
+                stale_at: 0,
             },
         );
         let mut by_node = HashMap::new();
@@ -426,6 +462,10 @@ impl QtfsFs {
                     next_ino: 2,
                     handles: HashMap::new(),
                     next_fh: 1,
+                    new_dirs: HashMap::new(),
+                    seq: 0,
+                    removal_at: 0,
+                    resending: 0,
                 }),
                 remount_lock: tokio::sync::Mutex::new(()),
                 rt: tokio::runtime::Handle::current(),
@@ -487,6 +527,14 @@ impl Inner {
             Duration::ZERO
         } else {
             self.opts.entry_timeout
+        }
+    }
+
+    fn negative_ttl(&self) -> Duration {
+        if self.opts.pseudo() {
+            Duration::ZERO
+        } else {
+            self.opts.negative_timeout
         }
     }
 
@@ -668,7 +716,8 @@ impl Inner {
     }
 
     /// Records an entry the server returned for `parent/name`: one kernel lookup reference.
-    fn add_entry(&self, parent: u64, name: &[u8], e: &Entry) -> u64 {
+    /// `sent`: [`Inner::attr_seq`] before the request went out.
+    fn add_entry(&self, parent: u64, name: &[u8], e: &Entry, sent: u64) -> u64 {
         let mut st = self.st();
         let epoch = st.epoch;
         if let Some(&ino) = st.by_node.get(&e.node) {
@@ -680,6 +729,7 @@ impl Inner {
                     n.name = name.to_vec();
                 }
                 n.fifo = is_fifo(e.attr.mode);
+                n.attr = Some((e.attr, Instant::now(), sent));
                 drop(st);
                 self.note_xattrs(ino, &e.attr);
                 return ino;
@@ -697,6 +747,8 @@ impl Inner {
                 epoch,
                 server_lookups: 1,
                 fifo: is_fifo(e.attr.mode),
+                attr: Some((e.attr, Instant::now(), sent)),
+                stale_at: 0,
             },
         );
         st.by_node.insert(e.node, ino);
@@ -722,6 +774,8 @@ impl Inner {
                 epoch,
                 server_lookups: 1,
                 fifo: true,
+                attr: None,
+                stale_at: 0,
             },
         );
         ino
@@ -778,6 +832,134 @@ impl Inner {
         fresh((ino, Vec::new())) || fresh((ino, name.to_vec()))
     }
 
+    /// The change sequence now; taken before a request whose reply carries attributes.
+    fn attr_seq(&self) -> u64 {
+        self.st().seq
+    }
+
+    /// Records attributes just received from the HOST and handed to the kernel with the
+    /// attribute TTL; `sent`: [`Inner::attr_seq`] before the request went out.
+    fn note_attr(&self, ino: u64, a: &Attr, sent: u64) {
+        if let Some(n) = self.st().inodes.get_mut(&ino) {
+            n.attr = Some((*a, Instant::now(), sent));
+        }
+        self.note_xattrs(ino, a);
+    }
+
+    /// Marks the recorded attributes of `ino`: an operation changed them (size, times,
+    /// link count) and the HOST did not say how.
+    fn stale_attr(&self, ino: u64) {
+        let mut st = self.st();
+        st.seq += 1;
+        let seq = st.seq;
+        if let Some(n) = st.inodes.get_mut(&ino) {
+            n.stale_at = seq;
+        }
+    }
+
+    /// Forgets every recorded attribute: after removals and renames, whose effect on other
+    /// inodes (link counts, ctime) the HOST does not report.
+    fn stale_all_attrs(&self) {
+        let mut st = self.st();
+        st.seq += 1;
+        st.removal_at = st.seq;
+    }
+
+    /// Attributes the kernel may be given again without asking the HOST, with their remaining
+    /// lifetime: received less than one attribute TTL ago, and nothing this mount did since has
+    /// changed them. The kernel drops its own copy after every change it makes (a create in a
+    /// directory, a write, a `chown`'s suid check right after a `utimes`), and re-reading
+    /// attributes the HOST has just sent would cost a round trip each (two per file when a tree
+    /// is unpacked). HOST-side changes show up after the same bound as the kernel's own cache.
+    /// "Nothing since" is judged from when the request was sent, so a reply that overtook
+    /// a change in this mount (a write acknowledged while a getattr was in flight) is not reused.
+    ///
+    /// Writes still in flight do not matter: the HOST applies calls in arrival order, so a
+    /// reply to a request sent after a write has seen it.
+    fn fresh_attr(&self, ino: u64) -> Option<(Attr, Duration)> {
+        let ttl = self.ttl();
+        if ttl.is_zero() {
+            return None;
+        }
+        let st = self.st();
+        if st.resending > 0 {
+            return None;
+        }
+        let n = st.inodes.get(&ino)?;
+        let (a, at, sent) = n.attr?;
+        if sent < n.stale_at || sent < st.removal_at {
+            return None;
+        }
+        let left = ttl.checked_sub(at.elapsed())?;
+        (!left.is_zero()).then_some((a, left))
+    }
+
+    fn begin_resend(&self) {
+        self.st().resending += 1;
+    }
+
+    fn end_resend(&self, ino: u64) {
+        self.st().resending -= 1;
+        self.stale_attr(ino);
+    }
+
+    /// Records what an operation that made `dir/name` returned about `dir`.
+    fn made_in(&self, dir: u64, name: &[u8], dir_attr: &Attr, sent: u64) {
+        self.note_attr(dir, dir_attr, sent);
+        self.note_new_name(dir, name);
+    }
+
+    /// Starts tracking a directory this mount just made (see [`NewDir`]).
+    fn note_new_dir(&self, ino: u64) {
+        let ttl = self.negative_ttl();
+        if ttl.is_zero() {
+            return;
+        }
+        let mut st = self.st();
+        if st.new_dirs.len() >= 1024 {
+            st.new_dirs.retain(|_, d| d.made.elapsed() < ttl);
+        }
+        st.new_dirs.insert(
+            ino,
+            NewDir {
+                made: Instant::now(),
+                names: HashSet::new(),
+            },
+        );
+    }
+
+    /// Records that `name` now exists in `dir`, if `dir` is a tracked new directory.
+    fn note_new_name(&self, dir: u64, name: &[u8]) {
+        let mut st = self.st();
+        let ttl = self.negative_ttl();
+        let drop_it = match st.new_dirs.get_mut(&dir) {
+            None => return,
+            Some(d) if d.made.elapsed() >= ttl || d.names.len() >= NEW_DIR_MAX_NAMES => true,
+            Some(d) => {
+                d.names.insert(name.to_vec());
+                false
+            }
+        };
+        if drop_it {
+            st.new_dirs.remove(&dir);
+        }
+    }
+
+    /// True when `dir/name` is taken not to exist: `dir` was made by this mount less than
+    /// `negative_timeout` ago and `name` was never made in it.
+    fn known_absent(&self, dir: u64, name: &[u8]) -> bool {
+        let mut st = self.st();
+        let ttl = self.negative_ttl();
+        let Some(d) = st.new_dirs.get(&dir) else {
+            return false;
+        };
+        if d.made.elapsed() >= ttl {
+            st.new_dirs.remove(&dir);
+            return false;
+        }
+        !d.names.contains(name)
+    }
+
     /// Records what fresh attributes say: an inode with no xattrs at all answers every xattr
     /// probe here for one attribute TTL (the empty name stands for all names).
     fn note_xattrs(&self, ino: u64, a: &Attr) {
@@ -812,6 +994,7 @@ impl Inner {
     }
 
     fn forget_xattrs(&self, ino: u64) {
+        self.stale_attr(ino);
         let mut cache = match self.no_xattr.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -927,6 +1110,7 @@ impl Inner {
                 // No live session: write synchronously (waits out the outage).
                 drop(permit);
                 let res = self.write_sync(fh, offset, &write_data(&body)).await;
+                self.stale_attr(ino);
                 return reply_write(reply, res);
             }
         };
@@ -958,23 +1142,30 @@ impl Inner {
             Err(CallError::Remote(e)) if e.code != STALE_INSTANCE && e.code != libc::ESTALE => {
                 Err(e.code)
             }
-            // Session lost or HOST restarted: send it again (same bytes, same offset).
-            Err(_) => self.write_sync(fh, offset, &write_data(&body)).await,
+            // Session lost or HOST restarted: send it again (same bytes, same offset). Replies
+            // to requests sent after the first attempt may now predate the write.
+            Err(_) => {
+                self.begin_resend();
+                let r = self.write_sync(fh, offset, &write_data(&body)).await;
+                self.end_resend(ino);
+                r
+            }
         };
         let res = match answer {
             Ok(w) if w >= n => Ok(()),
             // Short write (the HOST ran out of space mid-way): the rest says why.
             Ok(w) => {
                 let rest = write_data(&body).split_off(w as usize);
-                self.write_sync(fh, offset + u64::from(w), &rest)
-                    .await
-                    .and_then(|r| {
-                        if r as usize == rest.len() {
-                            Ok(())
-                        } else {
-                            Err(libc::EIO)
-                        }
-                    })
+                self.begin_resend();
+                let r = self.write_sync(fh, offset + u64::from(w), &rest).await;
+                self.end_resend(ino);
+                r.and_then(|r| {
+                    if r as usize == rest.len() {
+                        Ok(())
+                    } else {
+                        Err(libc::EIO)
+                    }
+                })
             }
             Err(e) => Err(e),
         };
@@ -1088,14 +1279,23 @@ macro_rules! spawn_reply {
 }
 
 impl QtfsFs {
-    fn entry_reply(inner: &Arc<Inner>, parent: u64, name: &[u8], e: Entry, reply: ReplyEntry) {
-        let ino = inner.add_entry(parent, name, &e);
+    /// Answers with an entry the HOST returned; the kernel's new inode number.
+    fn entry_reply(
+        inner: &Arc<Inner>,
+        parent: u64,
+        name: &[u8],
+        e: Entry,
+        sent: u64,
+        reply: ReplyEntry,
+    ) -> u64 {
+        let ino = inner.add_entry(parent, name, &e, sent);
         reply.entry_with_ttls(
             &inner.ttl(),
             &inner.entry_ttl(),
             &fuse_attr(ino, &e.attr),
             Generation(0),
         );
+        ino
     }
 }
 
@@ -1166,6 +1366,11 @@ impl Filesystem for QtfsFs {
                 return;
             }
         }
+        if self.inner.known_absent(parent, &name) {
+            reply.error(Errno::ENOENT);
+            return;
+        }
+        let sent = self.inner.attr_seq();
         let me = self.inner.clone();
         self.inner.rt.spawn(async move {
             let res = me
@@ -1179,7 +1384,9 @@ impl Filesystem for QtfsFs {
                 })
                 .await;
             match res {
-                Ok(Reply::Entry(e)) => QtfsFs::entry_reply(&me, parent, &name, e, reply),
+                Ok(Reply::Entry(e)) => {
+                    QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
+                }
                 Ok(_) => reply.error(Errno::EIO),
                 Err(e) => reply.error(errno(e)),
             }
@@ -1196,6 +1403,11 @@ impl Filesystem for QtfsFs {
             reply.attr(&Duration::ZERO, &self.inner.synthetic_attr(ino));
             return;
         }
+        if let Some((a, left)) = self.inner.fresh_attr(ino) {
+            reply.attr(&left, &fuse_attr(ino, &a));
+            return;
+        }
+        let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
             reply,
@@ -1211,7 +1423,7 @@ impl Filesystem for QtfsFs {
                 }
             },
             |a| {
-                me.note_xattrs(ino, &a);
+                me.note_attr(ino, &a, sent);
                 reply.attr(&me.ttl(), &fuse_attr(ino, &a))
             }
         )
@@ -1237,6 +1449,7 @@ impl Filesystem for QtfsFs {
     ) {
         let ino = ino.0;
         let (atime, mtime) = (set_time(atime), set_time(mtime));
+        let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
             reply,
@@ -1264,7 +1477,7 @@ impl Filesystem for QtfsFs {
                 }
             },
             |a| {
-                me.note_xattrs(ino, &a);
+                me.note_attr(ino, &a, sent);
                 reply.attr(&me.ttl(), &fuse_attr(ino, &a))
             }
         )
@@ -1303,6 +1516,7 @@ impl Filesystem for QtfsFs {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
         let caller = caller(req);
+        let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
             reply,
@@ -1318,11 +1532,16 @@ impl Filesystem for QtfsFs {
                     })
                     .await?
                 {
-                    Reply::Entry(e) => Ok(e),
+                    Reply::Made {
+                        entry,
+                        parent: pattr,
+                    } => Ok((entry, pattr)),
                     _ => Err(libc::EIO),
                 }
             },
-            |e| {
+            |v| {
+                let (e, pattr) = v;
+                me.made_in(parent, &name, &pattr, sent);
                 if is_fifo(e.attr.mode) {
                     // The kernel insists the new entry has the type it asked for; answer with
                     // a FIFO under a private inode number and no caching, so the next lookup of
@@ -1332,7 +1551,7 @@ impl Filesystem for QtfsFs {
                     attr.kind = FileType::NamedPipe;
                     reply.entry(&Duration::ZERO, &attr, Generation(0));
                 } else {
-                    QtfsFs::entry_reply(&me, parent, &name, e, reply)
+                    QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
                 }
             }
         )
@@ -1350,6 +1569,7 @@ impl Filesystem for QtfsFs {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
         let caller = caller(req);
+        let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
             reply,
@@ -1364,17 +1584,26 @@ impl Filesystem for QtfsFs {
                     })
                     .await?
                 {
-                    Reply::Entry(e) => Ok(e),
+                    Reply::Made {
+                        entry,
+                        parent: pattr,
+                    } => Ok((entry, pattr)),
                     _ => Err(libc::EIO),
                 }
             },
-            |e| QtfsFs::entry_reply(&me, parent, &name, e, reply)
+            |v| {
+                let (e, pattr) = v;
+                me.made_in(parent, &name, &pattr, sent);
+                let ino = QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
+                me.note_new_dir(ino);
+            }
         )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
+        self.inner.stale_all_attrs();
         spawn_reply!(
             self,
             reply,
@@ -1386,13 +1615,17 @@ impl Filesystem for QtfsFs {
                 })
                 .await
             },
-            |_r| reply.ok()
+            |_r| {
+                me.stale_all_attrs();
+                reply.ok()
+            }
         )
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
+        self.inner.stale_all_attrs();
         spawn_reply!(
             self,
             reply,
@@ -1404,7 +1637,10 @@ impl Filesystem for QtfsFs {
                 })
                 .await
             },
-            |_r| reply.ok()
+            |_r| {
+                me.stale_all_attrs();
+                reply.ok()
+            }
         )
     }
 
@@ -1420,6 +1656,7 @@ impl Filesystem for QtfsFs {
         let name = link_name.as_bytes().to_vec();
         let target = target.as_os_str().as_bytes().to_vec();
         let caller = caller(req);
+        let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
             reply,
@@ -1434,11 +1671,18 @@ impl Filesystem for QtfsFs {
                     })
                     .await?
                 {
-                    Reply::Entry(e) => Ok(e),
+                    Reply::Made {
+                        entry,
+                        parent: pattr,
+                    } => Ok((entry, pattr)),
                     _ => Err(libc::EIO),
                 }
             },
-            |e| QtfsFs::entry_reply(&me, parent, &name, e, reply)
+            |v| {
+                let (e, pattr) = v;
+                me.made_in(parent, &name, &pattr, sent);
+                QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
+            }
         )
     }
 
@@ -1456,6 +1700,7 @@ impl Filesystem for QtfsFs {
         let name = name.as_bytes().to_vec();
         let newname = newname.as_bytes().to_vec();
         let flags = flags.bits();
+        self.inner.stale_all_attrs();
         spawn_reply!(
             self,
             reply,
@@ -1499,6 +1744,11 @@ impl Filesystem for QtfsFs {
                     }
                 }
                 drop(st);
+                me.stale_all_attrs();
+                me.note_new_name(newparent, &newname);
+                if flags & libc::RENAME_EXCHANGE != 0 {
+                    me.note_new_name(parent, &name);
+                }
                 reply.ok()
             }
         )
@@ -1514,6 +1764,7 @@ impl Filesystem for QtfsFs {
     ) {
         let (ino, newparent) = (ino.0, newparent.0);
         let newname = newname.as_bytes().to_vec();
+        let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
             reply,
@@ -1528,17 +1779,28 @@ impl Filesystem for QtfsFs {
                     })
                     .await?
                 {
-                    Reply::Entry(e) => Ok(e),
+                    Reply::Made {
+                        entry,
+                        parent: pattr,
+                    } => Ok((entry, pattr)),
                     _ => Err(libc::EIO),
                 }
             },
-            |e| QtfsFs::entry_reply(&me, newparent, &newname, e, reply)
+            |v| {
+                let (e, pattr) = v;
+                me.made_in(newparent, &newname, &pattr, sent);
+                QtfsFs::entry_reply(&me, newparent, &newname, e, sent, reply);
+            }
         )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = ino.0;
         let flags = flags.0;
+        let truncates = flags & libc::O_TRUNC != 0;
+        if truncates {
+            self.inner.stale_attr(ino);
+        }
         spawn_reply!(
             self,
             reply,
@@ -1551,6 +1813,9 @@ impl Filesystem for QtfsFs {
             },
             |v| {
                 let (sfh, direct) = v;
+                if truncates {
+                    me.stale_attr(ino);
+                }
                 let fifo = me.is_fifo_ino(ino);
                 let fh = me.new_handle(ino, flags, false, sfh);
                 reply.opened(FileHandle(fh), me.open_flags(direct, fifo))
@@ -1561,7 +1826,7 @@ impl Filesystem for QtfsFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -1569,6 +1834,8 @@ impl Filesystem for QtfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // A read may update the access time.
+        self.inner.stale_attr(ino.0);
         spawn_reply!(
             self,
             reply,
@@ -1603,6 +1870,7 @@ impl Filesystem for QtfsFs {
         reply: ReplyWrite,
     ) {
         let me = self.inner.clone();
+        self.inner.stale_attr(ino.0);
         if let Some((sfh, instance)) = self.inner.write_behind_target(fh.0) {
             // Encoded here, straight from the kernel's buffer: the only copy of the data.
             let Ok(body) = proto::encode_write(instance, sfh, offset, data) else {
@@ -1639,7 +1907,9 @@ impl Filesystem for QtfsFs {
         }
         let data = data.to_vec();
         self.inner.rt.spawn(async move {
-            reply_write(reply, me.write_sync(fh.0, offset, &data).await);
+            let res = me.write_sync(fh.0, offset, &data).await;
+            me.stale_attr(ino.0);
+            reply_write(reply, res);
         });
     }
 
@@ -1729,6 +1999,8 @@ impl Filesystem for QtfsFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = ino.0;
         let flags = flags.0;
+        // A listing shows what the HOST holds: names must not be denied that it lists.
+        self.inner.st().new_dirs.remove(&ino);
         spawn_reply!(
             self,
             reply,
@@ -1798,6 +2070,7 @@ impl Filesystem for QtfsFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let dir_ino = ino.0;
+        let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
             reply,
@@ -1830,7 +2103,7 @@ impl Filesystem for QtfsFs {
                 {
                     match entry {
                         Some(e) if !full => {
-                            let ino = me.add_entry(dir_ino, &name, &e);
+                            let ino = me.add_entry(dir_ino, &name, &e, sent);
                             let attr = fuse_attr(ino, &e.attr);
                             if reply.add(
                                 INodeNo(ino),
@@ -1953,6 +2226,7 @@ impl Filesystem for QtfsFs {
         let ino = ino.0;
         let name = name.as_bytes().to_vec();
         let value = value.to_vec();
+        self.inner.stale_attr(ino);
         spawn_reply!(
             self,
             reply,
@@ -2043,6 +2317,7 @@ impl Filesystem for QtfsFs {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let ino = ino.0;
         let name = name.as_bytes().to_vec();
+        self.inner.stale_attr(ino);
         spawn_reply!(
             self,
             reply,
@@ -2093,6 +2368,7 @@ impl Filesystem for QtfsFs {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
         let caller = caller(req);
+        let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
             reply,
@@ -2108,13 +2384,19 @@ impl Filesystem for QtfsFs {
                     })
                     .await?
                 {
-                    Reply::Created { entry, fh, direct } => Ok((entry, fh, direct)),
+                    Reply::Created {
+                        entry,
+                        fh,
+                        direct,
+                        parent: pattr,
+                    } => Ok((entry, fh, direct, pattr)),
                     _ => Err(libc::EIO),
                 }
             },
             |v| {
-                let (entry, sfh, direct) = v;
-                let ino = me.add_entry(parent, &name, &entry);
+                let (entry, sfh, direct, pattr) = v;
+                me.made_in(parent, &name, &pattr, sent);
+                let ino = me.add_entry(parent, &name, &entry, sent);
                 let fh = me.new_handle(ino, flags, false, sfh);
                 reply.created(
                     &me.entry_ttl(),
@@ -2264,13 +2546,15 @@ impl Filesystem for QtfsFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let ino = ino.0;
+        self.inner.stale_attr(ino);
         spawn_reply!(
             self,
             reply,
@@ -2284,7 +2568,10 @@ impl Filesystem for QtfsFs {
                 })
                 .await
             },
-            |_r| reply.ok()
+            |_r| {
+                me.stale_attr(ino);
+                reply.ok()
+            }
         )
     }
 

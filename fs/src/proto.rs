@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in [`Op::Mount`]; bumped on incompatible changes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// `RemoteError.code` meaning "node/handle ids are from another server instance": the client
 /// must mount again (get the new instance and root) and re-resolve. Far above any errno.
@@ -366,10 +366,13 @@ pub enum Reply {
         fh: Fh,
         direct: bool,
     },
+    /// `parent`: the directory's attributes right after the create (NFS's post-op
+    /// attributes): the DPU answers the kernel's re-read of the parent without a round trip.
     Created {
         entry: Entry,
         fh: Fh,
         direct: bool,
+        parent: Attr,
     },
     Written(u32),
     Dir(Vec<DirEntry>),
@@ -384,6 +387,12 @@ pub enum Reply {
         pid: u32,
     },
     Poll(u32),
+    /// A node made by mkdir, mknod, symlink or link, with the directory's attributes right
+    /// after the operation (see `Created`).
+    Made {
+        entry: Entry,
+        parent: Attr,
+    },
 }
 
 /// Encoding or decoding failed (a peer bug or version mismatch, never a panic).

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tracing::{debug, warn};
 use transport::{RemoteError, Service, Session, Stream};
 
-use crate::proto::{self, Caller, DirEntry, Entry, Fh, NodeId, Op, Reply, Request};
+use crate::proto::{self, Attr, Caller, DirEntry, Entry, Fh, NodeId, Op, Reply, Request};
 use crate::sys::{self, Errno};
 
 /// One exported HOST directory.
@@ -431,19 +431,22 @@ impl FsService {
         caller: Caller,
         mode: Option<u32>,
         make: impl FnOnce(RawFd, &CString) -> R<()> + Send + 'static,
-    ) -> R<Entry> {
+    ) -> R<Reply> {
         let (pfd, export, pmode) = self.node(parent)?;
         self.writable(export)?;
         let name = sys::component(&name)?;
-        let (fd, st) = blocking(move || {
+        let (fd, st, pattr) = blocking(move || {
             make(pfd.as_raw_fd(), &name)?;
             let fd = sys::lookup(pfd.as_raw_fd(), &name)?;
             Self::fixup_new(fd.as_raw_fd(), caller, mode, pmode)?;
             let st = sys::fstat(fd.as_raw_fd())?;
-            Ok((fd, st))
+            Ok((fd, st, post_op_attr(pfd.as_raw_fd())?))
         })
         .await?;
-        Ok(self.register(fd, export, &st))
+        Ok(Reply::Made {
+            entry: self.register(fd, export, &st),
+            parent: pattr,
+        })
     }
 
     async fn open_fd(&self, fd: Arc<OwnedFd>, mode: u32, flags: i32) -> R<(OwnedFd, bool, bool)> {
@@ -566,12 +569,10 @@ impl FsService {
                 caller,
             } => {
                 let target = CString::new(target).map_err(|_| libc::EINVAL)?;
-                let e = self
-                    .create_node(parent, name, caller, None, move |d, n| {
-                        sys::symlinkat(&target, d, n)
-                    })
-                    .await?;
-                Ok(Reply::Entry(e))
+                self.create_node(parent, name, caller, None, move |d, n| {
+                    sys::symlinkat(&target, d, n)
+                })
+                .await
             }
             Op::Mknod {
                 parent,
@@ -587,12 +588,10 @@ impl FsService {
                 if t == libc::S_IFDIR || t == libc::S_IFLNK {
                     return Err(libc::EINVAL);
                 }
-                let e = self
-                    .create_node(parent, name, caller, Some(mode), move |d, n| {
-                        sys::mknodat(d, n, mode, rdev)
-                    })
-                    .await?;
-                Ok(Reply::Entry(e))
+                self.create_node(parent, name, caller, Some(mode), move |d, n| {
+                    sys::mknodat(d, n, mode, rdev)
+                })
+                .await
             }
             Op::Mkdir {
                 parent,
@@ -600,12 +599,10 @@ impl FsService {
                 mode,
                 caller,
             } => {
-                let e = self
-                    .create_node(parent, name, caller, Some(mode), move |d, n| {
-                        sys::mkdirat(d, n, mode)
-                    })
-                    .await?;
-                Ok(Reply::Entry(e))
+                self.create_node(parent, name, caller, Some(mode), move |d, n| {
+                    sys::mkdirat(d, n, mode)
+                })
+                .await
             }
             Op::Unlink { parent, name } => self.remove(parent, name, false).await,
             Op::Rmdir { parent, name } => self.remove(parent, name, true).await,
@@ -642,14 +639,17 @@ impl FsService {
                     return Err(libc::EXDEV);
                 }
                 let newname = sys::component(&newname)?;
-                let (fd2, st) = blocking(move || {
+                let (fd2, st, pattr) = blocking(move || {
                     sys::link_fd(fd.as_raw_fd(), npfd.as_raw_fd(), &newname)?;
                     let fd2 = sys::lookup(npfd.as_raw_fd(), &newname)?;
                     let st = sys::fstat(fd2.as_raw_fd())?;
-                    Ok((fd2, st))
+                    Ok((fd2, st, post_op_attr(npfd.as_raw_fd())?))
                 })
                 .await?;
-                Ok(Reply::Entry(self.register(fd2, export, &st)))
+                Ok(Reply::Made {
+                    entry: self.register(fd2, export, &st),
+                    parent: pattr,
+                })
             }
             Op::Open { node, flags } => {
                 let (fd, export, mode) = self.node(node)?;
@@ -676,7 +676,7 @@ impl FsService {
                 let (pfd, export, pmode) = self.node(parent)?;
                 self.writable(export)?;
                 let cname = sys::component(&name)?;
-                let (fd, ofd, st) = blocking(move || {
+                let (fd, ofd, st, pattr) = blocking(move || {
                     let oflags = (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW;
                     let how_flags = oflags;
                     // openat2 refuses a mode with O_CREAT through our helper (mode 0), so
@@ -699,7 +699,7 @@ impl FsService {
                     let fd = sys::lookup(pfd.as_raw_fd(), &cname)?;
                     Self::fixup_new(fd.as_raw_fd(), caller, Some(mode), pmode)?;
                     let st = sys::fstat(fd.as_raw_fd())?;
-                    Ok((fd, ofd, st))
+                    Ok((fd, ofd, st, post_op_attr(pfd.as_raw_fd())?))
                 })
                 .await?;
                 let entry = self.register(fd, export, &st);
@@ -708,6 +708,7 @@ impl FsService {
                     entry,
                     fh,
                     direct: false,
+                    parent: pattr,
                 })
             }
             Op::Read { fh, offset, size } => {
@@ -1080,6 +1081,11 @@ impl FsService {
         };
         encoded(reply)
     }
+}
+
+/// A directory's attributes right after an operation in it made a new entry.
+fn post_op_attr(dir: RawFd) -> R<Attr> {
+    Ok(sys::attr_of_node(dir, &sys::fstat(dir)?))
 }
 
 /// Every node the DPU kernel remembers is an open `O_PATH` descriptor here (like virtiofsd),

@@ -514,6 +514,118 @@ fn fs_read_only_export_and_ro_mount() {
     }
 }
 
+/// The DPU answers the kernel's re-reads of attributes it has just received from the HOST
+/// (a directory's attributes after a create in it, a file's after a `utimes`) without asking
+/// again; every answer must still be what the HOST holds: post-op directory attributes, sizes
+/// after writes, link counts after removals. And `negative_timeout` (off by default) must
+/// never hide a file the HOST creates in a directory the DPU made unless asked for.
+#[test]
+fn fs_reused_attributes_match_the_host() {
+    tests::init_tracing();
+    if !fuse_ready("fs_reused_attributes_match_the_host") {
+        return;
+    }
+    for kind in tests::link_kinds() {
+        eprintln!("--- link {kind}");
+        let tmp = tmpdir();
+        let exp = tmp.path().join("export");
+        fs::create_dir(&exp).unwrap();
+        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        // Long TTLs, so reuse is what answers whenever it is allowed to.
+        let m = Mount::new(
+            &host,
+            &exp,
+            &tmp.path().join("mnt"),
+            "attr_timeout=30,entry_timeout=30",
+        );
+        let mp = |r: &str| m.path(r);
+        let hp = |r: &str| exp.join(r);
+        let same = |rel: &str| {
+            let (d, h) = (
+                fs::metadata(mp(rel)).unwrap(),
+                fs::metadata(hp(rel)).unwrap(),
+            );
+            let key = |m: &fs::Metadata| {
+                (
+                    m.mode(),
+                    m.nlink(),
+                    m.uid(),
+                    m.gid(),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                )
+            };
+            assert_eq!(key(&d), key(&h), "{rel}: DPU and HOST attributes differ");
+        };
+
+        // A directory after creates, mkdirs, symlinks and links in it (post-op attributes).
+        fs::create_dir(mp("d")).unwrap();
+        same("d");
+        fs::write(mp("d/f"), b"x").unwrap();
+        same("d");
+        fs::create_dir(mp("d/sub")).unwrap();
+        same("d");
+        std::os::unix::fs::symlink("f", mp("d/l")).unwrap();
+        same("d");
+        fs::hard_link(mp("d/f"), mp("d/h")).unwrap();
+        same("d");
+        same("d/f");
+
+        // A size after a write that followed a utimes (whose attributes must not be reused).
+        {
+            let f = File::create(mp("w")).unwrap();
+            f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+                .unwrap();
+            (&f).write_all(&[7u8; 100]).unwrap();
+            std::os::unix::fs::fchown(&f, Some(0), Some(0)).unwrap();
+            assert_eq!(f.metadata().unwrap().size(), 100);
+        }
+        same("w");
+        // chmod, then chown (whose suid check re-reads the mode the chmod returned).
+        fs::set_permissions(mp("w"), fs::Permissions::from_mode(0o4755)).unwrap();
+        std::os::unix::fs::chown(mp("w"), Some(1), Some(1)).unwrap();
+        same("w");
+
+        // Link counts after unlink and rename, which the HOST does not report per inode.
+        assert_eq!(fs::metadata(mp("d/f")).unwrap().nlink(), 2);
+        fs::remove_file(mp("d/h")).unwrap();
+        assert_eq!(fs::metadata(mp("d/f")).unwrap().nlink(), 1);
+        same("d/f");
+        fs::hard_link(mp("d/f"), mp("d/h2")).unwrap();
+        fs::write(mp("d/other"), b"y").unwrap();
+        fs::rename(mp("d/other"), mp("d/h2")).unwrap();
+        assert_eq!(fs::metadata(mp("d/f")).unwrap().nlink(), 1);
+        same("d/f");
+        same("d");
+
+        // Default: a file the HOST creates in a directory the DPU just made is seen at once
+        // (a shim's pid file in the bundle directory containerd made).
+        fs::create_dir(mp("bundle")).unwrap();
+        fs::write(hp("bundle/init.pid"), b"42").unwrap();
+        assert_eq!(fs::read(mp("bundle/init.pid")).unwrap(), b"42");
+
+        // negative_timeout (opt-in): names the mount did not make in its new directory are
+        // taken as absent until a listing shows otherwise; its own names are found.
+        let m2 = Mount::new(&host, &exp, &tmp.path().join("mnt2"), "negative_timeout=60");
+        fs::create_dir(m2.path("unpack")).unwrap();
+        fs::write(m2.path("unpack/mine"), b"m").unwrap();
+        fs::write(hp("unpack/theirs"), b"t").unwrap();
+        assert_eq!(errno(fs::metadata(m2.path("unpack/theirs"))), libc::ENOENT);
+        assert_eq!(fs::read(m2.path("unpack/mine")).unwrap(), b"m");
+        let mut names: Vec<_> = fs::read_dir(m2.path("unpack"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["mine", "theirs"]);
+        assert_eq!(fs::read(m2.path("unpack/theirs")).unwrap(), b"t");
+        drop((m, m2));
+    }
+}
+
 /// Write-behind (the default): writes are acknowledged once queued, so a failure on the HOST
 /// must come back at the latest from close(2), and everything acknowledged before it must be
 /// on the HOST. The HOST directory is a 256 KiB tmpfs, so the HOST runs out of space.

@@ -26,6 +26,9 @@ Options (-o, comma separated):
   local_proc=P        where the DPU's own procfs is mounted (default /local_proc)
   ro | rw             read-only / read-write mount
   attr_timeout=S      attribute cache seconds (default 1), entry_timeout=S likewise
+  negative_timeout=S  for S seconds after this mount makes a directory, answer lookups of
+                      names it did not make there ENOENT without asking the HOST
+                      (default 0: off; speeds up unpacking trees, hides HOST-side creations)
   timeout=S           fail operations with EIO after S seconds of HOST outage (default 30)
   hard                wait for the HOST forever instead
   allow_other         let every user use the mount
@@ -123,6 +126,7 @@ fn parse_opts(src: &str, list: &[String]) -> anyhow::Result<Opts> {
             "rw" => m.read_only = false,
             "attr_timeout" => m.attr_timeout = secs(v, k)?,
             "entry_timeout" => m.entry_timeout = secs(v, k)?,
+            "negative_timeout" => m.negative_timeout = secs(v, k)?,
             "timeout" => m.timeout = secs(v, k)?,
             "hard" => m.hard = true,
             "soft" => m.hard = false,
