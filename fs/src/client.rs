@@ -28,6 +28,23 @@
 //! and `O_APPEND`/`O_SYNC`/`O_DSYNC`/`O_DIRECT` handles stay synchronous. Page-cache write-back
 //! (`writeback_cache`) stays off: HOST-side writers must stay visible.
 //!
+//! # Attributes the HOST just sent (NFS's post-op attributes)
+//! The kernel drops its cached attributes after many of its own operations — a directory's
+//! after every create in it, a file's before a `chown` (to recheck setuid bits) — and asks
+//! again, a round trip each: two per file when a tree is unpacked. Every inode here remembers
+//! the attributes last received from the HOST and when the request was sent; a GETATTR is
+//! answered from them while they are younger than the attribute TTL and nothing this mount did
+//! since changed the node without the HOST saying how (a write, a truncating open, an xattr
+//! change; any unlink, rmdir or rename, which change link counts the HOST does not report).
+//! Creates, mkdir, mknod, symlink and link return the directory's attributes after the
+//! operation for this. HOST-side changes thus show up after the same bound as the kernel's own
+//! attribute cache; proc/sys mounts (TTL 0) never reuse anything.
+//!
+//! `negative_timeout=S` (off by default) goes further for directories this mount made: for S
+//! seconds, names it did not make there are answered ENOENT without asking (no lookup per file
+//! when unpacking). Off by default because a HOST process creating a file in such a directory
+//! (a shim's pid file in the bundle directory containerd made) would stay invisible that long.
+//!
 //! # Pseudo filesystems (`proc`, `sys`)
 //! Zero attribute/entry TTLs and direct I/O on every open, so files that report size 0 are read
 //! to EOF and nothing is cached. With `proc`, the root entries `self` and `thread-self` are

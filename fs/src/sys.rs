@@ -1,8 +1,10 @@
 //! Thin, errno-returning wrappers over the Linux syscalls the HOST side needs, all relative to
 //! `O_PATH` descriptors so that no HOST path string is ever resolved from the root.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::{Mutex, OnceLock};
 
 use crate::proto::{Attr, SetTime, StatFs, Ts};
 
@@ -116,13 +118,46 @@ fn ts(sec: i64, nsec: i64) -> Ts {
     }
 }
 
-/// Converts a `struct stat`.
-/// Attributes of the node `fd` refers to, including whether it has any xattrs.
+/// Attributes of the node `fd` refers to, including whether it may have xattrs.
 pub fn attr_of_node(fd: RawFd, st: &libc::stat) -> Attr {
     Attr {
-        xattrs: has_xattrs(fd),
+        xattrs: pseudo_dev(fd, st.st_dev) || has_xattrs(fd),
         ..attr_of(st)
     }
+}
+
+/// True on procfs, sysfs and cgroup filesystems: their attributes are never cached on the DPU,
+/// so the "no xattrs" hint is useless there, and asking costs a path walk through `/proc` on
+/// every lookup. Remembered per device; a device number reused by another filesystem after an
+/// unmount only costs the hint (or the probe), never a wrong answer.
+fn pseudo_dev(fd: RawFd, dev: u64) -> bool {
+    static SEEN: OnceLock<Mutex<HashMap<u64, bool>>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    let lock = || match seen.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if let Some(&p) = lock().get(&dev) {
+        return p;
+    }
+    // SAFETY: plain-old-data out parameter, checked result.
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(fd, &mut sfs) } != 0 {
+        return false;
+    }
+    let pseudo = matches!(
+        sfs.f_type,
+        libc::PROC_SUPER_MAGIC
+            | libc::SYSFS_MAGIC
+            | libc::CGROUP_SUPER_MAGIC
+            | libc::CGROUP2_SUPER_MAGIC
+    );
+    let mut map = lock();
+    if map.len() >= 1024 {
+        map.clear();
+    }
+    map.insert(dev, pseudo);
+    pseudo
 }
 
 /// False only when the node certainly has no xattrs (an error says nothing: true).
@@ -133,6 +168,7 @@ pub fn has_xattrs(fd: RawFd) -> bool {
     n != 0
 }
 
+/// Converts a `struct stat` (without the xattr hint: "may have xattrs").
 pub fn attr_of(st: &libc::stat) -> Attr {
     Attr {
         xattrs: true,
