@@ -8,7 +8,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use offload_fs::proto::{self, Caller, Entry, Op, Reply, Request};
-use tests::fs::{fuse_ready, mount_cmd, ExportSpec, Host};
+use tests::fs::{fs_test_links, mount_cmd, ExportSpec, Host};
 use transport::{CallError, Registry, Session, SessionConfig};
 
 struct Peer {
@@ -311,11 +311,7 @@ fn fs_escape_attempts_refused() {
 
 #[test]
 fn fs_mount_refusals_are_clear() {
-    tests::init_tracing();
-    if !fuse_ready("fs_mount_refusals_are_clear") {
-        return;
-    }
-    for kind in tests::link_kinds() {
+    for kind in fs_test_links("fs_mount_refusals_are_clear") {
         let tmp = tempfile::tempdir().unwrap();
         let exp = tmp.path().join("export");
         let mnt = tmp.path().join("mnt");

@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt
 use std::path::Path;
 use std::process::Command;
 
-use tests::fs::{as_nobody, fuse_ready, sh, tmpdir, ExportSpec, Host, Mount};
+use tests::fs::{as_nobody, fs_test_links, fuse_ready, sh, tmpdir, ExportSpec, Host, Mount};
 
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -459,11 +459,7 @@ impl UidGid for Command {
 
 #[test]
 fn fs_posix_suite() {
-    tests::init_tracing();
-    if !fuse_ready("fs_posix_suite") {
-        return;
-    }
-    for kind in tests::link_kinds() {
+    for kind in fs_test_links("fs_posix_suite") {
         eprintln!("--- link {kind}");
         suite(&kind);
     }
@@ -471,11 +467,7 @@ fn fs_posix_suite() {
 
 #[test]
 fn fs_read_only_export_and_ro_mount() {
-    tests::init_tracing();
-    if !fuse_ready("fs_read_only_export_and_ro_mount") {
-        return;
-    }
-    for kind in tests::link_kinds() {
+    for kind in fs_test_links("fs_read_only_export_and_ro_mount") {
         let tmp = tmpdir();
         let ro = tmp.path().join("ro");
         let rw = tmp.path().join("rw");
@@ -521,11 +513,7 @@ fn fs_read_only_export_and_ro_mount() {
 /// never hide a file the HOST creates in a directory the DPU made unless asked for.
 #[test]
 fn fs_reused_attributes_match_the_host() {
-    tests::init_tracing();
-    if !fuse_ready("fs_reused_attributes_match_the_host") {
-        return;
-    }
-    for kind in tests::link_kinds() {
+    for kind in fs_test_links("fs_reused_attributes_match_the_host") {
         eprintln!("--- link {kind}");
         let tmp = tmpdir();
         let exp = tmp.path().join("export");

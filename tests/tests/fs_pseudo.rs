@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::fs::{fuse_ready, sh, tmpdir, ExportSpec, Host, Mount};
+use tests::fs::{fs_test_links, fuse_ready, sh, tmpdir, ExportSpec, Host, Mount};
 
 /// Waits for a child with a generous bound and returns its stdout.
 fn finish(mut c: Child, what: &str) -> String {
@@ -37,11 +37,7 @@ fn mkfifo(p: &Path) {
 
 #[test]
 fn fs_proc_and_sys() {
-    tests::init_tracing();
-    if !fuse_ready("fs_proc_and_sys") {
-        return;
-    }
-    for kind in tests::link_kinds() {
+    for kind in fs_test_links("fs_proc_and_sys") {
         let tmp = tmpdir();
         let host = Host::start(
             &kind,
@@ -165,11 +161,7 @@ fn fs_proc_and_sys() {
 
 #[test]
 fn fs_fifo_both_directions() {
-    tests::init_tracing();
-    if !fuse_ready("fs_fifo_both_directions") {
-        return;
-    }
-    for kind in tests::link_kinds() {
+    for kind in fs_test_links("fs_fifo_both_directions") {
         let tmp = tmpdir();
         let exp = tmp.path().join("export");
         fs::create_dir(&exp).unwrap();

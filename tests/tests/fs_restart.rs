@@ -6,15 +6,11 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
 
-use tests::fs::{fuse_ready, tmpdir, ExportSpec, Host, Mount};
+use tests::fs::{fs_test_links, fuse_ready, tmpdir, ExportSpec, Host, Mount};
 
 #[test]
 fn fs_host_restart_under_workload() {
-    tests::init_tracing();
-    if !fuse_ready("fs_host_restart_under_workload") {
-        return;
-    }
-    for kind in tests::link_kinds() {
+    for kind in fs_test_links("fs_host_restart_under_workload") {
         let tmp = tmpdir();
         let exp = tmp.path().join("export");
         fs::create_dir_all(exp.join("deep/er/dir")).unwrap();
@@ -92,11 +88,7 @@ fn fs_host_restart_under_workload() {
 /// HOST daemon SIGKILL and restart: `dd` succeeds and the HOST file is exactly the source.
 #[test]
 fn fs_streaming_write_across_restart() {
-    tests::init_tracing();
-    if !fuse_ready("fs_streaming_write_across_restart") {
-        return;
-    }
-    for kind in tests::link_kinds() {
+    for kind in fs_test_links("fs_streaming_write_across_restart") {
         let tmp = tmpdir();
         let exp = tmp.path().join("export");
         fs::create_dir_all(&exp).unwrap();
