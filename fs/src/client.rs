@@ -2016,8 +2016,10 @@ impl Filesystem for QtfsFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = ino.0;
         let flags = flags.0;
-        // A listing shows what the HOST holds: names must not be denied that it lists.
+        // A listing shows what the HOST holds: names must not be denied that it lists. And
+        // reading the directory may update its access time.
         self.inner.st().new_dirs.remove(&ino);
+        self.inner.stale_attr(ino);
         spawn_reply!(
             self,
             reply,
