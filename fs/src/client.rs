@@ -232,7 +232,7 @@ struct State {
     next_ino: u64,
     handles: HashMap<u64, Handle>,
     next_fh: u64,
-    /// Directories made by this mount within the entry TTL (see [`NewDir`]).
+    /// Directories made by this mount within `negative_timeout` (see [`NewDir`]).
     new_dirs: HashMap<u64, NewDir>,
     /// Counts changes this mount made whose effect on attributes the HOST did not report.
     seq: u64,
@@ -926,6 +926,15 @@ impl Inner {
         self.note_new_name(dir, name);
     }
 
+    /// An operation making a name in `dir` failed with `e`: EEXIST means the directory holds
+    /// a name this mount did not make, so it is no longer "known to hold only ours".
+    fn make_failed(&self, dir: u64, e: i32) -> i32 {
+        if e == libc::EEXIST {
+            self.st().new_dirs.remove(&dir);
+        }
+        e
+    }
+
     /// Starts tracking a directory this mount just made (see [`NewDir`]).
     fn note_new_dir(&self, ino: u64) {
         let ttl = self.negative_ttl();
@@ -1547,7 +1556,8 @@ impl Filesystem for QtfsFs {
                         rdev: rdev as u64,
                         caller,
                     })
-                    .await?
+                    .await
+                    .map_err(|e| me.make_failed(parent, e))?
                 {
                     Reply::Made {
                         entry,
@@ -1599,7 +1609,8 @@ impl Filesystem for QtfsFs {
                         mode,
                         caller,
                     })
-                    .await?
+                    .await
+                    .map_err(|e| me.make_failed(parent, e))?
                 {
                     Reply::Made {
                         entry,
@@ -1686,7 +1697,8 @@ impl Filesystem for QtfsFs {
                         target: target.clone(),
                         caller,
                     })
-                    .await?
+                    .await
+                    .map_err(|e| me.make_failed(parent, e))?
                 {
                     Reply::Made {
                         entry,
@@ -1732,6 +1744,7 @@ impl Filesystem for QtfsFs {
                     flags,
                 })
                 .await
+                .map_err(|e| me.make_failed(newparent, e))
             },
             |_r| {
                 // Keep the re-resolution names current.
@@ -1794,7 +1807,8 @@ impl Filesystem for QtfsFs {
                         newparent: np,
                         newname: newname.clone(),
                     })
-                    .await?
+                    .await
+                    .map_err(|e| me.make_failed(newparent, e))?
                 {
                     Reply::Made {
                         entry,
@@ -2401,7 +2415,8 @@ impl Filesystem for QtfsFs {
                         flags,
                         caller,
                     })
-                    .await?
+                    .await
+                    .map_err(|e| me.make_failed(parent, e))?
                 {
                     Reply::Created {
                         entry,

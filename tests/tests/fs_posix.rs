@@ -610,6 +610,15 @@ fn fs_reused_attributes_match_the_host() {
         names.sort();
         assert_eq!(names, ["mine", "theirs"]);
         assert_eq!(fs::read(m2.path("unpack/theirs")).unwrap(), b"t");
+        // A create that finds a name the mount did not make ends the assumption at once.
+        fs::create_dir(m2.path("unpack2")).unwrap();
+        fs::write(hp("unpack2/clash"), b"c").unwrap();
+        let r = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(m2.path("unpack2/clash"));
+        assert_eq!(errno(r), libc::EEXIST);
+        assert_eq!(fs::read(m2.path("unpack2/clash")).unwrap(), b"c");
         drop((m, m2));
     }
 }
