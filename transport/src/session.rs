@@ -42,6 +42,10 @@ pub struct SessionConfig {
     pub stream_window: u32,
     /// Optional deadline for each call (the heartbeat already bounds calls to a dead peer).
     pub call_timeout: Option<Duration>,
+    /// Let a thread that sends a call write it to the connection itself when nothing is queued
+    /// ahead of it, instead of waking the writer task: one hand-off less per call. Only for
+    /// links whose writes may be attempted from any thread (TCP, Unix, vsock).
+    pub direct_send: bool,
 }
 
 impl Default for SessionConfig {
@@ -56,6 +60,7 @@ impl Default for SessionConfig {
             max_inflight_calls: 8192,
             stream_window: 4 << 20,
             call_timeout: None,
+            direct_send: false,
         }
     }
 }
@@ -155,6 +160,14 @@ struct Frame {
 }
 
 impl Frame {
+    /// Wakes the writer task for bytes a direct sender left in [`WriteSide::front`].
+    fn marker() -> Frame {
+        Frame {
+            head: BytesMut::new(),
+            body: Bytes::new(),
+        }
+    }
+
     fn new(kind: Kind, id: u32, prefix: &[u8], body: Bytes) -> Frame {
         let mut head = BytesMut::with_capacity(HEADER_LEN + prefix.len());
         Header {
@@ -173,9 +186,64 @@ struct StreamEntry {
     tx: mpsc::UnboundedSender<Inbound>,
 }
 
+/// Who receives a call's outcome.
+enum Pending {
+    /// A task awaiting [`Session::start_call`]'s future.
+    Task(oneshot::Sender<Result<Bytes, CallError>>),
+    /// [`Session::call_then`]'s function, run where the outcome arrives.
+    Then(Box<dyn FnOnce(Result<Bytes, CallError>) + Send>),
+}
+
+impl Pending {
+    fn finish(self, res: Result<Bytes, CallError>) {
+        match self {
+            Pending::Task(tx) => {
+                let _ = tx.send(res);
+            }
+            Pending::Then(f) => f(res),
+        }
+    }
+}
+
+/// The connection's write side, shared by the writer task and threads that write a call
+/// themselves ([`SessionConfig::direct_send`]). Frames stay in order: a thread writes only when
+/// the writer task is idle and no control frame is queued; what it cannot write at once goes to
+/// `front`, which the writer task sends before anything else.
+struct WriteSide {
+    w: WriteHalf<Conn>,
+    /// The writer task holds bytes not yet written (from the start until the dialer's Auth is out).
+    busy: bool,
+    /// Control frames on the channel that the writer task has not taken yet.
+    queued: usize,
+    /// The rest of a frame a thread could only partly write.
+    front: VecDeque<Bytes>,
+    /// The writer task has ended.
+    done: bool,
+}
+
+fn lock_ws(ws: &Mutex<WriteSide>) -> std::sync::MutexGuard<'_, WriteSide> {
+    ws.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Drops the first `n` bytes of `chunks`.
+fn advance(chunks: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = chunks.front_mut() else {
+            break;
+        };
+        if n >= front.len() {
+            n -= front.len();
+            chunks.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
-    calls: HashMap<u32, oneshot::Sender<Result<Bytes, CallError>>>,
+    calls: HashMap<u32, Pending>,
     streams: HashMap<u32, StreamEntry>,
     closed: Option<CloseReason>,
     going_away: bool,
@@ -187,6 +255,7 @@ static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 pub(crate) struct Inner {
     id: u64,
     ctl_tx: mpsc::UnboundedSender<Frame>,
+    ws: Arc<Mutex<WriteSide>>,
     data_tx: mpsc::UnboundedSender<Frame>,
     state: Mutex<State>,
     next_call: AtomicU32,
@@ -223,6 +292,48 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Queues a control frame for the writer task.
+    fn send_ctl(&self, f: Frame) -> Result<(), mpsc::error::SendError<Frame>> {
+        let mut ws = lock_ws(&self.ws);
+        ws.queued += 1;
+        let r = self.ctl_tx.send(f);
+        if r.is_err() {
+            ws.queued -= 1;
+        }
+        r
+    }
+
+    /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] allows
+    /// and nothing is ahead of it, else queued. Err: the session is gone.
+    fn send_call_frame(&self, f: Frame) -> Result<(), ()> {
+        if self.cfg.direct_send {
+            let mut ws = lock_ws(&self.ws);
+            if !ws.busy && ws.queued == 0 && !ws.done {
+                let mut chunks: VecDeque<Bytes> = [f.head.freeze(), f.body]
+                    .into_iter()
+                    .filter(|b| !b.is_empty())
+                    .collect();
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                while !chunks.is_empty() {
+                    let slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+                    match std::pin::Pin::new(&mut ws.w).poll_write_vectored(&mut cx, &slices) {
+                        std::task::Poll::Ready(Ok(n)) if n > 0 => advance(&mut chunks, n),
+                        // Full socket buffer, or an error the writer task will meet and report.
+                        _ => break,
+                    }
+                }
+                if chunks.is_empty() {
+                    return Ok(());
+                }
+                ws.front = chunks;
+                ws.busy = true;
+                ws.queued += 1;
+                return self.ctl_tx.send(Frame::marker()).map_err(|_| ());
+            }
+        }
+        self.send_ctl(f).map_err(|_| ())
+    }
+
     fn touch(&self) {
         self.last_seen_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -248,13 +359,11 @@ impl Inner {
 
     pub(crate) fn send_credit(&self, id: u32, n: u64) {
         let n = n.min(u32::MAX as u64) as u32;
-        let _ = self
-            .ctl_tx
-            .send(Frame::new(Kind::Credit, id, &n.to_le_bytes(), Bytes::new()));
+        let _ = self.send_ctl(Frame::new(Kind::Credit, id, &n.to_le_bytes(), Bytes::new()));
     }
 
     pub(crate) fn send_reset(&self, id: u32, reason: &str) {
-        let _ = self.ctl_tx.send(Frame::new(
+        let _ = self.send_ctl(Frame::new(
             Kind::Reset,
             id,
             &[],
@@ -312,8 +421,8 @@ impl Inner {
             }
             _ => tracing::warn!(peer = %self.peer, %reason, "session closed"),
         }
-        for (_, tx) in calls {
-            let _ = tx.send(Err(CallError::Closed(reason.clone())));
+        for (_, p) in calls {
+            p.finish(Err(CallError::Closed(reason.clone())));
         }
         let msg = format!("session closed: {reason}");
         for (_, e) in streams {
@@ -592,9 +701,18 @@ impl Session {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::unbounded_channel();
         let (closed_tx, _) = watch::channel(None);
+        let (r, w) = tokio::io::split(conn);
+        let ws = Arc::new(Mutex::new(WriteSide {
+            w,
+            busy: true,
+            queued: 0,
+            front: VecDeque::new(),
+            done: false,
+        }));
         let inner = Arc::new(Inner {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             ctl_tx,
+            ws: ws.clone(),
             data_tx,
             state: Mutex::new(State::default()),
             next_call: AtomicU32::new(1),
@@ -610,9 +728,8 @@ impl Session {
             last_seen_ms: AtomicU64::new(0),
             closed_tx,
         });
-        let (r, w) = tokio::io::split(conn);
         tokio::spawn(writer_task(
-            w,
+            ws,
             neg.auth.map(|head| Frame {
                 head,
                 body: Bytes::new(),
@@ -669,8 +786,7 @@ impl Session {
     pub fn close(&self) {
         let _ = self
             .inner
-            .ctl_tx
-            .send(Frame::new(Kind::GoAway, 0, &[], Bytes::new()));
+            .send_ctl(Frame::new(Kind::GoAway, 0, &[], Bytes::new()));
         self.inner.lock().going_away = true;
         self.inner.close(CloseReason::Local);
     }
@@ -716,23 +832,10 @@ impl Session {
         service: &str,
         req: Bytes,
     ) -> Result<impl Future<Output = Result<Bytes, CallError>> + Send + 'static, CallError> {
-        let max = self.inner.peer_max_frame.min(self.inner.cfg.max_frame) as usize;
-        let len = req.len() + 1 + service.len();
-        if len > max {
-            return Err(CallError::TooLarge { len, max });
-        }
-        let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
-            let mut st = self.inner.lock();
-            if let Some(r) = &st.closed {
-                return Err(CallError::Closed(r.clone()));
-            }
-            if st.going_away {
-                return Err(CallError::Closed(CloseReason::Local));
-            }
-            st.calls.insert(id, tx);
-        }
+        let id = self
+            .send_call(service, req, Pending::Task(tx))
+            .map_err(|(e, _)| e)?;
         // Forget the pending entry if the caller gives up (dropped future or timeout).
         struct Guard(Arc<Inner>, u32);
         impl Drop for Guard {
@@ -741,16 +844,6 @@ impl Session {
             }
         }
         let guard = Guard(self.inner.clone(), id);
-        let mut prefix = BytesMut::new();
-        wire::put_service_prefix(service, &mut prefix);
-        if self
-            .inner
-            .ctl_tx
-            .send(Frame::new(Kind::Request, id, &prefix, req))
-            .is_err()
-        {
-            return Err(CallError::Closed(CloseReason::Local));
-        }
         let timeout = self.inner.cfg.call_timeout;
         Ok(async move {
             let res = match timeout {
@@ -767,6 +860,59 @@ impl Session {
                 )),
             }
         })
+    }
+
+    /// Sends a call and runs `done` with its outcome where the outcome arrives (on the
+    /// session's reader, or wherever the session ends) instead of returning a future: no task
+    /// waits per call. `done` must be quick (it delays the session's next frame) and runs
+    /// exactly once, inline here if the call cannot be sent. The session's `call_timeout` does
+    /// not apply; the heartbeat bounds a dead peer. Ordered like [`Session::start_call`].
+    pub fn call_then(
+        &self,
+        service: &str,
+        req: Bytes,
+        done: impl FnOnce(Result<Bytes, CallError>) + Send + 'static,
+    ) {
+        if let Err((e, Some(p))) = self.send_call(service, req, Pending::Then(Box::new(done))) {
+            p.finish(Err(e));
+        }
+    }
+
+    /// Registers `pending` under a fresh call id and sends the request. On failure the pending
+    /// entry comes back unless the session's end already finished it.
+    fn send_call(
+        &self,
+        service: &str,
+        req: Bytes,
+        pending: Pending,
+    ) -> Result<u32, (CallError, Option<Pending>)> {
+        let max = self.inner.peer_max_frame.min(self.inner.cfg.max_frame) as usize;
+        let len = req.len() + 1 + service.len();
+        if len > max {
+            return Err((CallError::TooLarge { len, max }, Some(pending)));
+        }
+        let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = self.inner.lock();
+            if let Some(r) = &st.closed {
+                return Err((CallError::Closed(r.clone()), Some(pending)));
+            }
+            if st.going_away {
+                return Err((CallError::Closed(CloseReason::Local), Some(pending)));
+            }
+            st.calls.insert(id, pending);
+        }
+        let mut prefix = BytesMut::new();
+        wire::put_service_prefix(service, &mut prefix);
+        if self
+            .inner
+            .send_call_frame(Frame::new(Kind::Request, id, &prefix, req))
+            .is_err()
+        {
+            let p = self.inner.lock().calls.remove(&id);
+            return Err((CallError::Closed(CloseReason::Local), p));
+        }
+        Ok(id)
     }
 
     /// Opens a stream to `service` on the peer; `header` tells it what the stream is for.
@@ -844,28 +990,18 @@ const MAX_BATCH_FRAMES: usize = 128;
 /// Payloads up to this size are copied into the batch buffer; larger ones are written in place.
 const COPY_THRESHOLD: usize = 16 * 1024;
 
-async fn write_chunks<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    chunks: &mut VecDeque<Bytes>,
-) -> io::Result<()> {
+async fn write_chunks(ws: &Mutex<WriteSide>, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
     while !chunks.is_empty() {
         let slices: Vec<IoSlice<'_>> = chunks.iter().take(64).map(|c| IoSlice::new(c)).collect();
-        let mut n = w.write_vectored(&slices).await?;
+        let n = std::future::poll_fn(|cx| {
+            std::pin::Pin::new(&mut lock_ws(ws).w).poll_write_vectored(cx, &slices)
+        })
+        .await?;
+        drop(slices);
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while n > 0 {
-            let Some(front) = chunks.front_mut() else {
-                break;
-            };
-            if n >= front.len() {
-                n -= front.len();
-                chunks.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
+        advance(chunks, n);
     }
     Ok(())
 }
@@ -891,7 +1027,7 @@ fn stage(
 }
 
 async fn writer_task(
-    mut w: WriteHalf<Conn>,
+    ws: Arc<Mutex<WriteSide>>,
     mut lead: Option<Frame>,
     mut ctl: mpsc::UnboundedReceiver<Frame>,
     mut data: mpsc::UnboundedReceiver<Frame>,
@@ -905,26 +1041,39 @@ async fn writer_task(
     loop {
         // The dialer's Auth goes first, batched with whatever the caller queued meanwhile.
         // Then control frames (calls, replies, credit, pings) go before bulk data.
-        let first = if let Some(f) = lead.take() {
-            Some(f)
+        let (first, from_ctl) = if let Some(f) = lead.take() {
+            (Some(f), false)
         } else {
+            // Idle: threads may write calls themselves until the next frame is taken.
+            lock_ws(&ws).busy = false;
             tokio::select! {
                 biased;
-                f = ctl.recv() => f,
-                _ = closed.changed() => None,
+                f = ctl.recv() => (f, true),
+                _ = closed.changed() => (None, false),
                 f = data.recv(), if data_open => match f {
-                    Some(f) => Some(f),
+                    Some(f) => (Some(f), false),
                     None => { data_open = false; continue; }
                 },
             }
         };
         let Some(first) = first else { break };
+        {
+            // Busy from here until written; the rest of a frame a thread left goes first.
+            let mut g = lock_ws(&ws);
+            g.busy = true;
+            g.queued -= usize::from(from_ctl);
+            chunks.extend(g.front.drain(..));
+        }
         let mut batch_bytes = 0usize;
         let mut frames = 1usize;
+        let mut from_ctl = 0usize;
         go_away |= stage(first, &mut staging, &mut chunks, &mut batch_bytes);
         while frames < MAX_BATCH_FRAMES && batch_bytes < MAX_BATCH_BYTES {
             let next = match ctl.try_recv() {
-                Ok(f) => Some(f),
+                Ok(f) => {
+                    from_ctl += 1;
+                    Some(f)
+                }
                 Err(_) if data_open => data.try_recv().ok(),
                 Err(_) => None,
             };
@@ -932,10 +1081,12 @@ async fn writer_task(
             go_away |= stage(f, &mut staging, &mut chunks, &mut batch_bytes);
             frames += 1;
         }
+        lock_ws(&ws).queued -= from_ctl;
         if !staging.is_empty() {
             chunks.push_back(staging.split().freeze());
         }
-        if let Err(e) = write_chunks(&mut w, &mut chunks).await {
+        if let Err(e) = write_chunks(&ws, &mut chunks).await {
+            lock_ws(&ws).done = true;
             if let Some(inner) = inner.upgrade() {
                 inner.close(CloseReason::Io(e.to_string()));
             }
@@ -945,8 +1096,14 @@ async fn writer_task(
             break;
         }
     }
-    let _ = w.flush().await;
-    let _ = w.shutdown().await;
+    {
+        let mut g = lock_ws(&ws);
+        g.done = true;
+        g.busy = true;
+    }
+    let _ = std::future::poll_fn(|cx| std::pin::Pin::new(&mut lock_ws(&ws).w).poll_flush(cx)).await;
+    let _ =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut lock_ws(&ws).w).poll_shutdown(cx)).await;
 }
 
 async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
@@ -971,9 +1128,7 @@ async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
         }
         if silent >= interval.min(tick) {
             seq = seq.wrapping_add(1);
-            let _ = i
-                .ctl_tx
-                .send(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
+            let _ = i.send_ctl(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
         }
     }
 }
@@ -1108,18 +1263,14 @@ fn dispatch(
             let (service, body) =
                 wire::split_service(payload).map_err(|e| CloseReason::Protocol(e.to_string()))?;
             let Some(svc) = inner.registry.get(&service).cloned() else {
-                let _ = inner
-                    .ctl_tx
-                    .send(error_frame(h.id, CODE_UNKNOWN_SERVICE, service));
+                let _ = inner.send_ctl(error_frame(h.id, CODE_UNKNOWN_SERVICE, service));
                 return Ok(());
             };
             let busy = inner.inflight_calls.fetch_add(1, Ordering::Relaxed) as usize
                 >= inner.cfg.max_inflight_calls;
             if busy {
                 inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
-                let _ = inner
-                    .ctl_tx
-                    .send(error_frame(h.id, CODE_BUSY, "busy".into()));
+                let _ = inner.send_ctl(error_frame(h.id, CODE_BUSY, "busy".into()));
                 return Ok(());
             }
             let session = Session {
@@ -1129,10 +1280,7 @@ fn dispatch(
             let mut call = Box::pin(async move {
                 let res = svc.call(&session, body).await;
                 session.inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
-                let _ = session
-                    .inner
-                    .ctl_tx
-                    .send(reply_frame(&session.inner, id, res));
+                let _ = session.inner.send_ctl(reply_frame(&session.inner, id, res));
             });
             // The handler runs up to its first wait right here, before the next frame is
             // read: a call that never waits costs no task hand-off, and such calls take
@@ -1145,8 +1293,10 @@ fn dispatch(
             }
         }
         Kind::Response | Kind::Error => {
-            let tx = inner.lock().calls.remove(&h.id);
-            let Some(tx) = tx else { return Ok(()) }; // caller gave up
+            let pending = inner.lock().calls.remove(&h.id);
+            let Some(pending) = pending else {
+                return Ok(()); // caller gave up
+            };
             let res = if h.kind == Kind::Response {
                 Ok(payload)
             } else {
@@ -1161,7 +1311,7 @@ fn dispatch(
                     }),
                 })
             };
-            let _ = tx.send(res);
+            pending.finish(res);
         }
         Kind::Open => {
             // The peer opens odd ids if it dialed, even ids if it accepted.
@@ -1273,9 +1423,7 @@ fn dispatch(
             }
         }
         Kind::Ping => {
-            let _ = inner
-                .ctl_tx
-                .send(Frame::new(Kind::Pong, h.id, &[], Bytes::new()));
+            let _ = inner.send_ctl(Frame::new(Kind::Pong, h.id, &[], Bytes::new()));
         }
         Kind::Pong => {}
         Kind::GoAway => {
