@@ -81,7 +81,7 @@ use fuser::{
     Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, info, warn};
-use transport::CallError;
+use transport::{CallError, Session};
 
 use crate::proto::{
     self, Attr, Caller, DirEntry, Entry, Fh, NodeId, Op, Reply, SetTime, Ts, STALE_INSTANCE,
@@ -609,6 +609,52 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The HOST node of `ino`, the server instance and the live session, when all are at hand
+    /// without waiting (the common case): the request can then leave from the FUSE thread.
+    fn ready(&self, ino: u64) -> Option<(NodeId, u64, Session)> {
+        let session = self.client.current()?;
+        let st = self.st();
+        let n = st.inodes.get(&ino)?;
+        (n.epoch == st.epoch).then_some((n.node, st.instance, session))
+    }
+
+    /// The HOST handle of open handle `fh` when it is current: `Some(None)` for an unknown
+    /// handle (the call goes without one, as on the async path), `None` when it must first be
+    /// re-opened after a HOST restart.
+    fn fh_ready(&self, fh: Option<u64>) -> Option<Option<Fh>> {
+        let Some(fh) = fh else { return Some(None) };
+        let st = self.st();
+        match st.handles.get(&fh) {
+            Some(h) if h.epoch == st.epoch => Some(Some(h.fh)),
+            Some(_) => None,
+            None => Some(None),
+        }
+    }
+
+    /// Sends `op` from the calling thread (see [`transport::Session::call_then`]) and gives
+    /// `done` the outcome where it arrives. `None`: the session was lost or the HOST restarted;
+    /// the caller then takes the async path, which waits, re-resolves and retries.
+    fn call_then(
+        &self,
+        session: &Session,
+        instance: u64,
+        op: Op,
+        done: impl FnOnce(Option<R<Reply>>) + Send + 'static,
+    ) {
+        let Ok(body) = proto::encode(&proto::Request { instance, op }) else {
+            return done(Some(Err(libc::EIO)));
+        };
+        session.call_then("fs", Bytes::from(body), move |res| {
+            done(match res {
+                Ok(b) => Some(proto::decode::<Reply>(&b).map_err(|_| libc::EIO)),
+                Err(CallError::Remote(e)) if e.code != STALE_INSTANCE && e.code != libc::ESTALE => {
+                    Some(Err(e.code))
+                }
+                Err(_) => None,
+            })
+        });
     }
 
     /// Mounts the source again on a restarted server and starts a new epoch.
@@ -1305,6 +1351,86 @@ macro_rules! spawn_reply {
 }
 
 impl QtfsFs {
+    /// Lookup on the runtime: waits out outages and re-resolves after a HOST restart.
+    fn lookup_async(me: Arc<Inner>, parent: u64, name: Vec<u8>, sent: u64, reply: ReplyEntry) {
+        me.rt.clone().spawn(async move {
+            let res = me
+                .with(|| async {
+                    let p = me.node_of(parent).await?;
+                    me.rpc(Op::Lookup {
+                        parent: p,
+                        name: name.clone(),
+                    })
+                    .await
+                })
+                .await;
+            match res {
+                Ok(Reply::Entry(e)) => {
+                    QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
+                }
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    /// Answers with attributes the HOST returned for `ino`.
+    fn attr_reply(me: &Inner, ino: u64, r: R<Reply>, sent: u64, reply: ReplyAttr) {
+        match r {
+            Ok(Reply::Attr(a)) => {
+                me.note_attr(ino, &a, sent);
+                reply.attr(&me.ttl(), &fuse_attr(ino, &a))
+            }
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    /// Sends `op` (a getattr or setattr of `ino`, built from the node and the HOST handle)
+    /// from this FUSE thread when everything is at hand, else (or after a lost session) on the
+    /// runtime, which waits out outages and re-resolves after a HOST restart.
+    fn attr_call(
+        &self,
+        ino: u64,
+        fh: Option<u64>,
+        sent: u64,
+        op: impl Fn(NodeId, Option<Fh>) -> Op + Send + Sync + 'static,
+        reply: ReplyAttr,
+    ) {
+        let me = self.inner.clone();
+        let fast = match (self.inner.ready(ino), self.inner.fh_ready(fh)) {
+            (Some((node, instance, session)), Some(sfh)) => {
+                Some((op(node, sfh), instance, session))
+            }
+            _ => None,
+        };
+        let slow = move |me: Arc<Inner>, reply: ReplyAttr| {
+            me.rt.clone().spawn(async move {
+                let res = me
+                    .with(|| async {
+                        let node = me.node_of(ino).await?;
+                        let sfh = match fh {
+                            Some(h) => me.fh_of(h).await.ok(),
+                            None => None,
+                        };
+                        me.rpc(op(node, sfh)).await
+                    })
+                    .await;
+                QtfsFs::attr_reply(&me, ino, res, sent, reply);
+            });
+        };
+        match fast {
+            Some((call, instance, session)) => {
+                self.inner
+                    .call_then(&session, instance, call, move |r| match r {
+                        Some(r) => QtfsFs::attr_reply(&me, ino, r, sent, reply),
+                        None => slow(me, reply),
+                    });
+            }
+            None => slow(me, reply),
+        }
+    }
+
     /// Answers with an entry the HOST returned; the kernel's new inode number.
     fn entry_reply(
         inner: &Arc<Inner>,
@@ -1398,25 +1524,22 @@ impl Filesystem for QtfsFs {
         }
         let sent = self.inner.attr_seq();
         let me = self.inner.clone();
-        self.inner.rt.spawn(async move {
-            let res = me
-                .with(|| async {
-                    let p = me.node_of(parent).await?;
-                    me.rpc(Op::Lookup {
-                        parent: p,
-                        name: name.clone(),
-                    })
-                    .await
-                })
-                .await;
-            match res {
-                Ok(Reply::Entry(e)) => {
+        let Some((p, instance, session)) = self.inner.ready(parent) else {
+            return Self::lookup_async(me, parent, name, sent, reply);
+        };
+        let op = Op::Lookup {
+            parent: p,
+            name: name.clone(),
+        };
+        self.inner
+            .call_then(&session, instance, op, move |r| match r {
+                Some(Ok(Reply::Entry(e))) => {
                     QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
                 }
-                Ok(_) => reply.error(Errno::EIO),
-                Err(e) => reply.error(errno(e)),
-            }
-        });
+                Some(Ok(_)) => reply.error(Errno::EIO),
+                Some(Err(e)) => reply.error(errno(e)),
+                None => Self::lookup_async(me, parent, name, sent, reply),
+            });
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -1434,25 +1557,13 @@ impl Filesystem for QtfsFs {
             return;
         }
         let sent = self.inner.attr_seq();
-        spawn_reply!(
-            self,
+        self.attr_call(
+            ino,
+            fh.map(|h| h.0),
+            sent,
+            |node, fh| Op::GetAttr { node, fh },
             reply,
-            |me| {
-                let node = me.node_of(ino).await?;
-                let sfh = match fh {
-                    Some(h) => me.fh_of(h.0).await.ok(),
-                    None => None,
-                };
-                match me.rpc(Op::GetAttr { node, fh: sfh }).await? {
-                    Reply::Attr(a) => Ok(a),
-                    _ => Err(libc::EIO),
-                }
-            },
-            |a| {
-                me.note_attr(ino, &a, sent);
-                reply.attr(&me.ttl(), &fuse_attr(ino, &a))
-            }
-        )
+        );
     }
 
     fn setattr(
@@ -1476,37 +1587,17 @@ impl Filesystem for QtfsFs {
         let ino = ino.0;
         let (atime, mtime) = (set_time(atime), set_time(mtime));
         let sent = self.inner.attr_seq();
-        spawn_reply!(
-            self,
-            reply,
-            |me| {
-                let node = me.node_of(ino).await?;
-                let sfh = match fh {
-                    Some(h) => me.fh_of(h.0).await.ok(),
-                    None => None,
-                };
-                match me
-                    .rpc(Op::SetAttr {
-                        node,
-                        fh: sfh,
-                        mode,
-                        uid,
-                        gid,
-                        size,
-                        atime,
-                        mtime,
-                    })
-                    .await?
-                {
-                    Reply::Attr(a) => Ok(a),
-                    _ => Err(libc::EIO),
-                }
-            },
-            |a| {
-                me.note_attr(ino, &a, sent);
-                reply.attr(&me.ttl(), &fuse_attr(ino, &a))
-            }
-        )
+        let op = move |node, fh| Op::SetAttr {
+            node,
+            fh,
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        };
+        self.attr_call(ino, fh.map(|h| h.0), sent, op, reply);
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {

@@ -42,10 +42,12 @@ pub struct SessionConfig {
     pub stream_window: u32,
     /// Optional deadline for each call (the heartbeat already bounds calls to a dead peer).
     pub call_timeout: Option<Duration>,
-    /// Let a thread that sends a call write it to the connection itself when nothing is queued
-    /// ahead of it, instead of waking the writer task: one hand-off less per call. Only for
-    /// links whose writes may be attempted from any thread (TCP, Unix, vsock).
-    pub direct_send: bool,
+    /// Largest call (bytes) a sending thread writes to the connection itself when nothing is
+    /// queued ahead of it, instead of waking the writer task: one hand-off less per call.
+    /// Bigger calls (bulk writes) go through the writer task so the caller is not held up
+    /// copying them. 0 (the default) turns it off; only for links whose writes may be tried
+    /// from any thread ([`crate::Endpoint::direct_send_ok`]).
+    pub direct_send: usize,
 }
 
 impl Default for SessionConfig {
@@ -60,7 +62,7 @@ impl Default for SessionConfig {
             max_inflight_calls: 8192,
             stream_window: 4 << 20,
             call_timeout: None,
-            direct_send: false,
+            direct_send: 0,
         }
     }
 }
@@ -306,7 +308,7 @@ impl Inner {
     /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] allows
     /// and nothing is ahead of it, else queued. Err: the session is gone.
     fn send_call_frame(&self, f: Frame) -> Result<(), ()> {
-        if self.cfg.direct_send {
+        if f.head.len() + f.body.len() <= self.cfg.direct_send {
             let mut ws = lock_ws(&self.ws);
             if !ws.busy && ws.queued == 0 && !ws.done {
                 let mut chunks: VecDeque<Bytes> = [f.head.freeze(), f.body]

@@ -189,7 +189,12 @@ fn setup(args: &Args) -> anyhow::Result<(offload_fs::client::Mounted, tokio::run
     };
     let ep = tools::endpoint(o.transport.as_deref(), &addr)?;
     let key = transport::resolve_key(o.keyfile.as_deref(), o.allow_unauthenticated)?;
-    let cfg = transport::SessionConfig::new(key);
+    // FUSE threads send their requests (up to 64 KiB) themselves when nothing is queued
+    // ahead: one hand-off less per request (docs/BENCHMARKS.md, fs).
+    let cfg = transport::SessionConfig {
+        direct_send: if ep.direct_send_ok() { 64 << 10 } else { 0 },
+        ..transport::SessionConfig::new(key)
+    };
     if !args.dst.is_dir() {
         bail!("mount point {} is not a directory", args.dst.display());
     }
