@@ -2,9 +2,14 @@
 //! HOST's `fs` service over a [`transport::Client`] session.
 //!
 //! # Concurrency
-//! fuser's event-loop threads only decode requests; each one is spawned onto a tokio runtime and
-//! answered asynchronously, so any number of requests (a blocked FIFO read, a lock wait, a slow
-//! `fsync`) are in flight at once without holding an event-loop thread.
+//! fuser's event-loop threads only decode requests and never wait for the HOST: most requests
+//! are spawned onto a tokio runtime and answered asynchronously, so any number of them (a
+//! blocked FIFO read, a lock wait, a slow `fsync`) are in flight at once without holding an
+//! event-loop thread. The most frequent ones — lookup, getattr, setattr — are sent by the
+//! event-loop thread itself when the node and the session are at hand, and answered by the
+//! session's reader where the reply arrives ([`transport::Session::call_then`]): no task and one
+//! thread hand-off less per request. A lost session or a restarted HOST sends them down the
+//! async path, which waits, re-resolves and retries.
 //!
 //! # Inodes and restarts
 //! FUSE inode numbers are assigned here and map to the HOST's opaque node ids of the current
