@@ -977,6 +977,15 @@ impl Inner {
         self.note_new_name(dir, name);
     }
 
+    /// Sends an operation that makes a name in directory `dir` (mkdir, mknod, symlink, link):
+    /// the new entry and the directory's attributes after it.
+    async fn make(&self, dir: u64, op: Op) -> R<(Entry, Attr)> {
+        match self.rpc(op).await.map_err(|e| self.make_failed(dir, e))? {
+            Reply::Made { entry, parent } => Ok((entry, parent)),
+            _ => Err(libc::EIO),
+        }
+    }
+
     /// An operation making a name in `dir` failed with `e`: EEXIST means the directory holds
     /// a name this mount did not make, so it is no longer "known to hold only ours".
     fn make_failed(&self, dir: u64, e: i32) -> i32 {
@@ -1644,23 +1653,17 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let p = me.node_of(parent).await?;
-                match me
-                    .rpc(Op::Mknod {
+                me.make(
+                    parent,
+                    Op::Mknod {
                         parent: p,
                         name: name.clone(),
                         mode,
                         rdev: rdev as u64,
                         caller,
-                    })
-                    .await
-                    .map_err(|e| me.make_failed(parent, e))?
-                {
-                    Reply::Made {
-                        entry,
-                        parent: pattr,
-                    } => Ok((entry, pattr)),
-                    _ => Err(libc::EIO),
-                }
+                    },
+                )
+                .await
             },
             |v| {
                 let (e, pattr) = v;
@@ -1698,22 +1701,16 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let p = me.node_of(parent).await?;
-                match me
-                    .rpc(Op::Mkdir {
+                me.make(
+                    parent,
+                    Op::Mkdir {
                         parent: p,
                         name: name.clone(),
                         mode,
                         caller,
-                    })
-                    .await
-                    .map_err(|e| me.make_failed(parent, e))?
-                {
-                    Reply::Made {
-                        entry,
-                        parent: pattr,
-                    } => Ok((entry, pattr)),
-                    _ => Err(libc::EIO),
-                }
+                    },
+                )
+                .await
             },
             |v| {
                 let (e, pattr) = v;
@@ -1786,22 +1783,16 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let p = me.node_of(parent).await?;
-                match me
-                    .rpc(Op::Symlink {
+                me.make(
+                    parent,
+                    Op::Symlink {
                         parent: p,
                         name: name.clone(),
                         target: target.clone(),
                         caller,
-                    })
-                    .await
-                    .map_err(|e| me.make_failed(parent, e))?
-                {
-                    Reply::Made {
-                        entry,
-                        parent: pattr,
-                    } => Ok((entry, pattr)),
-                    _ => Err(libc::EIO),
-                }
+                    },
+                )
+                .await
             },
             |v| {
                 let (e, pattr) = v;
@@ -1897,21 +1888,15 @@ impl Filesystem for QtfsFs {
             |me| {
                 let node = me.node_of(ino).await?;
                 let np = me.node_of(newparent).await?;
-                match me
-                    .rpc(Op::Link {
+                me.make(
+                    newparent,
+                    Op::Link {
                         node,
                         newparent: np,
                         newname: newname.clone(),
-                    })
-                    .await
-                    .map_err(|e| me.make_failed(newparent, e))?
-                {
-                    Reply::Made {
-                        entry,
-                        parent: pattr,
-                    } => Ok((entry, pattr)),
-                    _ => Err(libc::EIO),
-                }
+                    },
+                )
+                .await
             },
             |v| {
                 let (e, pattr) = v;
