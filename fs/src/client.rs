@@ -1115,6 +1115,10 @@ impl Inner {
 
     /// Counts one more acknowledged write of `ino` in flight.
     fn begin_write(&self, ino: u64) -> Arc<Unstable> {
+        // Called once the write is queued and before it is acknowledged: a reply to any request
+        // queued before it (its attributes may already be recorded, or on their way) predates
+        // the write; requests queued after it see it.
+        self.stale_attr(ino);
         let mut map = self.unstable_map();
         let u = map.entry(ino).or_default().clone();
         u.lock().0 += 1;
@@ -1982,7 +1986,6 @@ impl Filesystem for QtfsFs {
         reply: ReplyWrite,
     ) {
         let me = self.inner.clone();
-        self.inner.stale_attr(ino.0);
         if let Some((sfh, instance)) = self.inner.write_behind_target(fh.0) {
             // Encoded here, straight from the kernel's buffer: the only copy of the data.
             let Ok(body) = proto::encode_write(instance, sfh, offset, data) else {
