@@ -1,0 +1,140 @@
+#!/bin/bash
+# A VM as the DPU: the qemu guest runs an unmodified containerd (and ctr) as the management plane,
+# linked to this machine (the HOST) over real AF_VSOCK through rust-vmm's vhost-device-vsock
+# (hybrid vsock: a guest connection to CID 2 port P arrives here on the Unix socket <uds>_P).
+# The HOST's offloadd listens on that Unix socket, in a private mount namespace where /run and
+# /var/lib are test directories (nothing of this machine's real containerd is touched); the real
+# containerd-shim-runc-v2 and runc it launches for the guest run there too, so containers run on
+# this machine. The guest half is tests/vm/guest/vmdpu.sh; the image is built by mkimage.sh.
+# Checks: ctr image import, ctr run -d (the process is in this machine's process table, in the
+# oevm cgroup, with the pid the DPU reports), ctr task exec (runs on the HOST kernel), task kill,
+# and `ctr run --rm … sh -c 'echo hi; uname -r; exit 3'` (prints hi, the HOST kernel, returns 3)
+# when VMDPU_RM=1 (default: on once the shim-log FIFO works over qtfs).
+# Usage: tests/vm/vmdpu.sh   (after run.sh or a workspace build; env CARGO_TARGET_DIR /
+#   OFFLOAD_BIN_DIR, VMDPU_TIMEOUT (whole run, default 300 s), VMDPU_PORT (default 7300))
+# Prints "vmdpu: PASS/FAIL …" lines and "vmdpu: N passed, M failed"; exit 0 only if all passed.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+C=$here/cache
+B=${OFFLOAD_BIN_DIR:-${CARGO_TARGET_DIR:-$repo/target}/debug}
+PORT=${VMDPU_PORT:-7300}
+NS=oevm
+REAL=/usr/bin/containerd-shim-runc-v2
+t0=$(date +%s)
+skip() { echo "SKIPPED vmdpu: $*"; exit 0; }
+[ "$(id -u)" = 0 ] || skip "needs root (mount namespace, runc)"
+for b in /usr/bin/containerd /usr/bin/ctr $REAL /usr/sbin/runc /usr/bin/busybox; do
+  [ -x "$b" ] || skip "$b missing (apt-get install containerd runc busybox-static)"
+done
+for b in offloadd mount_qtfs offload-shim; do [ -x "$B/$b" ] || { echo "vmdpu: $B/$b missing (build first)"; exit 1; }; done
+MC=${OFFLOAD_VM_CACHE:-/var/cache/offload-vm}
+VH=$MC/vhost/bin/vhost-device-vsock
+if [ ! -x "$VH" ]; then
+  echo "vmdpu: installing vhost-device-vsock into $MC/vhost (once per machine, 1-4 min)"
+  cargo install -q vhost-device-vsock --locked --root "$MC/vhost" || { echo "vmdpu: cargo install vhost-device-vsock failed"; exit 1; }
+fi
+[ -f "$C/kernel/vmlinux" ] && [ -f "$C/initramfs.gz" ] || "$here/setup.sh" || { echo "vmdpu: setup failed"; exit 1; }
+
+RUN=$C/vd-run; rm -rf "$RUN"; mkdir -p "$RUN/w"
+W=$RUN/w
+D=$(mktemp -d /tmp/offload-vd.XXXXXX)   # short: Unix socket paths are limited to 108 bytes
+H=$D/host                               # the HOST's /run and /var/lib for this test
+TASKS=$H/run/containerd/io.containerd.runtime.v2.task/$NS
+PIDS=()
+HPID=
+cleanup() {
+  # Shims and containers the HOST ran for the guest (pid files in their bundle dirs), then the
+  # HOST offloadd (its mount namespace, with the containers' rootfs mounts, ends with them),
+  # then vhost-device-vsock and qemu, then the containers' cgroups.
+  for f in "$TASKS"/*/init.pid "$TASKS"/*/shim.pid; do
+    [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null
+  done
+  [ -n "$HPID" ] && kill "$HPID" 2>/dev/null
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  for g in /sys/fs/cgroup/*/$NS /sys/fs/cgroup/$NS; do
+    [ -d "$g" ] && find "$g" -depth -type d -exec rmdir {} + 2>/dev/null
+  done
+  rm -rf "$D"
+}
+trap cleanup EXIT
+trap 'exit 143' TERM INT
+
+mkdir -p "$H/run/containerd/io.containerd.runtime.v2.task" "$H/run/containerd/fifo" "$H/run/containerd/s" \
+  "$H/var/lib/containerd"
+od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$D/psk"; chmod 600 "$D/psk"
+cp "$D/psk" "$W/psk"; echo "$PORT" > "$W/port"; uname -r > "$W/host_kv"
+[ "${VMDPU_RM:-1}" = 1 ] && touch "$W/rm"
+"$here/mkimage.sh" "$W/bbox-oci.tar" > "$RUN/mkimage.log" 2>&1 || { echo "vmdpu: FAIL image build"; cat "$RUN/mkimage.log"; exit 1; }
+cat > "$D/host.toml" <<T
+[fs]
+exports = [
+  { path = "/proc" },
+  { path = "/sys" },
+  { path = "/var/lib/containerd" },
+  { path = "/run/containerd" },
+]
+[exec]
+allow = ["$REAL"]
+[bridge]
+watch = ["/run/containerd/s"]
+fifo_dirs = ["/run/containerd/fifo"]
+T
+# The HOST: offloadd on the hybrid-vsock socket for port $PORT, /run and /var/lib private.
+unshare -m --propagation private sh -c "mount --bind '$H/run' /run && mount --bind '$H/var/lib' /var/lib && \
+  exec env RUST_LOG=\${RUST_LOG:-info} '$B/offloadd' --listen 'unix://$D/vm5.vsock_$PORT' --key-file '$D/psk' --config '$D/host.toml'" \
+  > "$RUN/host-offloadd.log" 2>&1 < /dev/null &
+HPID=$!
+for _ in $(seq 100); do grep -q listening "$RUN/host-offloadd.log" && break; kill -0 $HPID 2>/dev/null || break; sleep 0.1; done
+grep -q listening "$RUN/host-offloadd.log" || { echo "vmdpu: FAIL HOST offloadd did not start"; cat "$RUN/host-offloadd.log"; exit 1; }
+"$VH" --vm "guest-cid=5,socket=$D/vhost5.socket,uds-path=$D/vm5.vsock" > "$RUN/vhost-device-vsock.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [ -S "$D/vhost5.socket" ] && break; sleep 0.1; done
+[ -S "$D/vhost5.socket" ] || { echo "vmdpu: FAIL vhost-device-vsock did not start"; cat "$RUN/vhost-device-vsock.log"; exit 1; }
+cat > "$RUN/guest.sh" <<G
+#!/bin/sh
+export OFFLOAD_BIN_DIR=$B
+exec $here/guest/vmdpu.sh
+G
+chmod +x "$RUN/guest.sh"
+MEM=2G
+echo "vmdpu: booting the DPU guest (HOST offloadd on $D/vm5.vsock_$PORT)"
+QEMU_EXTRA="-object memory-backend-memfd,id=mem,size=$MEM,share=on -machine memory-backend=mem \
+  -chardev socket,id=vhv,path=$D/vhost5.socket -device vhost-user-vsock-pci,chardev=vhv" \
+  APPEND_EXTRA="vmvsock=virtio" MEM=$MEM VM_TIMEOUT=${VMDPU_TIMEOUT:-300} \
+  "$here/boot.sh" "$RUN/guest.sh" "$RUN/serial.log" "$RUN" "$repo" &
+QPID=$!; PIDS+=($QPID)
+
+# While the guest's detached container runs: is it a process of this machine, in the oevm
+# cgroup, and the pid the DPU's containerd reports (the HOST shim's init.pid)?
+for _ in $(seq 3000); do [ -e "$W/running" ] && break; kill -0 $QPID 2>/dev/null || break; sleep 0.1; done
+if [ -e "$W/running" ]; then
+  read -r id pid < "$W/running"
+  ipid=$(cat "$TASKS/$id/init.pid" 2>/dev/null)
+  cmd=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)
+  cg=$(grep -m1 ":/$NS/$id\$" "/proc/$pid/cgroup" 2>/dev/null)
+  if [ -n "$pid" ] && [ "$pid" = "$ipid" ] && [ "$cmd" = "sleep 600 " ] && [ -n "$cg" ]; then
+    echo "ok: pid $pid runs '${cmd% }' on this machine in cgroup ${cg#*:}" > "$W/checked"
+  else
+    echo "fail: DPU pid '$pid', HOST init.pid '$ipid', cmdline '$cmd', cgroup '$cg'" > "$W/checked"
+  fi
+fi
+wait $QPID; qrc=$?
+pass=0; fail=0
+while read -r line; do
+  case $line in
+    VMDPU-PASS*) echo "vmdpu: PASS ${line#VMDPU-PASS }"; pass=$((pass + 1));;
+    VMDPU-FAIL*) echo "vmdpu: FAIL ${line#VMDPU-FAIL }"; fail=$((fail + 1));;
+  esac
+done < <(grep -a '^VMDPU-\(PASS\|FAIL\)' "$RUN/serial.log")
+grep -aq '^VMDPU-END' "$RUN/serial.log" || { echo "vmdpu: FAIL the guest did not finish (qemu/boot rc=$qrc)"; fail=$((fail + 1)); }
+if [ $fail -gt 0 ] || [ $qrc != 0 ]; then
+  [ $fail -gt 0 ] || fail=1
+  echo "--- guest serial log (tail)"; tail -n 60 "$RUN/serial.log"
+  for f in "$W"/logs/containerd.log "$W"/logs/dpu-offloadd.log "$W"/logs/shim.log "$RUN/host-offloadd.log"; do
+    [ -f "$f" ] && { echo "--- $f (tail)"; tail -n 25 "$f"; }
+  done
+fi
+echo "vmdpu: $pass passed, $fail failed ($(( $(date +%s) - t0 ))s, logs in $RUN)"
+[ $fail = 0 ]
