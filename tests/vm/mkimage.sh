@@ -2,7 +2,7 @@
 # Builds a one-layer busybox-static OCI image tarball (oci-layout + index.json + blobs), loadable
 # with `ctr image import`, without a registry and without python: the VM-as-DPU test imports it
 # on the guest's containerd. Deterministic (sorted entries, mtime 0, gzip -n).
-# Usage: tests/vm/mkimage.sh OUT.tar [REF]   (REF default docker.io/library/oevm-bbox:1)
+# Usage: tests/vm/mkimage.sh OUT.tar [REF]   (REF default docker.io/library/oevm-bbox:1; env APPLETS)
 set -euo pipefail
 OUT=$1
 REF=${2:-docker.io/library/oevm-bbox:1}
@@ -15,7 +15,9 @@ trap 'rm -rf "$W"' EXIT
 R=$W/rootfs
 mkdir -p "$R"/{bin,sbin,etc,proc,sys,dev,tmp,root,usr/bin,usr/sbin}
 cp "$BB" "$R/bin/busybox"
-for a in $("$BB" --list); do
+# APPLETS: the commands linked in /bin (default: all of busybox's; fewer = a faster unpack
+# where every file system operation is expensive, e.g. over qtfs in an emulated guest).
+for a in ${APPLETS:-$("$BB" --list)}; do
   [ "$a" = busybox ] || [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"
 done
 echo 'root:x:0:0:root:/root:/bin/sh' > "$R/etc/passwd"

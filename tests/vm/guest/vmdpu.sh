@@ -98,7 +98,8 @@ grep -q connected "$LOGS/dpu-offloadd.log" || { fail "DPU offloadd" "did not con
 dpu env CMD_NET_ADDR="$EP" OFFLOAD_KEY_FILE=/etc/offload/psk OFFLOAD_SHIM_LOG="$LOGS/shim.log" \
   containerd --config /etc/containerd/oevm.toml > "$LOGS/containerd.log" 2>&1 &
 CPID=$!
-i=0; until dpu ctr version > /dev/null 2>&1 || [ $i -ge 120 ]; do sleep 0.5; i=$((i + 1)); done
+# (ctr itself takes seconds to start under emulation: wait for the socket first.)
+i=0; until [ -S "$A/run/containerd/containerd.sock" ] || [ $i -ge 600 ]; do sleep 0.1; i=$((i + 1)); done
 dpu ctr version > /dev/null 2>&1 || { fail "containerd on the DPU" "not up: $(tail -5 "$LOGS/containerd.log")"; finish; }
 pass "containerd up on the DPU (root and state over qtfs)"
 
