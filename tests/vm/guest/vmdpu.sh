@@ -65,7 +65,10 @@ h1=$(dpu cat /proc/sys/kernel/osrelease 2>&1)
 s1=$(dpu sh -c 'readlink /proc/self' 2>&1)
 if [ "$h1" = "$HOST_KV" ] && [ "${s1#/local_proc/}" != "$s1" ]; then pass "qtfs: /proc is the HOST's ($h1), /proc/self -> $s1"
 else fail "qtfs proc mode" "osrelease '$h1' (HOST '$HOST_KV'), /proc/self -> '$s1'"; fi
-[ -d "$A/sys/fs/cgroup" ] && pass "qtfs: HOST /sys mounted" || fail "qtfs sys" "no $A/sys/fs/cgroup"
+# The guest mounts no cgroup file system: cgroup files under /sys/fs/cgroup are the HOST's.
+if [ -n "$(ls "$A/sys/fs/cgroup/memory/memory.limit_in_bytes" "$A/sys/fs/cgroup/cgroup.controllers" 2>/dev/null)" ] \
+  && [ "$(stat -f -c %T "$A/sys")" != sysfs ]; then pass "qtfs: /sys is the HOST's (its cgroup hierarchy is visible)"
+else fail "qtfs sys mode" "$(stat -f -c %T "$A/sys") $(ls "$A/sys/fs/cgroup" 2>&1 | tr '\n' ' ')"; fi
 
 cat > /etc/offload/dpu.toml <<T
 [qtfs]
