@@ -142,6 +142,26 @@ if [ -e "$W/running" ]; then
 fi
 wait $QPID; qrc=$?
 pass=0; fail=0
+# After `ctr run --rm` and the detached container's delete + rm, nothing of either may be
+# left on the HOST: no bundle dir, no shim (nothing but offloadd in its mount namespace), no
+# container cgroup.
+if [ -e "$W/rm" ] && grep -aq '^VMDPU-END' "$RUN/serial.log"; then
+  mns=$(readlink "/proc/$HPID/ns/mnt" 2>/dev/null)
+  procs=
+  if [ -n "$mns" ] && [ "$mns" != "$(readlink /proc/$$/ns/mnt)" ]; then
+    for p in /proc/[0-9]*; do
+      [ "$(readlink "$p/ns/mnt" 2>/dev/null)" = "$mns" ] && [ "${p#/proc/}" != "$HPID" ] \
+        && procs="$procs ${p#/proc/}:$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)"
+    done
+  fi
+  bundles=$(ls "$TASKS" 2>/dev/null | tr '\n' ' ')
+  cgs=$(find /sys/fs/cgroup/*/$NS -mindepth 1 -type d 2>/dev/null | tr '\n' ' ')
+  if [ -z "$procs$bundles$cgs" ]; then
+    echo "VMDPU-PASS HOST side after delete: no bundle dir, shim or container cgroup left" >> "$RUN/serial.log"
+  else
+    echo "VMDPU-FAIL HOST side after delete: processes '$procs' bundles '$bundles' cgroups '$cgs'" >> "$RUN/serial.log"
+  fi
+fi
 while read -r line; do
   case $line in
     VMDPU-PASS*) echo "vmdpu: PASS ${line#VMDPU-PASS }"; pass=$((pass + 1));;

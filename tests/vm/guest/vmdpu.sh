@@ -27,6 +27,8 @@ fail() { echo "VMDPU-FAIL $1: $2"; fails=$((fails + 1)); }
 step() { echo "vmdpu: $* (t+$(($(date +%s) - t0))s)"; }
 # Everything the management plane runs is chrooted like the seed's containerd.
 dpu() { chroot "$A" env PATH=/opt/offload/shim:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$@"; }
+# ctr, bounded: SIGKILL, because ctr forwards SIGTERM to the container and keeps waiting.
+ctrq() { timeout -s KILL 30 chroot "$A" ctr -n $NS "$@"; }
 finish() {
   step "done, $fails failed"
   # A clean guest-side stop: containerd and the DPU offloadd end, the qtfs mounts go away.
@@ -103,49 +105,49 @@ dpu env CMD_NET_ADDR="$EP" OFFLOAD_KEY_FILE=/etc/offload/psk OFFLOAD_SHIM_LOG="$
 CPID=$!
 # (ctr itself takes seconds to start under emulation: wait for the socket first.)
 i=0; until [ -S "$A/run/containerd/containerd.sock" ] || [ $i -ge 600 ]; do sleep 0.1; i=$((i + 1)); done
-dpu ctr version > /dev/null 2>&1 || { fail "containerd on the DPU" "not up: $(tail -5 "$LOGS/containerd.log")"; finish; }
+timeout -s KILL 60 chroot "$A" ctr version > /dev/null 2>&1 || { fail "containerd on the DPU" "not up: $(tail -5 "$LOGS/containerd.log")"; finish; }
 pass "containerd up on the DPU (root and state over qtfs)"
 
-out=$(timeout 120 chroot "$A" ctr -n $NS image import "$W/bbox-oci.tar" 2>&1); rc=$?
-if [ $rc = 0 ] && dpu ctr -n $NS image ls -q | grep -qx "$IMG"; then pass "ctr image import ($IMG)"
+out=$(timeout -s KILL 120 chroot "$A" ctr -n $NS image import "$W/bbox-oci.tar" 2>&1); rc=$?
+if [ $rc = 0 ] && ctrq image ls -q | grep -qx "$IMG"; then pass "ctr image import ($IMG)"
 else fail "ctr image import" "rc=$rc $out"; finish; fi
 
 # A detached container: its process must be in the HOST's process table (checked by the machine).
 ID=oevm-d$$
-out=$(timeout 90 chroot "$A" ctr -n $NS run -d "$IMG" "$ID" sleep 600 2>&1); rc=$?
+out=$(timeout -s KILL 90 chroot "$A" ctr -n $NS run -d "$IMG" "$ID" sleep 600 2>&1); rc=$?
 [ $rc = 0 ] || { fail "ctr run -d" "rc=$rc $out"; tail -20 "$LOGS/containerd.log"; finish; }
-pid=$(dpu ctr -n $NS task ls | awk -v id="$ID" '$1 == id && $3 == "RUNNING" {print $2}')
-if [ -n "$pid" ]; then pass "ctr run -d: task $ID RUNNING, pid $pid"; else fail "ctr run -d" "$(dpu ctr -n $NS task ls 2>&1)"; fi
+pid=$(ctrq task ls | awk -v id="$ID" '$1 == id && $3 == "RUNNING" {print $2}')
+if [ -n "$pid" ]; then pass "ctr run -d: task $ID RUNNING, pid $pid"; else fail "ctr run -d" "$(ctrq task ls 2>&1)"; fi
 echo "$ID $pid" > "$W/running"
 i=0; until [ -e "$W/checked" ] || [ $i -ge 300 ]; do sleep 0.2; i=$((i + 1)); done
 case $(cat "$W/checked" 2>/dev/null) in
   ok*) pass "HOST side: $(cat "$W/checked")";;
   *) fail "HOST side check" "$(cat "$W/checked" 2>/dev/null || echo 'no answer')";;
 esac
-out=$(timeout 60 chroot "$A" ctr -n $NS task exec --exec-id x1 "$ID" sh -c 'echo exec-ok; uname -r' 2>&1); rc=$?
+out=$(timeout -s KILL 60 chroot "$A" ctr -n $NS task exec --exec-id x1 "$ID" sh -c 'echo exec-ok; uname -r' 2>&1); rc=$?
 if [ $rc = 0 ] && [ "$out" = "exec-ok
 $HOST_KV" ]; then pass "ctr task exec runs on the HOST (uname -r $HOST_KV)"
 else fail "ctr task exec" "rc=$rc '$out' (HOST kernel $HOST_KV)"; fi
-timeout 30 chroot "$A" ctr -n $NS task kill -s KILL "$ID" > /dev/null 2>&1
+timeout -s KILL 30 chroot "$A" ctr -n $NS task kill -s KILL "$ID" > /dev/null 2>&1
 i=0; st=
 until [ "$st" = STOPPED ] || [ $i -ge 60 ]; do
-  st=$(dpu ctr -n $NS task ls | awk -v id="$ID" '$1 == id {print $3}'); sleep 0.5; i=$((i + 1))
+  st=$(ctrq task ls | awk -v id="$ID" '$1 == id {print $3}'); sleep 0.5; i=$((i + 1))
 done
 [ "$st" = STOPPED ] && pass "ctr task kill -s KILL: STOPPED" || fail "ctr task kill" "status '$st'"
 
 if [ -e "$W/rm" ]; then
   # The whole life of a container: output, exit code, delete (needs the shim log FIFO over qtfs).
   t1=$(date +%s)
-  out=$(timeout 90 chroot "$A" ctr -n $NS run --rm "$IMG" oevm-rm$$ sh -c 'echo hi; uname -r; exit 3' 2>&1); rc=$?
+  out=$(timeout -s KILL 60 chroot "$A" ctr -n $NS run --rm "$IMG" oevm-rm$$ sh -c 'echo hi; uname -r; exit 3' 2>&1); rc=$?
   dt=$(($(date +%s) - t1))
   if [ $rc = 3 ] && [ "$out" = "hi
 $HOST_KV" ]; then pass "ctr run --rm: printed hi, ran on the HOST ($HOST_KV), returned 3 in ${dt}s"
   else fail "ctr run --rm" "rc=$rc (want 3) after ${dt}s, output '$out' (want hi + $HOST_KV)"; fi
-  out=$(timeout 60 chroot "$A" ctr -n $NS task delete "$ID" 2>&1) && pass "ctr task delete $ID" \
-    || fail "ctr task delete" "$out"
-  out=$(timeout 60 chroot "$A" ctr -n $NS container rm "$ID" 2>&1) && pass "ctr container rm $ID" \
-    || fail "ctr container rm" "$out"
-  left=$(dpu ctr -n $NS container ls -q)
+  out=$(timeout -s KILL 30 chroot "$A" ctr -n $NS task delete "$ID" 2>&1); rc=$?
+  [ $rc = 0 ] && pass "ctr task delete $ID" || fail "ctr task delete" "rc=$rc $out"
+  out=$(timeout -s KILL 30 chroot "$A" ctr -n $NS container rm "$ID" 2>&1); rc=$?
+  [ $rc = 0 ] && pass "ctr container rm $ID" || fail "ctr container rm" "rc=$rc $out"
+  left=$(ctrq container ls -q)
   [ -z "$left" ] && pass "no containers left on the DPU" || fail "containers left" "$left"
 fi
 finish
