@@ -16,7 +16,7 @@ PORT=$(cat "$W/port")
 EP=${VMDPU_EP:-vsock://2:$PORT}   # VMDPU_EP: another link for a run outside the VM
 A=${VMDPU_ROOT:-/another_rootfs}
 NS=oevm
-IMG=docker.io/library/oevm-bbox:1
+IMG=$(cat "$W/image.ref")   # the image the machine built (tests/vm/vmdpu.sh)
 HOST_KV=$(cat "$W/host_kv")
 LOGS=$W/logs
 mkdir -p "$LOGS"
@@ -108,7 +108,7 @@ i=0; until [ -S "$A/run/containerd/containerd.sock" ] || [ $i -ge 600 ]; do slee
 timeout -s KILL 60 chroot "$A" ctr version > /dev/null 2>&1 || { fail "containerd on the DPU" "not up: $(tail -5 "$LOGS/containerd.log")"; finish; }
 pass "containerd up on the DPU (root and state over qtfs)"
 
-out=$(timeout -s KILL 120 chroot "$A" ctr -n $NS image import "$W/bbox-oci.tar" 2>&1); rc=$?
+out=$(timeout -s KILL 120 chroot "$A" ctr -n $NS image import "$W/image.tar" 2>&1); rc=$?
 if [ $rc = 0 ] && ctrq image ls -q | grep -qx "$IMG"; then pass "ctr image import ($IMG)"
 else fail "ctr image import" "rc=$rc $out"; finish; fi
 
@@ -128,6 +128,15 @@ out=$(timeout -s KILL 60 chroot "$A" ctr -n $NS task exec --exec-id x1 "$ID" sh 
 if [ $rc = 0 ] && [ "$out" = "exec-ok
 $HOST_KV" ]; then pass "ctr task exec runs on the HOST (uname -r $HOST_KV)"
 else fail "ctr task exec" "rc=$rc '$out' (HOST kernel $HOST_KV)"; fi
+if [ -f "$W/whiteout-check.sh" ]; then
+  # The multi-layer image was unpacked through qtfs: a deleted file is absent, an opaque
+  # directory shows only the upper layer's contents (checked inside the container, on the HOST).
+  out=$(timeout -s KILL 60 chroot "$A" ctr -n $NS task exec --exec-id wh "$ID" sh -c "$(cat "$W/whiteout-check.sh")" 2>&1); rc=$?
+  if [ $rc = 0 ] && [ "$out
+" = "$(cat "$W/whiteout-check.out")
+" ]; then pass "image layers applied through qtfs (whiteout, opaque directory)"
+  else fail "whiteout check in the container" "rc=$rc '$out'"; fi
+fi
 timeout -s KILL 30 chroot "$A" ctr -n $NS task kill -s KILL "$ID" > /dev/null 2>&1
 i=0; st=
 until [ "$st" = STOPPED ] || [ $i -ge 60 ]; do
