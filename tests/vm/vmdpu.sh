@@ -11,7 +11,7 @@
 # and `ctr run --rm … sh -c 'echo hi; uname -r; exit 3'` (prints hi, the HOST kernel, returns 3)
 # when VMDPU_RM=1 (default 0 until the shim log FIFO works over qtfs: delete hangs without it).
 # Image (VMDPU_IMAGE): bbox (default; one busybox layer, mkimage.sh) or multi (the e2e tests'
-# multi-layer image from test-images, plus a whiteout check inside the container; needs overlay
+# multi-layer image from oe2e-images, plus a whiteout check inside the container; needs overlay
 # whiteouts through qtfs, refused by the fs service on main when this was written).
 # Usage: tests/vm/vmdpu.sh   (after run.sh or a workspace build; env CARGO_TARGET_DIR /
 #   OFFLOAD_BIN_DIR, VMDPU_TIMEOUT (whole run, default 300 s), VMDPU_PORT (default 7300))
@@ -30,7 +30,7 @@ skip() { echo "SKIPPED vmdpu: $*"; exit 0; }
 for b in /usr/bin/containerd /usr/bin/ctr $REAL /usr/sbin/runc /usr/bin/busybox; do
   [ -x "$b" ] || skip "$b missing (apt-get install containerd runc busybox-static)"
 done
-for b in offloadd mount_qtfs offload-shim test-images; do [ -x "$B/$b" ] || { echo "vmdpu: $B/$b missing (build first)"; exit 1; }; done
+for b in offloadd mount_qtfs offload-shim; do [ -x "$B/$b" ] || { echo "vmdpu: $B/$b missing (build first)"; exit 1; }; done
 MC=${OFFLOAD_VM_CACHE:-/var/cache/offload-vm}
 VH=$MC/vhost/bin/vhost-device-vsock
 if [ ! -x "$VH" ]; then
@@ -78,12 +78,15 @@ od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$D/psk"; chmod 600 "$D/psk"
 cp "$D/psk" "$W/psk"; echo "$PORT" > "$W/port"; uname -r > "$W/host_kv"
 [ "${VMDPU_RM:-0}" = 1 ] && touch "$W/rm"
 if [ "${VMDPU_IMAGE:-bbox}" = multi ]; then
-  # The e2e tests' multi-layer image (tests::images): its unpack on the DPU applies a whiteout
-  # and an opaque directory through qtfs; the guest runs its whiteout check in a container.
-  line=$("$B/test-images" --out "$W/img" --multi-only 2> "$RUN/mkimage.log") || { echo "vmdpu: FAIL image build"; cat "$RUN/mkimage.log"; exit 1; }
-  read -r ref oci _ <<< "$line"
-  mv "$oci" "$W/image.tar"; echo "$ref" > "$W/image.ref"
-  mv "$W/img/whiteout-check.sh" "$W/img/whiteout-check.out" "$W/"; rm -rf "$W/img"
+  # The e2e tests' multi-layer image (tests::images via oe2e-images): its unpack on the DPU
+  # applies a whiteout and an opaque directory through qtfs; the guest checks both inside a
+  # container.
+  [ -x "$B/oe2e-images" ] || { echo "vmdpu: FAIL VMDPU_IMAGE=multi needs $B/oe2e-images"; exit 1; }
+  line=$("$B/oe2e-images" --out "$W/img" --no-pause 2> "$RUN/mkimage.log" | awk '$2 == "oci"') \
+    || { echo "vmdpu: FAIL image build"; cat "$RUN/mkimage.log"; exit 1; }
+  read -r ref _ oci _ <<< "$line"
+  mv "$oci" "$W/image.tar" && echo "$ref" > "$W/image.ref" && touch "$W/multi" && rm -rf "$W/img" \
+    || { echo "vmdpu: FAIL image build: '$line'"; exit 1; }
 else
   # One layer and only the applets the checks use (unpacking is the slow part under emulation).
   APPLETS="sh echo uname sleep cat ls true" "$here/mkimage.sh" "$W/image.tar" docker.io/library/oevm-bbox:1 \
@@ -135,7 +138,7 @@ else
   echo "vmdpu: booting the DPU guest (HOST offloadd on $D/vm5.vsock_$PORT)"
   QEMU_EXTRA="-object memory-backend-memfd,id=mem,size=$MEM,share=on -machine memory-backend=mem \
     -chardev socket,id=vhv,path=$D/vhost5.socket -device vhost-user-vsock-pci,chardev=vhv" \
-    APPEND_EXTRA="vmvsock=virtio" MEM=$MEM VM_TIMEOUT=${VMDPU_TIMEOUT:-300} \
+    APPEND_EXTRA="vmvsock=virtio" MEM=$MEM VM_TIMEOUT=${VMDPU_TIMEOUT:-300} VM_PATHS=$B \
     "$here/boot.sh" "$RUN/guest.sh" "$RUN/serial.log" "$RUN" "$repo" &
 fi
 QPID=$!; PIDS+=($QPID)
