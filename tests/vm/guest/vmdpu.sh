@@ -62,11 +62,12 @@ qt() { # qt OPTS SRC DST
 qt proc /proc /proc && qt sys /sys /sys && qt "" /var/lib/containerd /var/lib/containerd \
   && qt "" /run/containerd/io.containerd.runtime.v2.task /run/containerd/io.containerd.runtime.v2.task \
   || { fail "qtfs mounts over $EP" "mount_qtfs failed"; finish; }
-# proc mode: /proc/1 is the HOST's init, /proc/self is this process (the DPU's own procfs).
+# proc mode: /proc is the HOST's (its kernel release), except the caller's own process:
+# /proc/self/stat opened by a DPU shell names that shell's DPU pid.
 h1=$(dpu cat /proc/sys/kernel/osrelease 2>&1)
-s1=$(dpu sh -c 'readlink /proc/self' 2>&1)
-if [ "$h1" = "$HOST_KV" ] && [ "${s1#/local_proc/}" != "$s1" ]; then pass "qtfs: /proc is the HOST's ($h1), /proc/self -> $s1"
-else fail "qtfs proc mode" "osrelease '$h1' (HOST '$HOST_KV'), /proc/self -> '$s1'"; fi
+s1=$(dpu sh -c 'read p _ < /proc/self/stat; echo "$p $$"' 2>&1)
+if [ "$h1" = "$HOST_KV" ] && [ "${s1% *}" = "${s1#* }" ]; then pass "qtfs: /proc is the HOST's ($h1), /proc/self the caller's (pid ${s1#* })"
+else fail "qtfs proc mode" "osrelease '$h1' (HOST '$HOST_KV'), /proc/self/stat pid and \$\$: '$s1'"; fi
 # The guest mounts no cgroup file system: cgroup files under /sys/fs/cgroup are the HOST's.
 if [ -n "$(ls "$A/sys/fs/cgroup/memory/memory.limit_in_bytes" "$A/sys/fs/cgroup/cgroup.controllers" 2>/dev/null)" ] \
   && [ "$(stat -f -c %T "$A/sys")" != sysfs ]; then pass "qtfs: /sys is the HOST's (its cgroup hierarchy is visible)"
