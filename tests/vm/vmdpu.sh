@@ -127,11 +127,11 @@ chmod +x "$RUN/guest.sh"
 MEM=2G
 if [ "${VMDPU_NATIVE:-0}" = 1 ]; then
   # Debugging aid (seconds instead of minutes): the guest script on this machine in its own
-  # mount+PID namespaces (/etc overlaid), over the Unix socket instead of vsock.
+  # mount+PID namespaces (/etc overlaid, a fresh /run), over the Unix socket instead of vsock.
   echo "vmdpu: VMDPU_NATIVE=1: the DPU script runs on this machine, link unix://$D/vm5.vsock_$PORT"
   mkdir -p "$D/etc-u" "$D/etc-w" "$D/dpu-root"
   timeout -k 5 "${VMDPU_TIMEOUT:-300}" unshare -m -p -f --mount-proc --propagation private sh -c \
-    "mount -t overlay overlay -o lowerdir=/etc,upperdir='$D/etc-u',workdir='$D/etc-w' /etc && \
+    "mount -t overlay overlay -o lowerdir=/etc,upperdir='$D/etc-u',workdir='$D/etc-w' /etc && mount -t tmpfs dpu-run /run && \
      exec env VM_RESULTS='$RUN' OFFLOAD_BIN_DIR='$B' VMDPU_EP='unix://$D/vm5.vsock_$PORT' VMDPU_ROOT='$D/dpu-root' \
      '$here/guest/vmdpu.sh'" > "$RUN/serial.log" 2>&1 < /dev/null &
 else

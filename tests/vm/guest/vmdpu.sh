@@ -34,9 +34,18 @@ finish() {
   # A clean guest-side stop: containerd and the DPU offloadd end, the qtfs mounts go away.
   [ -n "${CPID:-}" ] && kill "$CPID" 2>/dev/null
   [ -n "${OPID:-}" ] && kill "$OPID" 2>/dev/null
-  for m in run/containerd/io.containerd.runtime.v2.task var/lib/containerd sys proc; do
-    umount -l "$A/$m" 2>/dev/null
-  done
+  # (containerd may hang in shutdown; give it 10 s.)
+  i=0; while [ -n "${CPID:-}" ] && kill -0 "$CPID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  [ -n "${CPID:-}" ] && kill -KILL "$CPID" 2>/dev/null
+  if [ "${SETUP:-}" = tool ]; then
+    if "$B/offload" dpu teardown --config /etc/offload/dpu.toml > "$LOGS/teardown.log" 2>&1 \
+      && ! grep -q " $A[/ ]" /proc/mounts; then pass "offload dpu teardown: nothing left mounted under $A"
+    else fail "offload dpu teardown" "$(tail -3 "$LOGS/teardown.log"; grep " $A[/ ]" /proc/mounts | head -5)"; fi
+  else
+    for m in run/containerd/io.containerd.runtime.v2.task var/lib/containerd sys proc; do
+      umount -l "$A/$m" 2>/dev/null
+    done
+  fi
   echo "VMDPU-END failed=$fails"
   exit $((fails > 0))
 }
@@ -44,24 +53,57 @@ finish() {
 step "building $A"
 mkdir -p /etc/offload /etc/containerd
 cp "$W/psk" /etc/offload/psk && chmod 600 /etc/offload/psk
-mkdir -p "$A/usr" "$A/etc" "$A/proc" "$A/sys" "$A/dev" "$A/run" "$A/tmp" "$A/root" "$A/local_proc" \
-  "$A/var/lib/containerd" "$A/var/log" "$A/opt/offload/shim" "$A$B" "$A$W"
-for l in bin sbin lib lib64; do ln -sfn "usr/$l" "$A/$l"; done
-ln -sfn ../run "$A/var/run"
-mount --bind /usr "$A/usr" && mount --bind /etc "$A/etc" && mount --bind /dev "$A/dev" \
-  && mount --bind /tmp "$A/tmp" && mount -t tmpfs -o mode=755 dpu-run "$A/run" \
-  && mount -t proc proc "$A/local_proc" && mount --bind "$B" "$A$B" && mount --bind "$W" "$A$W" \
-  || { fail "DPU root" "a local mount failed"; finish; }
-mkdir -p "$A/run/containerd/io.containerd.runtime.v2.task" "$A/run/containerd/fifo"
-ln -sfn "$B/offload-shim" "$A/opt/offload/shim/containerd-shim-runc-v2"
-
-# HOST directories over qtfs (vsock to the machine). mount_qtfs backgrounds itself once mounted.
-qt() { # qt OPTS SRC DST
-  timeout 60 "$B/mount_qtfs" "$2" "$A$3" -o "addr=$EP,keyfile=/etc/offload/psk,log=$LOGS/qtfs-$(echo "$3" | tr / _).log${1:+,$1}"
-}
-qt proc /proc /proc && qt sys /sys /sys && qt "" /var/lib/containerd /var/lib/containerd \
-  && qt "" /run/containerd/io.containerd.runtime.v2.task /run/containerd/io.containerd.runtime.v2.task \
-  || { fail "qtfs mounts over $EP" "mount_qtfs failed"; finish; }
+cat > /etc/offload/dpu.toml <<T
+[qtfs]
+addr = "$EP"
+key_file = "/etc/offload/psk"
+[bridge]
+fifo_dirs = ["/run/containerd/fifo"]
+[[bridge.forward]]
+listen_side = "host"
+path = "/run/containerd/containerd.sock.ttrpc"
+[bridge.shim]
+connect = "$EP"
+key_file = "/etc/offload/psk"
+T
+if [ -x "$B/offload" ]; then
+  # The deployment tool builds the root from [rootfs] (local_proc, binds, devtmpfs, qtfs /proc
+  # in proc mode, /sys, the data directories, the shim); teardown undoes it at the end.
+  SETUP=tool
+  cat >> /etc/offload/dpu.toml <<T
+[rootfs]
+path = "$A"
+binds = [{ src = "/usr", ro = true }, "/etc", "/run", "$B", "$W"]
+qtfs = ["/var/lib/containerd", "/run/containerd/io.containerd.runtime.v2.task"]
+qtfs_options = "log=$LOGS/qtfs.log"
+T
+  if "$B/offload" dpu setup --config /etc/offload/dpu.toml > "$LOGS/setup.log" 2>&1; then
+    pass "offload dpu setup built $A ($(tail -1 "$LOGS/setup.log"))"
+  else
+    fail "offload dpu setup" "$(tail -5 "$LOGS/setup.log")"; finish
+  fi
+  mkdir -p "$A/run/containerd/fifo"
+else
+  # The same steps by hand (the seed's layout).
+  SETUP=script
+  mkdir -p "$A/usr" "$A/etc" "$A/proc" "$A/sys" "$A/dev" "$A/run" "$A/tmp" "$A/root" "$A/local_proc" \
+    "$A/var/lib/containerd" "$A/var/log" "$A/opt/offload/shim" "$A$B" "$A$W"
+  for l in bin sbin lib lib64; do ln -sfn "usr/$l" "$A/$l"; done
+  ln -sfn ../run "$A/var/run"
+  mount --bind /usr "$A/usr" && mount --bind /etc "$A/etc" && mount --bind /dev "$A/dev" \
+    && mount --bind /tmp "$A/tmp" && mount -t tmpfs -o mode=755 dpu-run "$A/run" \
+    && mount -t proc proc "$A/local_proc" && mount --bind "$B" "$A$B" && mount --bind "$W" "$A$W" \
+    || { fail "DPU root" "a local mount failed"; finish; }
+  mkdir -p "$A/run/containerd/io.containerd.runtime.v2.task" "$A/run/containerd/fifo"
+  ln -sfn "$B/offload-shim" "$A/opt/offload/shim/containerd-shim-runc-v2"
+  # HOST directories over qtfs (vsock to the machine). mount_qtfs backgrounds itself once mounted.
+  qt() { # qt OPTS SRC DST
+    timeout 60 "$B/mount_qtfs" "$2" "$A$3" -o "addr=$EP,keyfile=/etc/offload/psk,log=$LOGS/qtfs-$(echo "$3" | tr / _).log${1:+,$1}"
+  }
+  qt proc /proc /proc && qt sys /sys /sys && qt "" /var/lib/containerd /var/lib/containerd \
+    && qt "" /run/containerd/io.containerd.runtime.v2.task /run/containerd/io.containerd.runtime.v2.task \
+    || { fail "qtfs mounts over $EP" "mount_qtfs failed"; finish; }
+fi
 # proc mode: /proc is the HOST's (its kernel release), except the caller's own process:
 # /proc/self/stat opened by a DPU shell names that shell's DPU pid.
 h1=$(dpu cat /proc/sys/kernel/osrelease 2>&1)
@@ -73,18 +115,6 @@ if [ -n "$(ls "$A/sys/fs/cgroup/memory/memory.limit_in_bytes" "$A/sys/fs/cgroup/
   && [ "$(stat -f -c %T "$A/sys")" != sysfs ]; then pass "qtfs: /sys is the HOST's (its cgroup hierarchy is visible)"
 else fail "qtfs sys mode" "$(stat -f -c %T "$A/sys") $(ls "$A/sys/fs/cgroup" 2>&1 | tr '\n' ' ')"; fi
 
-cat > /etc/offload/dpu.toml <<T
-[qtfs]
-addr = "$EP"
-[bridge]
-fifo_dirs = ["/run/containerd/fifo"]
-[[bridge.forward]]
-listen_side = "host"
-path = "/run/containerd/containerd.sock.ttrpc"
-[bridge.shim]
-connect = "$EP"
-key_file = "/etc/offload/psk"
-T
 cat > /etc/containerd/oevm.toml <<T
 version = 2
 root = "/var/lib/containerd"
