@@ -37,6 +37,7 @@ finish() {
   # (containerd may hang in shutdown; give it 10 s.)
   i=0; while [ -n "${CPID:-}" ] && kill -0 "$CPID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
   [ -n "${CPID:-}" ] && kill -KILL "$CPID" 2>/dev/null
+  [ -n "${SOCKDIR:-}" ] && umount "$A$SOCKDIR"
   if [ "${SETUP:-}" = tool ]; then
     if "$B/offload" dpu teardown --config /etc/offload/dpu.toml > "$LOGS/teardown.log" 2>&1 \
       && ! grep -q " $A[/ ]" /proc/mounts; then pass "offload dpu teardown: nothing left mounted under $A"
@@ -104,6 +105,10 @@ else
     && qt "" /run/containerd/io.containerd.runtime.v2.task /run/containerd/io.containerd.runtime.v2.task \
     || { fail "qtfs mounts over $EP" "mount_qtfs failed"; finish; }
 fi
+# A Unix-socket link (VMDPU_NATIVE=1 only) must be reachable from inside the root too.
+case $EP in unix://*)
+  SOCKDIR=$(dirname "${EP#unix://}"); mkdir -p "$A$SOCKDIR" && mount --bind "$SOCKDIR" "$A$SOCKDIR";;
+esac
 # proc mode: /proc is the HOST's (its kernel release), except the caller's own process:
 # /proc/self/stat opened by a DPU shell names that shell's DPU pid.
 h1=$(dpu cat /proc/sys/kernel/osrelease 2>&1)
