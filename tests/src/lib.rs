@@ -113,6 +113,7 @@ pub fn connect_url(listen: &str) -> String {
         None => listen.to_string(),
     }
 }
+pub mod cri;
 pub mod fs;
 pub mod images;
 pub mod scratch_containerd;

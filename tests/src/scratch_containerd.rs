@@ -125,19 +125,10 @@ impl ScratchContainerd {
             opt = d.join("opt").display(),
         );
         if opts.cri {
-            cfg.push_str(&format!(
-                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{pause}\"\n  \
-                 disable_cgroup = false\n  systemd_cgroup = false\n  disable_apparmor = true\n  \
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"overlayfs\"\n    \
-                 default_runtime_name = \"runc\"\n  \
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n    \
-                 runtime_type = \"io.containerd.runc.v2\"\n  \
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n    \
-                 SystemdCgroup = false\n  \
-                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = \"{cbin}\"\n    conf_dir = \"{cconf}\"\n",
-                pause = crate::images::PAUSE_REF,
-                cbin = d.join("cni/bin").display(),
-                cconf = d.join("cni/conf").display(),
+            cfg.push_str(&crate::cri::containerd_cri_config(
+                crate::images::PAUSE_REF,
+                &d.join("cni/bin"),
+                &d.join("cni/conf"),
             ));
         } else {
             // Top-level keys must precede the first table.

@@ -1,0 +1,174 @@
+//! The CRI client (tests/src/cri.rs) against a real containerd 1.6 CRI plugin on this machine (a
+//! private scratch instance, no DPU): a whole host-network pod life as kubelet drives it, the
+//! pod's processes are real processes here, and nothing is left afterwards. The separated-DPU
+//! harness runs the same `run_pod_lifecycle` against the DPU's containerd.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tests::cri::{self, proto, PodSpec};
+use tests::images;
+use tests::scratch_containerd::{self, ScratchContainerd, ScratchOptions};
+
+#[test]
+fn cri_pod_lifecycle_on_local_containerd() {
+    let name = "cri_pod_lifecycle_on_local_containerd";
+    if !tests::is_root() {
+        return tests::skip(name, "needs root (containerd, runc, overlay mounts)");
+    }
+    if let Some(t) = scratch_containerd::missing_tool() {
+        return tests::skip(
+            name,
+            &format!("{t} missing (apt-get install containerd runc)"),
+        );
+    }
+    if !images::busybox_available() {
+        return tests::skip(name, "no /bin/busybox (apt-get install busybox-static)");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let imgs = images::build_all(dir.path()).expect("build images");
+    let c = ScratchContainerd::start(&ScratchOptions {
+        cri: true,
+        namespaces: vec!["k8s.io".into()],
+        ..Default::default()
+    })
+    .expect("scratch containerd with CRI");
+    c.import("k8s.io", &imgs.pause.oci_tar)
+        .expect("import pause");
+    c.import("k8s.io", &imgs.multi.oci_tar)
+        .expect("import multi");
+
+    let log_dir = c.log_dir().join("pod");
+    let mut spec = PodSpec::new(c.socket(), &format!("oecri-pod-{}", std::process::id()));
+    spec.cgroup_parent = c.cgroup_parent().to_string();
+    spec.log_directory = Some(log_dir.clone());
+
+    let mut shims_while_running = Vec::new();
+    let mut cmdline = String::new();
+    let report = cri::run_pod_lifecycle_blocking(&spec, |r| {
+        cri::check_on_this_host(r)?;
+        shims_while_running = c.shim_pids();
+        cmdline = std::fs::read(format!("/proc/{}/cmdline", r.container_pid))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("pod lifecycle: {e}\ncontainerd log:\n{}", c.log_tail(40)));
+    eprintln!("timings: {:?}", report.timings);
+
+    let (rt_name, _, api) = &report.runtime;
+    assert_eq!((rt_name.as_str(), api.as_str()), ("containerd", "v1"));
+    assert!(report.sandbox_ready, "sandbox READY after RunPodSandbox");
+    assert_eq!(
+        report.status_running.state,
+        proto::ContainerState::ContainerRunning as i32,
+        "{:?}",
+        report.status_running
+    );
+    assert!(report.status_running.started_at > 0);
+    assert!(
+        cmdline.starts_with("sleep 300"),
+        "pid {} runs the container's command: {cmdline:?}",
+        report.running.container_pid
+    );
+    assert!(
+        !shims_while_running.is_empty(),
+        "a shim serves the pod while it runs"
+    );
+    assert_eq!(
+        report.exec_echo,
+        cri::ExecResult {
+            stdout: "hi\n".into(),
+            stderr: String::new(),
+            exit_code: 0
+        }
+    );
+    assert_eq!(report.exec_fail.exit_code, 7, "{:?}", report.exec_fail);
+    assert_eq!(report.exec_fail.stderr, "err\n");
+    assert!(report.running.pid_ns_inside.starts_with("pid:["));
+    assert!(
+        report
+            .running
+            .cgroup_inside
+            .contains(&report.running.container_id),
+        "cgroup seen inside: {}",
+        report.running.cgroup_inside
+    );
+    let cpu = report.stats.cpu.as_ref().expect("cpu stats");
+    let mem = report.stats.memory.as_ref().expect("memory stats");
+    assert!(cpu.timestamp > 0 && mem.timestamp > 0);
+    assert!(
+        cpu.usage_core_nano_seconds.as_ref().map_or(0, |v| v.value) > 0,
+        "cpu usage: {cpu:?}"
+    );
+    assert!(
+        mem.working_set_bytes.as_ref().map_or(0, |v| v.value) > 0
+            || mem.usage_bytes.as_ref().map_or(0, |v| v.value) > 0,
+        "memory usage: {mem:?}"
+    );
+    assert_eq!(
+        report.stats.attributes.as_ref().map(|a| a.id.as_str()),
+        Some(report.running.container_id.as_str())
+    );
+    assert_eq!(
+        report.status_stopped.state,
+        proto::ContainerState::ContainerExited as i32,
+        "{:?}",
+        report.status_stopped
+    );
+    assert!(
+        !report.sandbox_ready_after_stop,
+        "sandbox NOTREADY after stop"
+    );
+    assert!(
+        report.left_containers.is_empty(),
+        "{:?}",
+        report.left_containers
+    );
+    assert!(
+        report.left_sandboxes.is_empty(),
+        "{:?}",
+        report.left_sandboxes
+    );
+
+    // The container's stdout went through containerd's log pipeline.
+    let log = std::fs::read_to_string(log_dir.join("main.log")).unwrap_or_default();
+    assert!(log.contains("stdout F started"), "container log: {log:?}");
+
+    // Nothing left: processes, shims, mounts, cgroups, containerd objects.
+    for pid in [report.running.container_pid, report.running.sandbox_pid] {
+        tests::wait_until(&format!("pid {pid} gone"), Duration::from_secs(10), || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+        });
+    }
+    tests::wait_until("shims gone", Duration::from_secs(10), || {
+        c.shim_pids().is_empty()
+    });
+    let mounts: Vec<String> = c
+        .mounts()
+        .into_iter()
+        .filter(|m| {
+            m.contains(&report.running.container_id) || m.contains(&report.running.sandbox_id)
+        })
+        .collect();
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    for id in [&report.running.container_id, &report.running.sandbox_id] {
+        let cg = Path::new("/sys/fs/cgroup/memory")
+            .join(c.cgroup_parent().trim_start_matches('/'))
+            .join(id);
+        assert!(!cg.exists(), "cgroup left: {}", cg.display());
+    }
+    for what in ["task", "container"] {
+        let out = c
+            .ctr("k8s.io")
+            .args([what, "ls", "-q"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr ls");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+            "{what}s left in containerd"
+        );
+    }
+}
