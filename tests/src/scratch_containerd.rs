@@ -332,8 +332,13 @@ impl ScratchContainerd {
                 let _ = self.ctr_ok(ns, &["task", "kill", "-a", "-s", "KILL", t]);
             }
             for t in tasks.split_whitespace() {
+                // The CRI plugin deletes a task itself when it sees it exit: gone counts as done.
                 for _ in 0..50 {
                     if self.ctr_ok(ns, &["task", "delete", "-f", t]).is_ok() {
+                        break;
+                    }
+                    let left = self.ctr_ok(ns, &["task", "ls", "-q"]).unwrap_or_default();
+                    if !left.split_whitespace().any(|x| x == t) {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(100));

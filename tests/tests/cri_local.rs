@@ -172,3 +172,134 @@ fn cri_pod_lifecycle_on_local_containerd() {
         );
     }
 }
+
+/// A test that fails half-way leaves a running pod behind; dropping the scratch containerd must
+/// still leave nothing: no pod process, no shim, no cgroup of the instance.
+#[test]
+fn cri_scratch_containerd_drop_cleans_a_running_pod() {
+    let name = "cri_scratch_containerd_drop_cleans_a_running_pod";
+    if !tests::is_root() {
+        return tests::skip(name, "needs root (containerd, runc, overlay mounts)");
+    }
+    if let Some(t) = scratch_containerd::missing_tool() {
+        return tests::skip(
+            name,
+            &format!("{t} missing (apt-get install containerd runc)"),
+        );
+    }
+    if !images::busybox_available() {
+        return tests::skip(name, "no /bin/busybox (apt-get install busybox-static)");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let imgs = images::build_all(dir.path()).expect("build images");
+    let c = ScratchContainerd::start(&ScratchOptions {
+        cri: true,
+        namespaces: vec!["k8s.io".into()],
+        ..Default::default()
+    })
+    .expect("scratch containerd with CRI");
+    c.import("k8s.io", &imgs.pause.oci_tar)
+        .expect("import pause");
+    c.import("k8s.io", &imgs.multi.oci_tar)
+        .expect("import multi");
+    let mut spec = PodSpec::new(c.socket(), &format!("oecri-left-{}", std::process::id()));
+    spec.cgroup_parent = c.cgroup_parent().to_string();
+
+    // The check fails while the pod runs: run_pod_lifecycle cleans the pod up itself...
+    let mut seen = None;
+    let err = cri::run_pod_lifecycle_blocking(&spec, |r| {
+        seen = Some(r.clone());
+        Err("deliberate failure".into())
+    })
+    .expect_err("the check's failure is reported");
+    assert!(matches!(err, cri::CriError::Check(_)), "{err}");
+    let seen = seen.expect("check ran");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = rt
+        .block_on(cri::CriClient::connect(c.socket(), Duration::from_secs(10)))
+        .expect("connect");
+    assert!(rt
+        .block_on(client.list_pod_sandbox())
+        .expect("list")
+        .is_empty());
+    assert!(!Path::new(&format!("/proc/{}", seen.container_pid)).exists());
+
+    // ...and a pod the test never cleaned up goes with the scratch containerd.
+    // The steps by hand, stopping where a failed test would: the pod keeps running.
+    let pods: Vec<u32> = {
+        let sandbox = proto::PodSandboxConfig {
+            metadata: Some(proto::PodSandboxMetadata {
+                name: "left".into(),
+                uid: format!("left-{}", std::process::id()),
+                namespace: "oecri".into(),
+                attempt: 0,
+            }),
+            linux: Some(proto::LinuxPodSandboxConfig {
+                cgroup_parent: c.cgroup_parent().into(),
+                security_context: Some(proto::LinuxSandboxSecurityContext {
+                    namespace_options: Some(proto::NamespaceOption {
+                        network: proto::NamespaceMode::Node as i32,
+                        ..Default::default()
+                    }),
+                    privileged: false,
+                }),
+            }),
+            ..Default::default()
+        };
+        let sid = rt
+            .block_on(client.run_pod_sandbox(sandbox.clone()))
+            .expect("RunPodSandbox");
+        let cid = rt
+            .block_on(client.create_container(
+                &sid,
+                proto::ContainerConfig {
+                    metadata: Some(proto::ContainerMetadata {
+                        name: "left".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(proto::ImageSpec {
+                        image: images::MULTI_REF.into(),
+                    }),
+                    command: vec!["sleep".into(), "300".into()],
+                    ..Default::default()
+                },
+                sandbox,
+            ))
+            .expect("CreateContainer");
+        rt.block_on(client.start_container(&cid))
+            .expect("StartContainer");
+        let st = rt.block_on(client.container_status(&cid)).expect("status");
+        let ps = rt
+            .block_on(client.pod_sandbox_status(&sid))
+            .expect("status");
+        [&st.info, &ps.info]
+            .into_iter()
+            .map(|info| {
+                let v: serde_json::Value =
+                    serde_json::from_str(&info["info"]).expect("verbose info JSON");
+                v["pid"].as_u64().expect("pid") as u32
+            })
+            .collect()
+    };
+    for pid in &pods {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "pod pid {pid} runs"
+        );
+    }
+    assert!(!c.shim_pids().is_empty());
+    let parent = c.cgroup_parent().trim_start_matches('/').to_string();
+    drop(client);
+    drop(rt);
+    drop(c);
+    for pid in &pods {
+        tests::wait_until(&format!("pid {pid} gone"), Duration::from_secs(10), || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+        });
+    }
+    let cg = Path::new("/sys/fs/cgroup/memory").join(parent);
+    assert!(!cg.exists(), "cgroup left: {}", cg.display());
+}
