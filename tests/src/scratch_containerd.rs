@@ -377,7 +377,8 @@ impl Drop for ScratchContainerd {
     }
 }
 
-fn remove_cgroup_tree(dir: &Path) {
+/// Removes a cgroup directory and its sub-cgroups, deepest first (a busy one stays).
+pub fn remove_cgroup_tree(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
