@@ -303,3 +303,52 @@ fn cri_scratch_containerd_drop_cleans_a_running_pod() {
     let cg = Path::new("/sys/fs/cgroup/memory").join(parent);
     assert!(!cg.exists(), "cgroup left: {}", cg.display());
 }
+
+/// The `cri-pod` tool (the same lifecycle, for use by hand on a DPU) against a scratch containerd.
+#[test]
+fn cri_pod_tool_runs_a_pod() {
+    let name = "cri_pod_tool_runs_a_pod";
+    if !tests::is_root() {
+        return tests::skip(name, "needs root (containerd, runc, overlay mounts)");
+    }
+    if let Some(t) = scratch_containerd::missing_tool() {
+        return tests::skip(
+            name,
+            &format!("{t} missing (apt-get install containerd runc)"),
+        );
+    }
+    if !images::busybox_available() {
+        return tests::skip(name, "no /bin/busybox (apt-get install busybox-static)");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let imgs = images::build_all(dir.path()).expect("build images");
+    let c = ScratchContainerd::start(&ScratchOptions {
+        cri: true,
+        namespaces: vec!["k8s.io".into()],
+        ..Default::default()
+    })
+    .expect("scratch containerd with CRI");
+    c.import("k8s.io", &imgs.pause.oci_tar)
+        .expect("import pause");
+    c.import("k8s.io", &imgs.multi.oci_tar)
+        .expect("import multi");
+    let out = std::process::Command::new(tests::bin("cri-pod"))
+        .arg("--socket")
+        .arg(c.socket())
+        .args(["--name", &format!("oecri-tool-{}", std::process::id())])
+        .args(["--cgroup-parent", c.cgroup_parent(), "--check-local"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cri-pod");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cri-pod failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("runtime: containerd"), "{text}");
+    assert!(text.lines().last() == Some("ok"), "{text}");
+    tests::wait_until("shims gone", Duration::from_secs(10), || {
+        c.shim_pids().is_empty()
+    });
+}

@@ -379,3 +379,52 @@ fn images_docker_load_and_run() {
         d.shim_pids().is_empty()
     });
 }
+
+#[test]
+fn images_cli_builds_the_same_images() {
+    if !images::busybox_available() {
+        return tests::skip(
+            "images_cli_builds_the_same_images",
+            "no /bin/busybox (busybox-static)",
+        );
+    }
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let lib = images::build_all(a.path()).expect("build images");
+    let out = std::process::Command::new(tests::bin("oe2e-images"))
+        .arg("--out")
+        .arg(b.path())
+        .output()
+        .expect("run oe2e-images");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    for (img, fmt) in [
+        (&lib.multi, "oci"),
+        (&lib.multi, "docker"),
+        (&lib.pause, "oci"),
+        (&lib.pause, "docker"),
+    ] {
+        let l = lines
+            .iter()
+            .find(|l| l[0] == img.reference && l[1] == fmt)
+            .unwrap_or_else(|| panic!("{} {fmt} listed: {text}", img.reference));
+        assert_eq!(l[3], img.manifest_digest);
+        let mine = if fmt == "oci" {
+            &img.oci_tar
+        } else {
+            &img.docker_tar
+        };
+        assert_eq!(
+            std::fs::read(l[2]).expect("read CLI output"),
+            std::fs::read(mine).expect("read library output"),
+            "{} {fmt}: the CLI writes the library's bytes",
+            img.reference
+        );
+    }
+}
