@@ -895,6 +895,23 @@ pub struct PodReport {
     pub timings: Vec<(&'static str, Duration)>,
 }
 
+impl PodReport {
+    /// Waits up to `limit` until the pod's processes (sandbox and container pids) are gone from
+    /// this machine's `/proc`: after RemovePodSandbox nothing of the pod may keep running.
+    pub fn wait_processes_gone(&self, limit: Duration) -> Result<(), String> {
+        let start = Instant::now();
+        for pid in [self.running.container_pid, self.running.sandbox_pid] {
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                if start.elapsed() > limit {
+                    return Err(format!("pid {pid} of the pod still runs after {limit:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn info_pid(info: &HashMap<String, String>, step: &'static str) -> Result<u32, CriError> {
     let raw = info.get("info").ok_or_else(|| CriError::Unexpected {
         step,
