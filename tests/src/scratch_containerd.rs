@@ -54,7 +54,8 @@ pub struct ScratchOptions {
     /// Enable the CRI plugin (with `sandbox_image` = [`crate::images::PAUSE_REF`], host-network
     /// pods only: no CNI plugins are installed).
     pub cri: bool,
-    /// containerd namespaces whose tasks and containers are removed on drop.
+    /// containerd namespaces whose tasks and containers are removed on drop (`k8s.io` is added
+    /// when `cri` is set).
     pub namespaces: Vec<String>,
     /// Extra TOML appended to the generated config.
     pub extra_config: String,
@@ -157,7 +158,13 @@ impl ScratchContainerd {
             dir,
             socket,
             child: Some(child),
-            namespaces: opts.namespaces.clone(),
+            namespaces: {
+                let mut ns = opts.namespaces.clone();
+                if opts.cri && !ns.iter().any(|n| n == "k8s.io") {
+                    ns.push("k8s.io".into());
+                }
+                ns
+            },
             cgroup_parent,
         };
         let limit = Duration::from_secs(20);
