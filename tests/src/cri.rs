@@ -766,13 +766,27 @@ impl CriClient {
 ///   "failed to update /proc/self/oom_score_adj: Permission denied" and RunPodSandbox fails with
 ///   "can't get final child's PID from pipe: EOF". Restricted, the value is clamped to containerd's;
 /// - `disable_apparmor = true`: no AppArmor profile to load;
+/// - `runtime_type`: `io.containerd.runc.v2` for the stock shim, or an absolute path to a shim
+///   binary such as `offload-shim` (containerd 1.6 runs a path as given). Runtime `options` are
+///   written only for `io.containerd.runc.v2`: for any other type CRI encodes them as
+///   `runtimeoptions.v1.Options`, which the real runc shim behind `offload-shim` cannot decode
+///   ("start failed: io.containerd.runc.v2: type with url runtimeoptions.v1.Options: not found").
+///   Installing `offload-shim` under the stock name (`containerd-shim-runc-v2`) keeps the runc
+///   options; cgroupfs is runc's default either way;
 /// - CNI directories that may stay empty: with `network = NODE` containerd 1.6 never calls CNI
 ///   (it only logs "failed to load cni during init" at start).
 pub fn containerd_cri_config(
     sandbox_image: &str,
+    runtime_type: &str,
     cni_bin_dir: &Path,
     cni_conf_dir: &Path,
 ) -> String {
+    let options = if runtime_type == "io.containerd.runc.v2" {
+        "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n    \
+         SystemdCgroup = false\n  "
+    } else {
+        ""
+    };
     format!(
         "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{sandbox_image}\"\n  \
          disable_cgroup = false\n  systemd_cgroup = false\n  disable_apparmor = true\n  \
@@ -780,9 +794,8 @@ pub fn containerd_cri_config(
          [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"overlayfs\"\n    \
          default_runtime_name = \"runc\"\n  \
          [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n    \
-         runtime_type = \"io.containerd.runc.v2\"\n  \
-         [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n    \
-         SystemdCgroup = false\n  \
+         runtime_type = \"{runtime_type}\"\n  \
+         {options}\
          [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = \"{}\"\n    conf_dir = \"{}\"\n",
         cni_bin_dir.display(),
         cni_conf_dir.display(),
@@ -896,6 +909,88 @@ pub struct PodReport {
 }
 
 impl PodReport {
+    /// What differs from a working runtime's answers (empty = all as expected): sandbox READY
+    /// then NOTREADY, container RUNNING then EXITED, `echo hi` → "hi" and 0, the failing command
+    /// → "err" on stderr and 7, non-zero CPU and memory counters for this container, and nothing
+    /// listed after RemovePodSandbox. Process and host checks are the caller's (see
+    /// [`check_on_this_host`], [`PodReport::wait_processes_gone`]).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !self.sandbox_ready {
+            p.push("sandbox not READY after RunPodSandbox".to_string());
+        }
+        if self.sandbox_ready_after_stop {
+            p.push("sandbox still READY after StopPodSandbox".into());
+        }
+        if self.status_running.state != proto::ContainerState::ContainerRunning as i32 {
+            p.push(format!(
+                "container not RUNNING after StartContainer: {:?}",
+                self.status_running
+            ));
+        }
+        if self.status_running.started_at <= 0 {
+            p.push("no started_at while running".into());
+        }
+        if self.status_stopped.state != proto::ContainerState::ContainerExited as i32 {
+            p.push(format!(
+                "container not EXITED after StopContainer: {:?}",
+                self.status_stopped
+            ));
+        }
+        let echo = &self.exec_echo;
+        if echo.stdout != "hi\n" || !echo.stderr.is_empty() || echo.exit_code != 0 {
+            p.push(format!("ExecSync `echo hi`: {echo:?}"));
+        }
+        let fail = &self.exec_fail;
+        if fail.stderr != "err\n" || fail.exit_code != 7 {
+            p.push(format!("ExecSync of a failing command: {fail:?}"));
+        }
+        if !self.running.pid_ns_inside.starts_with("pid:[") {
+            p.push(format!(
+                "readlink /proc/self/ns/pid inside: {:?}",
+                self.running.pid_ns_inside
+            ));
+        }
+        if !self
+            .running
+            .cgroup_inside
+            .contains(&self.running.container_id)
+        {
+            p.push(format!(
+                "the container's cgroups do not name it: {}",
+                self.running.cgroup_inside
+            ));
+        }
+        let s = &self.stats;
+        if s.attributes.as_ref().map(|a| a.id.as_str()) != Some(self.running.container_id.as_str())
+        {
+            p.push(format!("stats of another container: {:?}", s.attributes));
+        }
+        let cpu = s
+            .cpu
+            .as_ref()
+            .and_then(|c| c.usage_core_nano_seconds.as_ref())
+            .map_or(0, |v| v.value);
+        let mem = s.memory.as_ref().map_or(0, |m| {
+            let ws = m.working_set_bytes.as_ref().map_or(0, |v| v.value);
+            let us = m.usage_bytes.as_ref().map_or(0, |v| v.value);
+            ws.max(us)
+        });
+        if cpu == 0 || mem == 0 {
+            p.push(format!(
+                "ContainerStats without usage: cpu {:?}, memory {:?}",
+                s.cpu, s.memory
+            ));
+        }
+        if !self.left_containers.is_empty() || !self.left_sandboxes.is_empty() {
+            p.push(format!(
+                "still listed after RemovePodSandbox: containers {:?}, sandboxes {:?}",
+                self.left_containers, self.left_sandboxes
+            ));
+        }
+        p
+    }
+
     /// Waits up to `limit` until the pod's processes (sandbox and container pids) are gone from
     /// this machine's `/proc`: after RemovePodSandbox nothing of the pod may keep running.
     pub fn wait_processes_gone(&self, limit: Duration) -> Result<(), String> {

@@ -128,6 +128,7 @@ impl ScratchContainerd {
         if opts.cri {
             cfg.push_str(&crate::cri::containerd_cri_config(
                 crate::images::PAUSE_REF,
+                "io.containerd.runc.v2",
                 &d.join("cni/bin"),
                 &d.join("cni/conf"),
             ));

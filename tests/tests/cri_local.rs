@@ -148,6 +148,8 @@ fn cri_pod_lifecycle_on_local_containerd() {
         report.left_sandboxes
     );
 
+    assert_eq!(report.problems(), Vec::<String>::new());
+
     // The container's stdout went through containerd's log pipeline.
     let log = std::fs::read_to_string(log_dir.join("main.log")).unwrap_or_default();
     assert!(log.contains("stdout F started"), "container log: {log:?}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use tests::cri::{self, proto, PodSpec};
+use tests::cri::{self, PodSpec};
 
 /// Drive a CRI runtime through a pod's life: RunPodSandbox … RemovePodSandbox.
 #[derive(Parser)]
@@ -83,24 +83,9 @@ fn main() -> anyhow::Result<()> {
     for (step, d) in &r.timings {
         println!("  {step:<18} {:>9.1} ms", d.as_secs_f64() * 1e3);
     }
-    let mut bad = Vec::new();
-    if r.status_running.state != proto::ContainerState::ContainerRunning as i32 {
-        bad.push("container not RUNNING after StartContainer");
-    }
-    if r.exec_echo.stdout != "hi\n" || r.exec_echo.exit_code != 0 {
-        bad.push("ExecSync echo hi");
-    }
-    if r.exec_fail.exit_code != 7 {
-        bad.push("ExecSync exit code");
-    }
-    if r.status_stopped.state != proto::ContainerState::ContainerExited as i32 {
-        bad.push("container not EXITED after StopContainer");
-    }
-    if !r.sandbox_ready || r.sandbox_ready_after_stop {
-        bad.push("sandbox state");
-    }
+    let bad = r.problems();
     if !bad.is_empty() {
-        bail!("unexpected answers: {}", bad.join(", "));
+        bail!("unexpected answers:\n  {}", bad.join("\n  "));
     }
     println!("ok");
     Ok(())
