@@ -874,6 +874,9 @@ pub struct Running {
     /// `readlink /proc/self/ns/pid` inside the container (via ExecSync), e.g. `pid:[4026532…]`:
     /// equal to the link of `/proc/<container_pid>/ns/pid` where the container really runs.
     pub pid_ns_inside: String,
+    /// `readlink /proc/self/ns/net` inside the container: with `network = NODE` the network
+    /// namespace of the node where the container runs (the HOST's).
+    pub net_ns_inside: String,
     /// `/proc/self/cgroup` inside the container (via ExecSync).
     pub cgroup_inside: String,
 }
@@ -1147,6 +1150,9 @@ where
                 let ns = c
                     .exec_sync(&container_id, &["readlink", "/proc/self/ns/pid"], 10)
                     .await?;
+                let net = c
+                    .exec_sync(&container_id, &["readlink", "/proc/self/ns/net"], 10)
+                    .await?;
                 let cg = c
                     .exec_sync(&container_id, &["cat", "/proc/self/cgroup"], 10)
                     .await?;
@@ -1170,6 +1176,7 @@ where
                     container_id: container_id.clone(),
                     container_pid,
                     pid_ns_inside: ns.stdout.trim().to_string(),
+                    net_ns_inside: net.stdout.trim().to_string(),
                     cgroup_inside: cg.stdout,
                 };
                 check(&running).map_err(CriError::Check)?;
@@ -1281,8 +1288,19 @@ where
 
 /// Checks a running pod from the HOST side, for [`run_pod_lifecycle`]'s `check`: the container's
 /// pid exists in this machine's `/proc`, its pid namespace is the one seen inside the container
-/// (so the runtime's pid is a real pid here, not a stranger's), and the sandbox pid exists.
+/// (so the runtime's pid is a real pid here, not a stranger's), its cgroups name it, the sandbox
+/// pid exists, and the pod uses the network namespace of the calling process (host network:
+/// call this from a process in the HOST's network namespace).
 pub fn check_on_this_host(r: &Running) -> Result<(), String> {
+    let net = std::fs::read_link("/proc/self/ns/net")
+        .map_err(|e| format!("readlink /proc/self/ns/net: {e}"))?;
+    if net.to_string_lossy() != r.net_ns_inside {
+        return Err(format!(
+            "host network expected: the pod is in {}, this process in {}",
+            r.net_ns_inside,
+            net.display()
+        ));
+    }
     let link = std::fs::read_link(format!("/proc/{}/ns/pid", r.container_pid))
         .map_err(|e| format!("container pid {} not in /proc: {e}", r.container_pid))?;
     let link = link.to_string_lossy();
