@@ -171,14 +171,16 @@ impl ScratchContainerd {
         let limit = Duration::from_secs(20);
         let start = Instant::now();
         loop {
-            let ok = me
-                .ctr("default")
-                .arg("version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
+            // Dial first: a client waits (ctr: 10 s) on a socket nobody listens on yet.
+            let ok = std::os::unix::net::UnixStream::connect(&me.socket).is_ok()
+                && me
+                    .ctr("default")
+                    .arg("version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
             if ok {
                 break;
             }
@@ -364,7 +366,13 @@ impl ScratchContainerd {
 
 impl Drop for ScratchContainerd {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        // ctr waits 10 s to dial a dead socket: only clean up through a live containerd.
+        let alive = self
+            .child
+            .as_mut()
+            .map(|c| matches!(c.try_wait(), Ok(None)))
+            .unwrap_or(false);
+        if alive && std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
             self.remove_everything();
         }
         self.stop();

@@ -77,14 +77,16 @@ impl ScratchDockerd {
         let limit = Duration::from_secs(30);
         let start = Instant::now();
         loop {
-            let ok = me
-                .docker()
-                .arg("version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
+            // Dial first: a client waits (ctr: 10 s) on a socket nobody listens on yet.
+            let ok = std::os::unix::net::UnixStream::connect(&me.socket).is_ok()
+                && me
+                    .docker()
+                    .arg("version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
             if ok {
                 break;
             }
@@ -169,7 +171,12 @@ impl ScratchDockerd {
 
 impl Drop for ScratchDockerd {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        let alive = self
+            .child
+            .as_mut()
+            .map(|c| matches!(c.try_wait(), Ok(None)))
+            .unwrap_or(false);
+        if alive && std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
             let ids = self.docker_ok(&["ps", "-aq"]).unwrap_or_default();
             let ids: Vec<&str> = ids.split_whitespace().collect();
             if !ids.is_empty() {

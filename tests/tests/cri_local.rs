@@ -368,3 +368,35 @@ fn cri_pod_tool_runs_a_pod() {
         c.shim_pids().is_empty()
     });
 }
+
+/// A containerd that cannot start is reported at once with its own words, and leaves nothing.
+#[test]
+fn cri_scratch_containerd_reports_a_failed_start() {
+    let name = "cri_scratch_containerd_reports_a_failed_start";
+    if !tests::is_root() {
+        return tests::skip(name, "needs root (mount namespace)");
+    }
+    if let Some(t) = scratch_containerd::missing_tool() {
+        return tests::skip(
+            name,
+            &format!("{t} missing (apt-get install containerd runc)"),
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let err = match ScratchContainerd::start(&ScratchOptions {
+        extra_config: "[broken\n".into(),
+        ..Default::default()
+    }) {
+        Ok(_) => panic!("containerd started with a broken config"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "reported after {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        err.contains("did not come up") && err.to_lowercase().contains("toml"),
+        "{err}"
+    );
+}
