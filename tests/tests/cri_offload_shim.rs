@@ -95,9 +95,21 @@ fn cgroup_procs(dir: &Path) -> Vec<u32> {
     out
 }
 
+/// `offload-shim` given to CRI as a path (`runtime_type = "/…/offload-shim"`, no runc options).
 #[test]
 fn cri_pod_lifecycle_through_offload_shim() {
-    let name = "cri_pod_lifecycle_through_offload_shim";
+    lifecycle_through_offload_shim("cri_pod_lifecycle_through_offload_shim", false);
+}
+
+/// `offload-shim` installed as the DPU's `containerd-shim-runc-v2` (first in containerd's PATH),
+/// the deployment's way: the stock `io.containerd.runc.v2` runtime with its runc options, which
+/// reach the real shim through offload-shim's stdin.
+#[test]
+fn cri_pod_lifecycle_through_offload_shim_stock_name() {
+    lifecycle_through_offload_shim("cri_pod_lifecycle_through_offload_shim_stock_name", true);
+}
+
+fn lifecycle_through_offload_shim(name: &str, stock_name: bool) {
     if !tests::is_root() {
         return tests::skip(name, "needs root (mount namespaces, containerd, runc)");
     }
@@ -141,6 +153,15 @@ fn cri_pod_lifecycle_through_offload_shim() {
     )
     .expect("dpu.toml");
     let shim = tests::bin("offload-shim");
+    let shim_dir = d.join("shimbin");
+    std::fs::create_dir_all(&shim_dir).expect("mkdir shimbin");
+    std::os::unix::fs::symlink(&shim, shim_dir.join("containerd-shim-runc-v2"))
+        .expect("symlink offload-shim");
+    let runtime_type = if stock_name {
+        "io.containerd.runc.v2".to_string()
+    } else {
+        shim.to_string_lossy().into_owned()
+    };
     std::fs::write(
         d.join("containerd.toml"),
         format!(
@@ -150,7 +171,7 @@ fn cri_pod_lifecycle_through_offload_shim() {
             d.display(),
             cri::containerd_cri_config(
                 images::PAUSE_REF,
-                &shim.to_string_lossy(),
+                &runtime_type,
                 &d.join("cni/bin"),
                 &d.join("cni/conf"),
             )
@@ -183,7 +204,14 @@ fn cri_pod_lifecycle_through_offload_shim() {
         .env("DIR", d)
         .env("CMD_NET_ADDR", &link)
         .env("OFFLOAD_KEY_FILE", &key)
-        .env("OFFLOAD_DPU_CONFIG", "/nonexistent");
+        .env("OFFLOAD_DPU_CONFIG", "/nonexistent")
+        .env("OFFLOAD_SHIM_LOG", d.join("offload-shim.log"));
+    if stock_name {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![shim_dir.clone()];
+        dirs.extend(std::env::split_paths(&path));
+        dpu.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+    }
     let dpu = spawn_ready(dpu, "dpu-ready");
     let dpu_pid = dpu.id();
     procs.0.push(dpu);
@@ -247,6 +275,12 @@ fn cri_pod_lifecycle_through_offload_shim() {
     });
     eprintln!("timings: {:?}", report.timings);
     assert_eq!(report.runtime.0, "containerd");
+    let shim_log = std::fs::read_to_string(d.join("offload-shim.log")).unwrap_or_default();
+    assert!(
+        !shim_log.is_empty(),
+        "offload-shim ran (its log {} is empty)",
+        d.join("offload-shim.log").display()
+    );
     assert_eq!(report.problems(), Vec::<String>::new());
     assert!(
         !host_shims.is_empty(),
