@@ -1,0 +1,473 @@
+//! proc mode with a real PID-namespace separation: the "DPU" is a new PID + mount namespace
+//! (its own procfs at /proc, which the mount uses as `local_proc`) where `mount_qtfs` mounts
+//! this machine's (the HOST's) /proc and /sys over loopback. Checked from processes inside:
+//! `/proc/<own pid>` and `/proc/self` are the caller's own DPU process while the same number
+//! read by another process is the HOST's; `/proc/1` is the HOST's; `fd/N` reopens, `exe`,
+//! `cwd`, `thread-self` and `task` work; `/proc/self/mountinfo` and `mounts` carry the HOST's
+//! cgroup mounts where the qtfs `/sys` shows them, and the caller's own other mounts.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::time::Duration;
+
+use tests::fs::{fs_test_links, tmpdir, ExportSpec, Host};
+
+/// A "DPU": PID and mount namespaces of their own (private propagation, fresh /proc). Dropping
+/// it kills its init, which ends every process inside (mount daemons included) and with them
+/// the namespace's mounts.
+struct DpuNs {
+    holder: Child,
+    init: u32,
+}
+
+impl DpuNs {
+    fn start() -> DpuNs {
+        let holder = Command::new("unshare")
+            .args([
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount",
+                "--propagation",
+                "private",
+                "--mount-proc",
+                "sleep",
+                "3600",
+            ])
+            .spawn()
+            .expect("spawn unshare");
+        let children = format!("/proc/{0}/task/{0}/children", holder.id());
+        let mut ns = DpuNs { holder, init: 0 };
+        tests::wait_until("the namespace's init", Duration::from_secs(10), || {
+            ns.init = std::fs::read_to_string(&children)
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            ns.init != 0
+                && std::fs::read_to_string(format!("/proc/{}/comm", ns.init))
+                    .is_ok_and(|c| c.trim() == "sleep")
+        });
+        ns
+    }
+
+    /// `prog` run inside the namespaces.
+    fn cmd(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("-t")
+            .arg(self.init.to_string())
+            .args(["-p", "-m", "--"])
+            .arg(prog);
+        c
+    }
+
+    /// `sh -c script` inside; its output.
+    fn sh(&self, script: &str) -> Output {
+        self.cmd("sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("run sh in the namespace")
+    }
+
+    /// Like [`DpuNs::sh`] but the script must succeed; its stdout.
+    fn sh_ok(&self, script: &str) -> String {
+        let o = self.sh(script);
+        assert!(
+            o.status.success(),
+            "`{script}` in the DPU namespace failed ({}): {}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Mounts HOST `src` at `dst` from inside the namespace.
+    fn mount(&self, host: &Host, src: &str, dst: &Path, extra: &str) {
+        std::fs::create_dir_all(dst).unwrap();
+        let out = self
+            .cmd(tests::bin("mount_qtfs"))
+            .arg(src)
+            .arg(dst)
+            .arg("-o")
+            .arg(format!("{},{extra}", host.mount_opts()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount_qtfs {src} in the namespace: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for DpuNs {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        if self.init != 0 {
+            // --kill-child does this already; make sure even if unshare died first.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.init as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// The `NSpid:` values of a status text.
+fn nspid(status: &str) -> Option<Vec<u32>> {
+    status.lines().find_map(|l| {
+        l.strip_prefix("NSpid:")
+            .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+    })
+}
+
+/// A shell inside the namespace driven line by line: it reads files with builtins only, so
+/// the FUSE caller is the shell itself.
+struct Shell {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<ChildStdout>,
+    pid: u32,
+}
+
+impl Shell {
+    fn new(ns: &DpuNs) -> Shell {
+        let mut child = ns
+            .cmd("sh")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let mut s = Shell {
+            child,
+            stdin,
+            out,
+            pid: 0,
+        };
+        s.pid = s.run("echo $$").trim().parse().unwrap();
+        s
+    }
+
+    /// Runs one command line; its output (up to an END marker).
+    fn run(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}; echo; echo END-OF-CMD").unwrap();
+        let mut out = String::new();
+        loop {
+            let mut l = String::new();
+            assert!(self.out.read_line(&mut l).unwrap() > 0, "shell ended");
+            if l == "END-OF-CMD\n" {
+                return out;
+            }
+            out.push_str(&l);
+        }
+    }
+
+    /// `path` read by the shell itself (builtin `read`).
+    fn read(&mut self, path: &Path) -> String {
+        self.run(&format!(
+            "while IFS= read -r l; do printf '%s\\n' \"$l\"; done < {}",
+            path.display()
+        ))
+    }
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn host_status_name(pid: u32) -> Option<String> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Name:"))
+        .map(|n| n.trim().to_string())
+}
+
+fn status_name(s: &str) -> Option<String> {
+    s.lines()
+        .find_map(|l| l.strip_prefix("Name:"))
+        .map(|n| n.trim().to_string())
+}
+
+#[test]
+fn fs_proc_own_pids_are_the_callers() {
+    for kind in fs_test_links("fs_proc_own_pids_are_the_callers") {
+        let tmp = tmpdir();
+        let host = Host::start(&kind, tmp.path(), &[ExportSpec::ro("/proc")]);
+        let ns = DpuNs::start();
+        let p = tmp.path().join("proc");
+        ns.mount(&host, "/proc", &p, "proc,local_proc=/proc");
+        let pp = |r: &str| p.join(r);
+
+        // A process reading /proc/<its own pid> sees itself on the DPU (two NSpid levels: the
+        // namespace's procfs), also through /proc/self.
+        let mut a = Shell::new(&ns);
+        let own = a.read(&pp(&format!("{}/status", a.pid)));
+        assert_eq!(
+            nspid(&own).and_then(|v| v.last().copied()),
+            Some(a.pid),
+            "own /proc/<pid>/status: {own}"
+        );
+        assert_eq!(nspid(&own).map(|v| v.len()), Some(2), "{own}");
+        let own_self = a.read(&pp("self/status"));
+        assert_eq!(nspid(&own_self), nspid(&own), "{own_self}");
+
+        // Another process reading that number gets the HOST's process of that pid.
+        let b = ns.sh(&format!(
+            "while IFS= read -r l; do printf '%s\\n' \"$l\"; done < {}",
+            pp(&format!("{}/status", a.pid)).display()
+        ));
+        let b_out = String::from_utf8_lossy(&b.stdout).into_owned();
+        assert_ne!(nspid(&b_out), nspid(&own), "another reader got the DPU view");
+        if let Some(name) = host_status_name(a.pid) {
+            if b.status.success() {
+                assert_eq!(status_name(&b_out), Some(name), "HOST pid {}", a.pid);
+                assert_eq!(nspid(&b_out), Some(vec![a.pid]), "{b_out}");
+            }
+        }
+        // ... and the first reader still gets its own after that (the cached dentry is
+        // revalidated per caller).
+        let again = a.read(&pp(&format!("{}/status", a.pid)));
+        assert_eq!(nspid(&again), nspid(&own), "{again}");
+
+        // Two processes hammering the same name at once each keep their own view.
+        let flag = tmp.path().join("a-pid");
+        let loop_a = ns
+            .cmd("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {f}; i=0; while [ $i -lt 150 ]; do \
+                 while IFS= read -r l; do case \"$l\" in NSpid:*) echo \"$l\";; esac; done < {p}/$$/status; \
+                 i=$((i+1)); done",
+                f = flag.display(),
+                p = p.display()
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        tests::wait_until("loop A started", Duration::from_secs(10), || {
+            std::fs::read_to_string(&flag).is_ok_and(|s| s.ends_with('\n'))
+        });
+        let a2: u32 = std::fs::read_to_string(&flag)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let loop_b = ns.sh(&format!(
+            "i=0; while [ $i -lt 150 ]; do \
+             while IFS= read -r l; do case \"$l\" in NSpid:*) echo \"$l\";; esac; done < {p}/{a2}/status 2>/dev/null; \
+             i=$((i+1)); done; true",
+            p = p.display()
+        ));
+        let out_a = loop_a.wait_with_output().unwrap();
+        assert!(out_a.status.success(), "loop A failed");
+        let lines_a: Vec<String> = String::from_utf8_lossy(&out_a.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        assert_eq!(lines_a.len(), 150, "loop A read its own status each time");
+        for l in &lines_a {
+            let v = nspid(l).unwrap();
+            assert_eq!((v.len(), v.last().copied()), (2, Some(a2)), "loop A: {l}");
+        }
+        for l in String::from_utf8_lossy(&loop_b.stdout).lines() {
+            let v = nspid(l).unwrap();
+            assert_eq!(v, vec![a2], "loop B must see the HOST's pid {a2}: {l}");
+        }
+
+        // /proc/1 is the HOST's init, not the namespace's (sleep).
+        let comm = ns.sh_ok(&format!("cat {}", pp("1/comm").display()));
+        assert_eq!(comm, std::fs::read_to_string("/proc/1/comm").unwrap());
+        assert_ne!(comm.trim(), "sleep");
+
+        // self and thread-self are relative links to the caller's own directory.
+        let o = ns.sh_ok(&format!(
+            "echo $$; exec readlink {}",
+            pp("self").display()
+        ));
+        let (pid, link) = o.split_once('\n').unwrap();
+        assert_eq!(link.trim(), pid);
+        let o = ns.sh_ok(&format!(
+            "echo $$; exec readlink {}",
+            pp("thread-self").display()
+        ));
+        let (pid, link) = o.split_once('\n').unwrap();
+        assert_eq!(link.trim(), format!("{pid}/task/{pid}"));
+        // task lists the caller's threads.
+        let o = ns.sh_ok(&format!("echo $$; exec ls {}", pp("self/task").display()));
+        let (pid, tasks) = o.split_once('\n').unwrap();
+        assert_eq!(tasks.trim(), pid);
+
+        // fd/N reopens the caller's own descriptor (a magic link of the local procfs).
+        let file = tmp.path().join("data");
+        std::fs::write(&file, b"reopened through /proc/self/fd\n").unwrap();
+        let o = ns.sh_ok(&format!(
+            "exec 7<{}; exec cat {}",
+            file.display(),
+            pp("self/fd/7").display()
+        ));
+        assert_eq!(o, "reopened through /proc/self/fd\n");
+
+        // exe and cwd read as paths in the caller's view.
+        let exe = ns.sh_ok(&format!("exec readlink {}", pp("self/exe").display()));
+        let real = ns.sh_ok("exec readlink /proc/self/exe");
+        assert_eq!(exe, real);
+        assert!(exe.starts_with('/') && exe.trim().ends_with("readlink"), "{exe}");
+        let cwd = ns.sh_ok(&format!(
+            "cd {} && exec readlink {}",
+            tmp.path().display(),
+            pp("self/cwd").display()
+        ));
+        assert_eq!(cwd.trim(), tmp.path().display().to_string());
+        // Executing /proc/self/exe (dockerd's re-exec) runs the caller's binary.
+        let o = ns.sh_ok(&format!(
+            "exec {} -c 'echo re-exec ok'",
+            pp("self/exe").display()
+        ));
+        assert_eq!(o, "re-exec ok\n");
+
+        // Listing an own directory shows the local entries, mountinfo among them.
+        let ls = ns.sh_ok(&format!("exec ls {}", pp("self").display()));
+        for want in ["status", "fd", "mountinfo", "cgroup", "exe"] {
+            assert!(ls.lines().any(|l| l == want), "{want} missing in: {ls}");
+        }
+        drop(a);
+        drop(ns);
+    }
+}
+
+/// One mountinfo line's (id, parent, root, mount point, fstype, super options).
+fn fields(l: &str) -> Option<(u64, u64, String, String, String, String)> {
+    let f: Vec<&str> = l.split(' ').collect();
+    let sep = f.iter().position(|x| *x == "-")?;
+    Some((
+        f[0].parse().ok()?,
+        f[1].parse().ok()?,
+        f[3].to_string(),
+        f[4].to_string(),
+        f.get(sep + 1)?.to_string(),
+        f.get(sep + 3)?.to_string(),
+    ))
+}
+
+#[test]
+fn fs_proc_mountinfo_has_host_cgroups() {
+    for kind in fs_test_links("fs_proc_mountinfo_has_host_cgroups") {
+        let host_cg: Vec<(String, String, String)> =
+            std::fs::read_to_string("/proc/1/mountinfo")
+                .unwrap()
+                .lines()
+                .filter_map(fields)
+                .filter(|f| f.4 == "cgroup" || f.4 == "cgroup2")
+                .filter(|f| f.3.starts_with("/sys/"))
+                .map(|f| (f.3, f.4, f.5))
+                .collect();
+        if host_cg.is_empty() {
+            tests::skip(
+                "fs_proc_mountinfo_has_host_cgroups",
+                "this machine has no cgroup mounts below /sys",
+            );
+            return;
+        }
+        let tmp = tmpdir();
+        let host = Host::start(
+            &kind,
+            tmp.path(),
+            &[ExportSpec::ro("/proc"), ExportSpec::ro("/sys")],
+        );
+        let ns = DpuNs::start();
+        let p = tmp.path().join("proc");
+        let s = tmp.path().join("sys");
+        ns.mount(&host, "/proc", &p, "proc,local_proc=/proc");
+
+        // Without the HOST's /sys in view, no HOST cgroup line, and the namespace's own
+        // cgroup lines are gone too.
+        let mi = ns.sh_ok(&format!("exec cat {}", p.join("self/mountinfo").display()));
+        assert!(
+            !mi.lines()
+                .filter_map(fields)
+                .any(|f| f.4 == "cgroup" || f.4 == "cgroup2"),
+            "{mi}"
+        );
+
+        ns.mount(&host, "/sys", &s, "sys");
+        let mi = ns.sh_ok(&format!("exec cat {}", p.join("self/mountinfo").display()));
+        let lines: Vec<_> = mi.lines().map(|l| (l, fields(l))).collect();
+        for (l, f) in &lines {
+            assert!(f.is_some(), "unparsable line {l:?}");
+        }
+        let lines: Vec<_> = lines.into_iter().filter_map(|(_, f)| f).collect();
+        // The caller's own non-cgroup mounts are there: its root, both qtfs mounts.
+        let find_mp = |mp: &Path| {
+            lines
+                .iter()
+                .find(|f| f.3 == mp.display().to_string())
+                .cloned()
+        };
+        let sysline = find_mp(&s).expect("the qtfs /sys mount in the caller's mountinfo");
+        assert_eq!(sysline.4, "fuse.qtfs");
+        assert_eq!(find_mp(&p).expect("proc mount").4, "fuse.qtfs");
+        assert!(lines.iter().any(|f| f.3 == "/"), "root mount");
+        // Every cgroup line is a HOST one placed below the qtfs /sys, parented there.
+        let ids: Vec<u64> = lines.iter().map(|f| f.0).collect();
+        let cg: Vec<_> = lines
+            .iter()
+            .filter(|f| f.4 == "cgroup" || f.4 == "cgroup2")
+            .collect();
+        assert_eq!(cg.len(), host_cg.len(), "{mi}");
+        for (hmp, fstype, sopts) in &host_cg {
+            let want = format!("{}{}", s.display(), hmp.strip_prefix("/sys").unwrap());
+            let l = cg
+                .iter()
+                .find(|f| f.3 == want)
+                .unwrap_or_else(|| panic!("no line for HOST {hmp} at {want}: {mi}"));
+            assert_eq!((&l.4, &l.5), (fstype, sopts));
+            assert_eq!(l.1, sysline.0, "parent is the qtfs /sys mount");
+            assert_eq!(ids.iter().filter(|&&i| i == l.0).count(), 1, "unique id");
+            assert!(Path::new(&want).is_dir(), "{want} reachable in the caller's view");
+        }
+        // containerd/cgroups v1: the hierarchy root is the dirname of the first cgroup line
+        // (each line has at least 10 fields and the fstype at n-3); a subsystem's destination
+        // is field 4.
+        let first_cg = mi
+            .lines()
+            .find(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                assert!(f.len() >= 10, "short line {l:?}");
+                f[f.len() - 3] == "cgroup"
+            })
+            .map(|l| PathBuf::from(l.split(' ').nth(4).unwrap()));
+        if let Some(first) = first_cg {
+            assert_eq!(first.parent().unwrap(), s.join("fs/cgroup"));
+        }
+
+        // /proc/self/mounts likewise.
+        let m = ns.sh_ok(&format!("exec cat {}", p.join("self/mounts").display()));
+        for (hmp, fstype, _) in &host_cg {
+            let want = format!("{}{}", s.display(), hmp.strip_prefix("/sys").unwrap());
+            assert!(
+                m.lines().any(|l| {
+                    let f: Vec<&str> = l.split(' ').collect();
+                    f.len() == 6 && f[1] == want && f[2] == fstype
+                }),
+                "mounts lacks {want}: {m}"
+            );
+        }
+        assert!(
+            !m.lines()
+                .any(|l| l.split(' ').nth(1).is_some_and(|mp| mp.starts_with("/sys/fs/cgroup"))),
+            "the caller's own cgroup mounts are gone: {m}"
+        );
+        // Another process's (the HOST's) mountinfo stays the HOST's.
+        let h = ns.sh_ok(&format!("exec cat {}", p.join("1/mountinfo").display()));
+        assert!(h.lines().any(|l| l.contains(" - cgroup") && l.contains(" /sys/fs/cgroup/")));
+        drop(ns);
+    }
+}
