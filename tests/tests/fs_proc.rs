@@ -116,12 +116,16 @@ impl Drop for DpuNs {
     }
 }
 
-/// The `NSpid:` values of a status text.
-fn nspid(status: &str) -> Option<Vec<u32>> {
-    status.lines().find_map(|l| {
-        l.strip_prefix("NSpid:")
-            .map(|v| v.split_whitespace().filter_map(|x| x.parse().ok()).collect())
-    })
+/// (Name, Pid, PPid) of a status text.
+fn ident(status: &str) -> (String, String, String) {
+    let get = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    (get("Name:"), get("Pid:"), get("PPid:"))
 }
 
 /// A shell inside the namespace driven line by line: it reads files with builtins only, so
@@ -183,19 +187,6 @@ impl Drop for Shell {
     }
 }
 
-fn host_status_name(pid: u32) -> Option<String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("Name:"))
-        .map(|n| n.trim().to_string())
-}
-
-fn status_name(s: &str) -> Option<String> {
-    s.lines()
-        .find_map(|l| l.strip_prefix("Name:"))
-        .map(|n| n.trim().to_string())
-}
-
 #[test]
 fn fs_proc_own_pids_are_the_callers() {
     for kind in fs_test_links("fs_proc_own_pids_are_the_callers") {
@@ -206,18 +197,14 @@ fn fs_proc_own_pids_are_the_callers() {
         ns.mount(&host, "/proc", &p, "proc,local_proc=/proc");
         let pp = |r: &str| p.join(r);
 
-        // A process reading /proc/<its own pid> sees itself on the DPU (two NSpid levels: the
-        // namespace's procfs), also through /proc/self.
+        // A process reading /proc/<its own pid> sees itself on the DPU (what the namespace's
+        // own procfs says), also through /proc/self.
         let mut a = Shell::new(&ns);
+        let local = ident(&a.read(Path::new(&format!("/proc/{}/status", a.pid))));
+        assert_eq!(local.0, "sh");
         let own = a.read(&pp(&format!("{}/status", a.pid)));
-        assert_eq!(
-            nspid(&own).and_then(|v| v.last().copied()),
-            Some(a.pid),
-            "own /proc/<pid>/status: {own}"
-        );
-        assert_eq!(nspid(&own).map(|v| v.len()), Some(2), "{own}");
-        let own_self = a.read(&pp("self/status"));
-        assert_eq!(nspid(&own_self), nspid(&own), "{own_self}");
+        assert_eq!(ident(&own), local, "own /proc/<pid>/status: {own}");
+        assert_eq!(ident(&a.read(&pp("self/status"))), local);
 
         // Another process reading that number gets the HOST's process of that pid.
         let b = ns.sh(&format!(
@@ -225,17 +212,18 @@ fn fs_proc_own_pids_are_the_callers() {
             pp(&format!("{}/status", a.pid)).display()
         ));
         let b_out = String::from_utf8_lossy(&b.stdout).into_owned();
-        assert_ne!(nspid(&b_out), nspid(&own), "another reader got the DPU view");
-        if let Some(name) = host_status_name(a.pid) {
-            if b.status.success() {
-                assert_eq!(status_name(&b_out), Some(name), "HOST pid {}", a.pid);
-                assert_eq!(nspid(&b_out), Some(vec![a.pid]), "{b_out}");
-            }
+        let host_a = std::fs::read_to_string(format!("/proc/{}/status", a.pid)).ok();
+        if let Some(h) = &host_a {
+            assert!(b.status.success(), "HOST pid {} not readable", a.pid);
+            assert_eq!(ident(&b_out).0, ident(h).0, "HOST pid {}: {b_out}", a.pid);
+            assert_ne!(ident(&b_out), local, "another reader got the DPU view");
+        } else {
+            assert!(!b.status.success(), "HOST has no pid {}: {b_out}", a.pid);
         }
         // ... and the first reader still gets its own after that (the cached dentry is
         // revalidated per caller).
         let again = a.read(&pp(&format!("{}/status", a.pid)));
-        assert_eq!(nspid(&again), nspid(&own), "{again}");
+        assert_eq!(ident(&again), local, "{again}");
 
         // Two processes hammering the same name at once each keep their own view.
         let flag = tmp.path().join("a-pid");
@@ -243,8 +231,8 @@ fn fs_proc_own_pids_are_the_callers() {
             .cmd("sh")
             .arg("-c")
             .arg(format!(
-                "echo $$ > {f}; i=0; while [ $i -lt 150 ]; do \
-                 while IFS= read -r l; do case \"$l\" in NSpid:*) echo \"$l\";; esac; done < {p}/$$/status; \
+                "echo $$ > {f}; i=0; while [ $i -lt 40 ]; do \
+                 while IFS= read -r l; do case \"$l\" in Name:*|PPid:*) echo \"$l\";; esac; done < {p}/$$/status; \
                  i=$((i+1)); done",
                 f = flag.display(),
                 p = p.display()
@@ -261,25 +249,29 @@ fn fs_proc_own_pids_are_the_callers() {
             .parse()
             .unwrap();
         let loop_b = ns.sh(&format!(
-            "i=0; while [ $i -lt 150 ]; do \
-             while IFS= read -r l; do case \"$l\" in NSpid:*) echo \"$l\";; esac; done < {p}/{a2}/status 2>/dev/null; \
+            "i=0; while [ $i -lt 40 ]; do \
+             while IFS= read -r l; do case \"$l\" in Name:*|PPid:*) echo \"$l\";; esac; done < {p}/{a2}/status 2>/dev/null; \
              i=$((i+1)); done; true",
             p = p.display()
         ));
         let out_a = loop_a.wait_with_output().unwrap();
         assert!(out_a.status.success(), "loop A failed");
-        let lines_a: Vec<String> = String::from_utf8_lossy(&out_a.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect();
-        assert_eq!(lines_a.len(), 150, "loop A read its own status each time");
-        for l in &lines_a {
-            let v = nspid(l).unwrap();
-            assert_eq!((v.len(), v.last().copied()), (2, Some(a2)), "loop A: {l}");
-        }
-        for l in String::from_utf8_lossy(&loop_b.stdout).lines() {
-            let v = nspid(l).unwrap();
-            assert_eq!(v, vec![a2], "loop B must see the HOST's pid {a2}: {l}");
+        // Loop A's parent (nsenter) is outside the namespace: PPid 0 in its own view.
+        let out_a = String::from_utf8_lossy(&out_a.stdout).into_owned();
+        assert_eq!(
+            out_a.matches("Name:\tsh\nPPid:\t0\n").count(),
+            40,
+            "loop A read its own status each time: {out_a}"
+        );
+        let out_b = String::from_utf8_lossy(&loop_b.stdout).into_owned();
+        let host_b = std::fs::read_to_string(format!("/proc/{a2}/status"))
+            .map(|s| ident(&s))
+            .ok();
+        // Loop B sees the HOST's process of that number (its name may change: kworkers).
+        assert!(!out_b.contains("PPid:\t0\n"), "loop B got the DPU view: {out_b}");
+        if let Some((_, _, ppid)) = host_b {
+            let want = format!("PPid:\t{ppid}\n");
+            assert_eq!(out_b.matches(&want).count(), 40, "loop B: {out_b}");
         }
 
         // /proc/1 is the HOST's init, not the namespace's (sleep).
@@ -412,8 +404,8 @@ fn fs_proc_mountinfo_has_host_cgroups() {
                 .cloned()
         };
         let sysline = find_mp(&s).expect("the qtfs /sys mount in the caller's mountinfo");
-        assert_eq!(sysline.4, "fuse.qtfs");
-        assert_eq!(find_mp(&p).expect("proc mount").4, "fuse.qtfs");
+        assert!(sysline.4.starts_with("fuse"), "{sysline:?}");
+        assert!(find_mp(&p).expect("proc mount").4.starts_with("fuse"));
         assert!(lines.iter().any(|f| f.3 == "/"), "root mount");
         // Every cgroup line is a HOST one placed below the qtfs /sys, parented there.
         let ids: Vec<u64> = lines.iter().map(|f| f.0).collect();
@@ -431,7 +423,7 @@ fn fs_proc_mountinfo_has_host_cgroups() {
             assert_eq!((&l.4, &l.5), (fstype, sopts));
             assert_eq!(l.1, sysline.0, "parent is the qtfs /sys mount");
             assert_eq!(ids.iter().filter(|&&i| i == l.0).count(), 1, "unique id");
-            assert!(Path::new(&want).is_dir(), "{want} reachable in the caller's view");
+            ns.sh_ok(&format!("test -d {want}"));
         }
         // containerd/cgroups v1: the hierarchy root is the dirname of the first cgroup line
         // (each line has at least 10 fields and the fstype at n-3); a subsystem's destination
@@ -461,8 +453,10 @@ fn fs_proc_mountinfo_has_host_cgroups() {
             );
         }
         assert!(
-            !m.lines()
-                .any(|l| l.split(' ').nth(1).is_some_and(|mp| mp.starts_with("/sys/fs/cgroup"))),
+            !m.lines().any(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.len() > 2 && f[2].starts_with("cgroup") && f[1].starts_with("/sys/")
+            }),
             "the caller's own cgroup mounts are gone: {m}"
         );
         // Another process's (the HOST's) mountinfo stays the HOST's.
