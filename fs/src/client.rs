@@ -489,9 +489,7 @@ impl QtfsFs {
                 no_xattr: Mutex::new(HashMap::new()),
                 unstable: Mutex::new(HashMap::new()),
                 wb_budget: Arc::new(tokio::sync::Semaphore::new(WB_BUDGET_KIB)),
-                proc_view: opts
-                    .proc_fs
-                    .then(|| ProcView::new(opts.local_proc.clone())),
+                proc_view: opts.proc_fs.then(|| ProcView::new(opts.local_proc.clone())),
                 opts,
             }),
         })
@@ -2283,11 +2281,7 @@ impl Filesystem for QtfsFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let ino = if is_syn_ino(ino.0) {
-            ROOT
-        } else {
-            ino.0
-        };
+        let ino = if is_syn_ino(ino.0) { ROOT } else { ino.0 };
         spawn_reply!(
             self,
             reply,
@@ -2745,7 +2739,13 @@ impl QtfsFs {
         }
     }
 
-    fn syn_lookup(&self, req: &Request, parent: u64, name: &[u8], reply: ReplyEntry) -> Option<ReplyEntry> {
+    fn syn_lookup(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &[u8],
+        reply: ReplyEntry,
+    ) -> Option<ReplyEntry> {
         let Some(v) = self.view() else {
             return Some(reply);
         };
@@ -2834,7 +2834,12 @@ impl QtfsFs {
         None
     }
 
-    fn syn_readdir(&self, fh: u64, offset: u64, mut reply: ReplyDirectory) -> Option<ReplyDirectory> {
+    fn syn_readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) -> Option<ReplyDirectory> {
         if !is_syn_fh(fh) {
             return Some(reply);
         }
@@ -2907,10 +2912,9 @@ impl QtfsFs {
                 return;
             };
             match v.render(&node, &host) {
-                Ok(data) => reply.opened(
-                    FileHandle(v.open_file(data)),
-                    FopenFlags::FOPEN_DIRECT_IO,
-                ),
+                Ok(data) => {
+                    reply.opened(FileHandle(v.open_file(data)), FopenFlags::FOPEN_DIRECT_IO)
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });

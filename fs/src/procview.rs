@@ -367,8 +367,7 @@ impl ProcView {
                 }
             }
             SynNode::Tasks { rel } => {
-                let rd =
-                    std::fs::read_dir(self.own(rel).join("task")).map_err(|e| errno_of(&e))?;
+                let rd = std::fs::read_dir(self.own(rel).join("task")).map_err(|e| errno_of(&e))?;
                 for e in rd.flatten() {
                     list.push((e.file_name().as_bytes().to_vec(), FileType::Directory));
                 }
@@ -444,11 +443,11 @@ impl ProcView {
             return Err(libc::EINVAL);
         };
         // The kernel renders the table relative to *that* process's root: the caller's view.
-        let dpu_info = std::fs::read_to_string(self.own(rel).join("mountinfo"))
-            .map_err(|e| errno_of(&e))?;
+        let dpu_info =
+            std::fs::read_to_string(self.own(rel).join("mountinfo")).map_err(|e| errno_of(&e))?;
         let out = if *mounts {
-            let dpu_mounts = std::fs::read_to_string(self.own(rel).join("mounts"))
-                .map_err(|e| errno_of(&e))?;
+            let dpu_mounts =
+                std::fs::read_to_string(self.own(rel).join("mounts")).map_err(|e| errno_of(&e))?;
             merge_mounts(&dpu_info, &dpu_mounts, host)
         } else {
             merge_mountinfo(&dpu_info, host)
@@ -574,9 +573,11 @@ fn place_host_cgroups<'a>(dpu: &str, host: &'a str) -> Vec<Placed<'a>> {
             continue;
         }
         // The most recent mount showing it wins (it is mounted on top).
-        let Some((mountpoint, parent)) = shown.iter().rev().find_map(|(base, mp, id)| {
-            below(h.mountpoint, base).map(|rest| (join(mp, rest), *id))
-        }) else {
+        let Some((mountpoint, parent)) = shown
+            .iter()
+            .rev()
+            .find_map(|(base, mp, id)| below(h.mountpoint, base).map(|rest| (join(mp, rest), *id)))
+        else {
             continue;
         };
         out.push(Placed {
@@ -711,7 +712,10 @@ garbage line
         let m = merge_mountinfo(dpu, HOST);
         assert!(m.contains("9 5 0:33 / /host/mnt/elsewhere "), "{m}");
         let m = merge_mountinfo("1 0 8:1 / / rw - ext4 /dev/x rw\n", HOST);
-        assert_eq!(m, "1 0 8:1 / / rw - ext4 /dev/x rw\n", "no qtfs mount: no lines");
+        assert_eq!(
+            m, "1 0 8:1 / / rw - ext4 /dev/x rw\n",
+            "no qtfs mount: no lines"
+        );
     }
 
     #[test]

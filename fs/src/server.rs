@@ -586,7 +586,9 @@ impl FsService {
                 // A character device 0/0 is an overlayfs whiteout (image layers unpack them):
                 // it opens nothing, so it is allowed without `allow_devices`.
                 let whiteout = t == libc::S_IFCHR && rdev == 0;
-                if (t == libc::S_IFCHR || t == libc::S_IFBLK) && !whiteout && !self.inner.allow_devices
+                if (t == libc::S_IFCHR || t == libc::S_IFBLK)
+                    && !whiteout
+                    && !self.inner.allow_devices
                 {
                     return Err(libc::EPERM);
                 }

@@ -104,13 +104,8 @@ fn fs_overlay_whiteouts_and_opaque_dirs() {
         // The upper layer, unpacked through the mount as containerd's overlay unpack does.
         let l2 = m.path("l2");
         std::fs::create_dir_all(l2.join("dir")).unwrap();
-        mknod(
-            &l2.join("gone"),
-            libc::S_IFCHR | 0o644,
-            0,
-            0,
-        )
-        .expect("whiteout mknod c 0 0 through the mount");
+        mknod(&l2.join("gone"), libc::S_IFCHR | 0o644, 0, 0)
+            .expect("whiteout mknod c 0 0 through the mount");
         setxattr(&l2.join("dir"), "trusted.overlay.opaque", b"y")
             .expect("trusted.overlay.opaque through the mount");
         std::fs::write(l2.join("dir/new"), b"new content").unwrap();
@@ -168,7 +163,11 @@ fn fs_overlay_whiteouts_and_opaque_dirs() {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, vec!["new".to_string()], "opaque dir shows only the new layer");
+        assert_eq!(
+            names,
+            vec!["new".to_string()],
+            "opaque dir shows only the new layer"
+        );
         assert_eq!(
             std::fs::read(merged.join("dir/new")).unwrap(),
             b"new content"

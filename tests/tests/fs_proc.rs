@@ -268,7 +268,10 @@ fn fs_proc_own_pids_are_the_callers() {
             .map(|s| ident(&s))
             .ok();
         // Loop B sees the HOST's process of that number (its name may change: kworkers).
-        assert!(!out_b.contains("PPid:\t0\n"), "loop B got the DPU view: {out_b}");
+        assert!(
+            !out_b.contains("PPid:\t0\n"),
+            "loop B got the DPU view: {out_b}"
+        );
         if let Some((_, _, ppid)) = host_b {
             let want = format!("PPid:\t{ppid}\n");
             assert_eq!(out_b.matches(&want).count(), 40, "loop B: {out_b}");
@@ -280,10 +283,7 @@ fn fs_proc_own_pids_are_the_callers() {
         assert_ne!(comm.trim(), "sleep");
 
         // self and thread-self are relative links to the caller's own directory.
-        let o = ns.sh_ok(&format!(
-            "echo $$; exec readlink {}",
-            pp("self").display()
-        ));
+        let o = ns.sh_ok(&format!("echo $$; exec readlink {}", pp("self").display()));
         let (pid, link) = o.split_once('\n').unwrap();
         assert_eq!(link.trim(), pid);
         let o = ns.sh_ok(&format!(
@@ -311,7 +311,10 @@ fn fs_proc_own_pids_are_the_callers() {
         let exe = ns.sh_ok(&format!("exec readlink {}", pp("self/exe").display()));
         let real = ns.sh_ok("exec readlink /proc/self/exe");
         assert_eq!(exe, real);
-        assert!(exe.starts_with('/') && exe.trim().ends_with("readlink"), "{exe}");
+        assert!(
+            exe.starts_with('/') && exe.trim().ends_with("readlink"),
+            "{exe}"
+        );
         let cwd = ns.sh_ok(&format!(
             "cd {} && exec readlink {}",
             tmp.path().display(),
@@ -352,15 +355,14 @@ fn fields(l: &str) -> Option<(u64, u64, String, String, String, String)> {
 #[test]
 fn fs_proc_mountinfo_has_host_cgroups() {
     for kind in fs_test_links("fs_proc_mountinfo_has_host_cgroups") {
-        let host_cg: Vec<(String, String, String)> =
-            std::fs::read_to_string("/proc/1/mountinfo")
-                .unwrap()
-                .lines()
-                .filter_map(fields)
-                .filter(|f| f.4 == "cgroup" || f.4 == "cgroup2")
-                .filter(|f| f.3.starts_with("/sys/"))
-                .map(|f| (f.3, f.4, f.5))
-                .collect();
+        let host_cg: Vec<(String, String, String)> = std::fs::read_to_string("/proc/1/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(fields)
+            .filter(|f| f.4 == "cgroup" || f.4 == "cgroup2")
+            .filter(|f| f.3.starts_with("/sys/"))
+            .map(|f| (f.3, f.4, f.5))
+            .collect();
         if host_cg.is_empty() {
             tests::skip(
                 "fs_proc_mountinfo_has_host_cgroups",
@@ -461,7 +463,9 @@ fn fs_proc_mountinfo_has_host_cgroups() {
         );
         // Another process's (the HOST's) mountinfo stays the HOST's.
         let h = ns.sh_ok(&format!("exec cat {}", p.join("1/mountinfo").display()));
-        assert!(h.lines().any(|l| l.contains(" - cgroup") && l.contains(" /sys/fs/cgroup/")));
+        assert!(h
+            .lines()
+            .any(|l| l.contains(" - cgroup") && l.contains(" /sys/fs/cgroup/")));
         drop(ns);
     }
 }

@@ -84,6 +84,10 @@ fn fs_readahead_only_through_local_sysfs() {
     assert!(minor < range, "device {dev} beyond the stand-in's entries");
     for n in 0..range {
         let f = fake.join(format!("class/bdi/0:{n}/read_ahead_kb"));
-        assert!(!f.exists(), "mount_qtfs wrote {} (its device {dev})", f.display());
+        assert!(
+            !f.exists(),
+            "mount_qtfs wrote {} (its device {dev})",
+            f.display()
+        );
     }
 }

@@ -22,8 +22,12 @@ Options (-o, comma separated):
                       default $QTFS_SERVER_ADDR, then [qtfs] addr in /etc/offload/dpu.toml
   transport=T         link type when addr= is a bare address
   keyfile=F           pre-shared key (default $OFFLOAD_KEY_FILE, then /etc/offload/psk)
-  proc | sys          pseudo filesystem mode (no caching, direct I/O; proc: /proc/self -> local_proc)
-  local_proc=P        where the DPU's own procfs is mounted (default /local_proc)
+  proc | sys          pseudo filesystem mode (no caching, direct I/O). proc: the caller's own
+                      self, thread-self and /proc/<own pid|tid> are the DPU's (links into
+                      local_proc), their mountinfo/mounts list the HOST's cgroup mounts below
+                      the qtfs /sys mount; everything else is the HOST's /proc
+  local_proc=P        where the DPU's own procfs is mounted, as the processes using the mount
+                      see it (default /local_proc)
   ro | rw             read-only / read-write mount
   attr_timeout=S      attribute cache seconds (default 1), entry_timeout=S likewise
   negative_timeout=S  for S seconds after this mount makes a directory, answer lookups of
