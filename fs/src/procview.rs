@@ -33,6 +33,11 @@
 //!
 //! The daemon reads the DPU's process information from its own `/proc`, which must be the
 //! procfs of its PID namespace (the DPU's); `local_proc` is where the *callers* see it.
+//!
+//! Limit of the rule: DPU and HOST pids are separate number spaces, so a HOST pid that equals
+//! one of the caller's own thread ids reads as the caller's own process *for that caller*
+//! (other DPU processes and the HOST are unaffected). A management plane has a few dozen
+//! threads; HOST container pids rarely fall among them, but nothing prevents it.
 
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
