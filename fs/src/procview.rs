@@ -338,18 +338,7 @@ impl ProcView {
         let dir = self.own(rel);
         let t = std::fs::read_link(dir.join(std::ffi::OsStr::from_bytes(name))).ok()?;
         let r = std::fs::read_link(dir.join("root")).ok()?;
-        let (t, r) = (t.as_os_str().as_bytes(), r.as_os_str().as_bytes());
-        if t.ends_with(b" (deleted)") || !t.starts_with(b"/") {
-            return None;
-        }
-        if r == b"/" {
-            return Some(t.to_vec());
-        }
-        if t == r {
-            return Some(b"/".to_vec());
-        }
-        let rest = t.strip_prefix(r)?;
-        rest.starts_with(b"/").then(|| rest.to_vec())
+        in_root(t.as_os_str().as_bytes(), r.as_os_str().as_bytes())
     }
 
     /// Opens an own directory: its listing is taken now.
@@ -459,6 +448,23 @@ impl ProcView {
         };
         Ok(out.into_bytes())
     }
+}
+
+/// `target` (a path from the daemon's root) as seen from `root` (the caller's root, also from
+/// the daemon's): `None` when it lies outside or is not a plain path (a deleted file).
+fn in_root(target: &[u8], root: &[u8]) -> Option<Vec<u8>> {
+    if target.ends_with(b" (deleted)") || !target.starts_with(b"/") || !root.starts_with(b"/") {
+        return None;
+    }
+    if root == b"/" {
+        return Some(target.to_vec());
+    }
+    let root = root.strip_suffix(b"/").unwrap_or(root);
+    if target == root {
+        return Some(b"/".to_vec());
+    }
+    let rest = target.strip_prefix(root)?;
+    rest.starts_with(b"/").then(|| rest.to_vec())
 }
 
 /// Attributes of `self`/`thread-self`.
@@ -721,6 +727,21 @@ garbage line
             m, "1 0 8:1 / / rw - ext4 /dev/x rw\n",
             "no qtfs mount: no lines"
         );
+    }
+
+    #[test]
+    fn paths_in_the_callers_root() {
+        let r = b"/another_rootfs";
+        assert_eq!(
+            in_root(b"/another_rootfs/usr/bin/containerd", r),
+            Some(b"/usr/bin/containerd".to_vec())
+        );
+        assert_eq!(in_root(b"/another_rootfs", r), Some(b"/".to_vec()));
+        assert_eq!(in_root(b"/another_rootfsX/bin", r), None);
+        assert_eq!(in_root(b"/usr/bin/x", r), None);
+        assert_eq!(in_root(b"/usr/bin/x (deleted)", b"/"), None);
+        assert_eq!(in_root(b"/usr/bin/x", b"/"), Some(b"/usr/bin/x".to_vec()));
+        assert_eq!(in_root(b"socket:[123]", b"/"), None);
     }
 
     #[test]

@@ -321,6 +321,21 @@ fn fs_proc_own_pids_are_the_callers() {
             pp("self/cwd").display()
         ));
         assert_eq!(cwd.trim(), tmp.path().display().to_string());
+        // A chrooted caller (a management plane in its root) reads exe as a path in its root.
+        let r = tmp.path().join("root");
+        std::fs::create_dir(&r).unwrap();
+        ns.sh_ok(&format!("mount --rbind / {}", r.display()));
+        let exe = ns.sh_ok(&format!(
+            "exec chroot {} readlink {}",
+            r.display(),
+            pp("self/exe").display()
+        ));
+        let real = ns.sh_ok(&format!(
+            "exec chroot {} readlink /proc/self/exe",
+            r.display()
+        ));
+        assert_eq!(exe, real);
+        assert!(!exe.starts_with(&r.display().to_string()), "{exe}");
         // Executing /proc/self/exe (dockerd's re-exec) runs the caller's binary.
         let o = ns.sh_ok(&format!(
             "exec {} -c 'echo re-exec ok'",
@@ -461,6 +476,29 @@ fn fs_proc_mountinfo_has_host_cgroups() {
             }),
             "the caller's own cgroup mounts are gone: {m}"
         );
+        // A chrooted caller sees its own view: the lines are placed where *it* reaches the
+        // qtfs /sys (the kernel renders its table relative to its root).
+        let r = tmp.path().join("root");
+        std::fs::create_dir(&r).unwrap();
+        ns.sh_ok(&format!("mount --rbind / {}", r.display()));
+        let mi_r = ns.sh_ok(&format!(
+            "exec chroot {} cat {}",
+            r.display(),
+            p.join("self/mountinfo").display()
+        ));
+        let cg_r: Vec<String> = mi_r
+            .lines()
+            .filter_map(fields)
+            .filter(|f| f.4 == "cgroup" || f.4 == "cgroup2")
+            .map(|f| f.3)
+            .collect();
+        assert_eq!(cg_r.len(), host_cg.len(), "{mi_r}");
+        for mp in &cg_r {
+            assert!(
+                mp.starts_with(&format!("{}/fs/cgroup", s.display())),
+                "{mp}"
+            );
+        }
         // Another process's (the HOST's) mountinfo stays the HOST's.
         let h = ns.sh_ok(&format!("exec cat {}", p.join("1/mountinfo").display()));
         assert!(h
