@@ -2577,6 +2577,9 @@ impl Filesystem for QtfsFs {
         flags: PollFlags,
         reply: ReplyPoll,
     ) {
+        let Some(reply) = self.syn_poll(fh.0, events, reply) else {
+            return;
+        };
         let ev = events.bits();
         let notify = flags.contains(PollFlags::FUSE_POLL_SCHEDULE_NOTIFY);
         spawn_reply!(
@@ -2918,6 +2921,18 @@ impl QtfsFs {
                 Err(e) => reply.error(errno(e)),
             }
         });
+        None
+    }
+
+    /// A generated file is always ready, like a regular file. (An error here would read as
+    /// EPOLLERR, and Go's runtime, which polls every file it opens, then fails its reads with
+    /// "not pollable".)
+    fn syn_poll(&self, fh: u64, events: PollEvents, reply: ReplyPoll) -> Option<ReplyPoll> {
+        if !is_syn_fh(fh) {
+            return Some(reply);
+        }
+        let ready = (libc::POLLIN | libc::POLLOUT | libc::POLLRDNORM | libc::POLLWRNORM) as u32;
+        reply.poll(PollEvents::from_bits_retain(events.bits() & ready));
         None
     }
 

@@ -507,3 +507,302 @@ fn fs_proc_mountinfo_has_host_cgroups() {
         drop(ns);
     }
 }
+
+/// Kills the processes whose command line contains `needle` (a HOST shim of a test container
+/// left by a failed run) and removes the cgroups named `leaf` below `parent` of every v1
+/// hierarchy.
+struct ShimGuard {
+    needle: String,
+    parent: String,
+    leaf: String,
+}
+
+impl Drop for ShimGuard {
+    fn drop(&mut self) {
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmd).contains(&self.needle) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for e in rd.flatten() {
+                let p = e.path().join(&self.parent);
+                let _ = std::fs::remove_dir(p.join(&self.leaf));
+                let _ = std::fs::remove_dir(p);
+            }
+        }
+    }
+}
+
+/// The real daemons: containerd on a "DPU" (own PID and mount namespaces, chrooted into a root
+/// whose /proc and /sys are qtfs mounts of the HOST's, the seed's layout) runs a container on
+/// the HOST through offload-shim (its pid a HOST pid, its cgroup the HOST's); its own
+/// mountinfo names the HOST's hierarchies. dockerd in the same root finds the cpu cgroup
+/// (cfs quota and shares supported) and its own fds in `/proc/<getpid()>/fd`: the lab's
+/// "Unable to find cpu cgroup in mounts" and "Error opening /proc/<pid>/fd" are gone.
+#[test]
+fn fs_proc_containerd_finds_host_cgroups() {
+    let name = "fs_proc_containerd_finds_host_cgroups";
+    tests::init_tracing();
+    if !tests::fs::fuse_ready(name) {
+        return;
+    }
+    const REAL: &str = "/usr/bin/containerd-shim-runc-v2";
+    for b in [
+        REAL,
+        "/usr/bin/containerd",
+        "/usr/bin/ctr",
+        "/usr/sbin/runc",
+        "/usr/bin/busybox",
+    ] {
+        if !Path::new(b).exists() {
+            return tests::skip(
+                name,
+                &format!("{b} missing (apt-get install containerd runc busybox-static)"),
+            );
+        }
+    }
+    if !std::fs::read_to_string("/proc/1/mountinfo")
+        .unwrap_or_default()
+        .contains(" - cgroup cgroup ")
+    {
+        return tests::skip(name, "no cgroup v1 hierarchies on this machine");
+    }
+    let t = tmpdir();
+    let d = t.path();
+    let key = tests::write_key(d, "psk");
+    let link = format!("unix://{}/link.sock", d.display());
+    std::fs::write(
+        d.join("host.toml"),
+        format!(
+            "[fs]\nexports = [{{ path = \"/proc\", read_only = true }}, {{ path = \"/sys\" }}]\n\
+             [exec]\nallow = [\"{REAL}\"]\n[bridge]\nwatch = [\"/run/containerd/s\"]\n\
+             fifo_dirs = [\"/run/containerd/fifo\"]\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("dpu.toml"),
+        "[bridge]\nfifo_dirs = [\"/run/containerd/fifo\"]\n[[bridge.forward]]\nlisten_side = \"host\"\n\
+         path = \"/run/containerd/containerd.sock.ttrpc\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("containerd.toml"),
+        format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"/run/containerd/containerd.sock\"\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let rootfs = d.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    for sub in ["proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    std::fs::copy("/usr/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    std::fs::create_dir_all(d.join("local_proc")).unwrap();
+    std::fs::create_dir_all(d.join("dpuroot")).unwrap();
+
+    // HOST: offloadd in a mount namespace with a private /run (the HOST shim's sockets and
+    // runc state land there, not in this machine's /run).
+    let offloadd = tests::bin("offloadd");
+    let mut host = Command::new("unshare");
+    host.args(["-m", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount -t tmpfs host-run /run && exec \"$OFFLOADD\" --listen \"$LINK\" --key-file \"$KEY\" --config \"$DIR/host.toml\"")
+        .env("OFFLOADD", &offloadd)
+        .env("LINK", &link)
+        .env("KEY", &key)
+        .env("DIR", d);
+    let _host = tests::KillOnDrop(vec![tests::spawn_ready(host, "listening")]);
+
+    // DPU: PID + mount namespaces; the bridge offloadd, then the management plane's root
+    // (a recursive bind of /) with qtfs /proc (proc mode, local_proc = the namespace's own
+    // procfs) and /sys, and containerd chrooted there.
+    let id = format!("fsproc{}", std::process::id());
+    let _guard = ShimGuard {
+        needle: format!("-id {id} "),
+        parent: "fsproctest".into(),
+        leaf: id.clone(),
+    };
+    let script = "set -e; mount -t tmpfs dpu-run /run; \
+        \"$OFFLOADD\" --connect \"$LINK\" --key-file \"$KEY\" --config \"$DIR/dpu.toml\" & \
+        R=\"$DIR/dpuroot\"; mount --rbind / \"$R\"; \
+        O=\"addr=$LINK,keyfile=$KEY,allow_other\"; \
+        \"$MOUNTQ\" /proc \"$R/proc\" -o \"$O,proc,local_proc=$DIR/local_proc\"; \
+        \"$MOUNTQ\" /sys \"$R/sys\" -o \"$O,sys\"; \
+        mount -t proc proc \"$R$DIR/local_proc\"; \
+        sleep 0.5; \
+        chroot \"$R\" containerd --config \"$DIR/containerd.toml\" >\"$DIR/containerd.log\" 2>&1 & \
+        echo dpu-ready; wait";
+    let mut dpu = Command::new("unshare");
+    dpu.args([
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount",
+        "--propagation",
+        "private",
+        "--mount-proc",
+        "sh",
+        "-c",
+        script,
+    ])
+    .env("OFFLOADD", &offloadd)
+    .env("MOUNTQ", tests::bin("mount_qtfs"))
+    .env("LINK", &link)
+    .env("KEY", &key)
+    .env("DIR", d)
+    .env("OFFLOAD_DPU_CONFIG", "/nonexistent")
+    // offload-shim (started by containerd) reaches the HOST with these.
+    .env("CMD_NET_ADDR", &link)
+    .env("OFFLOAD_KEY_FILE", &key);
+    let dpu = tests::spawn_ready(dpu, "dpu-ready");
+    let children = format!("/proc/{0}/task/{0}/children", dpu.id());
+    let init: u32 = std::fs::read_to_string(&children)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .expect("the DPU namespace's init");
+    let _dpu = tests::KillOnDrop(vec![dpu]);
+    // `sh -c script` in the management plane's root: (stdout + stderr, success).
+    let in_root = |script: &str| -> (String, bool) {
+        let o = Command::new("nsenter")
+            .args(["-t", &init.to_string(), "-p", "-m", "--", "chroot"])
+            .arg(d.join("dpuroot"))
+            .args(["sh", "-c", script])
+            .output()
+            .unwrap();
+        let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+        s.push_str(&String::from_utf8_lossy(&o.stderr));
+        (s, o.status.success())
+    };
+    let ctr = |args: &str| in_root(&format!("exec timeout -s KILL 60 ctr -n fsproctest {args}"));
+    let log = || std::fs::read_to_string(d.join("containerd.log")).unwrap_or_default();
+    tests::wait_until("DPU containerd up", Duration::from_secs(30), || {
+        ctr("version").1
+    });
+    // The management plane's own view: its mountinfo names the HOST's cgroup hierarchies at
+    // /sys/fs/cgroup (the qtfs /sys in its root).
+    let (mi, ok) = in_root("exec cat /proc/self/mountinfo");
+    assert!(ok, "{mi}");
+    let shim = tests::bin("offload-shim");
+    let (out, ok) = ctr(&format!(
+        "run -d --runtime {} --rootfs {} {id} /bin/sh -c 'sleep 20'",
+        shim.display(),
+        rootfs.display()
+    ));
+    assert!(ok, "ctr run -d: {out}\n--- containerd log:\n{}", log());
+    // The task runs on the HOST: its pid is a HOST pid whose cgroup file names our cgroup.
+    let (tasks, ok) = ctr("task ls");
+    assert!(ok, "{tasks}");
+    let pid: u32 = tasks
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("task ls: {tasks}"));
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cg.contains(&format!("/fsproctest/{id}")),
+        "HOST pid {pid}: {cg}"
+    );
+    // Give the cgroup monitor a moment, then stop the task and look at the log.
+    std::thread::sleep(Duration::from_millis(500));
+    let (out, ok) = ctr(&format!("task kill -s KILL {id}"));
+    assert!(ok, "task kill: {out}");
+    tests::wait_until("task stopped", Duration::from_secs(20), || {
+        ctr("task ls")
+            .0
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("STOPPED"))
+    });
+    let (out, ok) = ctr(&format!("task delete {id}"));
+    assert!(ok, "task delete: {out}");
+    let (out, ok) = ctr(&format!("container rm {id}"));
+    assert!(ok, "container rm: {out}");
+    let log = log();
+    assert!(
+        !log.contains("cgroup mount destination") && !log.contains("loading cgroup"),
+        "containerd could not find the HOST's cgroups:\n{log}"
+    );
+
+    // dockerd in the same root (its own data and exec roots, the DPU's containerd): its
+    // cgroup probe reads /proc/self/mountinfo and the HOST's cgroup files through qtfs, and it
+    // counts its fds in /proc/<getpid()>/fd.
+    if !Path::new("/usr/sbin/dockerd").exists() {
+        return tests::skip(name, "dockerd missing: the dockerd half not run");
+    }
+    let sock = d.join("docker.sock");
+    let (out, ok) = in_root(&format!(
+        "dockerd --data-root {d}/docker --exec-root {d}/docker-exec --pidfile {d}/docker.pid \
+         -H unix://{sock} --containerd /run/containerd/containerd.sock --storage-driver vfs \
+         --iptables=false --ip-masq=false --bridge=none >{d}/dockerd.log 2>&1 &",
+        d = d.display(),
+        sock = sock.display()
+    ));
+    assert!(ok, "starting dockerd: {out}");
+    let docker = |args: &[&str]| {
+        Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", sock.display()))
+            .args(args)
+            .env("DOCKER_CONFIG", d.join("docker-cli"))
+            .output()
+            .unwrap()
+    };
+    let dlog = || std::fs::read_to_string(d.join("dockerd.log")).unwrap_or_default();
+    let t0 = std::time::Instant::now();
+    while !docker(&["version"]).status.success() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "dockerd not up within 60 s; its log:\n{}",
+            dlog()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let info = docker(&[
+        "info",
+        "--format",
+        "{{.CPUCfsQuota}} {{.CPUShares}} {{.NFd}}",
+    ]);
+    let text = String::from_utf8_lossy(&info.stdout).into_owned();
+    let warn = String::from_utf8_lossy(&info.stderr).into_owned();
+    let f: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(
+        f.get(..2),
+        Some(&["true", "true"][..]),
+        "dockerd found no cpu cgroup: {text}{warn}\n--- dockerd log:\n{}",
+        dlog()
+    );
+    assert!(
+        f.get(2).and_then(|n| n.parse::<u32>().ok()).unwrap_or(0) > 0,
+        "dockerd counted no fds in /proc/<its pid>/fd: {text}"
+    );
+    let dl = dlog();
+    for bad in [
+        "Unable to find cpu cgroup",
+        "Error opening /proc/",
+        "No cpu cfs quota",
+    ] {
+        assert!(
+            !dl.contains(bad) && !warn.contains(bad),
+            "{bad}:\n{dl}{warn}"
+        );
+    }
+    assert!(
+        mi.lines()
+            .any(|l| l.contains(" /sys/fs/cgroup/") && l.contains(" - cgroup cgroup ")),
+        "containerd's mountinfo: {mi}"
+    );
+}
