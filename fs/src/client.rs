@@ -2959,12 +2959,18 @@ impl Inner {
         if let Some(s) = v.cached_host_mounts() {
             return Ok(s);
         }
-        let text = self
-            .with(|| async { self.read_host_file(&[b"1", b"mountinfo"]).await })
-            .await?;
-        let s = Arc::new(String::from_utf8_lossy(&text).into_owned());
-        v.store_host_mounts(s.clone());
-        Ok(s)
+        // Bounded: a management plane reads its mountinfo often, and an outage must not stall
+        // each read for the mount's whole timeout. The last table fetched stands in meanwhile.
+        let fetch = self.with(|| async { self.read_host_file(&[b"1", b"mountinfo"]).await });
+        match tokio::time::timeout(procview::HOST_MOUNTS_WAIT, fetch).await {
+            Ok(Ok(text)) => {
+                let s = Arc::new(String::from_utf8_lossy(&text).into_owned());
+                v.store_host_mounts(s.clone());
+                Ok(s)
+            }
+            Ok(Err(e)) => v.last_host_mounts().ok_or(e),
+            Err(_) => v.last_host_mounts().ok_or(libc::ETIMEDOUT),
+        }
     }
 
     /// Reads the HOST file at `path` (components below the mount's root) to its end without

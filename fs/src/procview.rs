@@ -19,7 +19,8 @@
 //!   thread directories.
 //! - `mountinfo` and `mounts` are generated per open: the caller's own DPU table without its
 //!   `cgroup`/`cgroup2` lines, plus the HOST's `cgroup`/`cgroup2` lines (from the HOST's
-//!   `/proc/1/mountinfo`, read through this mount, cached one second), each placed where the
+//!   `/proc/1/mountinfo`, read through this mount, cached one second; during a HOST outage
+//!   the last table fetched, after at most two seconds of waiting), each placed where the
 //!   HOST's hierarchy is reachable in the caller's view: below the qtfs mount of the HOST
 //!   directory holding it (normally `qtfs:/sys` at `/sys`), with that mount as parent and a
 //!   mount id unused in the caller's table. Without such a mount no HOST line is added. So
@@ -55,6 +56,9 @@ pub(crate) const SYN_FH_BASE: u64 = 1 << 62;
 
 /// How long the HOST's cgroup mount lines are reused.
 pub(crate) const HOST_MOUNTS_TTL: Duration = Duration::from_secs(1);
+/// How long an open of a generated `mountinfo` waits for the HOST's table before it uses the
+/// last one fetched (or none).
+pub(crate) const HOST_MOUNTS_WAIT: Duration = Duration::from_secs(2);
 
 /// A node of the caller's own view.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -424,6 +428,11 @@ impl ProcView {
         c.as_ref()
             .filter(|(at, _)| at.elapsed() < HOST_MOUNTS_TTL)
             .map(|(_, s)| s.clone())
+    }
+
+    /// The HOST's mountinfo fetched last, however old.
+    pub(crate) fn last_host_mounts(&self) -> Option<Arc<String>> {
+        lock(&self.host_mounts).as_ref().map(|(_, s)| s.clone())
     }
 
     /// Remembers the HOST's mountinfo just fetched.
