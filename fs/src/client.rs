@@ -56,7 +56,7 @@
 //! everything else the HOST's: `self`, `thread-self` and `/proc/<n>` for the caller's own
 //! tgid and thread ids are generated here from the FUSE request's pid (the entries link into
 //! `local_proc`), and their `mountinfo`/`mounts` show the HOST's cgroup mounts where the
-//! caller reaches them through qtfs; see [`crate::procview`] for the rule.
+//! caller reaches them through qtfs; the `procview` module has the rule.
 //!
 //! # FIFOs (decision)
 //! The DPU kernel handles a node of type S_IFIFO itself (a local pipe; the FUSE server never
@@ -2719,7 +2719,7 @@ impl QtfsFs {
     }
 }
 
-/// proc mode: the caller's own entries (see [`crate::procview`]). The FUSE methods call these
+/// proc mode: the caller's own entries (module `procview`). The FUSE methods call these
 /// first: each answers a request about a generated node (`None`) or hands the reply back.
 impl QtfsFs {
     fn view(&self) -> Option<&ProcView> {
