@@ -637,8 +637,9 @@ fn fs_proc_containerd_finds_host_cgroups() {
     let _host = tests::KillOnDrop(vec![tests::spawn_ready(host, "listening")]);
 
     // DPU: PID + mount namespaces; the bridge offloadd, then the management plane's root
-    // (a recursive bind of /) with qtfs /proc (proc mode, local_proc = the namespace's own
-    // procfs) and /sys, and containerd chrooted there.
+    // (a recursive bind of /, with /etc under an overlay so that the daemons' writes there,
+    // e.g. dockerd's key.json, stay in the test directory) with qtfs /proc (proc mode,
+    // local_proc = the namespace's own procfs) and /sys, and containerd chrooted there.
     let id = format!("fsproc{}", std::process::id());
     let _guard = ShimGuard {
         needle: format!("-id {id} "),
@@ -648,6 +649,8 @@ fn fs_proc_containerd_finds_host_cgroups() {
     let script = "set -e; mount -t tmpfs dpu-run /run; \
         \"$OFFLOADD\" --connect \"$LINK\" --key-file \"$KEY\" --config \"$DIR/dpu.toml\" & \
         R=\"$DIR/dpuroot\"; mount --rbind / \"$R\"; \
+        mkdir -p \"$DIR/etc-u\" \"$DIR/etc-w\"; \
+        mount -t overlay overlay -o \"lowerdir=/etc,upperdir=$DIR/etc-u,workdir=$DIR/etc-w\" \"$R/etc\"; \
         O=\"addr=$LINK,keyfile=$KEY,allow_other\"; \
         \"$MOUNTQ\" /proc \"$R/proc\" -o \"$O,proc,local_proc=$DIR/local_proc\"; \
         \"$MOUNTQ\" /sys \"$R/sys\" -o \"$O,sys\"; \
