@@ -11,8 +11,8 @@
 # and `ctr run --rm … sh -c 'echo hi; uname -r; exit 3'` (prints hi, the HOST kernel, returns 3)
 # when VMDPU_RM=1 (default 0 until the shim log FIFO works over qtfs: delete hangs without it).
 # Image (VMDPU_IMAGE): bbox (default; one busybox layer, mkimage.sh) or multi (the e2e tests'
-# multi-layer image from oe2e-images, plus a whiteout check inside the container; needs overlay
-# whiteouts through qtfs, refused by the fs service on main when this was written).
+# multi-layer image from oe2e-images, plus a whiteout check inside the container; ~45 s more
+# under emulation).
 # Usage: tests/vm/vmdpu.sh   (after run.sh or a workspace build; env CARGO_TARGET_DIR /
 #   OFFLOAD_BIN_DIR, VMDPU_TIMEOUT (whole run, default 300 s), VMDPU_PORT (default 7300))
 # Prints "vmdpu: PASS/FAIL …" lines and "vmdpu: N passed, M failed"; exit 0 only if all passed.
