@@ -9,7 +9,9 @@
 # Checks: ctr image import, ctr run -d (the process is in this machine's process table, in the
 # oevm cgroup, with the pid the DPU reports), ctr task exec (runs on the HOST kernel), task kill,
 # and `ctr run --rm … sh -c 'echo hi; uname -r; exit 3'` (prints hi, the HOST kernel, returns 3)
-# when VMDPU_RM=1 (default 0 until the shim log FIFO works over qtfs: delete hangs without it).
+# VMDPU_RM: auto (default) runs it when the DPU sees the bundle's shim `log` FIFO as a FIFO
+# (FIFOs over qtfs; without them containerd's delete hangs) and prints a SKIPPED line
+# otherwise; 1 always, 0 never.
 # Image (VMDPU_IMAGE): bbox (default; one busybox layer, mkimage.sh) or multi (the e2e tests'
 # multi-layer image from oe2e-images, plus a whiteout check inside the container; ~45 s more
 # under emulation).
@@ -76,7 +78,7 @@ mkdir -p "$H/run/containerd/io.containerd.runtime.v2.task" "$H/run/containerd/fi
   "$H/var/lib/containerd"
 od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$D/psk"; chmod 600 "$D/psk"
 cp "$D/psk" "$W/psk"; echo "$PORT" > "$W/port"; uname -r > "$W/host_kv"
-[ "${VMDPU_RM:-0}" = 1 ] && touch "$W/rm"
+echo "${VMDPU_RM:-auto}" > "$W/rm-mode"
 if [ "${VMDPU_IMAGE:-bbox}" = multi ]; then
   # The e2e tests' multi-layer image (tests::images via oe2e-images): its unpack on the DPU
   # applies a whiteout and an opaque directory through qtfs; the guest checks both inside a
@@ -162,7 +164,7 @@ pass=0; fail=0
 # After `ctr run --rm` and the detached container's delete + rm, nothing of either may be
 # left on the HOST: no bundle dir, no shim (nothing but offloadd in its mount namespace), no
 # container cgroup.
-if [ -e "$W/rm" ] && grep -aq '^VMDPU-END' "$RUN/serial.log"; then
+if [ -e "$W/rm-done" ] && grep -aq '^VMDPU-END' "$RUN/serial.log"; then
   mns=$(readlink "/proc/$HPID/ns/mnt" 2>/dev/null)
   procs=
   if [ -n "$mns" ] && [ "$mns" != "$(readlink /proc/$$/ns/mnt)" ]; then
@@ -183,8 +185,9 @@ while read -r line; do
   case $line in
     VMDPU-PASS*) echo "vmdpu: PASS ${line#VMDPU-PASS }"; pass=$((pass + 1));;
     VMDPU-FAIL*) echo "vmdpu: FAIL ${line#VMDPU-FAIL }"; fail=$((fail + 1));;
+    VMDPU-SKIP*) echo "SKIPPED vmdpu: ${line#VMDPU-SKIP }";;
   esac
-done < <(grep -a '^VMDPU-\(PASS\|FAIL\)' "$RUN/serial.log")
+done < <(grep -a '^VMDPU-\(PASS\|FAIL\|SKIP\)' "$RUN/serial.log")
 grep -aq '^VMDPU-END' "$RUN/serial.log" || { echo "vmdpu: FAIL the guest did not finish (qemu/boot rc=$qrc)"; fail=$((fail + 1)); }
 if [ $fail -gt 0 ] || [ $qrc != 0 ]; then
   [ $fail -gt 0 ] || fail=1
