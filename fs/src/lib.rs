@@ -3,8 +3,10 @@
 //! - [`proto`]: the handle-based wire protocol of the `fs` service.
 //! - [`server`]: [`FsService`], the HOST side (exports resolved beneath their roots).
 //! - [`client`]: [`QtfsFs`], the DPU side FUSE filesystem used by `mount.qtfs`.
+//! - [`fifo`]: tunnels that join a FIFO's DPU pipe and its HOST pipe.
 
 pub mod client;
+pub mod fifo;
 pub mod proto;
 pub mod server;
 mod sys;
