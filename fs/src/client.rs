@@ -1352,7 +1352,10 @@ impl Inner {
                 return;
             }
             if armed.len() >= MAX_TUNNELS {
-                warn!(ino, "too many FIFO tunnels; this FIFO stays local to the DPU");
+                warn!(
+                    ino,
+                    "too many FIFO tunnels; this FIFO stays local to the DPU"
+                );
                 return;
             }
             let c = Arc::new(fifo::Control::default());
@@ -1726,7 +1729,11 @@ impl Filesystem for QtfsFs {
             self.inner.fifo_hint(ino, req.pid());
         }
         if let Some((a, left)) = self.inner.fresh_attr(ino) {
-            let left = if is_fifo(a.mode) { Duration::ZERO } else { left };
+            let left = if is_fifo(a.mode) {
+                Duration::ZERO
+            } else {
+                left
+            };
             reply.attr(&left, &fuse_attr(ino, &a));
             return;
         }
@@ -2370,7 +2377,11 @@ impl Filesystem for QtfsFs {
                         Some(e) if !full => {
                             let ino = me.add_entry(dir_ino, &name, &e, sent);
                             let attr = fuse_attr(ino, &e.attr);
-                            let ttl = if is_fifo(e.attr.mode) { Duration::ZERO } else { ttl };
+                            let ttl = if is_fifo(e.attr.mode) {
+                                Duration::ZERO
+                            } else {
+                                ttl
+                            };
                             if reply.add(
                                 INodeNo(ino),
                                 offset,

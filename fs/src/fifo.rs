@@ -29,8 +29,11 @@
 //!   own mirror end for a peer. When both sides find readers at once the DPU's cycle wins (the
 //!   HOST closes its probe writer). Cycle ids (odd: started by the DPU, even: by the HOST) let
 //!   each side drop messages of a cycle that already ended.
-//! - After X delivered an EOF it waits [`EOF_HOLD_OFF`] before probing X again: a reader blocked
-//!   in `read` must get to run and see "no writer" before a new mirror writer could hide it.
+//! - After X's readers were given an EOF, a new mirror writer on X would hide it from a reader
+//!   that has not called `read` yet. So X is probed again only after a kick (a new opener) but
+//!   not within [`EOF_HOLD_OFF`], or after [`EOF_GRACE`] (which finds readers that stay open
+//!   after their EOF, like an `O_RDWR` one waiting for the next writer). A reader that keeps its
+//!   descriptor longer than that and reads again blocks instead of reading 0 again.
 //!
 //! # When to probe
 //! There is no hook for "a process is opening a FIFO" (fsnotify's `IN_OPEN` fires only after a
@@ -126,8 +129,12 @@ pub const FAST_WINDOW: Duration = Duration::from_secs(3);
 pub const SLOW_PROBE: Duration = Duration::from_millis(500);
 /// An idle tunnel with no kick for this long is closed by the DPU.
 pub const DISARM_AFTER: Duration = Duration::from_secs(30);
-/// Pause before probing a side again after its readers were given an EOF.
-pub const EOF_HOLD_OFF: Duration = Duration::from_millis(50);
+/// After a side's readers were given an EOF, kicks (new openers) wait this long before that
+/// side is probed again.
+pub const EOF_HOLD_OFF: Duration = Duration::from_millis(100);
+/// After a side's readers were given an EOF, timers wait this long before probing that side
+/// again (a reader that stays open after its EOF, e.g. an `O_RDWR` one, is found then).
+pub const EOF_GRACE: Duration = Duration::from_secs(1);
 /// Longest pause between two checks for the EOF of a writer that was already there when the
 /// mirror reader opened (no POLLHUP for it).
 const EOF_CHECK_MAX: Duration = Duration::from_millis(100);
@@ -341,7 +348,9 @@ impl Pipe {
 }
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn set_nonblock(fd: i32) {
@@ -357,7 +366,10 @@ fn set_nonblock(fd: i32) {
 enum Cycle {
     Idle,
     /// This side has readers; holds the mirror writer.
-    Writer { id: u32, w: Pipe },
+    Writer {
+        id: u32,
+        w: Pipe,
+    },
     /// The peer has readers; holds the mirror reader and pumps what this side's writers write.
     Reader {
         id: u32,
@@ -378,6 +390,8 @@ struct Schedule {
     last_event: Instant,
     step: Duration,
     next: Option<Instant>,
+    /// Kicks before this instant are deferred to it (this side's readers just got an EOF).
+    hold: Option<Instant>,
 }
 
 impl Schedule {
@@ -388,12 +402,33 @@ impl Schedule {
             last_event: now,
             step: Duration::from_millis(1),
             next: Some(now),
+            hold: None,
         }
     }
 
-    /// Probe at once and fast from now on.
+    /// Probe at once and fast from now on (or once the EOF hold-off is over).
     fn kick(&mut self) {
-        self.after(Duration::ZERO);
+        let now = Instant::now();
+        match self.hold {
+            Some(h) if now < h => {
+                self.last_event = now;
+                self.step = Duration::from_millis(1);
+                self.next = Some(self.next.map_or(h, |n| n.min(h)));
+            }
+            _ => {
+                self.hold = None;
+                self.after(Duration::ZERO);
+            }
+        }
+    }
+
+    /// This side's readers were just given an EOF (our mirror writer closed): a new mirror
+    /// writer must not hide it from a reader that did not get to `read` yet. A probe comes
+    /// after a kick (a new opener) but not within [`EOF_HOLD_OFF`], else after [`EOF_GRACE`].
+    fn eof(&mut self) {
+        let now = Instant::now();
+        self.after(EOF_GRACE);
+        self.hold = Some(now + EOF_HOLD_OFF);
     }
 
     /// Probe fast again, the first time after `d`.
@@ -550,7 +585,7 @@ async fn engine(
                             }
                             Msg::Eof { cycle: c } | Msg::Decline { cycle: c } if c == id => {
                                 cycle = Cycle::Idle;
-                                sched.after(EOF_HOLD_OFF);
+                                sched.eof();
                             }
                             Msg::Readers { cycle: other } => {
                                 if dpu {
@@ -631,7 +666,14 @@ async fn engine(
                     }
                 }
                 if pump {
-                    if let Cycle::Reader { r, seen, first, check, .. } = &mut cycle {
+                    if let Cycle::Reader {
+                        r,
+                        seen,
+                        first,
+                        check,
+                        ..
+                    } = &mut cycle
+                    {
                         let mut ended = false;
                         loop {
                             match r.read() {
@@ -647,7 +689,8 @@ async fn engine(
                                     *seen = true;
                                     *first = false;
                                     if let Some(c) = check {
-                                        *c = (*c * 2).clamp(Duration::from_millis(5), EOF_CHECK_MAX);
+                                        *c =
+                                            (*c * 2).clamp(Duration::from_millis(5), EOF_CHECK_MAX);
                                     }
                                     break;
                                 }
@@ -714,10 +757,9 @@ pub struct Opener {
 
 type Job = Box<dyn FnOnce(&mut OpenerRoot) + Send>;
 
-/// State of the opener thread: the mount's root, opened on first use.
+/// State of the opener thread: where the mount is.
 pub struct OpenerRoot {
     mountpoint: std::path::PathBuf,
-    root: Option<OwnedFd>,
 }
 
 impl OpenerRoot {
@@ -725,29 +767,15 @@ impl OpenerRoot {
     /// FUSE inode `ino` and a FIFO (ESTALE otherwise).
     pub fn open_node(&mut self, rel: &std::path::Path, ino: u64) -> Result<OwnedFd, i32> {
         use std::os::fd::FromRawFd;
-        if self.root.is_none() {
-            let p = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes())
-                .map_err(|_| libc::EINVAL)?;
-            // SAFETY: valid C string; result checked.
-            let fd = unsafe {
-                libc::open(
-                    p.as_ptr(),
-                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                return Err(errno());
-            }
-            // SAFETY: fresh descriptor.
-            self.root = Some(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-        let root = self.root.as_ref().map_or(-1, |r| r.as_raw_fd());
-        let c = std::ffi::CString::new(rel.as_os_str().as_encoded_bytes())
+        // By path each time, no descriptor of the root kept: it would keep a lazily unmounted
+        // mount (and this daemon) alive. Once unmounted, the path names something else and the
+        // inode check below fails.
+        let full = self.mountpoint.join(rel);
+        let c = std::ffi::CString::new(full.as_os_str().as_encoded_bytes())
             .map_err(|_| libc::EINVAL)?;
-        // SAFETY: valid C string and directory descriptor; result checked.
+        // SAFETY: valid C string; result checked.
         let fd = unsafe {
-            libc::openat(
-                root,
+            libc::open(
                 c.as_ptr(),
                 libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
             )
@@ -782,10 +810,7 @@ impl Opener {
                 let me = unsafe { libc::gettid() } as u32;
                 t2.store(me, std::sync::atomic::Ordering::Relaxed);
                 let _ = ready.0.send(());
-                let mut root = OpenerRoot {
-                    mountpoint,
-                    root: None,
-                };
+                let mut root = OpenerRoot { mountpoint };
                 while let Ok(job) = rx.recv() {
                     job(&mut root);
                 }
