@@ -40,8 +40,8 @@
 //! blocking open completed). The DPU gives FIFO entries and attributes a TTL of 0, so every
 //! path walk to the FIFO is a FUSE LOOKUP and every open (its permission check) a GETATTR:
 //! either *arms* the FIFO's tunnel or, when armed, *kicks* it ([`Msg::Kick`] tells the HOST
-//! too). After a kick or the end of a cycle both sides probe at once, then after 1, 2, 4, …
-//! ms up to [`PROBE_MAX`] for [`FAST_WINDOW`]; then the DPU stops probing its side (its openers
+//! too). After a kick or the end of a cycle both sides probe at once, then after 0.25, 0.5, 1,
+//! 2, … ms up to [`PROBE_MAX`] for [`FAST_WINDOW`]; then the DPU stops probing its side (its openers
 //! kick) and releases its descriptors, while the HOST keeps probing every [`SLOW_PROBE`] (a HOST
 //! reader never kicks). A tunnel idle for [`DISARM_AFTER`] is closed, as is the tunnel of a FIFO
 //! the DPU unlinked or forgot, and every tunnel when the session or the mount ends. An idle
@@ -121,6 +121,9 @@ pub const CHUNK: usize = 64 * 1024;
 const MAX_MSG: usize = CHUNK + 64;
 /// Decoded messages waiting per tunnel.
 pub const INBOX: usize = 8;
+/// First pause between two probes after a kick (doubling up to [`PROBE_MAX`]): the opener
+/// that kicked usually reaches the pipe within this.
+pub const FIRST_STEP: Duration = Duration::from_micros(250);
 /// Longest pause between two probes while a side probes fast.
 pub const PROBE_MAX: Duration = Duration::from_millis(100);
 /// How long after a kick or a cycle both sides probe fast.
@@ -400,7 +403,7 @@ impl Schedule {
         Schedule {
             side,
             last_event: now,
-            step: Duration::from_millis(1),
+            step: FIRST_STEP,
             next: Some(now),
             hold: None,
         }
@@ -412,7 +415,7 @@ impl Schedule {
         match self.hold {
             Some(h) if now < h => {
                 self.last_event = now;
-                self.step = Duration::from_millis(1);
+                self.step = FIRST_STEP;
                 self.next = Some(self.next.map_or(h, |n| n.min(h)));
             }
             _ => {
@@ -435,7 +438,7 @@ impl Schedule {
     fn after(&mut self, d: Duration) {
         let now = Instant::now();
         self.last_event = now;
-        self.step = Duration::from_millis(1);
+        self.step = FIRST_STEP;
         self.next = Some(now + d);
     }
 
