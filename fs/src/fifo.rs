@@ -580,7 +580,8 @@ async fn engine(
                         let m = m.unwrap_or(Err(TunnelError::Malformed))?;
                         match m {
                             Msg::Data { cycle: c, data } if c == id => {
-                                if !w.write_all(&data).await {
+                                let delivered = w.write_all(&data).await;
+                                if !delivered {
                                     send(tx, &Msg::Gone { cycle: id }).await?;
                                     cycle = Cycle::Idle;
                                     sched.kick();
