@@ -171,7 +171,8 @@ pub fn decode_header(b: &[u8]) -> Option<TunnelHeader> {
     }
 }
 
-fn frame(m: &Msg) -> Bytes {
+/// One message as sent on the stream: `len: u32 LE` then the postcard body.
+pub fn frame(m: &Msg) -> Bytes {
     let body = postcard::to_allocvec(m).unwrap_or_default();
     let mut v = Vec::with_capacity(4 + body.len());
     v.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -179,7 +180,8 @@ fn frame(m: &Msg) -> Bytes {
     Bytes::from(v)
 }
 
-async fn read_msg(r: &mut StreamReader) -> Result<Option<Msg>, TunnelError> {
+/// Reads the next message (`None`: the peer finished its direction).
+pub async fn read_msg(r: &mut StreamReader) -> Result<Option<Msg>, TunnelError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}

@@ -732,3 +732,150 @@ fn fs_fifo_poll_large_and_unlink() {
         );
     }
 }
+
+/// A hostile or broken DPU speaking the tunnel protocol directly: offloadd resets bad streams,
+/// survives garbage, serves a well-formed tunnel without any FUSE mount (mirror reader on the
+/// HOST, bytes over the stream) and lets go of the FIFO when the stream goes.
+#[test]
+fn fs_fifo_tunnel_protocol_direct() {
+    use bytes::Bytes;
+    use offload_fs::fifo::{self, Msg, TunnelHeader};
+    use offload_fs::proto::{self, Op, Reply, Request};
+    use transport::{Registry, Session, SessionConfig};
+
+    for kind in fs_test_links("fs_fifo_tunnel_protocol_direct") {
+        let tmp = tmpdir();
+        let exp = tmp.path().join("export");
+        fs::create_dir(&exp).unwrap();
+        mkfifo(&exp.join("f"));
+        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        let offloadd = host.pid().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let key = transport::auth::Key::load(&host.key).unwrap();
+            let ep = tests::connect_url(&host.listen).parse().unwrap();
+            let s = Session::connect(&ep, SessionConfig::new(Some(key)), Registry::new())
+                .await
+                .unwrap();
+            let call = |op: Op, instance: u64| {
+                let s = s.clone();
+                async move {
+                    let b = proto::encode(&Request { instance, op }).unwrap();
+                    proto::decode::<Reply>(&s.call("fs", Bytes::from(b)).await.unwrap()).unwrap()
+                }
+            };
+            let Reply::Mounted { instance, root, .. } = call(
+                Op::Mount {
+                    version: proto::VERSION,
+                    path: exp.display().to_string(),
+                },
+                0,
+            )
+            .await
+            else {
+                panic!("mount refused")
+            };
+            let lookup = |name: &str| {
+                call(
+                    Op::Lookup {
+                        parent: root.node,
+                        name: name.as_bytes().to_vec(),
+                    },
+                    instance,
+                )
+            };
+            let Reply::Entry(f) = lookup("f").await else {
+                panic!("lookup f")
+            };
+            let refused = |header: Bytes| {
+                let s = s.clone();
+                async move {
+                    let st = s.open_stream("fs", header).await.unwrap();
+                    let (mut rd, _wr) = st.split();
+                    tokio::time::timeout(Duration::from_secs(5), fifo::read_msg(&mut rd))
+                        .await
+                        .expect("bad stream not closed")
+                        .is_err()
+                }
+            };
+            assert!(refused(Bytes::from_static(b"\x07garbage")).await);
+            let hdr = |node, instance| fifo::encode_header(&TunnelHeader { instance, node });
+            assert!(
+                refused(hdr(root.node, instance)).await,
+                "a directory is no FIFO"
+            );
+            assert!(refused(hdr(f.node, instance ^ 2)).await, "stale instance");
+
+            // Garbage on a valid tunnel ends that tunnel only.
+            let st = s.open_stream("fs", hdr(f.node, instance)).await.unwrap();
+            let (mut rd, mut wr) = st.split();
+            wr.send(Bytes::from_static(&[0xff, 0xff, 0xff, 0x7f, 1, 2, 3]))
+                .await
+                .unwrap();
+            // Ended (reset or finished) rather than answered.
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while let Ok(Some(_)) = fifo::read_msg(&mut rd).await {}
+            })
+            .await
+            .expect("garbage did not end the tunnel");
+
+            // A well-formed tunnel: "readers here" → the HOST opens a mirror reader, so a
+            // non-blocking HOST writer can open; its bytes arrive as Data.
+            let st = s.open_stream("fs", hdr(f.node, instance)).await.unwrap();
+            let (mut rd, mut wr) = st.split();
+            wr.send(fifo::frame(&Msg::Readers { cycle: 1 }))
+                .await
+                .unwrap();
+            let fp = exp.join("f");
+            let w = tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    match open_raw(&fp, libc::O_WRONLY | libc::O_NONBLOCK) {
+                        Ok(w) => return w,
+                        Err(libc::ENXIO) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(5))
+                        }
+                        Err(e) => panic!("HOST writer: errno {e}"),
+                    }
+                }
+            })
+            .await
+            .unwrap();
+            assert_eq!(
+                unsafe { libc::write(w.as_raw_fd(), b"abc".as_ptr().cast(), 3) },
+                3
+            );
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                match tokio::time::timeout(Duration::from_secs(5), fifo::read_msg(&mut rd))
+                    .await
+                    .expect("no data")
+                    .unwrap()
+                {
+                    Some(Msg::Data { cycle: 1, data }) => got.extend(data),
+                    Some(Msg::Readers { .. }) | Some(Msg::Kick) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(got, b"abc");
+            drop(w);
+            assert_eq!(
+                tokio::time::timeout(Duration::from_secs(5), fifo::read_msg(&mut rd))
+                    .await
+                    .unwrap()
+                    .unwrap(),
+                Some(Msg::Eof { cycle: 1 })
+            );
+            // The tunnel goes: offloadd keeps no descriptor of the FIFO but the node's O_PATH.
+            drop((rd, wr));
+            let p = exp.join("f");
+            tokio::task::spawn_blocking(move || {
+                wait_no_fds("offloadd", offloadd, &p, true, Duration::from_secs(5))
+            })
+            .await
+            .unwrap();
+            // And it still serves.
+            assert!(matches!(lookup("f").await, Reply::Entry(_)));
+        });
+    }
+}
