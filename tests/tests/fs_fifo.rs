@@ -879,3 +879,187 @@ fn fs_fifo_tunnel_protocol_direct() {
         });
     }
 }
+
+/// The lab's failure (`ctr run --rm` hanging on the shim `log` FIFO) with the real parts: a
+/// DPU containerd (own mount namespace, private /run) whose `state` directory is a qtfs mount
+/// of the HOST's, so the bundle and its `log` FIFO are made through qtfs while the real shim
+/// (launched on the HOST by offload-shim) writes the HOST FIFO. `ctr run --rm … exit 7` must
+/// return 7 promptly, and afterwards offloadd holds nothing of the log FIFOs.
+#[test]
+fn fs_fifo_containerd_shim_log_on_qtfs() {
+    use tests::{spawn_ready, wait_until, KillOnDrop};
+    const REAL: &str = "/usr/bin/containerd-shim-runc-v2";
+    let name = "fs_fifo_containerd_shim_log_on_qtfs";
+    if !tests::fs::fuse_ready(name) {
+        return;
+    }
+    for b in [
+        REAL,
+        "/usr/bin/containerd",
+        "/usr/bin/ctr",
+        "/usr/sbin/runc",
+        "/usr/bin/busybox",
+    ] {
+        if !Path::new(b).exists() {
+            return tests::skip(name, &format!("{b} missing"));
+        }
+    }
+    if std::os::unix::net::UnixStream::connect("/run/containerd/containerd.sock.ttrpc").is_ok() {
+        return tests::skip(
+            name,
+            "a HOST containerd owns /run/containerd/containerd.sock.ttrpc",
+        );
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    fs::create_dir_all(d.join("state")).unwrap();
+    let key = tests::write_key(d, "psk");
+    let link = format!("unix://{}/link.sock", d.display());
+    fs::write(
+        d.join("host.toml"),
+        format!(
+            "[exec]\nallow = [\"{REAL}\"]\n[bridge]\nwatch = [\"/run/containerd/s\"]\n\
+             fifo_dirs = [\"/run/containerd/fifo\"]\n[fs]\nexports = [{{ path = \"{}\" }}]\n",
+            d.join("state").display()
+        ),
+    )
+    .unwrap();
+    fs::write(
+        d.join("dpu.toml"),
+        "[bridge]\nfifo_dirs = [\"/run/containerd/fifo\"]\n[[bridge.forward]]\nlisten_side = \"host\"\n\
+         path = \"/run/containerd/containerd.sock.ttrpc\"\n",
+    )
+    .unwrap();
+    fs::write(
+        d.join("containerd.toml"),
+        format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"/run/containerd/containerd.sock\"\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let rootfs = d.join("rootfs");
+    fs::create_dir_all(rootfs.join("bin")).unwrap();
+    for sub in ["proc", "sys", "dev", "tmp", "etc"] {
+        fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    fs::copy("/usr/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+
+    let offloadd = tests::bin("offloadd");
+    let mut host = Command::new(&offloadd);
+    host.args(["--listen", &link, "--key-file"])
+        .arg(&key)
+        .arg("--config")
+        .arg(d.join("host.toml"));
+    let host = spawn_ready(host, "listening");
+    let host_pid = host.id();
+    let mut procs = KillOnDrop(vec![host]);
+    // DPU: private /run, the qtfs mount of the HOST's state directory over the same path (this
+    // namespace only), the DPU offloadd (bridge), then containerd.
+    let mut dpu = Command::new("unshare");
+    dpu.args(["-m", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs dpu-run /run || exit 1; \
+             \"$MOUNT\" \"$DIR/state\" \"$DIR/state\" -f -o addr=\"$CMD_NET_ADDR\",keyfile=\"$OFFLOAD_KEY_FILE\" \
+               2>\"$DIR/mount.log\" & echo $! >\"$DIR/dpu-mount.pid\"; \
+             i=0; until grep -q \"qtfs:$DIR/state \" /proc/self/mountinfo; do i=$((i+1)); [ $i -gt 200 ] && exit 1; sleep 0.05; done; \
+             \"$OFFLOADD\" --connect \"$CMD_NET_ADDR\" --config \"$DIR/dpu.toml\" & echo $! >\"$DIR/dpu-offloadd.pid\"; \
+             sleep 0.5; echo dpu-ready; exec containerd --config \"$DIR/containerd.toml\" >\"$DIR/containerd.log\" 2>&1",
+        )
+        .env("OFFLOADD", &offloadd)
+        .env("MOUNT", tests::bin("mount_qtfs"))
+        .env("DIR", d)
+        .env("CMD_NET_ADDR", &link)
+        .env("OFFLOAD_KEY_FILE", &key)
+        .env("OFFLOAD_DPU_CONFIG", "/nonexistent")
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+    let dpu = spawn_ready(dpu, "dpu-ready");
+    let dpu_pid = dpu.id();
+    procs.0.push(dpu);
+    let _mount = PidFile(d.join("dpu-mount.pid"));
+    let _dpu_offloadd = PidFile(d.join("dpu-offloadd.pid"));
+    let in_dpu = |script: &str| {
+        let out = Command::new("nsenter")
+            .args(["-t", &dpu_pid.to_string(), "-m", "--", "sh", "-c", script])
+            .env("SHIM", tests::bin("offload-shim"))
+            .env("ROOTFS", &rootfs)
+            .output()
+            .expect("nsenter");
+        let mut all = out.stdout;
+        all.extend_from_slice(&out.stderr);
+        (
+            String::from_utf8_lossy(&all).into_owned(),
+            out.status.code().unwrap_or(-1),
+        )
+    };
+    wait_until("DPU containerd up", Duration::from_secs(15), || {
+        in_dpu("ctr version >/dev/null 2>&1").1 == 0
+    });
+    // The DPU's state directory really is qtfs.
+    let (mi, _) = in_dpu(&format!(
+        "grep 'qtfs:{0}/state ' /proc/self/mountinfo",
+        d.display()
+    ));
+    assert!(mi.contains("fuse"), "state not on qtfs in the DPU: {mi}");
+
+    for round in 0..2 {
+        let id = format!("fifo{}r{round}", std::process::id());
+        let t0 = Instant::now();
+        let (text, code) = in_dpu(&format!(
+            "exec timeout -s KILL 40 ctr -n fifotest run --rm --runtime \"$SHIM\" --rootfs \"$ROOTFS\" {id} \
+             /bin/sh -c 'echo hello from the HOST side; exit 7'"
+        ));
+        let took = t0.elapsed();
+        let log = fs::read_to_string(d.join("containerd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        assert_eq!(
+            code, 7,
+            "ctr run --rm: {text}\n--- containerd log tail:\n{tail:#?}"
+        );
+        assert!(text.contains("hello from the HOST side"), "{text}");
+        eprintln!("ctr run --rm with the shim log FIFO on qtfs: exit 7 after {took:?}");
+        assert!(took < Duration::from_secs(20), "ctr run --rm took {took:?}");
+    }
+    // Nothing of the bundles is left, and offloadd holds no descriptor below the state dir
+    // but O_PATH references of directories the DPU still caches.
+    let (ls, _) = in_dpu(&format!(
+        "ls {}/state/io.containerd.runtime.v2.task/fifotest 2>&1",
+        d.display()
+    ));
+    assert!(
+        ls.trim().is_empty() || ls.contains("No such file"),
+        "bundles left: {ls}"
+    );
+    let state = d.join("state").display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held: Vec<String> = fs::read_dir(format!("/proc/{host_pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| fs::read_link(e.path()).ok())
+            .map(|p| p.display().to_string())
+            .filter(|p| p.starts_with(&state) && p.contains("/log"))
+            .collect();
+        if held.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "offloadd still holds {held:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = in_dpu("ctr -n fifotest c ls -q | xargs -r ctr -n fifotest c rm");
+}
+
+/// Kills the process whose pid is in this file (a daemon started in the background by a shell).
+struct PidFile(PathBuf);
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(pid) = fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}
