@@ -5,7 +5,9 @@
 //! ENXIO for a non-blocking writer without reader; poll and EAGAIN; the open patterns of Go's
 //! `containerd/fifo` emulated (an `O_PATH` handle re-opened through `/proc/self/fd/N` in a
 //! thread); no descriptor left in either daemon afterwards; a multi-MiB transfer; unlink while
-//! open. Prints the latency from a HOST writer's open to the DPU reader's first byte.
+//! open; the tunnel protocol spoken directly (hostile streams); real containerd with its state
+//! directory on qtfs. Prints the latency from a HOST writer's open to the DPU reader's first
+//! byte.
 
 use std::ffi::CString;
 use std::fs;
@@ -884,7 +886,8 @@ fn fs_fifo_tunnel_protocol_direct() {
 /// DPU containerd (own mount namespace, private /run) whose `state` directory is a qtfs mount
 /// of the HOST's, so the bundle and its `log` FIFO are made through qtfs while the real shim
 /// (launched on the HOST by offload-shim) writes the HOST FIFO. `ctr run --rm … exit 7` must
-/// return 7 promptly, and afterwards offloadd holds nothing of the log FIFOs.
+/// return 7 promptly, as must `ctr task start` (its exit code) and `ctr task delete` after a
+/// kill, and afterwards offloadd holds nothing of the log FIFOs.
 #[test]
 fn fs_fifo_containerd_shim_log_on_qtfs() {
     use tests::{spawn_ready, wait_until, KillOnDrop};
@@ -946,6 +949,9 @@ fn fs_fifo_containerd_shim_log_on_qtfs() {
     }
     fs::copy("/usr/bin/busybox", rootfs.join("bin/busybox")).unwrap();
     std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    // (`ctr c create` takes dash arguments after the id for its own flags.)
+    fs::write(rootfs.join("exit5.sh"), "exit 5\n").unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sleep")).unwrap();
 
     let offloadd = tests::bin("offloadd");
     let mut host = Command::new(&offloadd);
@@ -1022,6 +1028,53 @@ fn fs_fifo_containerd_shim_log_on_qtfs() {
         eprintln!("ctr run --rm with the shim log FIFO on qtfs: exit 7 after {took:?}");
         assert!(took < Duration::from_secs(20), "ctr run --rm took {took:?}");
     }
+    // `ctr task start` (waits for the exit code) and `ctr task delete` after a kill: the
+    // other two commands the lab saw hang.
+    let run = |what: &str, script: &str, want: i32| {
+        let t0 = Instant::now();
+        let (text, code) = in_dpu(&format!("exec timeout -s KILL 40 {script}"));
+        assert_eq!(code, want, "{what}: {text}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{what} took {:?}",
+            t0.elapsed()
+        );
+        text
+    };
+    let c = format!("fifo{}c", std::process::id());
+    run(
+        "ctr c create",
+        &format!("ctr -n fifotest c create --runtime \"$SHIM\" --rootfs \"$ROOTFS\" {c} /bin/sh /exit5.sh"),
+        0,
+    );
+    // (`ctr task start` in the foreground deletes the task itself once it has the code.)
+    run("ctr task start", &format!("ctr -n fifotest t start {c}"), 5);
+    run("ctr c rm", &format!("ctr -n fifotest c rm {c}"), 0);
+    let dd = format!("fifo{}d", std::process::id());
+    run(
+        "ctr run -d",
+        &format!(
+            "ctr -n fifotest run -d --runtime \"$SHIM\" --rootfs \"$ROOTFS\" {dd} /bin/sleep 1000"
+        ),
+        0,
+    );
+    run(
+        "ctr task kill",
+        &format!("ctr -n fifotest t kill -s KILL {dd}"),
+        0,
+    );
+    wait_until("task stopped", Duration::from_secs(15), || {
+        in_dpu(&format!("ctr -n fifotest t ls | grep {dd}"))
+            .0
+            .contains("STOPPED")
+    });
+    run(
+        "ctr task delete",
+        &format!("ctr -n fifotest t delete {dd}"),
+        0,
+    );
+    run("ctr c rm", &format!("ctr -n fifotest c rm {dd}"), 0);
+
     // Nothing of the bundles is left, and offloadd holds no descriptor below the state dir
     // but O_PATH references of directories the DPU still caches.
     let (ls, _) = in_dpu(&format!(
