@@ -42,8 +42,10 @@
 //! either *arms* the FIFO's tunnel or, when armed, *kicks* it ([`Msg::Kick`] tells the HOST
 //! too). After a kick or the end of a cycle both sides probe at once, then after 0.25, 0.5, 1,
 //! 2, … ms up to [`PROBE_MAX`] for [`FAST_WINDOW`]; then the DPU stops probing its side (its openers
-//! kick) and releases its descriptors, while the HOST keeps probing every [`SLOW_PROBE`] (a HOST
-//! reader never kicks). A tunnel idle for [`DISARM_AFTER`] is closed, as is the tunnel of a FIFO
+//! kick), while the HOST keeps probing every [`SLOW_PROBE`] (a HOST reader never kicks). The
+//! DPU daemon keeps an `O_PATH` descriptor of the FIFO only during a cycle and the first tenths
+//! of a second after a kick (later probes walk the path), so a DPU `umount` is refused as busy
+//! only while a FIFO is in use. A tunnel idle for [`DISARM_AFTER`] is closed, as is the tunnel of a FIFO
 //! the DPU unlinked or forgot, and every tunnel when the session or the mount ends. An idle
 //! tunnel holds no HOST descriptor; probes are transient.
 //!
@@ -206,7 +208,8 @@ pub trait Ends: Send {
     async fn probe(&mut self) -> Result<Option<OwnedFd>, i32>;
     /// Opens a mirror reader (`O_RDONLY|O_NONBLOCK`).
     async fn reader(&mut self) -> Result<OwnedFd, i32>;
-    /// The tunnel is idle outside its fast window: release what is held between probes.
+    /// The tunnel is idle and probes slowly (or not at all): release what is held between
+    /// probes.
     fn rest(&mut self) {}
 }
 
@@ -517,7 +520,9 @@ async fn engine(
                 if dpu && ctl.stopping() {
                     return Ok(());
                 }
-                if !sched.fast() && !rested {
+                // Between probes at the slowest pace (a few tenths of a second after a kick) a
+                // side holds nothing of the FIFO: a DPU `umount` is not refused as busy.
+                if (!sched.fast() || sched.step >= PROBE_MAX) && !rested {
                     ends.rest();
                     rested = true;
                 }
