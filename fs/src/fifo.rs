@@ -49,6 +49,18 @@
 //! the DPU unlinked or forgot, and every tunnel when the session or the mount ends. An idle
 //! tunnel holds no HOST descriptor; probes are transient.
 //!
+//! # Limits (known, by design)
+//! - Who opens is inferred from lookups and getattrs: a DPU writer blocked in `open` longer
+//!   than [`DISARM_AFTER`] with no HOST reader and no further DPU activity on the FIFO is not
+//!   connected when a HOST reader comes later (until the next DPU lookup of the FIFO).
+//! - A HOST reader found by the HOST's slow probes while the tunnel is armed starts a cycle
+//!   even when no DPU process has the FIFO open: the two mirror ends (and so a HOST
+//!   descriptor) then stay until that HOST reader goes or a DPU writer comes and goes.
+//! - A reader that keeps its descriptor after its EOF and reads again past [`EOF_GRACE`]
+//!   blocks instead of reading 0 again (see the cycle above).
+//! - When both sides have readers at once, the HOST's probe writer was briefly a writer to
+//!   them: a HOST reader blocked in `open` may see an empty EOF.
+//!
 //! # Bounds
 //! Flow control is the stream's: a side writes the next chunk into its pipe before it reads
 //! the next message, so a slow reader stops the far writer. At most [`INBOX`] decoded messages
