@@ -660,6 +660,22 @@ fn fs_fifo_poll_large_and_unlink() {
         // data arrives (a Go Close would wake its netpoller the same way: the fd is a pipe).
         let fd = Arc::new(open_raw(&s.m.path("p"), libc::O_RDWR | libc::O_NONBLOCK).unwrap());
         assert!(matches!(read_raw(&fd), Rd::Again));
+        // Go registers what it opens with epoll and relies on it for Close to end a read: a
+        // FUSE regular file is refused there (EPERM), a pipe is accepted.
+        unsafe {
+            let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            assert!(ep >= 0);
+            let mut ev = libc::epoll_event {
+                events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+                u64: 1,
+            };
+            assert_eq!(
+                libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev),
+                0,
+                "the DPU FIFO is not pollable by epoll"
+            );
+            libc::close(ep);
+        }
         let fd2 = fd.clone();
         let poller = std::thread::spawn(move || poll1(&fd2, libc::POLLIN, 10_000));
         std::thread::sleep(Duration::from_millis(100));
