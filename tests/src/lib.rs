@@ -113,6 +113,7 @@ pub fn connect_url(listen: &str) -> String {
         None => listen.to_string(),
     }
 }
+pub mod e2e;
 pub mod fs;
 
 /// Kills and reaps the daemons a test started, even when the test fails.
