@@ -217,7 +217,8 @@ fn is_done(step: &Step, table: &[MountEntry], recorded: &[Done]) -> Result<bool,
             (*optional && !src.exists()) || mountinfo::top_at(table, dst).is_some()
         }
         Step::Qtfs { src, dst, .. } => mountinfo::top_at(table, dst).is_some_and(|e| {
-            e.fstype == "fuse.qtfs" && e.source == format!("qtfs:{}", src.display())
+            // fuser's own mount reports `fuse`, fusermount `fuse.qtfs`; the source names it.
+            e.fstype.starts_with("fuse") && e.source == format!("qtfs:{}", src.display())
         }),
         Step::Install { dst, content, mode } => match std::fs::read(dst) {
             Ok(have) => {

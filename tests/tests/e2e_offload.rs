@@ -1,0 +1,162 @@
+//! `offload dpu setup/teardown` on a separated DPU (tests/src/e2e): the root it builds works
+//! (qtfs proc with the DPU's own pids local, HOST files through qtfs, the shim installed, a
+//! wrapper that runs on the HOST), a second setup is a no-op, teardown leaves nothing mounted
+//! and nothing it created, and a setup that fails half-way rolls back and names the step.
+
+use std::time::Duration;
+
+use tests::e2e::{Lab, LabOptions, ROOT};
+
+const T: Duration = Duration::from_secs(20);
+
+fn mounts_under_root(lab: &Lab) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{}/mountinfo", lab.dpu_init_pid()))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|m| m == ROOT || m.starts_with(&format!("{ROOT}/")))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn e2e_offload_dpu_setup_is_idempotent_and_teardown_undoes_it() {
+    let Some(lab) = Lab::start(
+        "e2e_offload_dpu_setup_is_idempotent_and_teardown_undoes_it",
+        LabOptions {
+            containerd: false,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    let cfg = ["dpu", "setup", "--config", "/etc/offload/dpu.toml"];
+
+    // The root works: qtfs proc shows HOST processes but the caller's own pid is local.
+    let m = mounts_under_root(&lab);
+    for (mp, fstype) in [
+        ("/proc", "fuse"),
+        ("/sys", "fuse"),
+        ("/var/lib/containerd", "fuse"),
+        ("/local_proc", "proc"),
+        ("/dev", "devtmpfs"),
+        ("/tmp", "tmpfs"),
+    ] {
+        let want = format!("{ROOT}{mp}");
+        assert!(
+            m.iter().any(|l| l.split(' ').nth(4) == Some(&want)
+                && l.split(" - ").nth(1).is_some_and(|t| t.starts_with(fstype))),
+            "{want} ({fstype}) not mounted:\n{}",
+            m.join("\n")
+        );
+    }
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let r = lab
+        .dpu_sh("hostname; cat /proc/1/comm; readlink /proc/self", T)
+        .ok("inspecting the root");
+    let mut lines = r.stdout.lines();
+    assert_eq!(lines.next(), Some("dpu"), "{}", r.stdout);
+    let init = std::fs::read_to_string("/proc/1/comm").unwrap();
+    assert_eq!(lines.next(), Some(init.trim()), "/proc/1 is the HOST's init");
+    let selfl = lines.next().unwrap_or_default();
+    assert!(selfl.starts_with("/local_proc/"), "/proc/self -> {selfl}");
+    // A file the HOST writes shows through qtfs.
+    std::fs::write(lab.host_path("/var/lib/containerd/from-host"), "hi\n").unwrap();
+    let r = lab
+        .dpu_sh("cat /var/lib/containerd/from-host", T)
+        .ok("reading through qtfs");
+    assert_eq!(r.stdout, "hi\n");
+    // The shim replacement and a wrapper that runs on the HOST.
+    let shim = lab.dpu_root_path("/opt/offload/shim/containerd-shim-runc-v2");
+    assert_eq!(
+        std::fs::read(&shim).unwrap(),
+        std::fs::read(tests::bin("offload-shim")).unwrap()
+    );
+    let r = lab
+        .dpu(&["/opt/offload/host/uname", "-n"], T)
+        .ok("wrapper through rexec");
+    assert_eq!(r.stdout.trim(), host_name.trim(), "wrapper ran on the HOST");
+
+    // Idempotent: a second setup does nothing and says so.
+    let r = lab.offload(&cfg);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("already set up: nothing to do"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(mounts_under_root(&lab).len(), m.len(), "no mount added");
+
+    // Teardown: nothing mounted, nothing created left; user data kept.
+    std::fs::write(lab.dpu_root_path("/opt/offload/user-file"), "keep").unwrap();
+    let r = lab.offload(&["dpu", "teardown", "--config", "/etc/offload/dpu.toml"]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    let left = mounts_under_root(&lab);
+    assert!(left.is_empty(), "mounts left:\n{}", left.join("\n"));
+    for gone in ["/local_proc", "/opt/offload/host/uname", "/bin", "/var/run", "/dev"] {
+        assert!(
+            lab.dpu_root_path(gone).symlink_metadata().is_err(),
+            "{gone} left behind"
+        );
+    }
+    // The DPU's own /opt/offload (bound in) is untouched, incl. the user's file.
+    assert!(lab.dpu_path("/opt/offload/bin/offloadd").exists());
+    assert_eq!(
+        std::fs::read_to_string(lab.dpu_path("/opt/offload/user-file")).unwrap(),
+        "keep"
+    );
+    // No mount_qtfs daemon outlives its mount.
+    let r = run_ps(&lab);
+    assert!(!r.contains("mount_qtfs"), "qtfs daemons left: {r}");
+    let r = lab.offload(&["dpu", "teardown", "--config", "/etc/offload/dpu.toml"]);
+    assert!(r.stdout.contains("nothing to undo"), "{}", r.stdout);
+
+    // Set up again after teardown: the same root again.
+    let r = lab.offload(&cfg);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert_eq!(mounts_under_root(&lab).len(), m.len());
+    let r = lab.offload(&["dpu", "teardown", "--config", "/etc/offload/dpu.toml"]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+
+    // A setup that fails half-way (a HOST path that is not exported) rolls back and names it.
+    let bad = std::fs::read_to_string(lab.dpu_path("/etc/offload/dpu.toml"))
+        .unwrap()
+        .replace(
+            "qtfs = [\"/var/lib/containerd\"",
+            "qtfs = [\"/var/lib/containerd\", \"/not/exported\"",
+        );
+    std::fs::write(lab.dpu_path("/etc/offload/bad.toml"), bad).unwrap();
+    let r = lab.offload(&["dpu", "setup", "--config", "/etc/offload/bad.toml"]);
+    assert_ne!(r.code, Some(0));
+    assert!(
+        r.stderr.contains("setup step") && r.stderr.contains("/not/exported"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("rolled back"), "{}", r.stderr);
+    let left = mounts_under_root(&lab);
+    assert!(left.is_empty(), "mounts left after rollback:\n{}", left.join("\n"));
+    // A bad config is refused before anything happens, with the key named.
+    std::fs::write(
+        lab.dpu_path("/etc/offload/typo.toml"),
+        "[rootfs]\nqtfs = [\"relative\"]\n",
+    )
+    .unwrap();
+    let r = lab.offload(&["dpu", "setup", "--config", "/etc/offload/typo.toml"]);
+    assert_ne!(r.code, Some(0));
+    assert!(r.stderr.contains("qtfs[2].src"), "{}", r.stderr);
+}
+
+fn run_ps(lab: &Lab) -> String {
+    let mut s = String::new();
+    for e in std::fs::read_dir(lab.dpu_path("/proc")).unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            s.push_str(&String::from_utf8_lossy(&c).replace('\0', " "));
+            s.push('\n');
+        }
+    }
+    s
+}
