@@ -60,7 +60,11 @@ fn e2e_offload_dpu_setup_is_idempotent_and_teardown_undoes_it() {
     let mut lines = r.stdout.lines();
     assert_eq!(lines.next(), Some("dpu"), "{}", r.stdout);
     let init = std::fs::read_to_string("/proc/1/comm").unwrap();
-    assert_eq!(lines.next(), Some(init.trim()), "/proc/1 is the HOST's init");
+    assert_eq!(
+        lines.next(),
+        Some(init.trim()),
+        "/proc/1 is the HOST's init"
+    );
     let selfl = lines.next().unwrap_or_default();
     assert!(selfl.starts_with("/local_proc/"), "/proc/self -> {selfl}");
     // A file the HOST writes shows through qtfs.
@@ -96,7 +100,13 @@ fn e2e_offload_dpu_setup_is_idempotent_and_teardown_undoes_it() {
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     let left = mounts_under_root(&lab);
     assert!(left.is_empty(), "mounts left:\n{}", left.join("\n"));
-    for gone in ["/local_proc", "/opt/offload/host/uname", "/bin", "/var/run", "/dev"] {
+    for gone in [
+        "/local_proc",
+        "/opt/offload/host/uname",
+        "/bin",
+        "/var/run",
+        "/dev",
+    ] {
         assert!(
             lab.dpu_root_path(gone).symlink_metadata().is_err(),
             "{gone} left behind"
@@ -138,7 +148,11 @@ fn e2e_offload_dpu_setup_is_idempotent_and_teardown_undoes_it() {
     );
     assert!(r.stderr.contains("rolled back"), "{}", r.stderr);
     let left = mounts_under_root(&lab);
-    assert!(left.is_empty(), "mounts left after rollback:\n{}", left.join("\n"));
+    assert!(
+        left.is_empty(),
+        "mounts left after rollback:\n{}",
+        left.join("\n")
+    );
     // A bad config is refused before anything happens, with the key named.
     std::fs::write(
         lab.dpu_path("/etc/offload/typo.toml"),

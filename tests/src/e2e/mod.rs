@@ -204,8 +204,16 @@ pub fn unavailable() -> Option<String> {
     if !Path::new("/dev/fuse").exists() {
         return Some("no /dev/fuse".into());
     }
-    for t in ["unshare", "nsenter", "ip", "containerd", "ctr", "runc", "tar"] {
-        if !sh(&format!("command -v {t}")).code.is_some_and(|c| c == 0) {
+    for t in [
+        "unshare",
+        "nsenter",
+        "ip",
+        "containerd",
+        "ctr",
+        "runc",
+        "tar",
+    ] {
+        if sh(&format!("command -v {t}")).code != Some(0) {
             return Some(format!(
                 "{t} not installed (apt-get install containerd runc iproute2 util-linux tar)"
             ));
@@ -315,10 +323,18 @@ impl Lab {
     /// A command run on the DPU at its machine root (all of the DPU's namespaces).
     pub fn dpu_machine(&self, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
-        c.args(["-t", &self.dpu_init.to_string(), "-m", "-u", "-i", "-n", "-p"])
-            .args(["-r", "-w", "--", "env"])
-            .arg("PATH=/opt/offload/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-            .args(args);
+        c.args([
+            "-t",
+            &self.dpu_init.to_string(),
+            "-m",
+            "-u",
+            "-i",
+            "-n",
+            "-p",
+        ])
+        .args(["-r", "-w", "--", "env"])
+        .arg("PATH=/opt/offload/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .args(args);
         c
     }
 
@@ -346,14 +362,21 @@ impl Lab {
     /// `sh -c script` on the HOST, in the HOST daemon's mount namespace (HOST default paths).
     pub fn host_sh(&self, script: &str, limit: Duration) -> Run {
         let mut c = Command::new("nsenter");
-        c.args(["-t", &self.host_pid.to_string(), "-m", "--", "sh", "-c", script]);
+        c.args([
+            "-t",
+            &self.host_pid.to_string(),
+            "-m",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ]);
         run_timeout(c, limit)
     }
 
     /// A DPU log file's content (`/var/log/oe2e/NAME` on the DPU).
     pub fn dpu_log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dpu_path(&format!("/var/log/oe2e/{name}")))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.dpu_path(&format!("/var/log/oe2e/{name}"))).unwrap_or_default()
     }
 
     /// The HOST daemon's log.
@@ -586,16 +609,25 @@ rexec = "/opt/offload/bin/rexec"
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/dpu-init.sh");
         let log = File::create(d.join("dpu-init.log")).unwrap();
         let mut c = Command::new("unshare");
-        c.args(["-m", "-p", "-n", "-u", "-i", "-f", "--propagation", "private"])
-            .arg("bash")
-            .arg(&script)
-            .env("R", self.dpu_disk())
-            .env("VETH", DPU_VETH)
-            .env("DIP", DPU_IP)
-            .env("HIP", HOST_IP)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        c.args([
+            "-m",
+            "-p",
+            "-n",
+            "-u",
+            "-i",
+            "-f",
+            "--propagation",
+            "private",
+        ])
+        .arg("bash")
+        .arg(&script)
+        .env("R", self.dpu_disk())
+        .env("VETH", DPU_VETH)
+        .env("DIP", DPU_IP)
+        .env("HIP", HOST_IP)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
         let child = c.spawn().expect("starting the DPU");
         let upid = child.id();
         self.unshare = Some(child);
@@ -616,8 +648,12 @@ rexec = "/opt/offload/bin/rexec"
         }
         sh(&format!("ip link set {DPU_VETH} netns {}", self.dpu_init))
             .ok("moving the veth end into the DPU");
-        wait_for_file_line(&d.join("dpu-init.log"), "DPU-READY", Duration::from_secs(30))
-            .unwrap_or_else(|e| panic!("DPU: {e}"));
+        wait_for_file_line(
+            &d.join("dpu-init.log"),
+            "DPU-READY",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("DPU: {e}"));
     }
 
     /// `offload dpu setup` on the DPU (also what tests call to check idempotence).
@@ -645,8 +681,11 @@ rexec = "/opt/offload/bin/rexec"
         let full = format!(
             "setsid sh -c '{script}' >/var/log/oe2e/{name}.log 2>&1 </dev/null & echo $! >/var/log/oe2e/{name}.pid"
         );
-        run_timeout(self.dpu_machine(&["sh", "-c", &full]), Duration::from_secs(10))
-            .ok(&format!("starting {name} on the DPU"));
+        run_timeout(
+            self.dpu_machine(&["sh", "-c", &full]),
+            Duration::from_secs(10),
+        )
+        .ok(&format!("starting {name} on the DPU"));
     }
 
     fn start_dpu_offloadd(&self) {
@@ -704,7 +743,11 @@ fn host_pid_of(init: u32, dpid: u32) -> Option<u32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&ns) {
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+            .ok()
+            .as_ref()
+            != Some(&ns)
+        {
             continue;
         }
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -61,7 +61,7 @@ pub enum DeployError {
         /// The step.
         step: String,
         /// The error.
-        source: StepError,
+        source: Box<StepError>,
         /// Items undone.
         rolled_back: usize,
         /// Undo failures (left in place).
@@ -213,9 +213,9 @@ fn is_done(step: &Step, table: &[MountEntry], recorded: &[Done]) -> Result<bool,
         Step::Proc(p) => fstype_at(p) == Some("proc"),
         Step::Devtmpfs(p) => fstype_at(p) == Some("devtmpfs"),
         Step::Tmpfs(p) => fstype_at(p) == Some("tmpfs"),
-        Step::Bind { src, dst, optional, .. } => {
-            (*optional && !src.exists()) || mountinfo::top_at(table, dst).is_some()
-        }
+        Step::Bind {
+            src, dst, optional, ..
+        } => (*optional && !src.exists()) || mountinfo::top_at(table, dst).is_some(),
         Step::Qtfs { src, dst, .. } => mountinfo::top_at(table, dst).is_some_and(|e| {
             // fuser's own mount reports `fuse`, fusermount `fuse.qtfs`; the source names it.
             e.fstype.starts_with("fuse") && e.source == format!("qtfs:{}", src.display())
@@ -319,8 +319,9 @@ fn perform(step: &Step, made: &mut Vec<Done>) -> Result<(), StepError> {
             .map_err(sys(|| format!("mount --make-private {}", dst.display())))?;
             if *ro {
                 let f = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
-                mount(None::<&str>, dst, None::<&str>, f, None::<&str>)
-                    .map_err(sys(|| format!("mount -o remount,bind,ro {}", dst.display())))?;
+                mount(None::<&str>, dst, None::<&str>, f, None::<&str>).map_err(sys(|| {
+                    format!("mount -o remount,bind,ro {}", dst.display())
+                }))?;
             }
         }
         Step::Qtfs {
@@ -494,7 +495,7 @@ pub fn setup(
             DeployError::StepFailed {
                 index: i + 1,
                 step: step.to_string(),
-                source,
+                source: Box::new(source),
                 rolled_back: n - errs.len(),
                 rollback_errors: errs,
             }

@@ -503,7 +503,10 @@ mod tests {
         assert!(err("[rootfs]\npath = \"/\"\n").contains("must not be `/`"));
         assert!(err("[rootfs]\nqtfs = [\"/a/../b\"]\n").contains("`..`"));
         let e = err("[rootfs]\nqtfs = [\"/etc\"]\n");
-        assert!(e.contains("qtfs[2].dst") && e.contains("binds[1].dst"), "{e}");
+        assert!(
+            e.contains("qtfs[2].dst") && e.contains("binds[1].dst"),
+            "{e}"
+        );
         assert!(err("[rootfs]\nqtfs = [{ src = \"/a\", mode = \"blob\" }]\n").contains("parsing"));
         assert!(err("[rootfs]\nqtfs_options = \"a, b\"\n").contains("no spaces"));
         assert!(err("[rootfs]\ntmpfs = [\"/\"]\n").contains("over the root"));

@@ -128,22 +128,15 @@ impl fmt::Display for Step {
                     QtfsHelper::MountT => {
                         write!(f, "mount -t qtfs{o} {} {}", src.display(), dst.display())
                     }
-                    QtfsHelper::Program(p) => write!(
-                        f,
-                        "{} {} {}{o}",
-                        p.display(),
-                        src.display(),
-                        dst.display()
-                    ),
+                    QtfsHelper::Program(p) => {
+                        write!(f, "{} {} {}{o}", p.display(), src.display(), dst.display())
+                    }
                 }
             }
             Step::Install { dst, content, mode } => match content {
-                Content::Copy(src) => write!(
-                    f,
-                    "install -m {mode:o} {} {}",
-                    src.display(),
-                    dst.display()
-                ),
+                Content::Copy(src) => {
+                    write!(f, "install -m {mode:o} {} {}", src.display(), dst.display())
+                }
                 Content::Text(_) => write!(f, "write {} (mode {mode:o})", dst.display()),
             },
             Step::RbindSelf(p) => write!(f, "mount --rbind {} {}", p.display(), p.display()),
