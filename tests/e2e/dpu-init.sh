@@ -10,7 +10,9 @@ hostname dpu
 mount --make-rprivate /
 mount --bind "$R" "$R"
 mkdir -p "$R"/{usr,etc,proc,sys,dev,run,tmp,root,oldroot,var/lib,var/log,opt/offload/bin,another_rootfs}
-for l in bin sbin lib lib64; do ln -sfn "usr/$l" "$R/$l"; done
+# /sbin is the DPU's own directory (the seed installs /sbin/mount.qtfs; /usr is read-only)
+for l in bin lib lib64; do ln -sfn "usr/$l" "$R/$l"; done
+mkdir -p "$R/sbin"
 ln -sfn ../run "$R/var/run"
 mount --bind /usr "$R/usr"
 mount -o remount,bind,ro "$R/usr"

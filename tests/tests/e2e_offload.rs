@@ -174,3 +174,115 @@ fn run_ps(lab: &Lab) -> String {
     }
     s
 }
+
+/// The seed's own mount script (tests/e2e/seed-mount.sh: verbatim but for the insmod line)
+/// still works with `/sbin/mount.qtfs`: all twelve `mount -t qtfs` lines mount, and the root
+/// sees HOST files and its own `/proc/self`.
+#[test]
+fn e2e_seed_mount_script_still_works() {
+    let Some(lab) = Lab::start(
+        "e2e_seed_mount_script_still_works",
+        LabOptions {
+            setup: false,
+            containerd: false,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    // The seed expects a prepared rootfs.
+    let a = lab.dpu_path(ROOT);
+    for d in [
+        "usr",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "local_proc",
+        "var/lib",
+        "var/log",
+    ] {
+        std::fs::create_dir_all(a.join(d)).unwrap();
+    }
+    for l in ["bin", "sbin", "lib", "lib64"] {
+        std::os::unix::fs::symlink(format!("usr/{l}"), a.join(l)).unwrap();
+    }
+    std::os::unix::fs::symlink("../run", a.join("var/run")).unwrap();
+    // ... and the DPU's /var/lib (bound into it) to hold the mount points.
+    for d in [
+        "containers",
+        "containerd",
+        "overlay2",
+        "image",
+        "tmp",
+        "../kubelet/pods",
+    ] {
+        std::fs::create_dir_all(lab.dpu_path(&format!("/var/lib/docker/{d}"))).unwrap();
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/seed-mount.sh");
+    std::fs::copy(&script, lab.dpu_path("/root/seed-mount.sh")).unwrap();
+    let r = tests::e2e::run_timeout(
+        lab.dpu_machine(&[
+            "sh",
+            "-c",
+            "mount --bind /usr /another_rootfs/usr && bash /root/seed-mount.sh",
+        ]),
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        r.code,
+        Some(0),
+        "{}\n{}\n{}",
+        r.describe(),
+        r.stdout,
+        r.stderr
+    );
+    let info = std::fs::read_to_string(format!("/proc/{}/mountinfo", lab.dpu_init_pid())).unwrap();
+    for src in [
+        "/proc",
+        "/sys",
+        "/var/lib/docker/containers",
+        "/var/lib/docker/containerd",
+        "/var/lib/docker/overlay2",
+        "/var/lib/docker/image",
+        "/var/lib/docker/tmp",
+        "/run/containerd/io.containerd.runtime.v1.linux",
+        "/var/lib/kubelet/pods",
+    ] {
+        assert!(
+            info.lines()
+                .any(|l| l.contains(&format!(" qtfs:{src} "))
+                    || l.contains(&format!(" qtfs:{src}/ "))),
+            "seed line for {src} did not mount:\n{}\n{info}",
+            r.stdout
+        );
+    }
+    // The `/var/run/docker/containerd` line (a HOST symlink path) mounted too.
+    assert!(
+        info.lines().any(|l| {
+            let mp = l.split(' ').nth(4).unwrap_or_default();
+            l.contains(" - fuse qtfs:") && mp == "/another_rootfs/run/docker/containerd"
+        }),
+        "the /var/run/docker/containerd line did not mount:\n{info}"
+    );
+    // No qtfs line failed (the kernel's cgroup layout may refuse some cgroup lines).
+    for l in r.stdout.lines().filter(|l| l.starts_with("SEED-FAIL")) {
+        assert!(!l.contains("qtfs"), "{l}");
+    }
+    std::fs::write(
+        lab.host_path("/var/lib/docker/containers/from-host"),
+        "seed\n",
+    )
+    .unwrap();
+    let r = lab
+        .dpu_sh(
+            "cat /var/lib/docker/containers/from-host; readlink /proc/self",
+            T,
+        )
+        .ok("reading through the seed's mounts");
+    let mut lines = r.stdout.lines();
+    assert_eq!(lines.next(), Some("seed"));
+    assert!(lines.next().unwrap_or_default().starts_with("/local_proc/"));
+}

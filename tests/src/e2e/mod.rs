@@ -46,6 +46,8 @@ const LOCK: &str = "/tmp/oe2e.lock";
 /// What a lab starts.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
+    /// Run `offload dpu setup` on the DPU (containerd needs it).
+    pub setup: bool,
     /// Start containerd on the DPU (after setup and the DPU offloadd).
     pub containerd: bool,
     /// Extra TOML appended to containerd's config (e.g. CRI plugin settings).
@@ -57,6 +59,7 @@ pub struct LabOptions {
 impl Default for LabOptions {
     fn default() -> Self {
         LabOptions {
+            setup: true,
             containerd: true,
             containerd_extra: String::new(),
             rootfs_extra: String::new(),
@@ -272,9 +275,15 @@ impl Lab {
         lab.prepare(&opts);
         lab.start_host();
         lab.start_dpu();
-        lab.dpu_setup();
+        if opts.setup {
+            lab.dpu_setup();
+        }
         lab.start_dpu_offloadd();
         if opts.containerd {
+            assert!(
+                opts.setup,
+                "containerd on the DPU needs `offload dpu setup`"
+            );
             lab.start_containerd();
         }
         Some(lab)
@@ -490,9 +499,17 @@ impl Lab {
         let host = d.join("host");
         for p in [
             "run/containerd/io.containerd.runtime.v2.task",
+            "run/containerd/io.containerd.runtime.v1.linux",
             "run/containerd/fifo",
             "run/containerd/s",
+            "run/docker/containerd",
             "var/lib/containerd",
+            "var/lib/docker/containers",
+            "var/lib/docker/containerd",
+            "var/lib/docker/overlay2",
+            "var/lib/docker/image",
+            "var/lib/docker/tmp",
+            "var/lib/kubelet/pods",
         ] {
             std::fs::create_dir_all(host.join(p)).unwrap();
         }
@@ -517,7 +534,9 @@ impl Lab {
         std::fs::write(
             d.join("host.toml"),
             "[fs]\nexports = [\n  { path = \"/proc\" },\n  { path = \"/sys\" },\n  \
-             { path = \"/var/lib/containerd\" },\n  { path = \"/run/containerd\" },\n]\n\
+             { path = \"/var/lib/containerd\" },\n  { path = \"/run/containerd\" },\n  \
+             { path = \"/var/lib/docker\" },\n  { path = \"/var/lib/kubelet/pods\" },\n  \
+             { path = \"/run/docker\" },\n  { path = \"/var/run/docker/containerd\" },\n]\n\
              [exec]\nallow_any = true\n[bridge]\nwatch = [\"/run/containerd/s\"]\n\
              fifo_dirs = [\"/run/containerd/fifo\"]\nallow_kill = true\n",
         )

@@ -511,4 +511,21 @@ mod tests {
         assert!(err("[rootfs]\nqtfs_options = \"a, b\"\n").contains("no spaces"));
         assert!(err("[rootfs]\ntmpfs = [\"/\"]\n").contains("over the root"));
     }
+
+    /// The example files shipped in tools/examples parse as each of their readers parses them.
+    #[test]
+    fn shipped_examples_parse() {
+        let dpu = include_str!("../../examples/dpu.toml");
+        let host = include_str!("../../examples/host.toml");
+        let (link, r) = DpuFile::parse(Path::new("tools/examples/dpu.toml"), dpu).unwrap();
+        assert!(link.addr.is_some());
+        assert_eq!(r.qtfs_mounts().len(), 4);
+        let tbl = |t: &str| -> toml::Table { toml::from_str(t).unwrap() };
+        let (d, h) = (tbl(dpu), tbl(host));
+        for t in [&d, &h] {
+            let _: shim_bridge::BridgeConfig = t["bridge"].clone().try_into().unwrap();
+        }
+        let _: offload_fs::FsConfig = h["fs"].clone().try_into().unwrap();
+        let _: offload_exec::ExecConfig = h["exec"].clone().try_into().unwrap();
+    }
 }
