@@ -115,6 +115,8 @@ pub fn connect_url(listen: &str) -> String {
 }
 pub mod e2e;
 pub mod fs;
+pub mod images;
+pub mod scratch_containerd;
 
 /// Kills and reaps the daemons a test started, even when the test fails.
 pub struct KillOnDrop(pub Vec<std::process::Child>);
