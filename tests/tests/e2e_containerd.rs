@@ -6,18 +6,21 @@
 use std::time::{Duration, Instant};
 
 use tests::e2e::{image, Lab, LabOptions, NS};
+use tests::images;
 
 const T: Duration = Duration::from_secs(30);
 
-/// Builds `which` image and imports it on the DPU; returns its reference.
-fn import(lab: &Lab, layered: bool) -> &'static str {
-    let tar = lab.dir().join("img.tar");
-    let (reference, name) = if layered {
-        image::layered(lab.dir(), &tar);
-        (image::LAYERED, "/tmp/layered.tar")
+/// Builds an image (the multi-layer one from tests/src/images.rs when `multi`, else the
+/// single-layer busybox) and imports it on the DPU; returns its reference.
+fn import(lab: &Lab, multi: bool) -> String {
+    let (tar, reference, name) = if multi {
+        let img = images::build_multi_layer(lab.dir(), &images::MultiLayerOptions::default())
+            .expect("building the multi-layer image");
+        (img.oci_tar, img.reference, "/tmp/multi.tar")
     } else {
+        let tar = lab.dir().join("bbox.tar");
         image::busybox(lab.dir(), &tar);
-        (image::BBOX, "/tmp/bbox.tar")
+        (tar, image::BBOX.to_string(), "/tmp/bbox.tar")
     };
     std::fs::copy(&tar, lab.dpu_root_path(name)).expect("copy the image into the DPU");
     let r = lab.ctr(&["image", "import", name], Duration::from_secs(90));
@@ -94,7 +97,7 @@ fn e2e_containerd_run_detached_on_host_exec_kill() {
     ) else {
         return;
     };
-    let img = import(&lab, false);
+    let img = &import(&lab, false);
     lab.ctr(&["run", "-d", img, "c1", "sleep", "300"], T)
         .ok("ctr run -d");
     wait_status(&lab, "c1", "RUNNING");
@@ -181,7 +184,7 @@ fn e2e_containerd_run_rm_delete_start_leave_nothing() {
     ) else {
         return;
     };
-    let img = import(&lab, false);
+    let img = &import(&lab, false);
     let r = lab.ctr(
         &["run", "--rm", img, "r1", "sh", "-c", "echo out; exit 3"],
         T,
@@ -302,32 +305,23 @@ fn e2e_containerd_multilayer_whiteouts() {
     let Some(lab) = Lab::start("e2e_containerd_multilayer_whiteouts", LabOptions::default()) else {
         return;
     };
-    let img = import(&lab, true);
+    let img = &import(&lab, true);
     lab.ctr(&["run", "-d", img, "w1", "sleep", "300"], T)
-        .ok("ctr run -d (layered)");
+        .ok("ctr run -d (multi-layer)");
     wait_status(&lab, "w1", "RUNNING");
-    let r = lab.ctr(
-        &[
-            "task",
-            "exec",
-            "--exec-id",
-            "x",
-            "w1",
-            "sh",
-            "-c",
-            "test -e /etc/victim && echo victim-present; ls /data",
-        ],
-        T,
-    );
+    let mut exec = vec!["task", "exec", "--exec-id", "x", "w1"];
+    exec.extend_from_slice(images::WHITEOUT_CHECK);
+    let r = lab.ctr(&exec, T);
     assert_eq!(
         r.code,
         Some(0),
-        "exec: {}\n{}\n{}",
+        "whiteout check: {}\n{}{}\n{}",
         r.describe(),
+        r.stdout,
         r.stderr,
         lab.logs()
     );
-    assert_eq!(r.stdout, "new\n", "deleted file or replaced dir wrong");
+    assert_eq!(r.stdout, images::WHITEOUT_CHECK_OUTPUT);
     lab.ctr(&["task", "kill", "-s", "KILL", "w1"], T)
         .ok("ctr task kill");
 }
@@ -343,7 +337,7 @@ fn e2e_containerd_cgroups_of_running_container() {
     ) else {
         return;
     };
-    let img = import(&lab, false);
+    let img = &import(&lab, false);
     lab.ctr(&["run", "-d", img, "g1", "sleep", "300"], T)
         .ok("ctr run -d");
     wait_status(&lab, "g1", "RUNNING");

@@ -1,7 +1,6 @@
-//! OCI image tarballs built here from busybox-static (no registry is reachable): a
-//! single-layer busybox image and a two-layer one whose upper layer deletes a file (a `.wh.`
-//! whiteout) and replaces a directory (an opaque `.wh..wh..opq` marker). Layers are plain
-//! (uncompressed) tars made with tar(1); digests with sha2.
+//! A single-layer busybox-static OCI image (no registry is reachable), for the lifecycle tests
+//! that must not depend on whiteouts passing through qtfs; the multi-layer and pause images are
+//! in [`crate::images`]. The layer is a plain (uncompressed) tar made with tar(1).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,8 +9,6 @@ use sha2::{Digest, Sha256};
 
 /// Reference of the single-layer image.
 pub const BBOX: &str = "docker.io/library/oe2e-bbox:1";
-/// Reference of the two-layer whiteout image.
-pub const LAYERED: &str = "docker.io/library/oe2e-layered:1";
 
 fn hex(data: &[u8]) -> String {
     Sha256::digest(data)
@@ -118,23 +115,4 @@ pub fn busybox(work: &Path, out: &Path) {
     let root = w.join("rootfs");
     busybox_root(&root);
     pack(&w, &[root], BBOX, out);
-}
-
-/// Builds the two-layer image ([`LAYERED`]): layer 1 = busybox + `/etc/victim` +
-/// `/data/{old1,old2}`; layer 2 deletes `/etc/victim` and replaces `/data` by `/data/new`.
-pub fn layered(work: &Path, out: &Path) {
-    let w = work.join("layered");
-    let l1 = w.join("l1");
-    busybox_root(&l1);
-    std::fs::write(l1.join("etc/victim"), "delete me\n").unwrap();
-    std::fs::create_dir_all(l1.join("data")).unwrap();
-    std::fs::write(l1.join("data/old1"), "old\n").unwrap();
-    std::fs::write(l1.join("data/old2"), "old\n").unwrap();
-    let l2 = w.join("l2");
-    std::fs::create_dir_all(l2.join("etc")).unwrap();
-    std::fs::create_dir_all(l2.join("data")).unwrap();
-    std::fs::write(l2.join("etc/.wh.victim"), "").unwrap();
-    std::fs::write(l2.join("data/.wh..wh..opq"), "").unwrap();
-    std::fs::write(l2.join("data/new"), "new\n").unwrap();
-    pack(&w, &[l1, l2], LAYERED, out);
 }
