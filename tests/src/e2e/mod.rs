@@ -353,7 +353,12 @@ impl Lab {
         let secs = limit.as_secs().max(1).to_string();
         let mut full = vec!["chroot", ROOT, "timeout", "-s", "KILL", &secs];
         full.extend_from_slice(args);
-        run_timeout(self.dpu_machine(&full), limit + Duration::from_secs(3))
+        let mut r = run_timeout(self.dpu_machine(&full), limit + Duration::from_secs(3));
+        // timeout(1) and nsenter pass the SIGKILL on: killed at the limit = timed out.
+        if r.code.is_none() && r.elapsed + Duration::from_millis(200) >= limit {
+            r.timed_out = true;
+        }
+        r
     }
 
     /// `sh -c script` on the DPU inside the management plane's root.
