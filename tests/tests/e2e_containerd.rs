@@ -223,6 +223,8 @@ fn e2e_containerd_run_rm_delete_start_leave_nothing() {
             "create",
             img,
             "c3",
+            // ctr's `container create` would take `-c` as its own `--config`.
+            "--",
             "sh",
             "-c",
             "echo started; exit 7",
