@@ -5,6 +5,7 @@
 //! (pure, unit-tested), [`apply`] performs the missing steps with a record for teardown.
 
 pub mod apply;
+pub mod cli;
 pub mod config;
 pub mod mountinfo;
 pub mod plan;

@@ -1,10 +1,12 @@
-//! `offload dpu …`: plan, setup and teardown of the root described by `[rootfs]`.
+//! `offload dpu …`: plan, setup and teardown of the root described by `[rootfs]` (the CLI
+//! glue of the `offload` binary; the work is in [`super::apply`]).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use tools::rootfs;
+
+use crate::rootfs;
 
 /// The DPU config file option shared by the subcommands.
 #[derive(Args, Debug)]
@@ -14,6 +16,7 @@ pub struct ConfigArg {
     config: PathBuf,
 }
 
+/// `offload dpu` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum DpuCmd {
     /// Print the steps setup would take (nothing is changed).

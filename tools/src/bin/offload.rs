@@ -1,12 +1,11 @@
-//! offload — the deployment tool. `offload dpu setup --config /etc/offload/dpu.toml` builds the
-//! management plane's root on the DPU from the file's `[rootfs]` section (replacing the seed's
-//! mount script); `offload dpu teardown` undoes it. Each subcommand lives in its own module.
+//! offload — the dpu-offload deployment tool. `offload dpu setup --config /etc/offload/dpu.toml`
+//! builds the management plane's root on the DPU from the file's `[rootfs]` section (replacing
+//! the seed's mount script); `offload dpu teardown` undoes it (see `tools::rootfs`). Each
+//! subcommand's code lives in its own library module.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-mod dpu;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,14 +23,14 @@ struct Cli {
 enum Cmd {
     /// Prepare or undo the DPU side (the management plane's root).
     #[command(subcommand)]
-    Dpu(dpu::DpuCmd),
+    Dpu(tools::rootfs::cli::DpuCmd),
 }
 
 fn main() -> ExitCode {
     tools::init_tracing("warn");
     let cli = Cli::parse();
     let res = match cli.cmd {
-        Cmd::Dpu(c) => dpu::run(c),
+        Cmd::Dpu(c) => tools::rootfs::cli::run(c),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
