@@ -78,6 +78,13 @@ fn host_sh(script: &str) -> Run {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let res = bench(&args);
+    // ctr's default cgroups of the HOST-side runs (`/oe2eb/<id>`); the lab removes its own.
+    tests::e2e::remove_namespace_cgroups(NS);
+    res
+}
+
+fn bench(args: &Args) -> anyhow::Result<()> {
     let Some(lab) = Lab::start("e2e-bench", LabOptions::default()) else {
         anyhow::bail!("cannot run a lab here (see the SKIPPED line)");
     };

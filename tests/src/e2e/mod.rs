@@ -257,8 +257,10 @@ impl Lab {
             return None;
         }
         let lock = LabLock::take();
-        // Leftovers of a crashed run (same names): the veth.
+        // Leftovers of a run that was killed before its Drop (same names; we hold the lock, so
+        // no other lab is running): the veth, shims of the lab's namespace, its cgroups.
         let _ = sh(&format!("ip link del {HOST_VETH} 2>/dev/null"));
+        sweep_leftovers();
         let dir = tempfile::Builder::new()
             .prefix("oe2e-")
             .tempdir()
@@ -614,6 +616,7 @@ rexec = "/opt/offload/bin/rexec"
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        die_with_parent(&mut c);
         let child = c.spawn().expect("starting the HOST offloadd");
         self.host_pid = child.id();
         self.host = Some(child);
@@ -633,13 +636,15 @@ rexec = "/opt/offload/bin/rexec"
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/dpu-init.sh");
         let log = File::create(d.join("dpu-init.log")).unwrap();
         let mut c = Command::new("unshare");
+        // --kill-child: the DPU's PID 1 (and with it the whole DPU) dies with unshare, which
+        // dies with this process (die_with_parent) even if it is killed before Drop runs.
         c.args([
             "-m",
             "-p",
             "-n",
             "-u",
             "-i",
-            "-f",
+            "--kill-child",
             "--propagation",
             "private",
         ])
@@ -652,6 +657,7 @@ rexec = "/opt/offload/bin/rexec"
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
+        die_with_parent(&mut c);
         let child = c.spawn().expect("starting the DPU");
         let upid = child.id();
         self.unshare = Some(child);
@@ -751,6 +757,51 @@ rexec = "/opt/offload/bin/rexec"
     }
 }
 
+/// The child gets SIGKILL when the test process dies (PR_SET_PDEATHSIG survives exec).
+fn die_with_parent(c: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// Kills what a lab killed before its Drop left: processes in the `oe2e` cgroups and real shims
+/// serving the `oe2e` containerd namespace; removes the `oe2e` cgroups.
+fn sweep_leftovers() {
+    let mut pids = Vec::new();
+    for d in cgroup_dirs() {
+        collect_procs(&d, &mut pids);
+    }
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let is_shim = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2"));
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == b"-namespace" && w[1] == NS.as_bytes());
+        if is_shim && ours {
+            pids.push(pid);
+        }
+    }
+    for pid in pids {
+        // SAFETY: kill(2) on processes of the lab's namespace/cgroups (see above).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for d in cgroup_dirs() {
+        remove_cgroup_tree(&d);
+    }
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
@@ -789,18 +840,31 @@ fn host_pid_of(init: u32, dpid: u32) -> Option<u32> {
 
 /// `/sys/fs/cgroup/<controller>/oe2e` (v1) or `/sys/fs/cgroup/oe2e` (v2) where they exist.
 fn cgroup_dirs() -> Vec<PathBuf> {
+    namespace_cgroup_dirs(NS)
+}
+
+/// The cgroup directories ctr's default cgroup path (`/<namespace>/<id>`) uses for `ns`.
+fn namespace_cgroup_dirs(ns: &str) -> Vec<PathBuf> {
     let mut v = Vec::new();
     let root = Path::new("/sys/fs/cgroup");
-    if root.join(NS).is_dir() {
-        v.push(root.join(NS));
+    if root.join(ns).is_dir() {
+        v.push(root.join(ns));
     }
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        let p = e.path().join(NS);
+        let p = e.path().join(ns);
         if p.is_dir() {
             v.push(p);
         }
     }
     v
+}
+
+/// Removes the (empty) cgroups ctr made for containerd namespace `ns` (`/<ns>/<id>` in every
+/// hierarchy), for tests and tools that run containers in their own namespace.
+pub fn remove_namespace_cgroups(ns: &str) {
+    for d in namespace_cgroup_dirs(ns) {
+        remove_cgroup_tree(&d);
+    }
 }
 
 fn collect_procs(dir: &Path, out: &mut Vec<u32>) {
