@@ -372,3 +372,52 @@ fn e2e_containerd_cgroups_of_running_container() {
     lab.ctr(&["task", "kill", "-s", "KILL", "g1"], T)
         .ok("ctr task kill");
 }
+
+/// With `LabOptions::cri` the CRI plugin is up on the DPU (what kubelet talks to) and the pause
+/// image imports into its `k8s.io` namespace: the ground the CRI client tests stand on.
+#[test]
+fn e2e_containerd_cri_plugin_up() {
+    let Some(lab) = Lab::start(
+        "e2e_containerd_cri_plugin_up",
+        LabOptions {
+            cri: true,
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    let r = lab.ctr(&["plugins", "ls"], T).ok("ctr plugins ls");
+    assert!(
+        r.stdout.lines().any(|l: &str| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&"io.containerd.grpc.v1")
+                && f.get(1) == Some(&"cri")
+                && f.last() == Some(&"ok")
+        }),
+        "CRI plugin not ok:\n{}\n{}",
+        r.stdout,
+        lab.logs()
+    );
+    let pause = images::build_pause(lab.dir(), std::path::Path::new(images::BUSYBOX))
+        .expect("building the pause image");
+    std::fs::copy(&pause.oci_tar, lab.dpu_root_path("/tmp/pause.tar")).unwrap();
+    lab.ctr_ns(
+        "k8s.io",
+        &["image", "import", "/tmp/pause.tar"],
+        Duration::from_secs(60),
+    )
+    .ok("import the pause image for CRI");
+    let r = lab
+        .ctr_ns("k8s.io", &["image", "ls", "-q"], T)
+        .ok("ctr image ls");
+    assert!(
+        r.stdout.lines().any(|l| l == images::PAUSE_REF),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        lab.containerd_socket().exists(),
+        "{}",
+        lab.containerd_socket().display()
+    );
+}

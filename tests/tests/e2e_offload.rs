@@ -96,6 +96,30 @@ fn e2e_offload_dpu_setup_is_idempotent_and_teardown_undoes_it() {
     );
     assert_eq!(mounts_under_root(&lab).len(), m.len(), "no mount added");
 
+    // A qtfs daemon that died leaves a stale mount: setup replaces it (and only it).
+    let victim = dpu_processes(&lab)
+        .into_iter()
+        .find(|(_, c)| c.contains("mount_qtfs /var/lib/containerd "))
+        .expect("the qtfs daemon of /var/lib/containerd");
+    // SAFETY: kill(2) on a DPU process of this lab.
+    unsafe { libc::kill(victim.0 as i32, libc::SIGKILL) };
+    tests::wait_until("the daemon is gone", Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{}", victim.0)).exists()
+    });
+    let r = lab.dpu_sh("cat /var/lib/containerd/from-host", T);
+    assert_ne!(r.code, Some(0), "a dead daemon still serves: {}", r.stdout);
+    let r = lab.offload(&cfg);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("1 step(s) done") && r.stdout.contains("/var/lib/containerd"),
+        "{}",
+        r.stdout
+    );
+    let r = lab
+        .dpu_sh("cat /var/lib/containerd/from-host", T)
+        .ok("reading through the replaced mount");
+    assert_eq!(r.stdout, "hi\n");
+
     // Teardown: nothing mounted, nothing created left; user data kept.
     std::fs::write(lab.dpu_root_path("/opt/offload/user-file"), "keep").unwrap();
     let r = lab.offload(&["dpu", "teardown", "--config", "/etc/offload/dpu.toml"]);
@@ -165,6 +189,24 @@ fn e2e_offload_dpu_setup_is_idempotent_and_teardown_undoes_it() {
     let r = lab.offload(&["dpu", "setup", "--config", "/etc/offload/typo.toml"]);
     assert_ne!(r.code, Some(0));
     assert!(r.stderr.contains("qtfs[2].src"), "{}", r.stderr);
+}
+
+/// The DPU's processes as (pid in this namespace, command line).
+fn dpu_processes(lab: &Lab) -> Vec<(u32, String)> {
+    let ns = std::fs::read_link(format!("/proc/{}/ns/pid", lab.dpu_init_pid())).unwrap();
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(e.path().join("ns/pid")).ok().as_ref() != Some(&ns) {
+            continue;
+        }
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            v.push((pid, String::from_utf8_lossy(&c).replace('\0', " ")));
+        }
+    }
+    v
 }
 
 fn run_ps(lab: &Lab) -> String {

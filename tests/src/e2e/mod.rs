@@ -41,6 +41,8 @@ pub const PORT: u16 = 7380;
 pub const ROOT: &str = "/another_rootfs";
 /// containerd's socket inside the DPU's root.
 pub const CONTAINERD_SOCK: &str = "/run/containerd/containerd.sock";
+/// cgroup parent for CRI pods of a lab (`/oe2e/…`: the lab sweeps it like ctr's `/oe2e/<id>`).
+pub const CGROUP_PARENT: &str = "/oe2e";
 const LOCK: &str = "/tmp/oe2e.lock";
 
 /// What a lab starts.
@@ -50,7 +52,12 @@ pub struct LabOptions {
     pub setup: bool,
     /// Start containerd on the DPU (after setup and the DPU offloadd).
     pub containerd: bool,
-    /// Extra TOML appended to containerd's config (e.g. CRI plugin settings).
+    /// Enable containerd's CRI plugin (`sandbox_image` = [`crate::images::PAUSE_REF`], cgroupfs,
+    /// host-network pods: no CNI plugins) and share its state directory
+    /// `/run/containerd/io.containerd.grpc.v1.cri` through qtfs; off: the plugin is disabled.
+    /// Pods should use a cgroup parent below [`CGROUP_PARENT`] (swept by the lab's Drop).
+    pub cri: bool,
+    /// Extra TOML appended to containerd's config.
     pub containerd_extra: String,
     /// Extra `[rootfs]` keys appended to the DPU's `dpu.toml` section.
     pub rootfs_extra: String,
@@ -61,6 +68,7 @@ impl Default for LabOptions {
         LabOptions {
             setup: true,
             containerd: true,
+            cri: false,
             containerd_extra: String::new(),
             rootfs_extra: String::new(),
         }
@@ -375,6 +383,13 @@ impl Lab {
         self.dpu(&full, limit)
     }
 
+    /// `ctr -n NS ARGS` on the DPU for another containerd namespace (e.g. `k8s.io` for CRI).
+    pub fn ctr_ns(&self, ns: &str, args: &[&str], limit: Duration) -> Run {
+        let mut full = vec!["ctr", "--address", CONTAINERD_SOCK, "-n", ns];
+        full.extend_from_slice(args);
+        self.dpu(&full, limit)
+    }
+
     /// `sh -c script` on the HOST, in the HOST daemon's mount namespace (HOST default paths).
     pub fn host_sh(&self, script: &str, limit: Duration) -> Run {
         let mut c = Command::new("nsenter");
@@ -507,6 +522,7 @@ impl Lab {
         for p in [
             "run/containerd/io.containerd.runtime.v2.task",
             "run/containerd/io.containerd.runtime.v1.linux",
+            "run/containerd/io.containerd.grpc.v1.cri",
             "run/containerd/fifo",
             "run/containerd/s",
             "run/docker/containerd",
@@ -567,27 +583,23 @@ key_file = "/etc/offload/psk"
 
 [rootfs]
 binds = [{{ src = "/usr", ro = true }}, "/etc", "/run", "/var/log", "/opt/offload"]
-qtfs = ["/var/lib/containerd", "/run/containerd/io.containerd.runtime.v2.task"]
+qtfs = ["/var/lib/containerd", "/run/containerd/io.containerd.runtime.v2.task"{}]
 qtfs_options = "log=/var/log/oe2e/qtfs.log"
 wrappers = [{{ path = "/opt/offload/host/uname", exec = "/usr/bin/uname" }}]
 rexec = "/opt/offload/bin/rexec"
 {}
 "#,
+                if opts.cri {
+                    ", \"/run/containerd/io.containerd.grpc.v1.cri\""
+                } else {
+                    ""
+                },
                 opts.rootfs_extra
             ),
         )
         .unwrap();
         std::fs::create_dir_all(r.join("etc/containerd")).unwrap();
-        std::fs::write(
-            r.join("etc/containerd/oe2e.toml"),
-            format!(
-                "version = 2\nroot = \"/var/lib/containerd\"\nstate = \"/run/containerd\"\n\
-                 [grpc]\n  address = \"{CONTAINERD_SOCK}\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n{}\n",
-                opts.containerd_extra
-            ),
-        )
-        .unwrap();
+        std::fs::write(r.join("etc/containerd/oe2e.toml"), containerd_config(opts)).unwrap();
     }
 
     fn start_host(&mut self) {
@@ -755,6 +767,34 @@ rexec = "/opt/offload/bin/rexec"
         )
         .unwrap_or_else(|e| panic!("containerd on the DPU: {e}\n{}", self.logs()));
     }
+}
+
+/// containerd's config on the DPU (`/etc/containerd/oe2e.toml`).
+fn containerd_config(opts: &LabOptions) -> String {
+    let mut c = String::from("version = 2\n");
+    if !opts.cri {
+        c.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n");
+    }
+    c.push_str(&format!(
+        "root = \"/var/lib/containerd\"\nstate = \"/run/containerd\"\n\
+         [grpc]\n  address = \"{CONTAINERD_SOCK}\"\n"
+    ));
+    if opts.cri {
+        c.push_str(&format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{}\"\n  \
+             disable_cgroup = false\n  systemd_cgroup = false\n  disable_apparmor = true\n  \
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"overlayfs\"\n    \
+             default_runtime_name = \"runc\"\n  \
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n    \
+             runtime_type = \"io.containerd.runc.v2\"\n  \
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n    \
+             SystemdCgroup = false\n",
+            crate::images::PAUSE_REF
+        ));
+    }
+    c.push_str(&opts.containerd_extra);
+    c.push('\n');
+    c
 }
 
 /// The child gets SIGKILL when the test process dies (PR_SET_PDEATHSIG survives exec).

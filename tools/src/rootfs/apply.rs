@@ -204,6 +204,20 @@ fn content_bytes(c: &Content) -> Result<Vec<u8>, StepError> {
     }
 }
 
+/// A qtfs mount of HOST `src` is the topmost mount at `dst`.
+fn qtfs_at(table: &[MountEntry], src: &Path, dst: &Path) -> bool {
+    mountinfo::top_at(table, dst).is_some_and(|e| {
+        // fuser's own mount reports `fuse`, fusermount `fuse.qtfs`; the source names it.
+        e.fstype.starts_with("fuse") && e.source == format!("qtfs:{}", src.display())
+    })
+}
+
+/// The FUSE mount at `p` lost its daemon ("Transport endpoint is not connected"). statfs
+/// always reaches the daemon (a stat may be answered from cached attributes).
+fn stale(p: &Path) -> bool {
+    matches!(nix::sys::statfs::statfs(p), Err(nix::Error::ENOTCONN))
+}
+
 /// True when `step` needs no action on this system (`recorded`: what earlier setups made).
 fn is_done(step: &Step, table: &[MountEntry], recorded: &[Done]) -> Result<bool, StepError> {
     let fstype_at = |p: &Path| mountinfo::top_at(table, p).map(|e| e.fstype.as_str());
@@ -216,10 +230,7 @@ fn is_done(step: &Step, table: &[MountEntry], recorded: &[Done]) -> Result<bool,
         Step::Bind {
             src, dst, optional, ..
         } => (*optional && !src.exists()) || mountinfo::top_at(table, dst).is_some(),
-        Step::Qtfs { src, dst, .. } => mountinfo::top_at(table, dst).is_some_and(|e| {
-            // fuser's own mount reports `fuse`, fusermount `fuse.qtfs`; the source names it.
-            e.fstype.starts_with("fuse") && e.source == format!("qtfs:{}", src.display())
-        }),
+        Step::Qtfs { src, dst, .. } => qtfs_at(table, src, dst) && !stale(dst),
         Step::Install { dst, content, mode } => match std::fs::read(dst) {
             Ok(have) => {
                 let perm = dst
@@ -330,6 +341,12 @@ fn perform(step: &Step, made: &mut Vec<Done>) -> Result<(), StepError> {
             options,
             helper,
         } => {
+            // A mount whose daemon died (killed, crashed) is replaced, not stacked upon.
+            if stale(dst) {
+                umount2(dst, MntFlags::MNT_DETACH).map_err(sys(|| {
+                    format!("umount -l {} (stale qtfs mount)", dst.display())
+                }))?;
+            }
             let mut cmd = match helper {
                 QtfsHelper::MountT => {
                     let mut c = Command::new("mount");
