@@ -113,10 +113,12 @@ pub fn connect_url(listen: &str) -> String {
         None => listen.to_string(),
     }
 }
+pub mod cri;
 pub mod e2e;
 pub mod fs;
 pub mod images;
 pub mod scratch_containerd;
+pub mod scratch_dockerd;
 
 /// Kills and reaps the daemons a test started, even when the test fails.
 pub struct KillOnDrop(pub Vec<std::process::Child>);

@@ -54,7 +54,8 @@ pub struct ScratchOptions {
     /// Enable the CRI plugin (with `sandbox_image` = [`crate::images::PAUSE_REF`], host-network
     /// pods only: no CNI plugins are installed).
     pub cri: bool,
-    /// containerd namespaces whose tasks and containers are removed on drop.
+    /// containerd namespaces whose tasks and containers are removed on drop (`k8s.io` is added
+    /// when `cri` is set).
     pub namespaces: Vec<String>,
     /// Extra TOML appended to the generated config.
     pub extra_config: String,
@@ -125,19 +126,11 @@ impl ScratchContainerd {
             opt = d.join("opt").display(),
         );
         if opts.cri {
-            cfg.push_str(&format!(
-                "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{pause}\"\n  \
-                 disable_cgroup = false\n  systemd_cgroup = false\n  disable_apparmor = true\n  \
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"overlayfs\"\n    \
-                 default_runtime_name = \"runc\"\n  \
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n    \
-                 runtime_type = \"io.containerd.runc.v2\"\n  \
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n    \
-                 SystemdCgroup = false\n  \
-                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = \"{cbin}\"\n    conf_dir = \"{cconf}\"\n",
-                pause = crate::images::PAUSE_REF,
-                cbin = d.join("cni/bin").display(),
-                cconf = d.join("cni/conf").display(),
+            cfg.push_str(&crate::cri::containerd_cri_config(
+                crate::images::PAUSE_REF,
+                "io.containerd.runc.v2",
+                &d.join("cni/bin"),
+                &d.join("cni/conf"),
             ));
         } else {
             // Top-level keys must precede the first table.
@@ -166,20 +159,28 @@ impl ScratchContainerd {
             dir,
             socket,
             child: Some(child),
-            namespaces: opts.namespaces.clone(),
+            namespaces: {
+                let mut ns = opts.namespaces.clone();
+                if opts.cri && !ns.iter().any(|n| n == "k8s.io") {
+                    ns.push("k8s.io".into());
+                }
+                ns
+            },
             cgroup_parent,
         };
         let limit = Duration::from_secs(20);
         let start = Instant::now();
         loop {
-            let ok = me
-                .ctr("default")
-                .arg("version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
+            // Dial first: a client waits (ctr: 10 s) on a socket nobody listens on yet.
+            let ok = std::os::unix::net::UnixStream::connect(&me.socket).is_ok()
+                && me
+                    .ctr("default")
+                    .arg("version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
             if ok {
                 break;
             }
@@ -341,8 +342,13 @@ impl ScratchContainerd {
                 let _ = self.ctr_ok(ns, &["task", "kill", "-a", "-s", "KILL", t]);
             }
             for t in tasks.split_whitespace() {
+                // The CRI plugin deletes a task itself when it sees it exit: gone counts as done.
                 for _ in 0..50 {
                     if self.ctr_ok(ns, &["task", "delete", "-f", t]).is_ok() {
+                        break;
+                    }
+                    let left = self.ctr_ok(ns, &["task", "ls", "-q"]).unwrap_or_default();
+                    if !left.split_whitespace().any(|x| x == t) {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -360,7 +366,13 @@ impl ScratchContainerd {
 
 impl Drop for ScratchContainerd {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        // ctr waits 10 s to dial a dead socket: only clean up through a live containerd.
+        let alive = self
+            .child
+            .as_mut()
+            .map(|c| matches!(c.try_wait(), Ok(None)))
+            .unwrap_or(false);
+        if alive && std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
             self.remove_everything();
         }
         self.stop();
@@ -381,7 +393,8 @@ impl Drop for ScratchContainerd {
     }
 }
 
-fn remove_cgroup_tree(dir: &Path) {
+/// Removes a cgroup directory and its sub-cgroups, deepest first (a busy one stays).
+pub fn remove_cgroup_tree(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {

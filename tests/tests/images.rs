@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tests::images::{self, Image, MultiLayerOptions};
 use tests::scratch_containerd::{self, ScratchContainerd, ScratchOptions};
+use tests::scratch_dockerd::{self, ScratchDockerd};
 
 fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes).expect("valid JSON")
@@ -323,4 +324,107 @@ fn images_import_and_run_in_containerd() {
         .filter(|m| m.contains("rootfs"))
         .collect();
     assert!(mounts.is_empty(), "rootfs mounts left: {mounts:?}");
+}
+
+#[test]
+fn images_docker_load_and_run() {
+    let name = "images_docker_load_and_run";
+    if !root_and_tools(name) {
+        return;
+    }
+    if let Some(t) = scratch_dockerd::missing_tool() {
+        return tests::skip(name, &format!("{t} missing (apt-get install docker.io)"));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let imgs = images::build_all(dir.path()).expect("build images");
+    let d = ScratchDockerd::start().expect("scratch dockerd");
+    for img in [&imgs.multi, &imgs.pause] {
+        let p = img.docker_tar.to_string_lossy().into_owned();
+        let out = d.docker_ok(&["load", "-i", &p]).expect("docker load");
+        assert!(
+            out.contains(&format!("Loaded image: {}", img.docker_tag)),
+            "{out}"
+        );
+        // docker's image id is the config digest we wrote.
+        let id = d
+            .docker_ok(&["image", "inspect", "-f", "{{.Id}}", &img.docker_tag])
+            .expect("inspect");
+        assert_eq!(id.trim(), img.config_digest);
+    }
+    let mut args = vec!["run", "--rm", "--network", "none", &imgs.multi.docker_tag];
+    args.extend(images::WHITEOUT_CHECK);
+    let out = d.docker_ok(&args).expect("docker run whiteout check");
+    assert_eq!(
+        out,
+        images::WHITEOUT_CHECK_OUTPUT,
+        "whiteouts (docker load)"
+    );
+    let st = d
+        .docker()
+        .args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &imgs.multi.docker_tag,
+            "sh",
+            "-c",
+            "exit 3",
+        ])
+        .stdin(Stdio::null())
+        .status()
+        .expect("docker run");
+    assert_eq!(st.code(), Some(3));
+    tests::wait_until("docker shims gone", Duration::from_secs(10), || {
+        d.shim_pids().is_empty()
+    });
+}
+
+#[test]
+fn images_cli_builds_the_same_images() {
+    if !images::busybox_available() {
+        return tests::skip(
+            "images_cli_builds_the_same_images",
+            "no /bin/busybox (busybox-static)",
+        );
+    }
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let lib = images::build_all(a.path()).expect("build images");
+    let out = std::process::Command::new(tests::bin("oe2e-images"))
+        .arg("--out")
+        .arg(b.path())
+        .output()
+        .expect("run oe2e-images");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    for (img, fmt) in [
+        (&lib.multi, "oci"),
+        (&lib.multi, "docker"),
+        (&lib.pause, "oci"),
+        (&lib.pause, "docker"),
+    ] {
+        let l = lines
+            .iter()
+            .find(|l| l[0] == img.reference && l[1] == fmt)
+            .unwrap_or_else(|| panic!("{} {fmt} listed: {text}", img.reference));
+        assert_eq!(l[3], img.manifest_digest);
+        let mine = if fmt == "oci" {
+            &img.oci_tar
+        } else {
+            &img.docker_tar
+        };
+        assert_eq!(
+            std::fs::read(l[2]).expect("read CLI output"),
+            std::fs::read(mine).expect("read library output"),
+            "{} {fmt}: the CLI writes the library's bytes",
+            img.reference
+        );
+    }
 }
