@@ -485,6 +485,16 @@ pub struct SetupReport {
     pub notes: Vec<String>,
 }
 
+/// For each step: is it in place on this system already (what `setup` would skip)?
+pub fn status(steps: &[Step], root: &Path, state_dir: &Path) -> Result<Vec<bool>, DeployError> {
+    let state = load_state(&state_path(state_dir, root), root)?;
+    let table = mountinfo::read().unwrap_or_default();
+    Ok(steps
+        .iter()
+        .map(|s| is_done(s, &table, &state.done).unwrap_or(false))
+        .collect())
+}
+
 /// Runs the plan: skips what is in place, performs the rest, records it in the state file.
 /// On a failing step, undoes what this run did (newest first) and names the step.
 pub fn setup(

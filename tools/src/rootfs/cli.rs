@@ -19,7 +19,7 @@ pub struct ConfigArg {
 /// `offload dpu` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum DpuCmd {
-    /// Print the steps setup would take (nothing is changed).
+    /// Print the steps setup takes, each marked `in place` or `to do` (nothing is changed).
     Plan(ConfigArg),
     /// Build the root: mounts, binds, qtfs mounts, shim, wrappers. Idempotent; a failing step
     /// rolls back what this run did and names the step.
@@ -38,8 +38,10 @@ pub fn run(cmd: DpuCmd) -> anyhow::Result<()> {
         DpuCmd::Plan(c) => {
             let (link, cfg) = load(&c)?;
             let steps = rootfs::plan(&link, &cfg, &rootfs::find_tools())?;
-            for (i, s) in steps.iter().enumerate() {
-                println!("{:3}  {s}", i + 1);
+            let done = rootfs::apply::status(&steps, &cfg.path, &cfg.state_dir)?;
+            for (i, (s, d)) in steps.iter().zip(done).enumerate() {
+                let mark = if d { "in place" } else { "to do" };
+                println!("{:3}  [{mark:>8}]  {s}", i + 1);
             }
             Ok(())
         }
