@@ -32,6 +32,14 @@ fn load(c: &ConfigArg) -> anyhow::Result<(rootfs::QtfsLink, rootfs::RootfsConfig
     Ok(rootfs::DpuFile::load(&c.config)?)
 }
 
+fn need_root(what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "offload dpu {what} must run as root (it mounts and unmounts)"
+    );
+    Ok(())
+}
+
 /// Runs one `offload dpu` subcommand.
 pub fn run(cmd: DpuCmd) -> anyhow::Result<()> {
     match cmd {
@@ -47,6 +55,7 @@ pub fn run(cmd: DpuCmd) -> anyhow::Result<()> {
         }
         DpuCmd::Setup(c) => {
             let (link, cfg) = load(&c)?;
+            need_root("setup")?;
             let steps = rootfs::plan(&link, &cfg, &rootfs::find_tools())?;
             let rep = rootfs::setup(&steps, &cfg.path, &cfg.state_dir, |s| println!("{s}"))
                 .with_context(|| format!("setting up {}", cfg.path.display()))?;
@@ -71,6 +80,7 @@ pub fn run(cmd: DpuCmd) -> anyhow::Result<()> {
         }
         DpuCmd::Teardown(c) => {
             let (_, cfg) = load(&c)?;
+            need_root("teardown")?;
             let rep = rootfs::teardown(&cfg.path, &cfg.state_dir, |s| tracing::info!("{s}"))
                 .with_context(|| format!("tearing down {}", cfg.path.display()))?;
             for n in &rep.notes {
