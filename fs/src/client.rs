@@ -52,11 +52,11 @@
 //!
 //! # Pseudo filesystems (`proc`, `sys`)
 //! Zero attribute/entry TTLs and direct I/O on every open, so files that report size 0 are read
-//! to EOF and nothing is cached. With `proc`, the root entries `self` and `thread-self` are
-//! symlinks generated here: their target is `<local_proc>/<tgid>` (resp.
-//! `<local_proc>/<tgid>/task/<tid>`) of the *calling* DPU process, taken from the FUSE request's
-//! pid, so a process reading `/proc/self/status` sees itself while `/proc/<pid>` and
-//! `/proc/1/mountinfo` are the HOST's.
+//! to EOF and nothing is cached. With `proc`, the caller's own processes are the DPU's and
+//! everything else the HOST's: `self`, `thread-self` and `/proc/<n>` for the caller's own
+//! tgid and thread ids are generated here from the FUSE request's pid (the entries link into
+//! `local_proc`), and their `mountinfo`/`mounts` show the HOST's cgroup mounts where the
+//! caller reaches them through qtfs; the `procview` module has the rule.
 //!
 //! # FIFOs (decision)
 //! The DPU kernel handles a node of type S_IFIFO itself (a local pipe; the FUSE server never
@@ -88,6 +88,7 @@ use fuser::{
 use tracing::{debug, info, warn};
 use transport::{CallError, Session};
 
+use crate::procview::{self, is_syn_fh, is_syn_ino, ProcView, SynNode};
 use crate::proto::{
     self, Attr, Caller, DirEntry, Entry, Fh, NodeId, Op, Reply, SetTime, Ts, STALE_INSTANCE,
 };
@@ -97,7 +98,8 @@ use crate::proto::{
 pub struct MountOptions {
     /// HOST path (inside an export) to mount.
     pub source: String,
-    /// procfs mode: `self`/`thread-self` point into `local_proc`, no caching, direct I/O.
+    /// procfs mode: the caller's own `self`, `thread-self`, `/proc/<own pid>` from
+    /// `local_proc` (see the module docs), no caching, direct I/O.
     pub proc_fs: bool,
     /// sysfs/cgroupfs mode: no caching, direct I/O.
     pub sys_fs: bool,
@@ -265,6 +267,8 @@ struct Inner {
     /// Bytes of acknowledged writes in flight, in KiB permits: bounds the memory write-behind
     /// holds and makes writers wait when the HOST falls behind.
     wb_budget: Arc<tokio::sync::Semaphore>,
+    /// proc mode's own-process view (`None` unless `proc`).
+    proc_view: Option<ProcView>,
 }
 
 /// Write-behind budget of one mount.
@@ -410,17 +414,6 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
-/// Thread-group id of a DPU thread (FUSE reports the calling thread's id).
-fn tgid_of(tid: u32) -> u32 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
-        return tid;
-    };
-    s.lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(tid)
-}
-
 impl QtfsFs {
     /// Dials the HOST and mounts `opts.source` there (checking that it is exported), before
     /// anything is mounted locally so that errors reach the user.
@@ -496,6 +489,7 @@ impl QtfsFs {
                 no_xattr: Mutex::new(HashMap::new()),
                 unstable: Mutex::new(HashMap::new()),
                 wb_budget: Arc::new(tokio::sync::Semaphore::new(WB_BUDGET_KIB)),
+                proc_view: opts.proc_fs.then(|| ProcView::new(opts.local_proc.clone())),
                 opts,
             }),
         })
@@ -851,7 +845,7 @@ impl Inner {
 
     /// Drops `n` kernel references; forgets the server node when none remain.
     fn forget(self: &Arc<Self>, ino: u64, n: u64) {
-        if ino == ROOT || ino == SELF_INO || ino == THREAD_SELF_INO {
+        if ino == ROOT || is_syn_ino(ino) {
             return;
         }
         let release = {
@@ -1303,38 +1297,6 @@ impl Inner {
         }
         f
     }
-
-    fn synthetic_attr(&self, ino: u64) -> FileAttr {
-        let now = SystemTime::now();
-        FileAttr {
-            ino: INodeNo(ino),
-            size: 0,
-            blocks: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
-            kind: FileType::Symlink,
-            perm: 0o777,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        }
-    }
-
-    fn self_link(&self, ino: u64, pid: u32) -> Vec<u8> {
-        let tgid = tgid_of(pid);
-        let base = self.opts.local_proc.as_os_str().as_bytes();
-        let s = if ino == SELF_INO {
-            format!("{}/{tgid}", String::from_utf8_lossy(base))
-        } else {
-            format!("{}/{tgid}/task/{pid}", String::from_utf8_lossy(base))
-        };
-        s.into_bytes()
-    }
 }
 
 fn reply_write(reply: ReplyWrite, res: R<u32>) {
@@ -1518,24 +1480,12 @@ impl Filesystem for QtfsFs {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
-        if self.inner.opts.proc_fs && parent == ROOT {
-            let syn = match name.as_slice() {
-                b"self" => Some(SELF_INO),
-                b"thread-self" => Some(THREAD_SELF_INO),
-                _ => None,
-            };
-            if let Some(ino) = syn {
-                reply.entry(
-                    &Duration::ZERO,
-                    &self.inner.synthetic_attr(ino),
-                    Generation(0),
-                );
-                return;
-            }
-        }
+        let Some(reply) = self.syn_lookup(req, parent, &name, reply) else {
+            return;
+        };
         if self.inner.known_absent(parent, &name) {
             reply.error(Errno::ENOENT);
             return;
@@ -1561,15 +1511,20 @@ impl Filesystem for QtfsFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if is_syn_ino(ino.0) {
+            if let Some(v) = self.view() {
+                v.forget(ino.0, nlookup);
+            }
+            return;
+        }
         self.inner.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
-            reply.attr(&Duration::ZERO, &self.inner.synthetic_attr(ino));
+        let Some(reply) = self.syn_getattr(ino, reply) else {
             return;
-        }
+        };
         if let Some((a, left)) = self.inner.fresh_attr(ino) {
             reply.attr(&left, &fuse_attr(ino, &a));
             return;
@@ -1620,10 +1575,9 @@ impl Filesystem for QtfsFs {
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
-            reply.data(&self.inner.self_link(ino, req.pid()));
+        let Some(reply) = self.syn_readlink(req, ino, reply) else {
             return;
-        }
+        };
         spawn_reply!(
             self,
             reply,
@@ -1912,6 +1866,9 @@ impl Filesystem for QtfsFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = ino.0;
+        let Some(reply) = self.syn_open(ino, reply) else {
+            return;
+        };
         let flags = flags.0;
         let truncates = flags & libc::O_TRUNC != 0;
         if truncates {
@@ -1950,6 +1907,9 @@ impl Filesystem for QtfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let Some(reply) = self.syn_read(fh.0, offset, size, reply) else {
+            return;
+        };
         // A read may update the access time.
         self.inner.stale_attr(ino.0);
         spawn_reply!(
@@ -2064,6 +2024,9 @@ impl Filesystem for QtfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let Some(reply) = self.syn_release(fh.0, reply) else {
+            return;
+        };
         let me = self.inner.clone();
         self.inner.rt.spawn(async move {
             // Writes still in flight need the handle (re-opened after a HOST restart).
@@ -2113,6 +2076,9 @@ impl Filesystem for QtfsFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = ino.0;
+        let Some(reply) = self.syn_opendir(ino, reply) else {
+            return;
+        };
         let flags = flags.0;
         // A listing shows what the HOST holds: names must not be denied that it lists. And
         // reading the directory may update its access time.
@@ -2141,8 +2107,11 @@ impl Filesystem for QtfsFs {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
+        let Some(mut reply) = self.syn_readdir(fh.0, offset, reply) else {
+            return;
+        };
         spawn_reply!(
             self,
             reply,
@@ -2275,6 +2244,9 @@ impl Filesystem for QtfsFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let Some(reply) = self.syn_release(fh.0, reply) else {
+            return;
+        };
         let h = self.inner.st().handles.remove(&fh.0);
         let Some(h) = h else {
             reply.ok();
@@ -2309,11 +2281,7 @@ impl Filesystem for QtfsFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let ino = if ino.0 == SELF_INO || ino.0 == THREAD_SELF_INO {
-            ROOT
-        } else {
-            ino.0
-        };
+        let ino = if is_syn_ino(ino.0) { ROOT } else { ino.0 };
         spawn_reply!(
             self,
             reply,
@@ -2366,7 +2334,7 @@ impl Filesystem for QtfsFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
+        if is_syn_ino(ino) {
             reply.error(Errno::ENODATA);
             return;
         }
@@ -2404,7 +2372,7 @@ impl Filesystem for QtfsFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
+        if is_syn_ino(ino) {
             reply.size(0);
             return;
         }
@@ -2455,7 +2423,7 @@ impl Filesystem for QtfsFs {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
+        if is_syn_ino(ino) {
             reply.ok();
             return;
         }
@@ -2609,6 +2577,9 @@ impl Filesystem for QtfsFs {
         flags: PollFlags,
         reply: ReplyPoll,
     ) {
+        let Some(reply) = self.syn_poll(fh.0, events, reply) else {
+            return;
+        };
         let ev = events.bits();
         let notify = flags.contains(PollFlags::FUSE_POLL_SCHEDULE_NOTIFY);
         spawn_reply!(
@@ -2745,5 +2716,322 @@ impl QtfsFs {
     pub fn mount(self, mountpoint: &Path) -> std::io::Result<Mounted> {
         let cfg = self.fuser_config();
         Ok(Mounted(fuser::Session::new(self, mountpoint, &cfg)?))
+    }
+}
+
+/// proc mode: the caller's own entries (module `procview`). The FUSE methods call these
+/// first: each answers a request about a generated node (`None`) or hands the reply back.
+impl QtfsFs {
+    fn view(&self) -> Option<&ProcView> {
+        self.inner.proc_view.as_ref()
+    }
+
+    /// Replies with a generated node, taking a kernel reference to it.
+    fn syn_entry(&self, node: SynNode, reply: ReplyEntry) {
+        let Some(v) = self.view() else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let ino = v.intern(node.clone());
+        match v.attr(ino, &node) {
+            Ok(a) => reply.entry(&Duration::ZERO, &a, Generation(0)),
+            Err(e) => {
+                v.forget(ino, 1);
+                reply.error(errno(e));
+            }
+        }
+    }
+
+    fn syn_lookup(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &[u8],
+        reply: ReplyEntry,
+    ) -> Option<ReplyEntry> {
+        let Some(v) = self.view() else {
+            return Some(reply);
+        };
+        let hand = |reply: ReplyEntry, r: R<SynNode>| match r {
+            Ok(n) => self.syn_entry(n, reply),
+            Err(e) => reply.error(errno(e)),
+        };
+        if parent == ROOT {
+            let ino = match name {
+                b"self" => SELF_INO,
+                b"thread-self" => THREAD_SELF_INO,
+                _ => match v.own_root_entry(req.pid(), name) {
+                    Some(n) => {
+                        hand(reply, Ok(n));
+                        return None;
+                    }
+                    None => return Some(reply),
+                },
+            };
+            reply.entry(&Duration::ZERO, &procview::self_attr(ino), Generation(0));
+            return None;
+        }
+        if !is_syn_ino(parent) {
+            return Some(reply);
+        }
+        match v.node(parent) {
+            Some(p) => hand(reply, v.lookup(&p, name)),
+            None => reply.error(Errno::ESTALE),
+        }
+        None
+    }
+
+    fn syn_getattr(&self, ino: u64, reply: ReplyAttr) -> Option<ReplyAttr> {
+        if ino == SELF_INO || ino == THREAD_SELF_INO {
+            reply.attr(&Duration::ZERO, &procview::self_attr(ino));
+            return None;
+        }
+        if !is_syn_ino(ino) {
+            return Some(reply);
+        }
+        match self.view().and_then(|v| Some((v, v.node(ino)?))) {
+            Some((v, n)) => match v.attr(ino, &n) {
+                Ok(a) => reply.attr(&Duration::ZERO, &a),
+                Err(e) => reply.error(errno(e)),
+            },
+            None => reply.error(Errno::ESTALE),
+        }
+        None
+    }
+
+    fn syn_readlink(&self, req: &Request, ino: u64, reply: ReplyData) -> Option<ReplyData> {
+        if !is_syn_ino(ino) {
+            return Some(reply);
+        }
+        let Some(v) = self.view() else {
+            reply.error(Errno::ESTALE);
+            return None;
+        };
+        let r = match ino {
+            SELF_INO => Ok(v.self_target(req.pid(), false)),
+            THREAD_SELF_INO => Ok(v.self_target(req.pid(), true)),
+            _ => match v.node(ino) {
+                Some(n) => v.readlink(&n),
+                None => Err(libc::ESTALE),
+            },
+        };
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(e)),
+        }
+        None
+    }
+
+    fn syn_opendir(&self, ino: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !is_syn_ino(ino) {
+            return Some(reply);
+        }
+        let r = match self.view().and_then(|v| Some((v, v.node(ino)?))) {
+            Some((v, n)) => v.opendir(&n),
+            None => Err(libc::ESTALE),
+        };
+        match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+        None
+    }
+
+    fn syn_readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) -> Option<ReplyDirectory> {
+        if !is_syn_fh(fh) {
+            return Some(reply);
+        }
+        let Some(v) = self.view() else {
+            reply.error(Errno::EBADF);
+            return None;
+        };
+        match v.readdir(fh, offset) {
+            Ok(list) => {
+                for (i, (name, kind, next)) in list.into_iter().enumerate() {
+                    // d_ino only: any stable non-zero number.
+                    let ino = INodeNo(procview::SYN_BASE - 1 - (next + i as u64) % 1024);
+                    if reply.add(ino, next, kind, OsStr::from_bytes(&name)) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+        None
+    }
+
+    /// Releases a generated handle (directory or file).
+    fn syn_release(&self, fh: u64, reply: ReplyEmpty) -> Option<ReplyEmpty> {
+        if !is_syn_fh(fh) {
+            return Some(reply);
+        }
+        if let Some(v) = self.view() {
+            v.release(fh);
+        }
+        reply.ok();
+        None
+    }
+
+    /// Opens a generated `mountinfo`/`mounts`: its content is made now, with the HOST's
+    /// mount table fetched through this mount (at most once a second).
+    fn syn_open(&self, ino: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !is_syn_ino(ino) {
+            return Some(reply);
+        }
+        let node = self.view().and_then(|v| v.node(ino));
+        let node = match node {
+            Some(n @ SynNode::File { .. }) => n,
+            Some(SynNode::Link { .. }) => {
+                reply.error(Errno::ELOOP);
+                return None;
+            }
+            Some(_) => {
+                reply.error(Errno::EISDIR);
+                return None;
+            }
+            None => {
+                reply.error(Errno::ESTALE);
+                return None;
+            }
+        };
+        let me = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let host = match me.host_mountinfo().await {
+                Ok(h) => h,
+                Err(e) => {
+                    // Still the caller's own table, only without HOST cgroup lines.
+                    debug!(errno = e, "HOST mountinfo unavailable");
+                    Arc::new(String::new())
+                }
+            };
+            let Some(v) = me.proc_view.as_ref() else {
+                reply.error(Errno::ESTALE);
+                return;
+            };
+            match v.render(&node, &host) {
+                Ok(data) => {
+                    reply.opened(FileHandle(v.open_file(data)), FopenFlags::FOPEN_DIRECT_IO)
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+        None
+    }
+
+    /// A generated file is always ready, like a regular file. (An error here would read as
+    /// EPOLLERR, and Go's runtime, which polls every file it opens, then fails its reads with
+    /// "not pollable".)
+    fn syn_poll(&self, fh: u64, events: PollEvents, reply: ReplyPoll) -> Option<ReplyPoll> {
+        if !is_syn_fh(fh) {
+            return Some(reply);
+        }
+        let ready = (libc::POLLIN | libc::POLLOUT | libc::POLLRDNORM | libc::POLLWRNORM) as u32;
+        reply.poll(PollEvents::from_bits_retain(events.bits() & ready));
+        None
+    }
+
+    fn syn_read(&self, fh: u64, offset: u64, size: u32, reply: ReplyData) -> Option<ReplyData> {
+        if !is_syn_fh(fh) {
+            return Some(reply);
+        }
+        match self.view().map(|v| v.read(fh, offset, size)) {
+            Some(Ok(d)) => reply.data(&d),
+            Some(Err(e)) => reply.error(errno(e)),
+            None => reply.error(Errno::EBADF),
+        }
+        None
+    }
+}
+
+impl Inner {
+    /// The HOST's `/proc/1/mountinfo`, read through this (proc) mount's source; reused for
+    /// [`procview::HOST_MOUNTS_TTL`].
+    async fn host_mountinfo(self: &Arc<Self>) -> R<Arc<String>> {
+        let Some(v) = self.proc_view.as_ref() else {
+            return Err(libc::EINVAL);
+        };
+        if let Some(s) = v.cached_host_mounts() {
+            return Ok(s);
+        }
+        // Bounded: a management plane reads its mountinfo often, and an outage must not stall
+        // each read for the mount's whole timeout. The last table fetched stands in meanwhile.
+        let fetch = self.with(|| async { self.read_host_file(&[b"1", b"mountinfo"]).await });
+        match tokio::time::timeout(procview::HOST_MOUNTS_WAIT, fetch).await {
+            Ok(Ok(text)) => {
+                let s = Arc::new(String::from_utf8_lossy(&text).into_owned());
+                v.store_host_mounts(s.clone());
+                Ok(s)
+            }
+            Ok(Err(e)) => v.last_host_mounts().ok_or(e),
+            Err(_) => v.last_host_mounts().ok_or(libc::ETIMEDOUT),
+        }
+    }
+
+    /// Reads the HOST file at `path` (components below the mount's root) to its end without
+    /// involving the kernel's view of the mount; every reference taken is dropped again.
+    async fn read_host_file(self: &Arc<Self>, path: &[&[u8]]) -> R<Vec<u8>> {
+        const LIMIT: usize = 16 << 20;
+        let mut node = self.node_of(ROOT).await?;
+        let mut taken: Vec<(NodeId, u64)> = Vec::new();
+        let res = async {
+            for name in path {
+                let Reply::Entry(e) = self
+                    .rpc(Op::Lookup {
+                        parent: node,
+                        name: name.to_vec(),
+                    })
+                    .await?
+                else {
+                    return Err(libc::EIO);
+                };
+                taken.push((e.node, 1));
+                node = e.node;
+            }
+            let Reply::Opened { fh, .. } = self
+                .rpc(Op::Open {
+                    node,
+                    flags: libc::O_RDONLY,
+                })
+                .await?
+            else {
+                return Err(libc::EIO);
+            };
+            let mut out = Vec::new();
+            let read = async {
+                loop {
+                    let r = self
+                        .rpc_bytes(Op::Read {
+                            fh,
+                            offset: out.len() as u64,
+                            size: 64 << 10,
+                        })
+                        .await?;
+                    let d = proto::decode_data(&r).ok_or(libc::EIO)?;
+                    if d.is_empty() || out.len() + d.len() > LIMIT {
+                        return Ok(());
+                    }
+                    out.extend_from_slice(d);
+                }
+            }
+            .await;
+            let _ = self
+                .rpc(Op::Release {
+                    fh,
+                    lock_owner: None,
+                })
+                .await;
+            read.map(|()| out)
+        }
+        .await;
+        if !taken.is_empty() && res != Err(STALE) {
+            let _ = self.rpc(Op::Forget { nodes: taken }).await;
+        }
+        res
     }
 }

@@ -3,8 +3,10 @@
 //! - [`proto`]: the handle-based wire protocol of the `fs` service.
 //! - [`server`]: [`FsService`], the HOST side (exports resolved beneath their roots).
 //! - [`client`]: [`QtfsFs`], the DPU side FUSE filesystem used by `mount.qtfs`.
+//! - `procview`: proc mode's rule for the caller's own processes.
 
 pub mod client;
+mod procview;
 pub mod proto;
 pub mod server;
 mod sys;

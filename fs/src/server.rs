@@ -49,7 +49,8 @@ pub struct FsConfig {
     #[serde(default)]
     pub exports: Vec<Export>,
     /// Let clients create character/block device nodes (off: a device node of a HOST disk
-    /// inside an export would bypass every export boundary).
+    /// inside an export would bypass every export boundary). Overlay whiteouts (character
+    /// device 0/0) are always allowed.
     #[serde(default)]
     pub allow_devices: bool,
 }
@@ -582,7 +583,13 @@ impl FsService {
                 caller,
             } => {
                 let t = mode & libc::S_IFMT;
-                if (t == libc::S_IFCHR || t == libc::S_IFBLK) && !self.inner.allow_devices {
+                // A character device 0/0 is an overlayfs whiteout (image layers unpack them):
+                // it opens nothing, so it is allowed without `allow_devices`.
+                let whiteout = t == libc::S_IFCHR && rdev == 0;
+                if (t == libc::S_IFCHR || t == libc::S_IFBLK)
+                    && !whiteout
+                    && !self.inner.allow_devices
+                {
                     return Err(libc::EPERM);
                 }
                 if t == libc::S_IFDIR || t == libc::S_IFLNK {
