@@ -34,9 +34,12 @@ finish() {
   # A clean guest-side stop: containerd and the DPU offloadd end, the qtfs mounts go away.
   [ -n "${CPID:-}" ] && kill "$CPID" 2>/dev/null
   [ -n "${OPID:-}" ] && kill "$OPID" 2>/dev/null
-  # (containerd may hang in shutdown; give it 10 s.)
-  i=0; while [ -n "${CPID:-}" ] && kill -0 "$CPID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-  [ -n "${CPID:-}" ] && kill -KILL "$CPID" 2>/dev/null
+  # (containerd may hang in shutdown: SIGKILL after 10 s. `wait` reaps it, kill -0 would not
+  # tell an exited child from a running one.)
+  if [ -n "${CPID:-}" ]; then
+    (sleep 10; kill -KILL "$CPID" 2>/dev/null) & KPID=$!
+    wait "$CPID" 2>/dev/null; kill "$KPID" 2>/dev/null
+  fi
   [ -n "${SOCKDIR:-}" ] && umount "$A$SOCKDIR"
   if [ "${SETUP:-}" = tool ]; then
     if "$B/offload" dpu teardown --config /etc/offload/dpu.toml > "$LOGS/teardown.log" 2>&1 \
