@@ -39,6 +39,7 @@ finish() {
   if [ -n "${CPID:-}" ]; then
     (sleep 10; kill -KILL "$CPID" 2>/dev/null) & KPID=$!
     wait "$CPID" 2>/dev/null; kill "$KPID" 2>/dev/null
+    step "containerd stopped"
   fi
   [ -n "${SOCKDIR:-}" ] && umount "$A$SOCKDIR"
   if [ "${SETUP:-}" = tool ]; then
