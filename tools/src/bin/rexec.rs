@@ -2,7 +2,8 @@
 //!
 //! `CMD_NET_ADDR=tcp://IP:PORT rexec CMD ARGS…` — argv verbatim, this process's environment and
 //! working directory, stdin/stdout/stderr streamed, signals forwarded; exits with the program's
-//! code (128+S if it died of signal S). rexec's own failures (unreachable server, bad key, link
+//! code, or dies of the same signal if the program did (default action restored, no core dump;
+//! 128+S where signal S cannot end a process, e.g. SIGSTOP). rexec's own failures (unreachable server, bad key, link
 //! lost mid-run) print one line on stderr and exit 255, like ssh.
 
 // No std runtime start-up: rexec's latency is mostly process start-up, and std's (guard page
@@ -29,7 +30,8 @@ const EXIT_REXEC_ERROR: i32 = 255;
     about = "Run a program on the peer exactly as if it ran here",
     long_about = "Run a program on the peer (the exec service of offloadd or rexec_server) with this \
 process's environment, working directory and stdio; signals are forwarded. Exits with the \
-program's exit code, 128+S if it was killed by signal S, 126/127 if it was refused or not found, \
+program's exit code or dies of the signal that killed it (128+S where that signal cannot \
+end a process), 126/127 if it was refused or not found, \
 and 255 on rexec's own errors (unreachable server, wrong key, connection lost).",
     after_help = "Options end at the first non-option argument: `rexec ls -la` runs `ls -la`.\n\
 Example: CMD_NET_ADDR=tcp://10.0.0.1:7000 rexec --key-file /etc/offload/psk uname -a"
@@ -99,6 +101,40 @@ fn build_env(args: &Args) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         env.push((k, v));
     }
     Ok(env)
+}
+
+/// Ends rexec by the signal that killed the remote program, so the caller sees WIFSIGNALED with
+/// the same signal (Go's `Signaled()`, Python's negative return codes, a shell's "Killed").
+/// Returns only for signals whose default action does not terminate (stop, ignore) or that are
+/// out of range; the caller then exits 128+N. rexec itself never dumps core here.
+fn die_of_signal(sig: i32) {
+    const NOT_FATAL: [i32; 8] = [
+        libc::SIGSTOP,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGCONT,
+        libc::SIGCHLD,
+        libc::SIGURG,
+        libc::SIGWINCH,
+    ];
+    if sig <= 0 || sig > libc::SIGRTMAX() || NOT_FATAL.contains(&sig) {
+        return;
+    }
+    // SAFETY: plain signal/rlimit syscalls on this process; it is about to end.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_CORE, &mut rl) == 0 {
+            rl.rlim_cur = 0;
+            libc::setrlimit(libc::RLIMIT_CORE, &rl);
+        }
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
 }
 
 fn signal_name(sig: i32) -> String {
@@ -231,12 +267,14 @@ fn rexec_main() -> std::convert::Infallible {
                         signal,
                         core_dumped,
                     } => eprintln!(
-                        "rexec: remote program killed by signal {signal} ({}){}; exiting {}",
+                        "rexec: remote program killed by signal {signal} ({}){}",
                         signal_name(signal),
                         if core_dumped { ", core dumped" } else { "" },
-                        128 + signal
                     ),
                 }
+            }
+            if let ExitStatus::Signal { signal, .. } = st {
+                die_of_signal(signal);
             }
             st.shell_code()
         }
