@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 pub const SERVICE: &str = "exec";
 
 /// Protocol version carried in every [`ExecRequest`]; the server refuses versions it does not speak.
-pub const VERSION: u16 = 1;
+/// Version 2 added [`ExecRequest::umask`] and [`ExecRequest::nice`].
+pub const VERSION: u16 = 2;
 
 /// Largest payload of one server→client frame the client accepts (a peer-controlled length).
 pub const MAX_FRAME_PAYLOAD: usize = 4 << 20;
@@ -56,6 +57,12 @@ pub struct ExecRequest {
     pub pty: Option<WinSize>,
     /// Deliver forwarded signals to the process group instead of the process.
     pub pgroup: bool,
+    /// File mode creation mask of the caller; `None` = the server's own. Follows the caller like
+    /// the environment does: `(umask 077; rexec touch f)` must not create a world-readable file.
+    pub umask: Option<u32>,
+    /// Nice value of the caller; `None` = the server's own. Applied best effort: a server
+    /// without the privilege to lower its own nice value starts the program at its own.
+    pub nice: Option<i32>,
 }
 
 /// Kind byte of a server→client frame.

@@ -137,6 +137,17 @@ fn die_of_signal(sig: i32) {
     }
 }
 
+/// This process's umask. Reading it means setting it: fine here, rexec is still single-threaded
+/// and creates no files.
+fn own_umask() -> u32 {
+    // SAFETY: umask has no memory effects; the old value is put back at once.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m as u32
+    }
+}
+
 fn signal_name(sig: i32) -> String {
     // SAFETY: strsignal returns a pointer to a static or thread-local string.
     unsafe {
@@ -247,6 +258,9 @@ fn rexec_main() -> std::convert::Infallible {
         user: args.user.clone(),
         pty,
         pgroup: args.pgroup,
+        umask: Some(own_umask()),
+        // SAFETY: getpriority has no memory effects.
+        nice: Some(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }),
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
