@@ -23,6 +23,13 @@ use transport::{Endpoint, Registry, Session};
 /// Exit code for rexec's own errors (distinct from the program's usual range, like ssh).
 const EXIT_REXEC_ERROR: i32 = 255;
 
+/// Environment variable with rexec's log filter (tracing `EnvFilter` syntax).
+const LOG_ENV: &str = "REXEC_LOG";
+
+/// rexec's own configuration: read here, never passed to the program (the program would
+/// otherwise see, and a nested rexec would reuse, the caller's link settings).
+const OWN_ENV: [&[u8]; 2] = [b"CMD_NET_ADDR", b"OFFLOAD_KEY_FILE"];
+
 #[derive(Parser, Debug)]
 #[command(
     name = "rexec",
@@ -33,7 +40,9 @@ process's environment, working directory and stdio; signals are forwarded. Exits
 program's exit code or dies of the signal that killed it (128+S where that signal cannot \
 end a process), 126/127 if it was refused or not found, \
 and 255 on rexec's own errors (unreachable server, wrong key, connection lost).",
-    after_help = "Options end at the first non-option argument: `rexec ls -la` runs `ls -la`.\n\
+    after_help = "Options end at the first non-option argument: `rexec ls -la` runs `ls -la`; \
+`rexec -- -cmd` runs a program whose name starts with '-'. Usage errors exit 2.\n\
+rexec's own logging: REXEC_LOG=debug (RUST_LOG is left to the program).\n\
 Example: CMD_NET_ADDR=tcp://10.0.0.1:7000 rexec --key-file /etc/offload/psk uname -a"
 )]
 struct Args {
@@ -71,12 +80,7 @@ struct Args {
     #[arg(short, long)]
     verbose: bool,
     /// The program and its arguments, verbatim.
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
@@ -89,6 +93,7 @@ fn build_env(args: &Args) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     } else {
         std::env::vars_os()
             .map(|(k, v)| (k.into_vec(), v.into_vec()))
+            .filter(|(k, _)| !OWN_ENV.contains(&k.as_slice()))
             .collect()
     };
     for kv in &args.env_set {
@@ -165,7 +170,15 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
         .map_err(|e| anyhow::anyhow!("bad address {:?}: {e}", args.addr))?;
     let session = Session::connect(&endpoint, args.link.session_config()?, Registry::new())
         .await
-        .map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
+        .map_err(|e| {
+            // Name the address once: handshake errors already start with it.
+            let msg = e.to_string();
+            if msg.contains(&endpoint.to_string()) {
+                anyhow::anyhow!("{msg}")
+            } else {
+                anyhow::anyhow!("{endpoint}: {msg}")
+            }
+        })?;
     let _raw = if args.tty {
         client::RawMode::enter()
     } else {
@@ -219,9 +232,10 @@ fn sanitize_stdio() {
 #[cfg_attr(test, allow(dead_code))]
 fn rexec_main() -> std::convert::Infallible {
     let args = Args::parse();
-    if std::env::var_os("RUST_LOG").is_some() {
+    // rexec's own variable: RUST_LOG in the caller's environment is meant for the program.
+    if std::env::var_os(LOG_ENV).is_some() {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env(LOG_ENV))
             .with_writer(std::io::stderr)
             .try_init();
     }
