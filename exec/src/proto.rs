@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 pub const SERVICE: &str = "exec";
 
 /// Protocol version carried in every [`ExecRequest`]; the server refuses versions it does not speak.
-/// Version 2 added [`ExecRequest::umask`] and [`ExecRequest::nice`].
+/// Version 2 added [`ExecRequest::umask`], [`ExecRequest::nice`] and
+/// [`ExecRequest::sig_ignored`].
 pub const VERSION: u16 = 2;
 
 /// Largest payload of one server→client frame the client accepts (a peer-controlled length).
@@ -63,6 +64,9 @@ pub struct ExecRequest {
     /// Nice value of the caller; `None` = the server's own. Applied best effort: a server
     /// without the privilege to lower its own nice value starts the program at its own.
     pub nice: Option<i32>,
+    /// Signals (bit N = Linux signal N, 1..=31) the caller ignores: the program starts with them
+    /// ignored too, as it would locally (`nohup rexec …`). Everything else starts at default.
+    pub sig_ignored: u64,
 }
 
 /// Kind byte of a server→client frame.

@@ -206,7 +206,9 @@ pub fn spawn(req: &ExecRequest, policy: &Policy) -> Result<Spawned, SpawnError> 
     // The common case (both the defaults) stays on the fast path.
     let umask = req.umask.filter(|&m| m != server_umask());
     let nice = req.nice.filter(|&n| n != current_nice());
-    if creds.is_none() && umask.is_none() && nice.is_none() {
+    // Only SIGKILL/SIGSTOP-free bits of 1..=31 count (they cannot be ignored anyway).
+    let ignored = req.sig_ignored & 0xffff_fffe & !(1 << libc::SIGKILL) & !(1 << libc::SIGSTOP);
+    if creds.is_none() && umask.is_none() && nice.is_none() && ignored == 0 {
         return spawn_fast(req, &exe, &cwd);
     }
 
@@ -245,9 +247,15 @@ pub fn spawn(req: &ExecRequest, policy: &Policy) -> Result<Spawned, SpawnError> 
     unsafe {
         cmd.pre_exec(move || {
             // Signals the server ignores must not stay ignored in the program.
+            // Those the caller ignores stay ignored, as they would locally.
             for sig in 1..32 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
+                    let action = if ignored & (1 << sig) != 0 {
+                        libc::SIG_IGN
+                    } else {
+                        libc::SIG_DFL
+                    };
+                    libc::signal(sig, action);
                 }
             }
             if libc::setsid() < 0 {

@@ -53,6 +53,7 @@ pub async fn run_capture(
         // The real shim runs with the exec service's own umask and nice value.
         umask: None,
         nice: None,
+        sig_ignored: 0,
     };
     let stream = session
         .open_stream(SERVICE, offload_exec::client::encode_request(&req))

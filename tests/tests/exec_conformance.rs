@@ -124,10 +124,22 @@ const CASES: &[Case] = &[
         "issue 14 item 1",
     ),
     // item 3: signal dispositions and job control.
-    differs(
+    same(
         "ignored signal stays ignored",
         "trap '' USR1; exec $RUN sh -c 'kill -USR1 $$; echo survived'",
-        "issue 14 item 3",
+    ),
+    same(
+        "nohup-style: SIGHUP to the caller's command is ignored",
+        "trap '' HUP; $RUN sh -c 'sleep 0.4; echo alive' & p=$!; sleep 0.2; kill -HUP $p; \
+         wait $p; echo rc=$?",
+    ),
+    same(
+        "dispositions at start (nothing ignored: the fast spawn path)",
+        "exec $RUN sh -c 'grep -e SigIgn -e SigBlk /proc/self/status'",
+    ),
+    same(
+        "dispositions at start (TERM ignored)",
+        "trap '' TERM; exec $RUN sh -c 'grep -e SigIgn -e SigBlk /proc/self/status'",
     ),
     differs(
         "SIGTSTP stops the program, SIGCONT resumes it",

@@ -23,6 +23,9 @@ use transport::{Endpoint, Registry, Session};
 /// Exit code for rexec's own errors (distinct from the program's usual range, like ssh).
 const EXIT_REXEC_ERROR: i32 = 255;
 
+/// Signals ignored by the caller when rexec started (see `client::ignored_signals`).
+static CALLER_IGNORED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Environment variable with rexec's log filter (tracing `EnvFilter` syntax).
 const LOG_ENV: &str = "REXEC_LOG";
 
@@ -166,6 +169,7 @@ fn signal_name(sig: i32) -> String {
 }
 
 async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
+    let req_ignored = req.sig_ignored;
     let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.addr)
         .map_err(|e| anyhow::anyhow!("bad address {:?}: {e}", args.addr))?;
     let session = Session::connect(&endpoint, args.link.session_config()?, Registry::new())
@@ -189,6 +193,7 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
         req,
         RunOptions {
             tty: args.tty && _raw.is_some(),
+            ignored: req_ignored,
         },
     )
     .await?;
@@ -202,6 +207,11 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
 #[no_mangle]
 pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
     sanitize_stdio();
+    // The caller's ignored signals, before rexec changes any disposition (SIGPIPE just below).
+    CALLER_IGNORED.store(
+        client::ignored_signals(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // Like std: a closed stdout pipe is an EPIPE error (reported to the server), not a signal.
     // SAFETY: setting a signal disposition.
     unsafe {
@@ -275,6 +285,7 @@ fn rexec_main() -> std::convert::Infallible {
         umask: Some(own_umask()),
         // SAFETY: getpriority has no memory effects.
         nice: Some(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }),
+        sig_ignored: CALLER_IGNORED.load(std::sync::atomic::Ordering::Relaxed),
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
