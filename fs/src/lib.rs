@@ -3,8 +3,10 @@
 //! - [`proto`]: the handle-based wire protocol of the `fs` service.
 //! - [`server`]: [`FsService`], the HOST side (exports resolved beneath their roots).
 //! - [`client`]: [`QtfsFs`], the DPU side FUSE filesystem used by `mount.qtfs`.
+//! - [`mount`]: mount forwarding (the `mount` service and the DPU-side translation).
 
 pub mod client;
+pub mod mount;
 pub mod proto;
 pub mod server;
 mod sys;
