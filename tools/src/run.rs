@@ -451,6 +451,7 @@ impl Supervisor {
         let decision = tokio::task::spawn_blocking(move || me.decide(&req))
             .await
             .unwrap_or(Decision::Fail(libc::EIO));
+        debug!(pid = req.pid, syscall = ?req.data.syscall, ?decision, "trapped");
         // TOCTOU: the tid we read from must still be the caller.
         if notify_id_valid(self.fd.as_raw_fd(), req.id).is_err() {
             debug!(pid = req.pid, "notification no longer valid");

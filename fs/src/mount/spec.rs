@@ -266,11 +266,17 @@ fn rel_to<'a>(path: &'a str, base: &str) -> Option<&'a str> {
     }
 }
 
+/// A qtfs mount: type `fuse.qtfs`, or `fuse` with a `qtfs:` source (fuser's own mount
+/// leaves the subtype out).
+pub fn is_qtfs(m: &MountInfo) -> bool {
+    m.fstype == "fuse.qtfs" || (m.fstype == "fuse" && m.source.starts_with("qtfs:"))
+}
+
 /// Maps a canonical DPU path on mount `m` to the HOST path it shows, when `m` is a qtfs
 /// mount: the mount's source + its root inside the filesystem + the path below the mount
 /// point. None for any other filesystem.
 pub fn qtfs_host_path(m: &MountInfo, canonical: &str) -> Option<QtfsPath> {
-    if m.fstype != "fuse.qtfs" {
+    if !is_qtfs(m) {
         return None;
     }
     let rel = rel_to(canonical, &m.mount_point)?;
@@ -440,11 +446,20 @@ mod tests {
             ..m.clone()
         };
         assert_eq!(qtfs_host_path(&n, "/a/b").unwrap().host, "docker/a/b");
-        // Other filesystems are not forwarded.
-        let e = MountInfo {
-            fstype: "ext4".into(),
-            ..m
+        // fuser's own mount shows type `fuse` with the qtfs source.
+        let f = MountInfo {
+            fstype: "fuse".into(),
+            ..m.clone()
         };
-        assert!(qtfs_host_path(&e, "/another_rootfs/var/lib/docker/a").is_none());
+        assert!(qtfs_host_path(&f, "/another_rootfs/var/lib/docker/a").is_some());
+        // Other filesystems (and other FUSE filesystems) are not forwarded.
+        for (fstype, source) in [("ext4", "/dev/vda"), ("fuse", "sshfs#h:/x"), ("fuse.sshfs", "qtfs:/x")] {
+            let e = MountInfo {
+                fstype: fstype.into(),
+                source: source.into(),
+                ..m.clone()
+            };
+            assert!(qtfs_host_path(&e, "/another_rootfs/var/lib/docker/a").is_none());
+        }
     }
 }
