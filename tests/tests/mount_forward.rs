@@ -495,7 +495,7 @@ fn a_lost_link_fails_the_mount_promptly() {
     let d = tmpdir();
     let host = d.path().join("host");
     let dpu = d.path().join("dpu");
-    mkdirs(&host, &["lower", "up", "work", "m1", "m2", "m3"]);
+    mkdirs(&host, &["lower", "lower2", "m1", "m2", "m3"]);
     let h = HostD::start(
         d.path(),
         &[&host],
@@ -507,19 +507,24 @@ fn a_lost_link_fails_the_mount_promptly() {
     let _m = h.qtfs(&host, &dpu);
     let proxy = Proxy::start(PathBuf::from(h.listen.trim_start_matches("unix://")));
     let (dp, lp) = (dpu.display(), d.path().display());
-    let opts = format!("lowerdir={dp}/lower");
+    // A read-only overlay (two lowers, no upper).
+    let opts = format!("lowerdir={dp}/lower:{dp}/lower2");
+    // Each wait gives up after 30 s, so a failed assertion below cannot leave it hanging.
+    let wait = |g: &str| format!("i=0; while [ ! -e {lp}/{g} ] && [ $i -lt 1500 ]; do sleep 0.02; i=$((i+1)); done");
     let script = format!(
-        "echo 1 $($PROBE mount overlay {dp}/m1 overlay 0 {opts}); touch {lp}/s1; while [ ! -e {lp}/g1 ]; do sleep 0.02; done\n\
-         echo 2 $($PROBE mount overlay {dp}/m2 overlay 0 {opts}); touch {lp}/s2; while [ ! -e {lp}/g2 ]; do sleep 0.02; done\n\
-         echo 3 $($PROBE mount overlay {dp}/m3 overlay 0 {opts}); touch {lp}/s3\n"
+        "echo 1 $($PROBE mount overlay {dp}/m1 overlay 0 {opts}); touch {lp}/s1; {}\n\
+         echo 2 $($PROBE mount overlay {dp}/m2 overlay 0 {opts}); touch {lp}/s2; {}\n\
+         echo 3 $($PROBE mount overlay {dp}/m3 overlay 0 {opts}); touch {lp}/s3\n",
+        wait("g1"),
+        wait("g2")
     );
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::scope(|s| {
+    let m1 = std::thread::scope(|s| {
         s.spawn(|| {
             let _ = tx.send(supervise(&h, &proxy.addr, &["--mount-timeout", "1"], &script));
         });
         wait_file(&d.path().join("s1"), Duration::from_secs(30));
-        assert!(h.has_mount(&host.join("m1"), "overlay"));
+        let m1 = h.has_mount(&host.join("m1"), "overlay");
         // The link goes silent: the mount fails with ETIMEDOUT after --mount-timeout.
         proxy.freeze();
         std::fs::write(d.path().join("g1"), "").unwrap();
@@ -530,10 +535,11 @@ fn a_lost_link_fails_the_mount_promptly() {
         std::fs::write(d.path().join("g2"), "").unwrap();
         let took = wait_file(&d.path().join("s3"), Duration::from_secs(8));
         assert!(took < Duration::from_secs(3), "cut link: {took:?}");
+        m1
     });
     let out = rx.recv().expect("supervisor output");
     let res = stdout(&out);
-    assert!(res.contains("1 ok"), "{res}");
+    assert!(res.contains("1 ok") && m1, "{res}");
     assert!(res.contains(&format!("2 errno={}", libc::ETIMEDOUT)), "{res}");
     assert!(res.contains(&format!("3 errno={}", libc::ENOLINK)), "{res}");
     assert!(!h.has_mount(&host.join("m2"), "overlay"));
