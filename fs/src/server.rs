@@ -62,6 +62,12 @@ pub enum FsError {
     RelativeExport(PathBuf),
 }
 
+/// A node's identity: (export, HOST device, HOST inode).
+type Key = (usize, u64, u64);
+
+/// A directory a mount covers: its descriptor, key and mode.
+type Covered = (Arc<OwnedFd>, Key, u32);
+
 struct Node {
     fd: Arc<OwnedFd>,
     export: usize,
@@ -70,7 +76,7 @@ struct Node {
     mode: u32,
     /// What a forwarded mount on this directory covered: (fd, key, mode) of the directory
     /// below, innermost last, restored when that mount goes ([`FsService::uncover`]).
-    under: Vec<(Arc<OwnedFd>, (usize, u64, u64), u32)>,
+    under: Vec<Covered>,
 }
 
 struct OpenFile {

@@ -201,7 +201,11 @@ fn overlay_mount_lands_on_the_host_and_shows_through_qtfs() {
         ),
     );
     assert!(out.status.success());
-    assert!(stdout(&out).contains("mounted\nnot-local"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("mounted\nnot-local"),
+        "{}",
+        stdout(&out)
+    );
     assert!(
         h.has_mount(&host.join("merged"), "overlay"),
         "no overlay on the HOST"
@@ -211,22 +215,39 @@ fn overlay_mount_lands_on_the_host_and_shows_through_qtfs() {
     // Through qtfs the DPU sees the HOST's overlay, at once.
     let merged = dpu.join("merged");
     assert_eq!(listing(&merged), ["a", "b", "dir"]);
-    assert_eq!(std::fs::read_to_string(merged.join("a")).unwrap(), "from-lower");
-    assert_eq!(std::fs::read_to_string(merged.join("b")).unwrap(), "from-upper");
+    assert_eq!(
+        std::fs::read_to_string(merged.join("a")).unwrap(),
+        "from-lower"
+    );
+    assert_eq!(
+        std::fs::read_to_string(merged.join("b")).unwrap(),
+        "from-upper"
+    );
     assert_eq!(std::fs::read_to_string(merged.join("dir/x")).unwrap(), "x");
     // Writes go through the HOST's overlay: copy-up into upper, whiteouts for deletions.
     std::fs::write(merged.join("c"), "new").unwrap();
     std::fs::remove_file(merged.join("a")).unwrap();
-    assert_eq!(std::fs::read_to_string(host.join("upper/c")).unwrap(), "new");
+    assert_eq!(
+        std::fs::read_to_string(host.join("upper/c")).unwrap(),
+        "new"
+    );
     let wh = std::fs::symlink_metadata(host.join("upper/a")).expect("whiteout in upper");
-    assert!(wh.file_type().is_char_device() && wh.rdev() == 0, "whiteout");
+    assert!(
+        wh.file_type().is_char_device() && wh.rdev() == 0,
+        "whiteout"
+    );
     assert_eq!(
         std::fs::read_to_string(host.join("lower/a")).unwrap(),
         "from-lower"
     );
 
     // util-linux umount on the DPU: the HOST unmounts, the DPU sees the bare directory.
-    let out = supervise(&h, &h.listen, &[], &format!("umount {dp}/merged && echo unmounted"));
+    let out = supervise(
+        &h,
+        &h.listen,
+        &[],
+        &format!("umount {dp}/merged && echo unmounted"),
+    );
     assert!(out.status.success() && stdout(&out).contains("unmounted"));
     assert!(!h.has_mount(&host.join("merged"), "overlay"));
     assert!(listing(&merged).is_empty(), "{:?}", listing(&merged));
@@ -249,7 +270,14 @@ fn docker_style_relative_symlinked_and_chrooted_mounts_are_forwarded() {
     let dpu = root.join("var/lib/docker");
     mkdirs(
         &host,
-        &["overlay2/l1/diff", "overlay2/l2/diff", "overlay2/c/diff", "overlay2/c/work", "overlay2/c/merged", "overlay2/l"],
+        &[
+            "overlay2/l1/diff",
+            "overlay2/l2/diff",
+            "overlay2/c/diff",
+            "overlay2/c/work",
+            "overlay2/c/merged",
+            "overlay2/l",
+        ],
     );
     std::fs::write(host.join("overlay2/l1/diff/base"), "1").unwrap();
     std::fs::write(host.join("overlay2/l2/diff/top"), "2").unwrap();
@@ -336,7 +364,14 @@ fn refused_mounts_get_eperm_and_are_logged_local_mounts_stay_local() {
     let dpu = d.path().join("dpu");
     mkdirs(
         &host,
-        &["ov/layers/a", "ov/up", "ov/work", "ov/merged", "other", "shm"],
+        &[
+            "ov/layers/a",
+            "ov/up",
+            "ov/work",
+            "ov/merged",
+            "other",
+            "shm",
+        ],
     );
     let local = d.path().join("local");
     mkdirs(d.path(), &["local", "locallower"]);
@@ -433,7 +468,9 @@ impl Proxy {
                     continue;
                 };
                 cs.lock().unwrap().push(tcp.try_clone().expect("clone"));
-                let pump = |mut r: Box<dyn Read + Send>, mut w: Box<dyn Write + Send>, f: Arc<AtomicBool>| {
+                let pump = |mut r: Box<dyn Read + Send>,
+                            mut w: Box<dyn Write + Send>,
+                            f: Arc<AtomicBool>| {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 65536];
                         while let Ok(n) = r.read(&mut buf) {
@@ -479,7 +516,11 @@ impl Proxy {
 fn wait_file(p: &Path, limit: Duration) -> Duration {
     let t0 = Instant::now();
     while !p.exists() {
-        assert!(t0.elapsed() < limit, "{} did not appear within {limit:?}", p.display());
+        assert!(
+            t0.elapsed() < limit,
+            "{} did not appear within {limit:?}",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     t0.elapsed()
@@ -510,7 +551,9 @@ fn a_lost_link_fails_the_mount_promptly() {
     // A read-only overlay (two lowers, no upper).
     let opts = format!("lowerdir={dp}/lower:{dp}/lower2");
     // Each wait gives up after 30 s, so a failed assertion below cannot leave it hanging.
-    let wait = |g: &str| format!("i=0; while [ ! -e {lp}/{g} ] && [ $i -lt 1500 ]; do sleep 0.02; i=$((i+1)); done");
+    let wait = |g: &str| {
+        format!("i=0; while [ ! -e {lp}/{g} ] && [ $i -lt 1500 ]; do sleep 0.02; i=$((i+1)); done")
+    };
     let script = format!(
         "echo 1 $($PROBE mount overlay {dp}/m1 overlay 0 {opts}); touch {lp}/s1; {}\n\
          echo 2 $($PROBE mount overlay {dp}/m2 overlay 0 {opts}); touch {lp}/s2; {}\n\
@@ -521,7 +564,12 @@ fn a_lost_link_fails_the_mount_promptly() {
     let (tx, rx) = std::sync::mpsc::channel();
     let m1 = std::thread::scope(|s| {
         s.spawn(|| {
-            let _ = tx.send(supervise(&h, &proxy.addr, &["--mount-timeout", "1"], &script));
+            let _ = tx.send(supervise(
+                &h,
+                &proxy.addr,
+                &["--mount-timeout", "1"],
+                &script,
+            ));
         });
         wait_file(&d.path().join("s1"), Duration::from_secs(30));
         let m1 = h.has_mount(&host.join("m1"), "overlay");
@@ -540,7 +588,10 @@ fn a_lost_link_fails_the_mount_promptly() {
     let out = rx.recv().expect("supervisor output");
     let res = stdout(&out);
     assert!(res.contains("1 ok") && m1, "{res}");
-    assert!(res.contains(&format!("2 errno={}", libc::ETIMEDOUT)), "{res}");
+    assert!(
+        res.contains(&format!("2 errno={}", libc::ETIMEDOUT)),
+        "{res}"
+    );
     assert!(res.contains(&format!("3 errno={}", libc::ENOLINK)), "{res}");
     assert!(!h.has_mount(&host.join("m2"), "overlay"));
     assert!(!h.has_mount(&host.join("m3"), "overlay"));

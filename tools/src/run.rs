@@ -207,7 +207,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                     };
                     match sup.forward(&req).await {
                         Ok(()) => info!(host = %host, dpu = %dpu, "detached on exit"),
-                        Err(e) => warn!(host = %host, dpu = %dpu, errno = e, "could not detach on exit"),
+                        Err(e) => {
+                            warn!(host = %host, dpu = %dpu, errno = e, "could not detach on exit")
+                        }
                     }
                 }
             });
@@ -241,7 +243,9 @@ fn child_main(sock: OwnedFd, argv: &[CString]) -> ! {
         nix::sys::socket::MsgFlags::empty(),
         None,
     ) {
-        fail(format!("handing the seccomp listener to the supervisor: {e}"));
+        fail(format!(
+            "handing the seccomp listener to the supervisor: {e}"
+        ));
     }
     // SAFETY: our copy of the listener; the supervisor holds its own.
     unsafe { libc::close(fd) };
@@ -706,11 +710,14 @@ impl Supervisor {
     /// resolve (the kernel will say why) or is on another filesystem.
     fn locate(&self, c: &Caller, path: &[u8], follow: bool) -> Option<QtfsPath> {
         let fd = c.resolve(path, follow).ok()?;
-        let canonical = std::fs::read_link(self.proc_root.join(format!("self/fd/{}", fd.as_raw_fd()))).ok()?;
+        let canonical =
+            std::fs::read_link(self.proc_root.join(format!("self/fd/{}", fd.as_raw_fd()))).ok()?;
         let canonical = canonical.to_str()?.to_string();
         let mnt = mnt_id(fd.as_raw_fd()).ok()?;
         let info = std::fs::read_to_string(self.proc_root.join("self/mountinfo")).ok()?;
-        let m = spec::parse_mountinfo(&info).into_iter().find(|m| m.id == mnt)?;
+        let m = spec::parse_mountinfo(&info)
+            .into_iter()
+            .find(|m| m.id == mnt)?;
         spec::qtfs_host_path(&m, &canonical)
     }
 }

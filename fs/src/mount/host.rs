@@ -284,7 +284,10 @@ impl MountService {
                 if !under(&r.host, &rule.source_under, &rule.target_under) {
                     return Err(Fail(
                         libc::EPERM,
-                        format!("bind source {} is outside the allowed trees", r.host.display()),
+                        format!(
+                            "bind source {} is outside the allowed trees",
+                            r.host.display()
+                        ),
                     ));
                 }
                 let src = fd_path(self.open(&r, libc::O_PATH, "bind source")?);
@@ -293,7 +296,7 @@ impl MountService {
                     fds,
                     source: Some(src),
                     fstype: None,
-                    flags: (libc::MS_BIND | rec) as u64,
+                    flags: proto::u64_of(libc::MS_BIND | rec),
                     data: None,
                 })
             }
@@ -330,7 +333,10 @@ impl MountService {
         if flags & !proto::ALLOWED_FLAGS != 0 {
             return Err(Fail(
                 libc::EINVAL,
-                format!("flags {:#x} beyond the allowed per-mount flags", flags & !proto::ALLOWED_FLAGS),
+                format!(
+                    "flags {:#x} beyond the allowed per-mount flags",
+                    flags & !proto::ALLOWED_FLAGS
+                ),
             ));
         }
         let t = self.resolve(target, "target")?;
@@ -338,13 +344,22 @@ impl MountService {
             if !self.any_target_rule(&t.host) {
                 return Err(Fail(
                     libc::EPERM,
-                    format!("remount of {} is outside every allowed target", t.host.display()),
+                    format!(
+                        "remount of {} is outside every allowed target",
+                        t.host.display()
+                    ),
                 ));
             }
             let tfd = self.open(&t, libc::O_PATH, "target")?;
             let b = if *bind { libc::MS_BIND } else { 0 };
-            sys_mount(None, &tfd, None, flags | (libc::MS_REMOUNT | b) as u64, None)
-                .map_err(errno_fail("remount", &t.host.display().to_string()))?;
+            sys_mount(
+                None,
+                &tfd,
+                None,
+                flags | proto::u64_of(libc::MS_REMOUNT | b),
+                None,
+            )
+            .map_err(errno_fail("remount", &t.host.display().to_string()))?;
             return Ok(format!("remounted {} ({flags:#x})", t.host.display()));
         }
         let mut last = Fail(
@@ -379,7 +394,8 @@ impl MountService {
             libc::O_PATH | libc::O_DIRECTORY
         };
         let tfd = self.open(&t, tflags, "target")?;
-        let under = sys::fstat(tfd.as_raw_fd()).map_err(errno_fail("target", &t.host.display().to_string()))?;
+        let under = sys::fstat(tfd.as_raw_fd())
+            .map_err(errno_fail("target", &t.host.display().to_string()))?;
         sys_mount(
             p.source.as_deref(),
             &tfd,
@@ -412,7 +428,10 @@ impl MountService {
         if !self.any_target_rule(&t.host) {
             return Err(Fail(
                 libc::EPERM,
-                format!("umount of {} is outside every allowed target", t.host.display()),
+                format!(
+                    "umount of {} is outside every allowed target",
+                    t.host.display()
+                ),
             ));
         }
         let shown = t.host.display().to_string();
@@ -505,7 +524,10 @@ fn check_options(options: &[MountOpt], names: &[&str]) -> Res<()> {
             if !plain(v) {
                 return Err(Fail(
                     libc::EINVAL,
-                    format!("option {}: value {v:?} has characters outside [A-Za-z0-9%._-]", o.key),
+                    format!(
+                        "option {}: value {v:?} has characters outside [A-Za-z0-9%._-]",
+                        o.key
+                    ),
                 ));
             }
         }

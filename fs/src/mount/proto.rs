@@ -18,14 +18,22 @@ pub const VERSION: u32 = 1;
 /// Per-mount flags a request may carry; any other bit is refused with EINVAL. `MS_BIND`,
 /// `MS_REC` and `MS_REMOUNT` are expressed by [`Kind`], propagation changes and `MS_MOVE` never
 /// leave the DPU.
-pub const ALLOWED_FLAGS: u64 = (libc::MS_RDONLY
-    | libc::MS_NOSUID
-    | libc::MS_NODEV
-    | libc::MS_NOEXEC
-    | libc::MS_NOATIME
-    | libc::MS_NODIRATIME
-    | libc::MS_RELATIME
-    | libc::MS_STRICTATIME) as u64;
+pub const ALLOWED_FLAGS: u64 = u64_of(
+    libc::MS_RDONLY
+        | libc::MS_NOSUID
+        | libc::MS_NODEV
+        | libc::MS_NOEXEC
+        | libc::MS_NOATIME
+        | libc::MS_NODIRATIME
+        | libc::MS_RELATIME
+        | libc::MS_STRICTATIME,
+);
+
+/// Mount flags (`c_ulong`) as `u64`: the same type on 64-bit targets, not on 32-bit ones.
+#[allow(clippy::unnecessary_cast)]
+pub(crate) const fn u64_of(v: libc::c_ulong) -> u64 {
+    v as u64
+}
 
 /// One `key` or `key=value` item of a mount option string.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 //! the DPU path → HOST path mapping through a qtfs mount's mountinfo line. No I/O here, so all
 //! of it is unit tested.
 
-use super::proto::MountOpt;
+use super::proto::{u64_of, MountOpt};
 
 /// A raw errno value (what the trapped syscall returns on failure).
 pub type Errno = i32;
@@ -41,7 +41,7 @@ pub fn classify(flags: u64) -> (MountOp, u64) {
     if flags & MS_MGC_MSK == MS_MGC_VAL {
         flags &= !MS_MGC_MSK;
     }
-    let f = |b: libc::c_ulong| flags & b as u64 != 0;
+    let f = |b: libc::c_ulong| flags & u64_of(b) != 0;
     let op = if f(libc::MS_REMOUNT) {
         MountOp::Remount {
             bind: f(libc::MS_BIND),
@@ -57,15 +57,17 @@ pub fn classify(flags: u64) -> (MountOp, u64) {
     } else {
         MountOp::New
     };
-    let strip = (libc::MS_REMOUNT
-        | libc::MS_BIND
-        | libc::MS_REC
-        | libc::MS_SILENT
-        | libc::MS_SHARED
-        | libc::MS_PRIVATE
-        | libc::MS_SLAVE
-        | libc::MS_UNBINDABLE
-        | libc::MS_MOVE) as u64;
+    let strip = u64_of(
+        libc::MS_REMOUNT
+            | libc::MS_BIND
+            | libc::MS_REC
+            | libc::MS_SILENT
+            | libc::MS_SHARED
+            | libc::MS_PRIVATE
+            | libc::MS_SLAVE
+            | libc::MS_UNBINDABLE
+            | libc::MS_MOVE,
+    );
     (op, flags & !strip)
 }
 
@@ -310,7 +312,7 @@ mod tests {
 
     #[test]
     fn flags_follow_the_kernels_precedence() {
-        let ms = |b: libc::c_ulong| b as u64;
+        let ms = u64_of;
         assert_eq!(classify(0), (MountOp::New, 0));
         assert_eq!(
             classify(ms(libc::MS_NOSUID | libc::MS_NODEV | libc::MS_SILENT)),
@@ -353,7 +355,10 @@ mod tests {
         );
         assert_eq!(
             split_options(r#"lowerdir=/a,context="s0:c1,c2""#).unwrap(),
-            vec![opt("lowerdir", Some("/a")), opt("context", Some("\"s0:c1,c2\""))]
+            vec![
+                opt("lowerdir", Some("/a")),
+                opt("context", Some("\"s0:c1,c2\""))
+            ]
         );
         assert_eq!(split_options("a=\"x"), Err(libc::EINVAL));
         assert_eq!(split_options("a\0b"), Err(libc::EINVAL));
@@ -453,7 +458,11 @@ mod tests {
         };
         assert!(qtfs_host_path(&f, "/another_rootfs/var/lib/docker/a").is_some());
         // Other filesystems (and other FUSE filesystems) are not forwarded.
-        for (fstype, source) in [("ext4", "/dev/vda"), ("fuse", "sshfs#h:/x"), ("fuse.sshfs", "qtfs:/x")] {
+        for (fstype, source) in [
+            ("ext4", "/dev/vda"),
+            ("fuse", "sshfs#h:/x"),
+            ("fuse.sshfs", "qtfs:/x"),
+        ] {
             let e = MountInfo {
                 fstype: fstype.into(),
                 source: source.into(),

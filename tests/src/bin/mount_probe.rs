@@ -39,7 +39,9 @@ fn main() {
             unsafe { libc::umount2(ptr(&target), flags) }
         }
         _ => {
-            eprintln!("usage: mount-probe mount SRC TARGET FSTYPE FLAGS DATA | umount TARGET FLAGS");
+            eprintln!(
+                "usage: mount-probe mount SRC TARGET FSTYPE FLAGS DATA | umount TARGET FLAGS"
+            );
             std::process::exit(2);
         }
     };
