@@ -33,7 +33,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use transport::{RemoteError, Service, Session, Stream};
 
 use super::proto::{self, Kind, MountOpt, Reply, Request};
@@ -216,7 +216,7 @@ impl MountService {
     }
 
     fn any_target_rule(&self, host: &Path) -> bool {
-        self.rules.iter().any(|r| host.starts_with(&r.target_under))
+        any_target(&self.rules, host)
     }
 
     /// Checks a mount against one rule; the Ok value holds the descriptors (kept open until
@@ -371,11 +371,7 @@ impl MountService {
             ),
         );
         let mut prepared = None;
-        for rule in self
-            .rules
-            .iter()
-            .filter(|r| r.fstype == kind.fstype() && t.host.starts_with(&r.target_under))
-        {
+        for rule in rules_for(&self.rules, kind.fstype(), &t.host) {
             match self.prepare(rule, kind) {
                 Ok(p) => {
                     prepared = Some(p);
@@ -503,6 +499,22 @@ impl MountService {
     }
 }
 
+/// The rules that may allow a new `fstype` mount at HOST path `target`.
+fn rules_for<'a>(
+    rules: &'a [AllowRule],
+    fstype: &'a str,
+    target: &'a Path,
+) -> impl Iterator<Item = &'a AllowRule> + 'a {
+    rules
+        .iter()
+        .filter(move |r| r.fstype == fstype && target.starts_with(&r.target_under))
+}
+
+/// Remounts and umounts: at or below any rule's `target_under`.
+fn any_target(rules: &[AllowRule], target: &Path) -> bool {
+    rules.iter().any(|r| target.starts_with(&r.target_under))
+}
+
 /// Descriptors and arguments of a checked mount.
 struct Prepared {
     fds: Vec<OwnedFd>,
@@ -616,6 +628,9 @@ impl Service for MountService {
             Err(Fail(code, message)) => {
                 if code == libc::EPERM {
                     warn!(%peer, request = %what, "refused a DPU mount: {message}");
+                } else if code == libc::EINVAL {
+                    // dockerd unmounts every candidate directory on clean-up.
+                    debug!(%peer, request = %what, "DPU mount failed: {message}");
                 } else {
                     info!(%peer, request = %what, errno = code, "DPU mount failed: {message}");
                 }
@@ -626,5 +641,131 @@ impl Service for MountService {
 
     async fn stream(&self, _session: &Session, _header: Bytes, stream: Stream) {
         stream.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Vec<AllowRule> {
+        let cfg: MountConfig = toml::from_str(
+            r#"
+            allow = [
+              { fstype = "overlay", target_under = "/var/lib/docker/overlay2" },
+              { fstype = "overlay", target_under = "/var/lib/containerd/tmpmounts", lower_under = ["/var/lib/containerd/snapshots"], upper_under = ["/var/lib/containerd/snapshots"] },
+              { fstype = "tmpfs", target_under = "/var/lib/docker/containers", options = ["size"] },
+            ]
+            "#,
+        )
+        .expect("parse [mount]");
+        cfg.allow
+    }
+
+    #[test]
+    fn rules_match_by_type_and_target_tree() {
+        let r = rules();
+        let p = Path::new;
+        let n = |t: &str, at: &str| rules_for(&r, t, p(at)).count();
+        assert_eq!(n("overlay", "/var/lib/docker/overlay2/x/merged"), 1);
+        assert_eq!(n("overlay", "/var/lib/docker/overlay2"), 1);
+        // Component-wise: a sibling with the same prefix is outside.
+        assert_eq!(n("overlay", "/var/lib/docker/overlay22/x"), 0);
+        assert_eq!(n("tmpfs", "/var/lib/docker/overlay2/x/merged"), 0);
+        assert_eq!(n("bind", "/var/lib/docker/overlay2/x"), 0);
+        assert_eq!(n("tmpfs", "/var/lib/docker/containers/c/mounts/shm"), 1);
+        assert!(any_target(&r, p("/var/lib/containerd/tmpmounts/m1")));
+        assert!(!any_target(&r, p("/var/lib/containerd/snapshots/1/fs")));
+        assert!(!any_target(&r, p("/etc")));
+    }
+
+    #[test]
+    fn source_trees_default_to_the_target_tree() {
+        let r = rules();
+        let docker = &r[0];
+        let p = Path::new;
+        assert!(under(
+            p("/var/lib/docker/overlay2/l1/diff"),
+            &docker.lower_under,
+            &docker.target_under
+        ));
+        assert!(!under(
+            p("/var/lib/docker/image"),
+            &docker.lower_under,
+            &docker.target_under
+        ));
+        let ctrd = &r[1];
+        assert!(under(
+            p("/var/lib/containerd/snapshots/3/fs"),
+            &ctrd.lower_under,
+            &ctrd.target_under
+        ));
+        assert!(!under(
+            p("/var/lib/containerd/tmpmounts/x"),
+            &ctrd.lower_under,
+            &ctrd.target_under
+        ));
+    }
+
+    #[test]
+    fn option_names_and_values_are_checked() {
+        let o = |k: &str, v: Option<&str>| MountOpt {
+            key: k.into(),
+            value: v.map(Into::into),
+        };
+        assert!(check_options(
+            &[o("size", Some("64m")), o("mode", Some("1777"))],
+            TMPFS_OPTIONS
+        )
+        .is_ok());
+        assert!(check_options(
+            &[o("index", Some("off")), o("userxattr", None)],
+            OVERLAY_OPTIONS
+        )
+        .is_ok());
+        // Names off the list: EPERM.
+        for bad in [
+            o("mpol", Some("bind")),
+            o("context", Some("x")),
+            o("lowerdir", Some("/etc")),
+        ] {
+            assert_eq!(
+                check_options(&[bad], TMPFS_OPTIONS).err().map(|f| f.0),
+                Some(libc::EPERM)
+            );
+        }
+        // Values that could smuggle an option or a path: EINVAL.
+        for v in ["1m,uid=0", "/etc", "a b", "\"a\"", "x=y", &"9".repeat(65)] {
+            assert_eq!(
+                check_options(&[o("size", Some(v))], TMPFS_OPTIONS)
+                    .err()
+                    .map(|f| f.0),
+                Some(libc::EINVAL),
+                "{v}"
+            );
+        }
+        assert!(plain("shm") && plain("overlay") && !plain("/dev/sda1"));
+    }
+
+    #[test]
+    fn bad_rules_are_refused_at_start() {
+        let bad: MountConfig =
+            toml::from_str(r#"allow = [ { fstype = "overlay", target_under = "rel/dir" } ]"#)
+                .expect("parse");
+        assert!(matches!(
+            MountService::new(bad, FsService::new(Default::default()).expect("fs")),
+            Err(MountConfigError::RelativePath(_))
+        ));
+        let bad: MountConfig =
+            toml::from_str(r#"allow = [ { fstype = "over,lay", target_under = "/x" } ]"#)
+                .expect("parse");
+        assert!(matches!(
+            MountService::new(bad, FsService::new(Default::default()).expect("fs")),
+            Err(MountConfigError::BadType(_))
+        ));
+        assert!(toml::from_str::<MountConfig>(
+            r#"allow = [ { fstype = "tmpfs", target = "/x" } ]"#
+        )
+        .is_err());
     }
 }
