@@ -113,7 +113,11 @@ pub fn connect_url(listen: &str) -> String {
         None => listen.to_string(),
     }
 }
+pub mod cri;
 pub mod fs;
+pub mod images;
+pub mod scratch_containerd;
+pub mod scratch_dockerd;
 
 /// Kills and reaps the daemons a test started, even when the test fails.
 pub struct KillOnDrop(pub Vec<std::process::Child>);
