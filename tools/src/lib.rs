@@ -61,3 +61,5 @@ pub fn init_tracing(default: &str) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
+
+pub mod rootfs;

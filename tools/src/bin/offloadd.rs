@@ -54,6 +54,9 @@ struct Config {
     /// offloadd ignores them.
     #[allow(dead_code)]
     qtfs: Option<toml::Table>,
+    /// The management plane's root, read by `offload dpu setup`; offloadd ignores it.
+    #[allow(dead_code)]
+    rootfs: Option<toml::Table>,
     /// qtfs exports served to the DPU.
     fs: Option<offload_fs::FsConfig>,
     /// Mount forwarding: which mounts a DPU may make on the HOST inside the fs exports.
