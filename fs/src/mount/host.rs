@@ -421,15 +421,6 @@ impl MountService {
 
     fn do_umount(&self, target: &str, detach: bool) -> Res<String> {
         let t = self.resolve(target, "target")?;
-        if !self.any_target_rule(&t.host) {
-            return Err(Fail(
-                libc::EPERM,
-                format!(
-                    "umount of {} is outside every allowed target",
-                    t.host.display()
-                ),
-            ));
-        }
         let shown = t.host.display().to_string();
         let parent = Resolved {
             idx: t.idx,
@@ -455,8 +446,16 @@ impl MountService {
             let mnt = sys::mnt_id(top.as_raw_fd()).map_err(errno_fail("target", &shown))?;
             ((st.st_dev, st.st_ino), mnt)
         };
+        // Not a mount point: the kernel's EINVAL, whatever the allow-list says (dockerd
+        // unmounts directories that may not be mounted and ignores only EINVAL).
         if tmnt == pmnt {
             return Err(Fail(libc::EINVAL, format!("{shown} is not a mount point")));
+        }
+        if !self.any_target_rule(&t.host) {
+            return Err(Fail(
+                libc::EPERM,
+                format!("umount of {shown} is outside every allowed target"),
+            ));
         }
         let restored = self.fs.uncover(root, tmnt);
         let flags = libc::UMOUNT_NOFOLLOW | if detach { libc::MNT_DETACH } else { 0 };
