@@ -598,7 +598,8 @@ impl Supervisor {
             return Ok(Decision::Continue);
         }
         let target = c.read_str(args[1], libc::PATH_MAX as usize)?;
-        let Some(t) = self.locate(c, &target, true) else {
+        // Unresolvable or not on qtfs: the kernel runs it (and says why it fails).
+        let Ok(Some(t)) = self.locate(c, &target, true) else {
             return Ok(Decision::Continue);
         };
         if t.mount_root {
@@ -608,7 +609,7 @@ impl Supervisor {
             MountOp::Remount { bind } => Kind::Remount { bind },
             MountOp::Bind { recursive } => {
                 let source = c.read_str(args[0], libc::PATH_MAX as usize)?;
-                let Some(s) = self.locate(c, &source, true) else {
+                let Some(s) = self.locate(c, &source, true)? else {
                     warn!(source = %String::from_utf8_lossy(&source), target = %t.host,
                         "bind of a DPU-local path onto a qtfs path cannot be made on the HOST: EPERM");
                     return Err(libc::EPERM);
@@ -644,8 +645,13 @@ impl Supervisor {
                     let d = spec::overlay_dirs(opts)?;
                     let mut host = |p: &str| -> Result<String, i32> {
                         match self.locate(c, p.as_bytes(), true) {
-                            Some(q) => Ok(q.host),
-                            None => {
+                            Ok(Some(q)) => Ok(q.host),
+                            Err(e) => {
+                                warn!(dir = %p, target = %t.host, errno = e,
+                                    "overlay directory does not resolve in the caller's view");
+                                Err(e)
+                            }
+                            Ok(None) => {
                                 warn!(dir = %p, target = %t.host,
                                     "overlay on a qtfs path with a directory not on qtfs cannot be made on the HOST: EPERM");
                                 Err(libc::EPERM)
@@ -690,7 +696,7 @@ impl Supervisor {
         let flags = args[1] as i32;
         let target = c.read_str(args[0], libc::PATH_MAX as usize)?;
         let follow = flags & libc::UMOUNT_NOFOLLOW == 0;
-        let Some(t) = self.locate(c, &target, follow) else {
+        let Ok(Some(t)) = self.locate(c, &target, follow) else {
             return Ok(Decision::Continue);
         };
         if t.mount_root || flags & libc::MNT_EXPIRE != 0 {
@@ -706,19 +712,23 @@ impl Supervisor {
         })
     }
 
-    /// Where `path` (as the caller names it) lies, if on a qtfs mount. None when it does not
-    /// resolve (the kernel will say why) or is on another filesystem.
-    fn locate(&self, c: &Caller, path: &[u8], follow: bool) -> Option<QtfsPath> {
-        let fd = c.resolve(path, follow).ok()?;
+    /// Where `path` (as the caller names it) lies: on a qtfs mount (Some), elsewhere (None),
+    /// or the errno resolving it gave the caller's view.
+    fn locate(&self, c: &Caller, path: &[u8], follow: bool) -> Result<Option<QtfsPath>, i32> {
+        let fd = c.resolve(path, follow)?;
+        let link = self.proc_root.join(format!("self/fd/{}", fd.as_raw_fd()));
         let canonical =
-            std::fs::read_link(self.proc_root.join(format!("self/fd/{}", fd.as_raw_fd()))).ok()?;
-        let canonical = canonical.to_str()?.to_string();
-        let mnt = mnt_id(fd.as_raw_fd()).ok()?;
-        let info = std::fs::read_to_string(self.proc_root.join("self/mountinfo")).ok()?;
-        let m = spec::parse_mountinfo(&info)
+            std::fs::read_link(link).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let Some(canonical) = canonical.to_str() else {
+            return Ok(None);
+        };
+        let mnt = mnt_id(fd.as_raw_fd())?;
+        let info = std::fs::read_to_string(self.proc_root.join("self/mountinfo"))
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        Ok(spec::parse_mountinfo(&info)
             .into_iter()
-            .find(|m| m.id == mnt)?;
-        spec::qtfs_host_path(&m, &canonical)
+            .find(|m| m.id == mnt)
+            .and_then(|m| spec::qtfs_host_path(&m, canonical)))
     }
 }
 
@@ -834,21 +844,30 @@ impl Caller {
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
         how.flags = (libc::O_PATH | libc::O_CLOEXEC | nofollow) as u64;
         how.resolve = libc::RESOLVE_IN_ROOT;
-        // SAFETY: valid pointers and size; result checked.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                dir,
-                full.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if rc < 0 {
-            return Err(last());
+        // openat2 answers EAGAIN when a rename or a mount anywhere raced with a `..` it
+        // resolved under RESOLVE_IN_ROOT (dockerd's `l/` links are `../<id>/diff`): try again.
+        let mut tries = 0;
+        loop {
+            // SAFETY: valid pointers and size; result checked.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_openat2,
+                    dir,
+                    full.as_ptr(),
+                    &how as *const libc::open_how,
+                    std::mem::size_of::<libc::open_how>(),
+                )
+            };
+            if rc >= 0 {
+                // SAFETY: fresh descriptor.
+                return Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) });
+            }
+            let e = last();
+            tries += 1;
+            if !(e == libc::EAGAIN || e == libc::EINTR) || tries >= 1000 {
+                return Err(e);
+            }
         }
-        // SAFETY: fresh descriptor.
-        Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
     }
 }
 
