@@ -52,22 +52,22 @@
 //!
 //! # Pseudo filesystems (`proc`, `sys`)
 //! Zero attribute/entry TTLs and direct I/O on every open, so files that report size 0 are read
-//! to EOF and nothing is cached. With `proc`, the root entries `self` and `thread-self` are
-//! symlinks generated here: their target is `<local_proc>/<tgid>` (resp.
-//! `<local_proc>/<tgid>/task/<tid>`) of the *calling* DPU process, taken from the FUSE request's
-//! pid, so a process reading `/proc/self/status` sees itself while `/proc/<pid>` and
-//! `/proc/1/mountinfo` are the HOST's.
+//! to EOF and nothing is cached. With `proc`, the caller's own processes are the DPU's and
+//! everything else the HOST's: `self`, `thread-self` and `/proc/<n>` for the caller's own
+//! tgid and thread ids are generated here from the FUSE request's pid (the entries link into
+//! `local_proc`), and their `mountinfo`/`mounts` show the HOST's cgroup mounts where the
+//! caller reaches them through qtfs; the `procview` module has the rule.
 //!
-//! # FIFOs (decision)
-//! The DPU kernel handles a node of type S_IFIFO itself (a local pipe; the FUSE server never
-//! sees the open). So HOST FIFOs are presented to the DPU as *regular files* of size 0 opened
-//! with direct I/O and as non-seekable streams: open, read, write and poll go to the HOST, where
-//! the real FIFO is opened (the open blocks until the peer end appears, on a dedicated HOST
-//! thread, never in a bounded pool). A reader on the DPU mount thus connects to a writer on the
-//! HOST path and vice versa, with normal blocking and EOF semantics. `mkfifo` through the mount
-//! creates a real FIFO on the HOST. The cost: `stat` on the DPU reports a regular file, so
-//! `test -p` is false there. FIFOs that `ctr` creates on the DPU side for container stdio are
-//! bridged by shim-bridge, not here.
+//! # FIFOs
+//! HOST FIFOs are FIFOs on the DPU too (`stat` says S_IFIFO; `mkfifo` through the mount makes
+//! a real FIFO on the HOST). The DPU kernel opens such a node itself — a local pipe per inode,
+//! no FUSE OPEN, pollable, interruptible by `close` like any pipe — and a tunnel per FIFO
+//! between this daemon and the HOST's joins that pipe with the HOST's ([`crate::fifo`] explains
+//! the protocol). FIFO entries and attributes have a TTL of 0, so each path walk (LOOKUP) and
+//! each open (its permission check: GETATTR) reaches this daemon: that arms the FIFO's tunnel
+//! or makes it probe at once. The daemon's own opens go through one thread
+//! ([`crate::fifo::Opener`]) whose requests are not taken as such hints. FIFOs that `ctr`
+//! creates in DPU-local directories for container stdio are bridged by shim-bridge, not here.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -88,6 +88,8 @@ use fuser::{
 use tracing::{debug, info, warn};
 use transport::{CallError, Session};
 
+use crate::fifo;
+use crate::procview::{self, is_syn_fh, is_syn_ino, ProcView, SynNode};
 use crate::proto::{
     self, Attr, Caller, DirEntry, Entry, Fh, NodeId, Op, Reply, SetTime, Ts, STALE_INSTANCE,
 };
@@ -97,7 +99,8 @@ use crate::proto::{
 pub struct MountOptions {
     /// HOST path (inside an export) to mount.
     pub source: String,
-    /// procfs mode: `self`/`thread-self` point into `local_proc`, no caching, direct I/O.
+    /// procfs mode: the caller's own `self`, `thread-self`, `/proc/<own pid>` from
+    /// `local_proc` (see the module docs), no caching, direct I/O.
     pub proc_fs: bool,
     /// sysfs/cgroupfs mode: no caching, direct I/O.
     pub sys_fs: bool,
@@ -198,7 +201,7 @@ struct Inode {
     node: NodeId,
     epoch: u64,
     server_lookups: u64,
-    /// A HOST FIFO shown as a regular file.
+    /// A FIFO (TTL 0; its lookups and getattrs arm or kick its tunnel).
     fifo: bool,
     /// The attributes last received from the HOST (and handed to the kernel), when, and the
     /// mount's change sequence when the request was sent (see [`Inner::fresh_attr`]).
@@ -265,6 +268,51 @@ struct Inner {
     /// Bytes of acknowledged writes in flight, in KiB permits: bounds the memory write-behind
     /// holds and makes writers wait when the HOST falls behind.
     wb_budget: Arc<tokio::sync::Semaphore>,
+    /// FIFO tunnels of this mount.
+    fifos: Fifos,
+    /// proc mode's own-process view (`None` unless `proc`).
+    proc_view: Option<ProcView>,
+}
+
+/// Most FIFO tunnels armed at once per mount (each is one stream of the session).
+const MAX_TUNNELS: usize = 1024;
+
+/// The FIFO tunnels of one mount (see [`crate::fifo`]).
+#[derive(Default)]
+struct Fifos {
+    /// Where this mount is, as this process sees it (set by [`QtfsFs::mount`]).
+    mountpoint: std::sync::OnceLock<PathBuf>,
+    /// Runs this daemon's opens of FIFOs through the mount; started with the first tunnel.
+    opener: std::sync::OnceLock<Option<Arc<fifo::Opener>>>,
+    /// Armed tunnels by inode.
+    armed: Mutex<HashMap<u64, Arc<fifo::Control>>>,
+}
+
+impl Fifos {
+    fn armed(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<fifo::Control>>> {
+        match self.armed.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// True for a request made by this daemon's own opener thread.
+    fn own(&self, pid: u32) -> bool {
+        matches!(self.opener.get(), Some(Some(o)) if o.tid() == pid)
+    }
+
+    fn opener(&self) -> Option<Arc<fifo::Opener>> {
+        let mp = self.mountpoint.get()?.clone();
+        self.opener
+            .get_or_init(|| match fifo::Opener::start(mp) {
+                Ok(o) => Some(Arc::new(o)),
+                Err(e) => {
+                    warn!(error = %e, "cannot start the FIFO opener thread; FIFOs stay local");
+                    None
+                }
+            })
+            .clone()
+    }
 }
 
 /// Write-behind budget of one mount.
@@ -362,7 +410,7 @@ fn kind_of(mode: u32) -> FileType {
     match mode & libc::S_IFMT {
         libc::S_IFDIR => FileType::Directory,
         libc::S_IFLNK => FileType::Symlink,
-        libc::S_IFIFO => FileType::RegularFile,
+        libc::S_IFIFO => FileType::NamedPipe,
         libc::S_IFCHR => FileType::CharDevice,
         libc::S_IFBLK => FileType::BlockDevice,
         libc::S_IFSOCK => FileType::Socket,
@@ -408,17 +456,6 @@ fn caller(req: &Request) -> Caller {
         uid: req.uid(),
         gid: req.gid(),
     }
-}
-
-/// Thread-group id of a DPU thread (FUSE reports the calling thread's id).
-fn tgid_of(tid: u32) -> u32 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
-        return tid;
-    };
-    s.lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(tid)
 }
 
 impl QtfsFs {
@@ -496,6 +533,8 @@ impl QtfsFs {
                 no_xattr: Mutex::new(HashMap::new()),
                 unstable: Mutex::new(HashMap::new()),
                 wb_budget: Arc::new(tokio::sync::Semaphore::new(WB_BUDGET_KIB)),
+                fifos: Fifos::default(),
+                proc_view: opts.proc_fs.then(|| ProcView::new(opts.local_proc.clone())),
                 opts,
             }),
         })
@@ -541,6 +580,15 @@ impl Inner {
             Duration::ZERO
         } else {
             self.opts.attr_timeout
+        }
+    }
+
+    /// The attribute TTL for a node: zero for FIFOs, so every open of one asks (a hint).
+    fn ttl_for(&self, a: &Attr) -> Duration {
+        if is_fifo(a.mode) {
+            Duration::ZERO
+        } else {
+            self.ttl()
         }
     }
 
@@ -825,33 +873,9 @@ impl Inner {
         ino
     }
 
-    /// Like [`Inner::add_entry`] but under a fresh inode number that later lookups never map
-    /// to (the node's server reference is still released on forget).
-    fn add_private_entry(&self, parent: u64, name: &[u8], e: &Entry) -> u64 {
-        let mut st = self.st();
-        let epoch = st.epoch;
-        let ino = st.next_ino;
-        st.next_ino += 1;
-        st.inodes.insert(
-            ino,
-            Inode {
-                kernel_lookups: 1,
-                parent,
-                name: name.to_vec(),
-                node: e.node,
-                epoch,
-                server_lookups: 1,
-                fifo: true,
-                attr: None,
-                stale_at: 0,
-            },
-        );
-        ino
-    }
-
     /// Drops `n` kernel references; forgets the server node when none remain.
     fn forget(self: &Arc<Self>, ino: u64, n: u64) {
-        if ino == ROOT || ino == SELF_INO || ino == THREAD_SELF_INO {
+        if ino == ROOT || is_syn_ino(ino) {
             return;
         }
         let release = {
@@ -866,6 +890,9 @@ impl Inner {
             };
             if !gone {
                 return;
+            }
+            if let Some(c) = self.fifos.armed().get(&ino) {
+                c.stop();
             }
             match st.inodes.remove(&ino) {
                 Some(i) if i.epoch == epoch => {
@@ -1089,7 +1116,7 @@ impl Inner {
     }
 
     /// The HOST handle and instance to write through handle `fh` with write-behind, if its
-    /// writes may be acknowledged before the HOST answers: not for pseudo filesystems, FIFOs,
+    /// writes may be acknowledged before the HOST answers: not for pseudo filesystems,
     /// files opened for synchronous or appending writes, or a handle not re-opened yet after a
     /// HOST restart.
     fn write_behind_target(&self, fh: u64) -> Option<(Fh, u64)> {
@@ -1099,10 +1126,7 @@ impl Inner {
         let st = self.st();
         let h = st.handles.get(&fh)?;
         let no = libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC | libc::O_DIRECT;
-        let ok = h.epoch == st.epoch
-            && !h.dir
-            && h.flags & no == 0
-            && !st.inodes.get(&h.ino).is_some_and(|i| i.fifo);
+        let ok = h.epoch == st.epoch && !h.dir && h.flags & no == 0;
         ok.then_some((h.fh, st.instance))
     }
 
@@ -1293,47 +1317,122 @@ impl Inner {
         self.st().inodes.get(&ino).is_some_and(|i| i.fifo)
     }
 
-    fn open_flags(&self, direct: bool, fifo: bool) -> FopenFlags {
+    fn open_flags(&self, direct: bool) -> FopenFlags {
         let mut f = FopenFlags::empty();
-        if direct || fifo || self.opts.pseudo() {
+        if direct || self.opts.pseudo() {
             f |= FopenFlags::FOPEN_DIRECT_IO;
-        }
-        if fifo {
-            f |= FopenFlags::FOPEN_NONSEEKABLE | FopenFlags::FOPEN_STREAM;
         }
         f
     }
 
-    fn synthetic_attr(&self, ino: u64) -> FileAttr {
-        let now = SystemTime::now();
-        FileAttr {
-            ino: INodeNo(ino),
-            size: 0,
-            blocks: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            crtime: now,
-            kind: FileType::Symlink,
-            perm: 0o777,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
+    /// A DPU process looks up, stats or opens FIFO `ino` (FUSE request from thread `pid`):
+    /// arm its tunnel, or make an armed one probe at once. The daemon's own requests are not
+    /// hints (they would kick the tunnel in a loop).
+    fn fifo_hint(self: &Arc<Self>, ino: u64, pid: u32) {
+        if self.opts.pseudo() || self.fifos.own(pid) || self.fifos.mountpoint.get().is_none() {
+            return;
+        }
+        let (node, instance) = {
+            let st = self.st();
+            match st.inodes.get(&ino) {
+                Some(n) if n.fifo && n.epoch == st.epoch => (n.node, st.instance),
+                _ => return,
+            }
+        };
+        let ctl = {
+            let mut armed = self.fifos.armed();
+            if let Some(c) = armed.get(&ino) {
+                c.kick();
+                return;
+            }
+            if armed.len() >= MAX_TUNNELS {
+                warn!(
+                    ino,
+                    "too many FIFO tunnels; this FIFO stays local to the DPU"
+                );
+                return;
+            }
+            let c = Arc::new(fifo::Control::default());
+            armed.insert(ino, c.clone());
+            c
+        };
+        let me = self.clone();
+        self.rt.spawn(async move {
+            match me.fifo_tunnel(ino, node, instance, ctl.clone()).await {
+                Ok(()) => debug!(ino, "fifo tunnel closed"),
+                Err(e) => debug!(ino, error = %e, "fifo tunnel ended"),
+            }
+            let mut armed = me.fifos.armed();
+            if armed.get(&ino).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
+                armed.remove(&ino);
+            }
+        });
+    }
+
+    async fn fifo_tunnel(
+        self: &Arc<Self>,
+        ino: u64,
+        node: NodeId,
+        instance: u64,
+        ctl: Arc<fifo::Control>,
+    ) -> Result<(), fifo::TunnelError> {
+        let Some(opener) = self.fifos.opener() else {
+            return Ok(());
+        };
+        let session = self
+            .client
+            .session()
+            .await
+            .map_err(|e| fifo::TunnelError::Io(std::io::Error::other(e.to_string())))?;
+        let header = fifo::encode_header(&fifo::TunnelHeader { instance, node });
+        let stream = session
+            .open_stream("fs", header)
+            .await
+            .map_err(|e| fifo::TunnelError::Io(std::io::Error::other(e.to_string())))?;
+        debug!(ino, node, "fifo tunnel armed");
+        let ends = DpuEnds {
+            inner: self.clone(),
+            opener,
+            ino,
+            node_fd: None,
+        };
+        fifo::run(fifo::Side::Dpu, ends, stream, ctl).await
+    }
+
+    /// `parent/name` was unlinked through this mount: an armed tunnel of that FIFO ends once
+    /// no cycle runs (its DPU openers, if any, keep their pipe).
+    fn fifo_unlinked(&self, parent: u64, name: &[u8]) {
+        let st = self.st();
+        let armed = self.fifos.armed();
+        for (ino, c) in armed.iter() {
+            if st
+                .inodes
+                .get(ino)
+                .is_some_and(|i| i.parent == parent && i.name == name)
+            {
+                c.stop();
+            }
         }
     }
 
-    fn self_link(&self, ino: u64, pid: u32) -> Vec<u8> {
-        let tgid = tgid_of(pid);
-        let base = self.opts.local_proc.as_os_str().as_bytes();
-        let s = if ino == SELF_INO {
-            format!("{}/{tgid}", String::from_utf8_lossy(base))
-        } else {
-            format!("{}/{tgid}/task/{pid}", String::from_utf8_lossy(base))
-        };
-        s.into_bytes()
+    /// The path of `ino` below the mount root, from the names this mount knows.
+    fn rel_path(&self, ino: u64) -> Option<PathBuf> {
+        let st = self.st();
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT {
+            let n = st.inodes.get(&cur)?;
+            if parts.len() > 4096 || n.name.is_empty() {
+                return None;
+            }
+            parts.push(&n.name);
+            cur = n.parent;
+        }
+        let mut p = PathBuf::new();
+        for c in parts.iter().rev() {
+            p.push(OsStr::from_bytes(c));
+        }
+        Some(p)
     }
 }
 
@@ -1370,7 +1469,14 @@ macro_rules! spawn_reply {
 
 impl QtfsFs {
     /// Lookup on the runtime: waits out outages and re-resolves after a HOST restart.
-    fn lookup_async(me: Arc<Inner>, parent: u64, name: Vec<u8>, sent: u64, reply: ReplyEntry) {
+    fn lookup_async(
+        me: Arc<Inner>,
+        parent: u64,
+        name: Vec<u8>,
+        sent: u64,
+        pid: u32,
+        reply: ReplyEntry,
+    ) {
         me.rt.clone().spawn(async move {
             let res = me
                 .with(|| async {
@@ -1384,7 +1490,7 @@ impl QtfsFs {
                 .await;
             match res {
                 Ok(Reply::Entry(e)) => {
-                    QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
+                    QtfsFs::entry_reply(&me, parent, &name, e, sent, pid, reply);
                 }
                 Ok(_) => reply.error(Errno::EIO),
                 Err(e) => reply.error(errno(e)),
@@ -1397,7 +1503,7 @@ impl QtfsFs {
         match r {
             Ok(Reply::Attr(a)) => {
                 me.note_attr(ino, &a, sent);
-                reply.attr(&me.ttl(), &fuse_attr(ino, &a))
+                reply.attr(&me.ttl_for(&a), &fuse_attr(ino, &a))
             }
             Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
@@ -1449,22 +1555,28 @@ impl QtfsFs {
         }
     }
 
-    /// Answers with an entry the HOST returned; the kernel's new inode number.
+    /// Answers with an entry the HOST returned; the kernel's new inode number. `pid`: the
+    /// caller, whose lookup of a FIFO arms or kicks its tunnel (0: no hint).
     fn entry_reply(
         inner: &Arc<Inner>,
         parent: u64,
         name: &[u8],
         e: Entry,
         sent: u64,
+        pid: u32,
         reply: ReplyEntry,
     ) -> u64 {
         let ino = inner.add_entry(parent, name, &e, sent);
-        reply.entry_with_ttls(
-            &inner.ttl(),
-            &inner.entry_ttl(),
-            &fuse_attr(ino, &e.attr),
-            Generation(0),
-        );
+        let fifo = is_fifo(e.attr.mode);
+        let (ttl, entry_ttl) = if fifo {
+            (Duration::ZERO, Duration::ZERO)
+        } else {
+            (inner.ttl(), inner.entry_ttl())
+        };
+        reply.entry_with_ttls(&ttl, &entry_ttl, &fuse_attr(ino, &e.attr), Generation(0));
+        if fifo && pid != 0 {
+            inner.fifo_hint(ino, pid);
+        }
         ino
     }
 }
@@ -1494,6 +1606,9 @@ impl Filesystem for QtfsFs {
     /// Unmounting: acknowledged writes still in flight are delivered before the process ends
     /// (bounded by the mount's timeout unless `hard`).
     fn destroy(&mut self) {
+        for c in self.inner.fifos.armed().values() {
+            c.stop();
+        }
         let pending: Vec<u64> = self.inner.unstable_map().keys().copied().collect();
         if pending.is_empty() {
             return;
@@ -1518,24 +1633,13 @@ impl Filesystem for QtfsFs {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let parent = parent.0;
+        let pid = req.pid();
         let name = name.as_bytes().to_vec();
-        if self.inner.opts.proc_fs && parent == ROOT {
-            let syn = match name.as_slice() {
-                b"self" => Some(SELF_INO),
-                b"thread-self" => Some(THREAD_SELF_INO),
-                _ => None,
-            };
-            if let Some(ino) = syn {
-                reply.entry(
-                    &Duration::ZERO,
-                    &self.inner.synthetic_attr(ino),
-                    Generation(0),
-                );
-                return;
-            }
-        }
+        let Some(reply) = self.syn_lookup(req, parent, &name, reply) else {
+            return;
+        };
         if self.inner.known_absent(parent, &name) {
             reply.error(Errno::ENOENT);
             return;
@@ -1543,7 +1647,7 @@ impl Filesystem for QtfsFs {
         let sent = self.inner.attr_seq();
         let me = self.inner.clone();
         let Some((p, instance, session)) = self.inner.ready(parent) else {
-            return Self::lookup_async(me, parent, name, sent, reply);
+            return Self::lookup_async(me, parent, name, sent, pid, reply);
         };
         let op = Op::Lookup {
             parent: p,
@@ -1552,25 +1656,39 @@ impl Filesystem for QtfsFs {
         self.inner
             .call_then(&session, instance, op, move |r| match r {
                 Some(Ok(Reply::Entry(e))) => {
-                    QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
+                    QtfsFs::entry_reply(&me, parent, &name, e, sent, pid, reply);
                 }
                 Some(Ok(_)) => reply.error(Errno::EIO),
                 Some(Err(e)) => reply.error(errno(e)),
-                None => Self::lookup_async(me, parent, name, sent, reply),
+                None => Self::lookup_async(me, parent, name, sent, pid, reply),
             });
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if is_syn_ino(ino.0) {
+            if let Some(v) = self.view() {
+                v.forget(ino.0, nlookup);
+            }
+            return;
+        }
         self.inner.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
-            reply.attr(&Duration::ZERO, &self.inner.synthetic_attr(ino));
+        let Some(reply) = self.syn_getattr(ino, reply) else {
             return;
+        };
+        if self.inner.is_fifo_ino(ino) {
+            // Someone stats or opens the FIFO (its attributes have TTL 0).
+            self.inner.fifo_hint(ino, req.pid());
         }
         if let Some((a, left)) = self.inner.fresh_attr(ino) {
+            let left = if is_fifo(a.mode) {
+                Duration::ZERO
+            } else {
+                left
+            };
             reply.attr(&left, &fuse_attr(ino, &a));
             return;
         }
@@ -1620,10 +1738,9 @@ impl Filesystem for QtfsFs {
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
-            reply.data(&self.inner.self_link(ino, req.pid()));
+        let Some(reply) = self.syn_readlink(req, ino, reply) else {
             return;
-        }
+        };
         spawn_reply!(
             self,
             reply,
@@ -1651,6 +1768,7 @@ impl Filesystem for QtfsFs {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
         let caller = caller(req);
+        let pid = req.pid();
         let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
@@ -1672,17 +1790,8 @@ impl Filesystem for QtfsFs {
             |v| {
                 let (e, pattr) = v;
                 me.made_in(parent, &name, &pattr, sent);
-                if is_fifo(e.attr.mode) {
-                    // The kernel insists the new entry has the type it asked for; answer with
-                    // a FIFO under a private inode number and no caching, so the next lookup of
-                    // the name yields the regular-file view (see the module docs on FIFOs).
-                    let ino = me.add_private_entry(parent, &name, &e);
-                    let mut attr = fuse_attr(ino, &e.attr);
-                    attr.kind = FileType::NamedPipe;
-                    reply.entry(&Duration::ZERO, &attr, Generation(0));
-                } else {
-                    QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
-                }
+                // A FIFO made here is about to be opened: arm its tunnel.
+                QtfsFs::entry_reply(&me, parent, &name, e, sent, pid, reply);
             }
         )
     }
@@ -1719,7 +1828,7 @@ impl Filesystem for QtfsFs {
             |v| {
                 let (e, pattr) = v;
                 me.made_in(parent, &name, &pattr, sent);
-                let ino = QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
+                let ino = QtfsFs::entry_reply(&me, parent, &name, e, sent, 0, reply);
                 me.note_new_dir(ino);
             }
         )
@@ -1742,6 +1851,7 @@ impl Filesystem for QtfsFs {
             },
             |_r| {
                 me.stale_all_attrs();
+                me.fifo_unlinked(parent, &name);
                 reply.ok()
             }
         )
@@ -1801,7 +1911,7 @@ impl Filesystem for QtfsFs {
             |v| {
                 let (e, pattr) = v;
                 me.made_in(parent, &name, &pattr, sent);
-                QtfsFs::entry_reply(&me, parent, &name, e, sent, reply);
+                QtfsFs::entry_reply(&me, parent, &name, e, sent, 0, reply);
             }
         )
     }
@@ -1905,13 +2015,16 @@ impl Filesystem for QtfsFs {
             |v| {
                 let (e, pattr) = v;
                 me.made_in(newparent, &newname, &pattr, sent);
-                QtfsFs::entry_reply(&me, newparent, &newname, e, sent, reply);
+                QtfsFs::entry_reply(&me, newparent, &newname, e, sent, 0, reply);
             }
         )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = ino.0;
+        let Some(reply) = self.syn_open(ino, reply) else {
+            return;
+        };
         let flags = flags.0;
         let truncates = flags & libc::O_TRUNC != 0;
         if truncates {
@@ -1932,9 +2045,8 @@ impl Filesystem for QtfsFs {
                 if truncates {
                     me.stale_attr(ino);
                 }
-                let fifo = me.is_fifo_ino(ino);
                 let fh = me.new_handle(ino, flags, false, sfh);
-                reply.opened(FileHandle(fh), me.open_flags(direct, fifo))
+                reply.opened(FileHandle(fh), me.open_flags(direct))
             }
         )
     }
@@ -1950,6 +2062,9 @@ impl Filesystem for QtfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let Some(reply) = self.syn_read(fh.0, offset, size, reply) else {
+            return;
+        };
         // A read may update the access time.
         self.inner.stale_attr(ino.0);
         spawn_reply!(
@@ -2064,6 +2179,9 @@ impl Filesystem for QtfsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let Some(reply) = self.syn_release(fh.0, reply) else {
+            return;
+        };
         let me = self.inner.clone();
         self.inner.rt.spawn(async move {
             // Writes still in flight need the handle (re-opened after a HOST restart).
@@ -2113,6 +2231,9 @@ impl Filesystem for QtfsFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let ino = ino.0;
+        let Some(reply) = self.syn_opendir(ino, reply) else {
+            return;
+        };
         let flags = flags.0;
         // A listing shows what the HOST holds: names must not be denied that it lists. And
         // reading the directory may update its access time.
@@ -2141,8 +2262,11 @@ impl Filesystem for QtfsFs {
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
+        let Some(mut reply) = self.syn_readdir(fh.0, offset, reply) else {
+            return;
+        };
         spawn_reply!(
             self,
             reply,
@@ -2222,6 +2346,11 @@ impl Filesystem for QtfsFs {
                         Some(e) if !full => {
                             let ino = me.add_entry(dir_ino, &name, &e, sent);
                             let attr = fuse_attr(ino, &e.attr);
+                            let ttl = if is_fifo(e.attr.mode) {
+                                Duration::ZERO
+                            } else {
+                                ttl
+                            };
                             if reply.add(
                                 INodeNo(ino),
                                 offset,
@@ -2275,6 +2404,9 @@ impl Filesystem for QtfsFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let Some(reply) = self.syn_release(fh.0, reply) else {
+            return;
+        };
         let h = self.inner.st().handles.remove(&fh.0);
         let Some(h) = h else {
             reply.ok();
@@ -2309,11 +2441,7 @@ impl Filesystem for QtfsFs {
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let ino = if ino.0 == SELF_INO || ino.0 == THREAD_SELF_INO {
-            ROOT
-        } else {
-            ino.0
-        };
+        let ino = if is_syn_ino(ino.0) { ROOT } else { ino.0 };
         spawn_reply!(
             self,
             reply,
@@ -2366,7 +2494,7 @@ impl Filesystem for QtfsFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
+        if is_syn_ino(ino) {
             reply.error(Errno::ENODATA);
             return;
         }
@@ -2404,7 +2532,7 @@ impl Filesystem for QtfsFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
+        if is_syn_ino(ino) {
             reply.size(0);
             return;
         }
@@ -2455,7 +2583,7 @@ impl Filesystem for QtfsFs {
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let ino = ino.0;
-        if ino == SELF_INO || ino == THREAD_SELF_INO {
+        if is_syn_ino(ino) {
             reply.ok();
             return;
         }
@@ -2521,7 +2649,7 @@ impl Filesystem for QtfsFs {
                     &fuse_attr(ino, &entry.attr),
                     Generation(0),
                     FileHandle(fh),
-                    me.open_flags(direct, false),
+                    me.open_flags(direct),
                 )
             }
         )
@@ -2609,6 +2737,9 @@ impl Filesystem for QtfsFs {
         flags: PollFlags,
         reply: ReplyPoll,
     ) {
+        let Some(reply) = self.syn_poll(fh.0, events, reply) else {
+            return;
+        };
         let ev = events.bits();
         let notify = flags.contains(PollFlags::FUSE_POLL_SCHEDULE_NOTIFY);
         spawn_reply!(
@@ -2729,6 +2860,61 @@ impl QtfsFs {
     }
 }
 
+/// The DPU's side of a FIFO tunnel: opens through this mount, on the opener thread. Holds an
+/// `O_PATH` descriptor of the FIFO only while the tunnel probes fast or runs a cycle.
+struct DpuEnds {
+    inner: Arc<Inner>,
+    opener: Arc<fifo::Opener>,
+    ino: u64,
+    node_fd: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+impl DpuEnds {
+    async fn open(&mut self, flags: i32) -> Result<std::os::fd::OwnedFd, i32> {
+        let fd = match &self.node_fd {
+            Some(fd) => fd.clone(),
+            None => {
+                let rel = self.inner.rel_path(self.ino).ok_or(libc::ESTALE)?;
+                let ino = self.ino;
+                let fd = self
+                    .opener
+                    .run(move |r| r.open_node(&rel, ino))
+                    .await
+                    .ok_or(libc::EIO)??;
+                let fd = Arc::new(fd);
+                self.node_fd = Some(fd.clone());
+                fd
+            }
+        };
+        self.opener
+            .run(move |_| {
+                use std::os::fd::AsRawFd;
+                crate::sys::reopen(fd.as_raw_fd(), flags | libc::O_NONBLOCK)
+            })
+            .await
+            .ok_or(libc::EIO)?
+    }
+}
+
+#[async_trait::async_trait]
+impl fifo::Ends for DpuEnds {
+    async fn probe(&mut self) -> Result<Option<std::os::fd::OwnedFd>, i32> {
+        match self.open(libc::O_WRONLY).await {
+            Ok(fd) => Ok(Some(fd)),
+            Err(libc::ENXIO) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn reader(&mut self) -> Result<std::os::fd::OwnedFd, i32> {
+        self.open(libc::O_RDONLY).await
+    }
+
+    fn rest(&mut self) {
+        self.node_fd = None;
+    }
+}
+
 /// A live FUSE mount; [`Mounted::run`] serves it until it is unmounted (`umount DST`).
 pub struct Mounted(fuser::Session<QtfsFs>);
 
@@ -2744,6 +2930,327 @@ impl QtfsFs {
     /// fusermount3); the mount is live when this returns.
     pub fn mount(self, mountpoint: &Path) -> std::io::Result<Mounted> {
         let cfg = self.fuser_config();
+        // Resolved now: afterwards resolving it would ask this not yet serving mount. FIFO
+        // tunnels open FIFOs through it.
+        let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+        let _ = self.inner.fifos.mountpoint.set(mp);
         Ok(Mounted(fuser::Session::new(self, mountpoint, &cfg)?))
+    }
+}
+
+/// proc mode: the caller's own entries (module `procview`). The FUSE methods call these
+/// first: each answers a request about a generated node (`None`) or hands the reply back.
+impl QtfsFs {
+    fn view(&self) -> Option<&ProcView> {
+        self.inner.proc_view.as_ref()
+    }
+
+    /// Replies with a generated node, taking a kernel reference to it.
+    fn syn_entry(&self, node: SynNode, reply: ReplyEntry) {
+        let Some(v) = self.view() else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        let ino = v.intern(node.clone());
+        match v.attr(ino, &node) {
+            Ok(a) => reply.entry(&Duration::ZERO, &a, Generation(0)),
+            Err(e) => {
+                v.forget(ino, 1);
+                reply.error(errno(e));
+            }
+        }
+    }
+
+    fn syn_lookup(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &[u8],
+        reply: ReplyEntry,
+    ) -> Option<ReplyEntry> {
+        let Some(v) = self.view() else {
+            return Some(reply);
+        };
+        let hand = |reply: ReplyEntry, r: R<SynNode>| match r {
+            Ok(n) => self.syn_entry(n, reply),
+            Err(e) => reply.error(errno(e)),
+        };
+        if parent == ROOT {
+            let ino = match name {
+                b"self" => SELF_INO,
+                b"thread-self" => THREAD_SELF_INO,
+                _ => match v.own_root_entry(req.pid(), name) {
+                    Some(n) => {
+                        hand(reply, Ok(n));
+                        return None;
+                    }
+                    None => return Some(reply),
+                },
+            };
+            reply.entry(&Duration::ZERO, &procview::self_attr(ino), Generation(0));
+            return None;
+        }
+        if !is_syn_ino(parent) {
+            return Some(reply);
+        }
+        match v.node(parent) {
+            Some(p) => hand(reply, v.lookup(&p, name)),
+            None => reply.error(Errno::ESTALE),
+        }
+        None
+    }
+
+    fn syn_getattr(&self, ino: u64, reply: ReplyAttr) -> Option<ReplyAttr> {
+        if ino == SELF_INO || ino == THREAD_SELF_INO {
+            reply.attr(&Duration::ZERO, &procview::self_attr(ino));
+            return None;
+        }
+        if !is_syn_ino(ino) {
+            return Some(reply);
+        }
+        match self.view().and_then(|v| Some((v, v.node(ino)?))) {
+            Some((v, n)) => match v.attr(ino, &n) {
+                Ok(a) => reply.attr(&Duration::ZERO, &a),
+                Err(e) => reply.error(errno(e)),
+            },
+            None => reply.error(Errno::ESTALE),
+        }
+        None
+    }
+
+    fn syn_readlink(&self, req: &Request, ino: u64, reply: ReplyData) -> Option<ReplyData> {
+        if !is_syn_ino(ino) {
+            return Some(reply);
+        }
+        let Some(v) = self.view() else {
+            reply.error(Errno::ESTALE);
+            return None;
+        };
+        let r = match ino {
+            SELF_INO => Ok(v.self_target(req.pid(), false)),
+            THREAD_SELF_INO => Ok(v.self_target(req.pid(), true)),
+            _ => match v.node(ino) {
+                Some(n) => v.readlink(&n),
+                None => Err(libc::ESTALE),
+            },
+        };
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(e)),
+        }
+        None
+    }
+
+    fn syn_opendir(&self, ino: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !is_syn_ino(ino) {
+            return Some(reply);
+        }
+        let r = match self.view().and_then(|v| Some((v, v.node(ino)?))) {
+            Some((v, n)) => v.opendir(&n),
+            None => Err(libc::ESTALE),
+        };
+        match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+        None
+    }
+
+    fn syn_readdir(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) -> Option<ReplyDirectory> {
+        if !is_syn_fh(fh) {
+            return Some(reply);
+        }
+        let Some(v) = self.view() else {
+            reply.error(Errno::EBADF);
+            return None;
+        };
+        match v.readdir(fh, offset) {
+            Ok(list) => {
+                for (i, (name, kind, next)) in list.into_iter().enumerate() {
+                    // d_ino only: any stable non-zero number.
+                    let ino = INodeNo(procview::SYN_BASE - 1 - (next + i as u64) % 1024);
+                    if reply.add(ino, next, kind, OsStr::from_bytes(&name)) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+        None
+    }
+
+    /// Releases a generated handle (directory or file).
+    fn syn_release(&self, fh: u64, reply: ReplyEmpty) -> Option<ReplyEmpty> {
+        if !is_syn_fh(fh) {
+            return Some(reply);
+        }
+        if let Some(v) = self.view() {
+            v.release(fh);
+        }
+        reply.ok();
+        None
+    }
+
+    /// Opens a generated `mountinfo`/`mounts`: its content is made now, with the HOST's
+    /// mount table fetched through this mount (at most once a second).
+    fn syn_open(&self, ino: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        if !is_syn_ino(ino) {
+            return Some(reply);
+        }
+        let node = self.view().and_then(|v| v.node(ino));
+        let node = match node {
+            Some(n @ SynNode::File { .. }) => n,
+            Some(SynNode::Link { .. }) => {
+                reply.error(Errno::ELOOP);
+                return None;
+            }
+            Some(_) => {
+                reply.error(Errno::EISDIR);
+                return None;
+            }
+            None => {
+                reply.error(Errno::ESTALE);
+                return None;
+            }
+        };
+        let me = self.inner.clone();
+        self.inner.rt.spawn(async move {
+            let host = match me.host_mountinfo().await {
+                Ok(h) => h,
+                Err(e) => {
+                    // Still the caller's own table, only without HOST cgroup lines.
+                    debug!(errno = e, "HOST mountinfo unavailable");
+                    Arc::new(String::new())
+                }
+            };
+            let Some(v) = me.proc_view.as_ref() else {
+                reply.error(Errno::ESTALE);
+                return;
+            };
+            match v.render(&node, &host) {
+                Ok(data) => {
+                    reply.opened(FileHandle(v.open_file(data)), FopenFlags::FOPEN_DIRECT_IO)
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+        None
+    }
+
+    /// A generated file is always ready, like a regular file. (An error here would read as
+    /// EPOLLERR, and Go's runtime, which polls every file it opens, then fails its reads with
+    /// "not pollable".)
+    fn syn_poll(&self, fh: u64, events: PollEvents, reply: ReplyPoll) -> Option<ReplyPoll> {
+        if !is_syn_fh(fh) {
+            return Some(reply);
+        }
+        let ready = (libc::POLLIN | libc::POLLOUT | libc::POLLRDNORM | libc::POLLWRNORM) as u32;
+        reply.poll(PollEvents::from_bits_retain(events.bits() & ready));
+        None
+    }
+
+    fn syn_read(&self, fh: u64, offset: u64, size: u32, reply: ReplyData) -> Option<ReplyData> {
+        if !is_syn_fh(fh) {
+            return Some(reply);
+        }
+        match self.view().map(|v| v.read(fh, offset, size)) {
+            Some(Ok(d)) => reply.data(&d),
+            Some(Err(e)) => reply.error(errno(e)),
+            None => reply.error(Errno::EBADF),
+        }
+        None
+    }
+}
+
+impl Inner {
+    /// The HOST's `/proc/1/mountinfo`, read through this (proc) mount's source; reused for
+    /// [`procview::HOST_MOUNTS_TTL`].
+    async fn host_mountinfo(self: &Arc<Self>) -> R<Arc<String>> {
+        let Some(v) = self.proc_view.as_ref() else {
+            return Err(libc::EINVAL);
+        };
+        if let Some(s) = v.cached_host_mounts() {
+            return Ok(s);
+        }
+        // Bounded: a management plane reads its mountinfo often, and an outage must not stall
+        // each read for the mount's whole timeout. The last table fetched stands in meanwhile.
+        let fetch = self.with(|| async { self.read_host_file(&[b"1", b"mountinfo"]).await });
+        match tokio::time::timeout(procview::HOST_MOUNTS_WAIT, fetch).await {
+            Ok(Ok(text)) => {
+                let s = Arc::new(String::from_utf8_lossy(&text).into_owned());
+                v.store_host_mounts(s.clone());
+                Ok(s)
+            }
+            Ok(Err(e)) => v.last_host_mounts().ok_or(e),
+            Err(_) => v.last_host_mounts().ok_or(libc::ETIMEDOUT),
+        }
+    }
+
+    /// Reads the HOST file at `path` (components below the mount's root) to its end without
+    /// involving the kernel's view of the mount; every reference taken is dropped again.
+    async fn read_host_file(self: &Arc<Self>, path: &[&[u8]]) -> R<Vec<u8>> {
+        const LIMIT: usize = 16 << 20;
+        let mut node = self.node_of(ROOT).await?;
+        let mut taken: Vec<(NodeId, u64)> = Vec::new();
+        let res = async {
+            for name in path {
+                let Reply::Entry(e) = self
+                    .rpc(Op::Lookup {
+                        parent: node,
+                        name: name.to_vec(),
+                    })
+                    .await?
+                else {
+                    return Err(libc::EIO);
+                };
+                taken.push((e.node, 1));
+                node = e.node;
+            }
+            let Reply::Opened { fh, .. } = self
+                .rpc(Op::Open {
+                    node,
+                    flags: libc::O_RDONLY,
+                })
+                .await?
+            else {
+                return Err(libc::EIO);
+            };
+            let mut out = Vec::new();
+            let read = async {
+                loop {
+                    let r = self
+                        .rpc_bytes(Op::Read {
+                            fh,
+                            offset: out.len() as u64,
+                            size: 64 << 10,
+                        })
+                        .await?;
+                    let d = proto::decode_data(&r).ok_or(libc::EIO)?;
+                    if d.is_empty() || out.len() + d.len() > LIMIT {
+                        return Ok(());
+                    }
+                    out.extend_from_slice(d);
+                }
+            }
+            .await;
+            let _ = self
+                .rpc(Op::Release {
+                    fh,
+                    lock_owner: None,
+                })
+                .await;
+            read.map(|()| out)
+        }
+        .await;
+        if !taken.is_empty() && res != Err(STALE) {
+            let _ = self.rpc(Op::Forget { nodes: taken }).await;
+        }
+        res
     }
 }

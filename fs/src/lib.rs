@@ -3,10 +3,14 @@
 //! - [`proto`]: the handle-based wire protocol of the `fs` service.
 //! - [`server`]: [`FsService`], the HOST side (exports resolved beneath their roots).
 //! - [`client`]: [`QtfsFs`], the DPU side FUSE filesystem used by `mount.qtfs`.
+//! - [`fifo`]: tunnels that join a FIFO's DPU pipe and its HOST pipe.
+//! - `procview`: proc mode's rule for the caller's own processes.
 //! - [`mount`]: mount forwarding (the `mount` service and the DPU-side translation).
 
 pub mod client;
+pub mod fifo;
 pub mod mount;
+mod procview;
 pub mod proto;
 pub mod server;
 mod sys;

@@ -12,7 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in [`Op::Mount`]; bumped on incompatible changes.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// `RemoteError.code` meaning "node/handle ids are from another server instance": the client
 /// must mount again (get the new instance and root) and re-resolve. Far above any errno.
@@ -361,7 +361,7 @@ pub enum Reply {
     Attr(Attr),
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     Ok,
-    /// `direct`: the node must bypass the DPU page cache (FIFOs, devices, pseudo files).
+    /// `direct`: the node must bypass the DPU page cache (devices, pseudo files).
     Opened {
         fh: Fh,
         direct: bool,

@@ -8,8 +8,11 @@
 //!
 //! Prompt syscalls (metadata, page-cache I/O) run inline on the request's task, long ones
 //! (fsync, fallocate) on tokio's blocking pool; operations that can block indefinitely (opening,
-//! reading or writing a FIFO or device, waiting for a lock, poll) run on dedicated threads so
+//! reading or writing a character device, waiting for a lock, poll) run on dedicated threads so
 //! they can never starve a pool (the failure mode of the original qtfs).
+//!
+//! FIFOs are never opened through FUSE (the DPU kernel makes its own pipe): the DPU opens a
+//! stream per FIFO it uses and both daemons run a tunnel over it ([`crate::fifo`]).
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -24,6 +27,7 @@ use serde::Deserialize;
 use tracing::{debug, warn};
 use transport::{RemoteError, Service, Session, Stream};
 
+use crate::fifo;
 use crate::proto::{self, Attr, Caller, DirEntry, Entry, Fh, NodeId, Op, Reply, Request};
 use crate::sys::{self, Errno};
 
@@ -49,7 +53,8 @@ pub struct FsConfig {
     #[serde(default)]
     pub exports: Vec<Export>,
     /// Let clients create character/block device nodes (off: a device node of a HOST disk
-    /// inside an export would bypass every export boundary).
+    /// inside an export would bypass every export boundary). Overlay whiteouts (character
+    /// device 0/0) are always allowed.
     #[serde(default)]
     pub allow_devices: bool,
 }
@@ -84,7 +89,7 @@ struct OpenFile {
     export: usize,
     /// pread/pwrite at offsets (regular files) rather than read/write (pipes, devices).
     seekable: bool,
-    /// May block indefinitely (FIFO, char device): use a dedicated thread.
+    /// May block indefinitely (char device): use a dedicated thread.
     blocking: bool,
 }
 
@@ -575,7 +580,12 @@ impl FsService {
     }
 
     async fn open_fd(&self, fd: Arc<OwnedFd>, mode: u32, flags: i32) -> R<(OwnedFd, bool, bool)> {
-        let special = is_type(mode, libc::S_IFIFO) || is_type(mode, libc::S_IFCHR);
+        // The DPU kernel opens FIFOs itself (a local pipe joined to this one by a tunnel, see
+        // [`crate::fifo`]); a FUSE OPEN of one comes only from a client that does not know.
+        if is_type(mode, libc::S_IFIFO) {
+            return Err(libc::ENXIO);
+        }
+        let special = is_type(mode, libc::S_IFCHR);
         let seekable = is_type(mode, libc::S_IFREG) || is_type(mode, libc::S_IFBLK);
         let flags = flags & !libc::O_NONBLOCK;
         let f = move || sys::reopen(fd.as_raw_fd(), flags);
@@ -707,7 +717,13 @@ impl FsService {
                 caller,
             } => {
                 let t = mode & libc::S_IFMT;
-                if (t == libc::S_IFCHR || t == libc::S_IFBLK) && !self.inner.allow_devices {
+                // A character device 0/0 is an overlayfs whiteout (image layers unpack them):
+                // it opens nothing, so it is allowed without `allow_devices`.
+                let whiteout = t == libc::S_IFCHR && rdev == 0;
+                if (t == libc::S_IFCHR || t == libc::S_IFBLK)
+                    && !whiteout
+                    && !self.inner.allow_devices
+                {
                     return Err(libc::EPERM);
                 }
                 if t == libc::S_IFDIR || t == libc::S_IFLNK {
@@ -1275,8 +1291,63 @@ impl Service for FsService {
         }
     }
 
-    async fn stream(&self, _session: &Session, _header: Bytes, stream: Stream) {
-        // The fs protocol is request/response only.
-        stream.reset();
+    /// FIFO tunnels (see [`crate::fifo`]): the DPU opens one stream per FIFO it uses.
+    async fn stream(&self, _session: &Session, header: Bytes, stream: Stream) {
+        let Some(h) = fifo::decode_header(&header) else {
+            stream.reset_with("unknown fs stream");
+            return;
+        };
+        if h.instance != self.inner.instance {
+            stream.reset_with("stale instance");
+            return;
+        }
+        match self.node(h.node) {
+            Ok((_, _, mode)) if is_type(mode, libc::S_IFIFO) => {}
+            _ => {
+                stream.reset_with("not a FIFO node");
+                return;
+            }
+        }
+        let ends = HostEnds {
+            svc: self.clone(),
+            node: h.node,
+        };
+        let ctl = Arc::new(fifo::Control::default());
+        match fifo::run(fifo::Side::Host, ends, stream, ctl).await {
+            Ok(()) => debug!(node = h.node, "fifo tunnel closed"),
+            Err(e) => debug!(node = h.node, error = %e, "fifo tunnel ended"),
+        }
+    }
+}
+
+/// The HOST's side of a FIFO tunnel: probes and mirror readers re-open the node's `O_PATH`
+/// descriptor each time, so an idle tunnel holds nothing of the FIFO.
+struct HostEnds {
+    svc: FsService,
+    node: NodeId,
+}
+
+impl HostEnds {
+    fn open(&self, flags: i32) -> R<OwnedFd> {
+        let (fd, _, mode) = self.svc.node(self.node)?;
+        if !is_type(mode, libc::S_IFIFO) {
+            return Err(libc::ESTALE);
+        }
+        sys::reopen(fd.as_raw_fd(), flags | libc::O_NONBLOCK)
+    }
+}
+
+#[async_trait]
+impl fifo::Ends for HostEnds {
+    async fn probe(&mut self) -> Result<Option<OwnedFd>, i32> {
+        match self.open(libc::O_WRONLY) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(libc::ENXIO) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn reader(&mut self) -> Result<OwnedFd, i32> {
+        self.open(libc::O_RDONLY)
     }
 }

@@ -221,6 +221,7 @@ fn suite(kind: &str) {
     let rc = unsafe { libc::mkfifo(cpath(&mp("fifo")).as_ptr(), 0o644) };
     assert_eq!(last_errno(rc), 0);
     assert!(fs::metadata(hp("fifo")).unwrap().file_type().is_fifo());
+    assert!(fs::metadata(mp("fifo")).unwrap().file_type().is_fifo());
     let rc = unsafe {
         libc::mknod(
             cpath(&mp("null")).as_ptr(),

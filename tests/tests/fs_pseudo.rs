@@ -70,15 +70,13 @@ fn fs_proc_and_sys() {
             .parse()
             .unwrap();
         assert_eq!(got, pid, "/proc/self/status of the reader");
+        // self -> <tgid>, the caller's own directory (as in procfs).
         let link = fs::read_link(p.path("self")).unwrap();
-        assert_eq!(link, PathBuf::from(format!("/proc/{}", std::process::id())));
+        assert_eq!(link, PathBuf::from(std::process::id().to_string()));
         let ts = sh(&format!("readlink {}", proc_("thread-self")));
-        assert!(
-            ts.trim().starts_with("/proc/") && ts.contains("/task/"),
-            "thread-self -> {ts}"
-        );
+        assert!(ts.contains("/task/"), "thread-self -> {ts}");
 
-        // /proc/<pid> is the HOST's: our own cmdline through the mount.
+        // /proc/<own pid> is the caller's own (here the same machine): its cmdline.
         let cmdline = fs::read(p.path(&format!("{}/cmdline", std::process::id()))).unwrap();
         assert_eq!(
             cmdline,

@@ -43,7 +43,7 @@ chmod +x "$RUN/guest.sh"
 MEM=2G
 QEMU_EXTRA="-object memory-backend-memfd,id=mem,size=$MEM,share=on -machine memory-backend=mem \
   -chardev socket,id=vhv,path=$D/vhost4.socket -device vhost-user-vsock-pci,chardev=vhv" \
-  APPEND_EXTRA="vmvsock=virtio" MEM=$MEM VM_TIMEOUT=400 \
+  APPEND_EXTRA="vmvsock=virtio" MEM=$MEM VM_TIMEOUT=400 VM_PATHS=$B \
   "$here/boot.sh" "$RUN/guest.sh" "$RUN/serial.log" "$RUN" "$repo" &
 QPID=$!; PIDS+=($QPID)
 for _ in $(seq 1800); do

@@ -65,7 +65,7 @@ tb=$(date +%s)
 echo "vm: booting the guest (setup+build took $((tb - t0))s)"
 # Guest /tmp on a fresh sparse ext4 image (discarded after the run).
 truncate -s 8G "$RUN/tmp.img" && mkfs.ext4 -q -F "$RUN/tmp.img" || { echo "vm: mkfs.ext4 failed" >&2; exit 1; }
-TMPDISK=$RUN/tmp.img VM_TIMEOUT=${VM_TIMEOUT:-1500} "$here/boot.sh" "$RUN/guest.sh" "$RUN/serial.log" "$RUN" "$repo"
+TMPDISK=$RUN/tmp.img VM_TIMEOUT=${VM_TIMEOUT:-1500} VM_PATHS=$CARGO_TARGET_DIR "$here/boot.sh" "$RUN/guest.sh" "$RUN/serial.log" "$RUN" "$repo"
 rc=$?
 te=$(date +%s)
 if [ $rc = 98 ] || [ $rc = 99 ]; then

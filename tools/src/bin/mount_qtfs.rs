@@ -22,8 +22,12 @@ Options (-o, comma separated):
                       default $QTFS_SERVER_ADDR, then [qtfs] addr in /etc/offload/dpu.toml
   transport=T         link type when addr= is a bare address
   keyfile=F           pre-shared key (default $OFFLOAD_KEY_FILE, then /etc/offload/psk)
-  proc | sys          pseudo filesystem mode (no caching, direct I/O; proc: /proc/self -> local_proc)
-  local_proc=P        where the DPU's own procfs is mounted (default /local_proc)
+  proc | sys          pseudo filesystem mode (no caching, direct I/O). proc: the caller's own
+                      self, thread-self and /proc/<own pid|tid> are the DPU's (links into
+                      local_proc), their mountinfo/mounts list the HOST's cgroup mounts below
+                      the qtfs /sys mount; everything else is the HOST's /proc
+  local_proc=P        where the DPU's own procfs is mounted, as the processes using the mount
+                      see it (default /local_proc)
   ro | rw             read-only / read-write mount
   attr_timeout=S      attribute cache seconds (default 1), entry_timeout=S likewise
   negative_timeout=S  for S seconds after this mount makes a directory, answer lookups of
@@ -238,23 +242,64 @@ fn setup(args: &Args) -> anyhow::Result<(offload_fs::client::Mounted, tokio::run
 /// travel as several 1 MiB requests in flight instead of 128 KiB ones. The device number comes
 /// from mountinfo: a stat of the mount point would wait for this not yet serving process.
 /// `mountpoint` must be canonical already: resolving it now would stat the new mount.
+///
+/// Only this kernel's sysfs is written: run in the management plane's root, `/sys` is the
+/// HOST's (a qtfs mount), where the DPU's device number means another device or nothing.
 fn set_readahead(mountpoint: &std::path::Path, kib: u32) {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
-    // Fields: id parent MAJ:MIN root mountpoint ...; octal escapes for spaces and the like.
-    let want = mountpoint.to_string_lossy().replace(' ', "\\040");
-    let dev = info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        (f.len() > 4 && f[4] == want).then(|| f[2].to_string())
-    });
-    let Some(dev) = dev else {
+    let Some(dev) = mount_dev(&info, mountpoint) else {
+        tracing::debug!(mountpoint = %mountpoint.display(), "mount not in mountinfo; readahead unchanged");
         return;
     };
-    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    let Some(path) = local_bdi_file(Path::new("/sys"), &dev) else {
+        tracing::info!(
+            %dev,
+            "/sys/class/bdi/{dev} is not this kernel's sysfs entry of the mount; readahead unchanged"
+        );
+        return;
+    };
     if let Err(e) = std::fs::write(&path, kib.to_string()) {
-        tracing::debug!(%path, error = %e, "cannot raise readahead; keeping the kernel default");
+        tracing::debug!(path = %path.display(), error = %e, "cannot raise readahead; keeping the kernel default");
     }
+}
+
+/// The `MAJ:MIN` of the mount at `mountpoint` (the last one there) in a mountinfo text.
+fn mount_dev(info: &str, mountpoint: &Path) -> Option<String> {
+    // Fields: id parent MAJ:MIN root mountpoint ...; octal escapes for spaces and the like.
+    let want = mountpoint
+        .to_string_lossy()
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && f[4] == want).then(|| f[2].to_string())
+    })
+}
+
+/// `<sys>/class/bdi/<dev>/read_ahead_kb` when `<sys>` is the running kernel's sysfs (statfs
+/// magic) and that entry is the backing device `dev` (FUSE names it `MAJ:MIN`).
+fn local_bdi_file(sys: &Path, dev: &str) -> Option<PathBuf> {
+    let (maj, min) = dev.split_once(':')?;
+    if maj.parse::<u32>().is_err() || min.parse::<u32>().is_err() {
+        return None;
+    }
+    let dir = sys.join("class/bdi").join(dev);
+    let st = nix::sys::statfs::statfs(&dir).ok()?;
+    if st.filesystem_type() != nix::sys::statfs::SYSFS_MAGIC {
+        return None;
+    }
+    // A bdi has no `dev` attribute: it is known by its name, and its class link resolves to
+    // this kernel's /sys/devices/virtual/bdi/<dev>.
+    let target = std::fs::canonicalize(&dir).ok()?;
+    if target.file_name()? != std::ffi::OsStr::new(dev) {
+        return None;
+    }
+    let st = nix::sys::statfs::statfs(&target).ok()?;
+    (st.filesystem_type() == nix::sys::statfs::SYSFS_MAGIC).then(|| dir.join("read_ahead_kb"))
 }
 
 fn report(fd: Option<&OwnedFd>, msg: &str) {
