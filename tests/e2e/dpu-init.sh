@@ -4,7 +4,8 @@
 # the harness: a copy of /etc, the binaries in opt/offload/bin), pivot_roots into it with the
 # old root detached, brings up its veth end ($VETH, $DIP/30), prints DPU-READY and stays as init
 # (reaping orphans). `offload dpu setup`, offloadd and containerd are started by the harness
-# through nsenter. Env: R, VETH, DIP, HIP.
+# through nsenter (the DPU offloadd redials until the HOST answers). Env: R, VETH, DIP, HIP.
+PS4='+ $(date +%s.%N) '
 set -eux
 hostname dpu
 mount --make-rprivate /
@@ -30,7 +31,6 @@ for i in $(seq 100); do ip link show "$VETH" >/dev/null 2>&1 && break; sleep 0.0
 ip link set lo up
 ip addr add "$DIP/30" dev "$VETH"
 ip link set "$VETH" up
-for i in $(seq 100); do ping -c 1 -W 1 "$HIP" >/dev/null 2>&1 && break; sleep 0.05; done
 echo DPU-READY
 set +x
 while :; do sleep 3600 & wait $! || true; done

@@ -88,11 +88,12 @@ fn host_mounts(lab: &Lab) -> String {
 }
 
 /// `ctr run -d`: the container is a HOST process in the HOST's cgroups, its shim a HOST process,
-/// its rootfs an overlay mounted on the HOST; `task exec` (stdio, exit code), `task kill`.
+/// its rootfs an overlay mounted on the HOST; `task exec` (stdio, exit code); its cgroups are
+/// found (`task metrics`, no cgroup errors in containerd's log); `task kill`.
 #[test]
-fn e2e_containerd_run_detached_on_host_exec_kill() {
+fn e2e_containerd_run_detached_on_host_exec_metrics_kill() {
     let Some(lab) = Lab::start(
-        "e2e_containerd_run_detached_on_host_exec_kill",
+        "e2e_containerd_run_detached_on_host_exec_metrics_kill",
         LabOptions::default(),
     ) else {
         return;
@@ -163,6 +164,33 @@ fn e2e_containerd_run_detached_on_host_exec_kill() {
     );
     assert_eq!(r.stdout.trim(), host_name.trim());
     assert!(r.stderr.contains("err"), "stderr: {}", r.stderr);
+    // The cgroups of the running container are found: `task metrics` reports them and no
+    // "cannot find cgroup mount destination" lands in containerd's log, where the shim's own
+    // log (its `loading cgroup for PID` errors) arrives too.
+    let r = lab
+        .ctr(&["task", "metrics", "c1"], T)
+        .ok("ctr task metrics");
+    assert!(
+        r.stdout.contains("memory") || r.stdout.contains("pids"),
+        "{}",
+        r.stdout
+    );
+    let log = lab.dpu_log("containerd.log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("starting signal loop") && l.contains("/c1")),
+        "the shim's log does not reach containerd's:\n{}",
+        lab.logs()
+    );
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cannot find cgroup mount destination"))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "containerd cgroup errors:\n{}",
+        bad.join("\n")
+    );
     // kill: the HOST process goes, the task is STOPPED.
     lab.ctr(&["task", "kill", "-s", "KILL", "c1"], T)
         .ok("ctr task kill");
@@ -326,98 +354,4 @@ fn e2e_containerd_multilayer_whiteouts() {
     assert_eq!(r.stdout, images::WHITEOUT_CHECK_OUTPUT);
     lab.ctr(&["task", "kill", "-s", "KILL", "w1"], T)
         .ok("ctr task kill");
-}
-
-/// The cgroups of a running container are found (no "cannot find cgroup mount destination" in
-/// containerd's log, where the shim's `loading cgroup for PID` errors land too) and `ctr task
-/// metrics` reports them.
-#[test]
-fn e2e_containerd_cgroups_of_running_container() {
-    let Some(lab) = Lab::start(
-        "e2e_containerd_cgroups_of_running_container",
-        LabOptions::default(),
-    ) else {
-        return;
-    };
-    let img = &import(&lab, false);
-    lab.ctr(&["run", "-d", img, "g1", "sleep", "300"], T)
-        .ok("ctr run -d");
-    wait_status(&lab, "g1", "RUNNING");
-    let r = lab
-        .ctr(&["task", "metrics", "g1"], T)
-        .ok("ctr task metrics");
-    assert!(
-        r.stdout.contains("memory") || r.stdout.contains("pids"),
-        "{}",
-        r.stdout
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    let log = lab.dpu_log("containerd.log");
-    // The shim's own log (where runc's shim reports cgroup load errors) reaches containerd's.
-    assert!(
-        log.lines()
-            .any(|l| l.contains("starting signal loop") && l.contains("/g1")),
-        "the shim's log does not reach containerd's:\n{}",
-        lab.logs()
-    );
-    let bad: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("cannot find cgroup mount destination"))
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "containerd cgroup errors:\n{}",
-        bad.join("\n")
-    );
-    lab.ctr(&["task", "kill", "-s", "KILL", "g1"], T)
-        .ok("ctr task kill");
-}
-
-/// With `LabOptions::cri` the CRI plugin is up on the DPU (what kubelet talks to) and the pause
-/// image imports into its `k8s.io` namespace: the ground the CRI client tests stand on.
-#[test]
-fn e2e_containerd_cri_plugin_up() {
-    let Some(lab) = Lab::start(
-        "e2e_containerd_cri_plugin_up",
-        LabOptions {
-            cri: true,
-            ..Default::default()
-        },
-    ) else {
-        return;
-    };
-    let r = lab.ctr(&["plugins", "ls"], T).ok("ctr plugins ls");
-    assert!(
-        r.stdout.lines().any(|l: &str| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.first() == Some(&"io.containerd.grpc.v1")
-                && f.get(1) == Some(&"cri")
-                && f.last() == Some(&"ok")
-        }),
-        "CRI plugin not ok:\n{}\n{}",
-        r.stdout,
-        lab.logs()
-    );
-    let pause = images::build_pause(lab.dir(), std::path::Path::new(images::BUSYBOX))
-        .expect("building the pause image");
-    std::fs::copy(&pause.oci_tar, lab.dpu_root_path("/tmp/pause.tar")).unwrap();
-    lab.ctr_ns(
-        "k8s.io",
-        &["image", "import", "/tmp/pause.tar"],
-        Duration::from_secs(60),
-    )
-    .ok("import the pause image for CRI");
-    let r = lab
-        .ctr_ns("k8s.io", &["image", "ls", "-q"], T)
-        .ok("ctr image ls");
-    assert!(
-        r.stdout.lines().any(|l| l == images::PAUSE_REF),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        lab.containerd_socket().exists(),
-        "{}",
-        lab.containerd_socket().display()
-    );
 }

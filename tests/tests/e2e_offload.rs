@@ -95,6 +95,13 @@ fn e2e_offload_dpu_setup_is_idempotent_and_teardown_undoes_it() {
         r.stdout
     );
     assert_eq!(mounts_under_root(&lab).len(), m.len(), "no mount added");
+    let r = lab.offload(&["dpu", "plan", "--config", "/etc/offload/dpu.toml"]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("[in place]") && !r.stdout.contains("to do"),
+        "{}",
+        r.stdout
+    );
 
     // A qtfs daemon that died leaves a stale mount: setup replaces it (and only it).
     let victim = dpu_processes(&lab)

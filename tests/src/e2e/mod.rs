@@ -52,8 +52,8 @@ pub struct LabOptions {
     pub setup: bool,
     /// Start containerd on the DPU (after setup and the DPU offloadd).
     pub containerd: bool,
-    /// Enable containerd's CRI plugin (`sandbox_image` = [`crate::images::PAUSE_REF`], cgroupfs,
-    /// host-network pods: no CNI plugins) and share its state directory
+    /// Enable containerd's CRI plugin ([`crate::cri::containerd_cri_config`]: `sandbox_image` =
+    /// [`crate::images::PAUSE_REF`], cgroupfs, host-network pods, no CNI plugins) and share its state directory
     /// `/run/containerd/io.containerd.grpc.v1.cri` through qtfs; off: the plugin is disabled.
     /// Pods should use a cgroup parent below [`CGROUP_PARENT`] (swept by the lab's Drop).
     pub cri: bool,
@@ -560,7 +560,12 @@ impl Lab {
             "offload-shim",
             "remote_kill",
         ] {
-            std::fs::copy(crate::bin(b), r.join("opt/offload/bin").join(b)).unwrap();
+            // A hard link when the build and the lab share a filesystem (debug binaries are
+            // ~100 MB each: copying them cost most of a lab's start), else a copy.
+            let (src, dst) = (crate::bin(b), r.join("opt/offload/bin").join(b));
+            if std::fs::hard_link(&src, &dst).is_err() {
+                std::fs::copy(&src, &dst).unwrap();
+            }
         }
         let key = crate::write_key(d, "psk");
         // dockerd's container stdio FIFOs live in its exec-root on the DPU.
@@ -865,16 +870,13 @@ fn containerd_config(opts: &LabOptions) -> String {
          [grpc]\n  address = \"{CONTAINERD_SOCK}\"\n"
     ));
     if opts.cri {
-        c.push_str(&format!(
-            "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"{}\"\n  \
-             disable_cgroup = false\n  systemd_cgroup = false\n  disable_apparmor = true\n  \
-             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n    snapshotter = \"overlayfs\"\n    \
-             default_runtime_name = \"runc\"\n  \
-             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n    \
-             runtime_type = \"io.containerd.runc.v2\"\n  \
-             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n    \
-             SystemdCgroup = false\n",
-            crate::images::PAUSE_REF
+        // Host-network pods, cgroupfs, the pause image imported by the test, OOM score clamped
+        // (see `cri::containerd_cri_config`); the CNI directories stay empty.
+        c.push_str(&crate::cri::containerd_cri_config(
+            crate::images::PAUSE_REF,
+            "io.containerd.runc.v2",
+            Path::new("/opt/cni/bin"),
+            Path::new("/etc/cni/net.d"),
         ));
     }
     c.push_str(&opts.containerd_extra);

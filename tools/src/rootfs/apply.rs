@@ -21,14 +21,14 @@ use super::plan::{Content, QtfsHelper, Step};
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     /// A file operation.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     Io {
         /// The operation.
         what: &'static str,
         /// Its path.
         path: PathBuf,
-        /// The error.
-        source: io::Error,
+        /// The error (in the message, not chained: the message is complete).
+        error: io::Error,
     },
     /// A mount(2)/umount2(2).
     #[error("{what}: {errno}")]
@@ -54,14 +54,14 @@ pub enum StepError {
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
     /// A setup step failed; what this run did before it was undone.
-    #[error("setup step {index} failed: {step}: {source}{}", rollback_note(*.rolled_back, .rollback_errors))]
+    #[error("setup step {index} failed: {step}: {cause}{}", rollback_note(*.rolled_back, .rollback_errors))]
     StepFailed {
         /// 1-based step number in `offload dpu plan`.
         index: usize,
         /// The step.
         step: String,
         /// The error.
-        source: Box<StepError>,
+        cause: Box<StepError>,
         /// Items undone.
         rolled_back: usize,
         /// Undo failures (left in place).
@@ -190,10 +190,10 @@ fn fnv(data: &[u8]) -> String {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StepError + 'a {
-    move |source| StepError::Io {
+    move |error| StepError::Io {
         what,
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -485,6 +485,16 @@ pub struct SetupReport {
     pub notes: Vec<String>,
 }
 
+/// For each step: is it in place on this system already (what `setup` would skip)?
+pub fn status(steps: &[Step], root: &Path, state_dir: &Path) -> Result<Vec<bool>, DeployError> {
+    let state = load_state(&state_path(state_dir, root), root)?;
+    let table = mountinfo::read().unwrap_or_default();
+    Ok(steps
+        .iter()
+        .map(|s| is_done(s, &table, &state.done).unwrap_or(false))
+        .collect())
+}
+
 /// Runs the plan: skips what is in place, performs the rest, records it in the state file.
 /// On a failing step, undoes what this run did (newest first) and names the step.
 pub fn setup(
@@ -512,7 +522,7 @@ pub fn setup(
             DeployError::StepFailed {
                 index: i + 1,
                 step: step.to_string(),
-                source: Box::new(source),
+                cause: Box::new(source),
                 rolled_back: n - errs.len(),
                 rollback_errors: errs,
             }
@@ -550,7 +560,7 @@ pub fn setup(
                 StepError::Io {
                     what: "recording state",
                     path: spath.clone(),
-                    source: io::Error::other(e.to_string()),
+                    error: io::Error::other(e.to_string()),
                 },
                 &mut run_made,
                 &mut state,

@@ -19,7 +19,7 @@ pub struct ConfigArg {
 /// `offload dpu` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum DpuCmd {
-    /// Print the steps setup would take (nothing is changed).
+    /// Print the steps setup takes, each marked `in place` or `to do` (nothing is changed).
     Plan(ConfigArg),
     /// Build the root: mounts, binds, qtfs mounts, shim, wrappers. Idempotent; a failing step
     /// rolls back what this run did and names the step.
@@ -32,19 +32,30 @@ fn load(c: &ConfigArg) -> anyhow::Result<(rootfs::QtfsLink, rootfs::RootfsConfig
     Ok(rootfs::DpuFile::load(&c.config)?)
 }
 
+fn need_root(what: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "offload dpu {what} must run as root (it mounts and unmounts)"
+    );
+    Ok(())
+}
+
 /// Runs one `offload dpu` subcommand.
 pub fn run(cmd: DpuCmd) -> anyhow::Result<()> {
     match cmd {
         DpuCmd::Plan(c) => {
             let (link, cfg) = load(&c)?;
             let steps = rootfs::plan(&link, &cfg, &rootfs::find_tools())?;
-            for (i, s) in steps.iter().enumerate() {
-                println!("{:3}  {s}", i + 1);
+            let done = rootfs::apply::status(&steps, &cfg.path, &cfg.state_dir)?;
+            for (i, (s, d)) in steps.iter().zip(done).enumerate() {
+                let mark = if d { "in place" } else { "to do" };
+                println!("{:3}  [{mark:>8}]  {s}", i + 1);
             }
             Ok(())
         }
         DpuCmd::Setup(c) => {
             let (link, cfg) = load(&c)?;
+            need_root("setup")?;
             let steps = rootfs::plan(&link, &cfg, &rootfs::find_tools())?;
             let rep = rootfs::setup(&steps, &cfg.path, &cfg.state_dir, |s| println!("{s}"))
                 .with_context(|| format!("setting up {}", cfg.path.display()))?;
@@ -69,6 +80,7 @@ pub fn run(cmd: DpuCmd) -> anyhow::Result<()> {
         }
         DpuCmd::Teardown(c) => {
             let (_, cfg) = load(&c)?;
+            need_root("teardown")?;
             let rep = rootfs::teardown(&cfg.path, &cfg.state_dir, |s| tracing::info!("{s}"))
                 .with_context(|| format!("tearing down {}", cfg.path.display()))?;
             for n in &rep.notes {

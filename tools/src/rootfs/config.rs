@@ -15,12 +15,12 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Not TOML, or a field the tool does not know / of the wrong type.
     #[error("parsing {path}: {message}")]
@@ -422,9 +422,9 @@ impl DpuFile {
 
     /// Reads and parses the file at `path`.
     pub fn load(path: &Path) -> Result<(QtfsLink, RootfsConfig), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(path, &text)
     }
