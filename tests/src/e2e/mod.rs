@@ -574,13 +574,6 @@ impl Lab {
         } else {
             "\"/run/containerd/fifo\""
         };
-        // Until whiteouts pass by default (issue 11), docker load of a multi-layer image needs
-        // device nodes (its 0/0 whiteouts) created through qtfs.
-        let devices = if opts.docker {
-            "allow_devices = true\n"
-        } else {
-            ""
-        };
         let mount = if opts.docker {
             "[mount]\nallow = [\n  { fstype = \"overlay\", target_under = \"/var/lib/docker/overlay2\" },\n  \
              { fstype = \"tmpfs\", target_under = \"/var/lib/docker/containers\" },\n]\n"
@@ -596,11 +589,10 @@ impl Lab {
              { path = \"/var/lib/containerd\" },\n  { path = \"/run/containerd\" },\n  \
              { path = \"/var/lib/docker\" },\n  { path = \"/var/lib/kubelet/pods\" },\n  \
              { path = \"/run/docker\" },\n  { path = \"/var/run/docker/containerd\" },\n]\n\
-             DEVICES[exec]\nallow_any = true\n[bridge]\nwatch = [\"/run/containerd/s\"]\n\
+             [exec]\nallow_any = true\n[bridge]\nwatch = [\"/run/containerd/s\"]\n\
              fifo_dirs = [FIFO_DIRS]\nallow_kill = true\n",
             )
             .replace("FIFO_DIRS", fifo_dirs)
-            .replace("DEVICES", devices)
                 + mount,
         )
         .unwrap();
