@@ -6,6 +6,10 @@
 //! - `ctr image import` of the multi-layer image with `--payload-mib` (default 48: ~50 MB) on the
 //!   DPU over qtfs vs on the HOST (median of `--imports`, each followed by `image rm --sync`).
 //!
+//! - with `--docker` (issue 12): `docker run --rm IMG true` with dockerd on the DPU (under
+//!   `offload run`, overlay2 mounts forwarded to the HOST) vs a private dockerd on the HOST
+//!   (tests/src/scratch_dockerd.rs), median of `--runs`, the multi-layer image.
+//!
 //! Both sides are timed the same way: `date +%s%N` around `ctr` inside one shell. Needs root and
 //! the built binaries: `cargo build --workspace --bins && sudo target/debug/e2e-bench`.
 
@@ -38,6 +42,9 @@ struct Args {
     /// Skip the import part.
     #[arg(long)]
     no_import: bool,
+    /// Instead: `docker run --rm IMG true`, dockerd on the DPU vs dockerd on the HOST.
+    #[arg(long)]
+    docker: bool,
 }
 
 const NS: &str = "oe2eb";
@@ -84,7 +91,67 @@ fn main() -> anyhow::Result<()> {
     res
 }
 
+/// `docker run --rm IMG true` on the DPU (offloaded dockerd) vs a dockerd on the HOST.
+fn bench_docker(args: &Args) -> anyhow::Result<()> {
+    let Some(lab) = Lab::start(
+        "e2e-bench",
+        LabOptions {
+            docker: true,
+            ..LabOptions::default()
+        },
+    ) else {
+        anyhow::bail!("cannot run a lab here (see the SKIPPED line)");
+    };
+    let host = tests::scratch_dockerd::ScratchDockerd::start()?;
+    let work = lab.dir().join("bench");
+    std::fs::create_dir_all(&work)?;
+    let img = images::build_multi_layer(&work, &images::MultiLayerOptions::default())?;
+    std::fs::copy(&img.docker_tar, lab.dpu_root_path("/tmp/multi-docker.tar"))?;
+    lab.docker(&["load", "-i", "/tmp/multi-docker.tar"], LIMIT)
+        .ok("docker load on the DPU");
+    let tar = img.docker_tar.display().to_string();
+    host.docker_ok(&["load", "-i", &tar])?;
+    let ddk = "docker -H unix:///run/docker.sock";
+    let hdk = format!("docker -H unix://{}", host.socket().display());
+    let limit = Duration::from_secs(90);
+    println!("| measurement | DPU (offloaded) | HOST (direct) | ratio |");
+    println!("|---|---|---|---|");
+    let (mut d, mut h) = (Vec::new(), Vec::new());
+    for i in 0..args.runs + 1 {
+        // No network on either side: the DPU's dockerd runs with --bridge=none (networking is
+        // not offloaded; `--network none` would add libnetwork's prestart hook, a DPU program
+        // runc on the HOST cannot run), the scratch dockerd needs `--network none`.
+        let dr = lab.dpu_sh(
+            &timed_script(&format!("{ddk} run --rm {} true", img.docker_tag)),
+            limit,
+        );
+        let hr = host_sh(&timed_script(&format!(
+            "{hdk} run --rm --network none {} true",
+            img.docker_tag
+        )));
+        let (dm, hm) = (
+            nanos(&dr, "docker run --rm on the DPU")?,
+            nanos(&hr, "docker run --rm on the HOST")?,
+        );
+        // The first run of each side warms caches: not counted.
+        if i > 0 {
+            d.push(dm);
+            h.push(hm);
+        }
+    }
+    let (dm, hm) = (median(d), median(h));
+    println!(
+        "| `docker run --rm IMG true`, median of {} | {dm:.1} ms | {hm:.1} ms | {:.2}x |",
+        args.runs,
+        dm / hm
+    );
+    Ok(())
+}
+
 fn bench(args: &Args) -> anyhow::Result<()> {
+    if args.docker {
+        return bench_docker(args);
+    }
     let Some(lab) = Lab::start("e2e-bench", LabOptions::default()) else {
         anyhow::bail!("cannot run a lab here (see the SKIPPED line)");
     };

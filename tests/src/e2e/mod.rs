@@ -61,6 +61,11 @@ pub struct LabOptions {
     pub containerd_extra: String,
     /// Extra `[rootfs]` keys appended to the DPU's `dpu.toml` section.
     pub rootfs_extra: String,
+    /// Also run dockerd 20.10 on the DPU (after containerd, its `--containerd`), chrooted in
+    /// the root and supervised by `offload run` (mount forwarding): one qtfs mount of the whole
+    /// `/var/lib/docker`, `[mount]` on the HOST allowing overlay2's mounts, dockerd's stdio
+    /// FIFO directory bridged. `docker -H unix:///run/docker.sock` on the DPU: [`Lab::docker`].
+    pub docker: bool,
 }
 
 impl Default for LabOptions {
@@ -71,6 +76,7 @@ impl Default for LabOptions {
             cri: false,
             containerd_extra: String::new(),
             rootfs_extra: String::new(),
+            docker: false,
         }
     }
 }
@@ -296,6 +302,10 @@ impl Lab {
             );
             lab.start_containerd();
         }
+        if opts.docker {
+            assert!(opts.containerd, "dockerd on the DPU needs its containerd");
+            lab.start_dockerd();
+        }
         Some(lab)
     }
 
@@ -422,11 +432,12 @@ impl Lab {
             lines[lines.len().saturating_sub(40)..].join("\n")
         };
         format!(
-            "--- host offloadd\n{}\n--- dpu offloadd\n{}\n--- containerd\n{}\n--- shim\n{}",
+            "--- host offloadd\n{}\n--- dpu offloadd\n{}\n--- containerd\n{}\n--- shim\n{}\n--- dockerd\n{}",
             tail(self.host_log()),
             tail(self.dpu_log("dpu-offloadd.log")),
             tail(self.dpu_log("containerd.log")),
             tail(self.dpu_log("shim.log")),
+            tail(self.dpu_log("dockerd.log")),
         )
     }
 
@@ -557,16 +568,32 @@ impl Lab {
             }
         }
         let key = crate::write_key(d, "psk");
+        // dockerd's container stdio FIFOs live in its exec-root on the DPU.
+        let fifo_dirs = if opts.docker {
+            "\"/run/containerd/fifo\", \"/run/docker/containerd\""
+        } else {
+            "\"/run/containerd/fifo\""
+        };
+        let mount = if opts.docker {
+            "[mount]\nallow = [\n  { fstype = \"overlay\", target_under = \"/var/lib/docker/overlay2\" },\n  \
+             { fstype = \"tmpfs\", target_under = \"/var/lib/docker/containers\" },\n]\n"
+        } else {
+            ""
+        };
         std::fs::create_dir_all(r.join("etc/offload")).unwrap();
         std::fs::copy(&key, r.join("etc/offload/psk")).unwrap();
         std::fs::write(
             d.join("host.toml"),
-            "[fs]\nexports = [\n  { path = \"/proc\" },\n  { path = \"/sys\" },\n  \
+            String::from(
+                "[fs]\nexports = [\n  { path = \"/proc\" },\n  { path = \"/sys\" },\n  \
              { path = \"/var/lib/containerd\" },\n  { path = \"/run/containerd\" },\n  \
              { path = \"/var/lib/docker\" },\n  { path = \"/var/lib/kubelet/pods\" },\n  \
              { path = \"/run/docker\" },\n  { path = \"/var/run/docker/containerd\" },\n]\n\
              [exec]\nallow_any = true\n[bridge]\nwatch = [\"/run/containerd/s\"]\n\
-             fifo_dirs = [\"/run/containerd/fifo\"]\nallow_kill = true\n",
+             fifo_dirs = [FIFO_DIRS]\nallow_kill = true\n",
+            )
+            .replace("FIFO_DIRS", fifo_dirs)
+                + mount,
         )
         .unwrap();
         let addr = format!("tcp://{HOST_IP}:{PORT}");
@@ -578,7 +605,7 @@ addr = "{addr}"
 key_file = "/etc/offload/psk"
 
 [bridge]
-fifo_dirs = ["/run/containerd/fifo"]
+fifo_dirs = [{}]
 [[bridge.forward]]
 listen_side = "host"
 path = "/run/containerd/containerd.sock.ttrpc"
@@ -588,14 +615,22 @@ key_file = "/etc/offload/psk"
 
 [rootfs]
 binds = [{{ src = "/usr", ro = true }}, "/etc", "/run", "/var/log", "/opt/offload"]
-qtfs = ["/var/lib/containerd", "/run/containerd/io.containerd.runtime.v2.task"{}]
+qtfs = ["/var/lib/containerd", "/run/containerd/io.containerd.runtime.v2.task"{}{}]
 qtfs_options = "log=/var/log/oe2e/qtfs.log"
 wrappers = [{{ path = "/opt/offload/host/uname", exec = "/usr/bin/uname" }}]
 rexec = "/opt/offload/bin/rexec"
 {}
 "#,
+                fifo_dirs,
                 if opts.cri {
                     ", \"/run/containerd/io.containerd.grpc.v1.cri\""
+                } else {
+                    ""
+                },
+                // One qtfs mount for dockerd's whole data root (it binds the root onto
+                // itself non-recursively when it is not a mount point, hiding sub-mounts).
+                if opts.docker {
+                    ", \"/var/lib/docker\""
                 } else {
                     ""
                 },
@@ -771,6 +806,48 @@ rexec = "/opt/offload/bin/rexec"
             Duration::from_secs(30),
         )
         .unwrap_or_else(|e| panic!("containerd on the DPU: {e}\n{}", self.logs()));
+    }
+}
+
+impl Lab {
+    /// dockerd on the DPU under `offload run` (see [`LabOptions::docker`]).
+    fn start_dockerd(&self) {
+        // dockerd refuses to start without a devices cgroup in its mountinfo: mount the cgroup
+        // v1 hierarchies over the HOST's /sys (qtfs) in the root, as the seed's script does
+        // (one kernel here: they are the hierarchies runc uses on the HOST).
+        run_timeout(
+            self.dpu_machine(&[
+                "sh",
+                "-c",
+                "for c in cpu cpuacct cpuset memory devices freezer blkio pids perf_event hugetlb net_cls,net_prio; do \
+                 d=/another_rootfs/sys/fs/cgroup/$c; [ -d $d ] && mount -t cgroup -o $c cgroup $d || true; done; \
+                 grep -c ' - cgroup ' /proc/self/mountinfo",
+            ]),
+            Duration::from_secs(30),
+        )
+        .ok("mounting cgroup hierarchies for dockerd");
+        self.dpu_daemon(
+            "dockerd",
+            "RUST_LOG=info,transport=warn exec offload run -- chroot /another_rootfs dockerd \
+             --containerd /run/containerd/containerd.sock --containerd-namespace oe2e \
+             --containerd-plugins-namespace oe2e-plugins --data-root /var/lib/docker \
+             --exec-root /run/docker -H unix:///run/docker.sock --storage-driver overlay2 \
+             --cgroup-parent /oe2e --bridge=none --iptables=false --ip-masq=false \
+             --userland-proxy=false",
+        );
+        wait_for_file_line(
+            &self.dpu_path("/var/log/oe2e/dockerd.log"),
+            "API listen on",
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("dockerd on the DPU: {e}\n{}", self.logs()));
+    }
+
+    /// `docker ARGS` on the DPU (inside the root, against the lab's dockerd).
+    pub fn docker(&self, args: &[&str], limit: Duration) -> Run {
+        let mut full = vec!["docker", "-H", "unix:///run/docker.sock"];
+        full.extend_from_slice(args);
+        self.dpu(&full, limit)
     }
 }
 
