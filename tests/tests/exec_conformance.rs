@@ -141,12 +141,9 @@ const CASES: &[Case] = &[
         "dispositions at start (TERM ignored)",
         "trap '' TERM; exec $RUN sh -c 'grep -e SigIgn -e SigBlk /proc/self/status'",
     ),
-    differs(
-        "SIGTSTP stops the program, SIGCONT resumes it",
-        "$RUN sh -c 'kill -TSTP $$; echo resumed' & p=$!; sleep 0.5; \
-         ps -o stat= -p $p | cut -c1; kill -CONT $p; wait $p; echo rc=$?",
-        "issue 14 item 3",
-    ),
+    // SIGTSTP/SIGCONT (issue 14 item 3, job control) has no row yet: locally the stop depends on
+    // whether the test runner's process group is orphaned (the kernel then discards SIGTSTP), which
+    // differs between a terminal, CI and a background run, so a row here would assert nothing stable.
 ];
 
 /// How one run ended.
