@@ -505,7 +505,9 @@ fn decode_hello(kind: Kind, body: &[u8]) -> Result<HelloMsg, HandshakeError> {
 /// refused). Decoding the re-encoding must give the same bytes again.
 #[doc(hidden)]
 pub fn fuzz_decode_hello(body: &[u8]) -> Option<Bytes> {
-    decode_hello(Kind::Hello, body).ok().map(|m| wire::encode(&m))
+    decode_hello(Kind::Hello, body)
+        .ok()
+        .map(|m| wire::encode(&m))
 }
 
 /// Fuzzing entry: runs the handshake's decoders over `data` read as the byte stream a peer
@@ -538,8 +540,14 @@ pub fn fuzz_handshake(data: &[u8]) {
             continue;
         };
         let (role, tag): (&[u8], _) = match h.kind {
-            Kind::Welcome => (b"S", wire::decode::<wire::Welcome>("welcome", body).map(|w| w.tag)),
-            Kind::Auth => (b"C", wire::decode::<wire::Auth>("auth", body).map(|a| a.tag)),
+            Kind::Welcome => (
+                b"S",
+                wire::decode::<wire::Welcome>("welcome", body).map(|w| w.tag),
+            ),
+            Kind::Auth => (
+                b"C",
+                wire::decode::<wire::Auth>("auth", body).map(|a| a.tag),
+            ),
             Kind::Refuse => {
                 let _ = wire::decode::<wire::Refuse>("refuse", body);
                 continue;
