@@ -13,7 +13,10 @@ where
 {
     if let Ok(v) = postcard::from_bytes::<T>(data) {
         let enc = postcard::to_allocvec(&v).expect("encodes");
-        assert_eq!(postcard::from_bytes::<T>(&enc).expect("own encoding decodes"), v);
+        assert_eq!(
+            postcard::from_bytes::<T>(&enc).expect("own encoding decodes"),
+            v
+        );
     }
 }
 

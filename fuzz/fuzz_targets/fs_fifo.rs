@@ -26,6 +26,9 @@ fuzz_target!(|data: &[u8]| {
         let framed = fifo::frame(&m);
         let len = fifo::msg_len([framed[0], framed[1], framed[2], framed[3]]).expect("own length");
         assert_eq!(len, framed.len() - 4);
-        assert_eq!(fifo::decode_msg(&framed[4..]).expect("own frame decodes"), m);
+        assert_eq!(
+            fifo::decode_msg(&framed[4..]).expect("own frame decodes"),
+            m
+        );
     }
 });

@@ -7,10 +7,14 @@ use offload_fs::proto::{self, Reply, DATA_HEADROOM};
 fuzz_target!(|data: &[u8]| {
     if let Ok(r) = proto::decode::<Reply>(data) {
         let enc = proto::encode(&r).expect("encodes");
-        assert_eq!(proto::decode::<Reply>(&enc).expect("own encoding decodes"), r);
+        assert_eq!(
+            proto::decode::<Reply>(&enc).expect("own encoding decodes"),
+            r
+        );
     }
     if let Some(d) = proto::decode_data(data) {
-        let full = proto::decode::<Reply>(data).expect("fast path accepted what the decoder refuses");
+        let full =
+            proto::decode::<Reply>(data).expect("fast path accepted what the decoder refuses");
         assert_eq!(full, Reply::Data(d.to_vec()));
     }
     // The in-place reply builder round-trips arbitrary data.

@@ -9,7 +9,12 @@ fuzz_target!(|data: &[u8]| {
         let enc = proto::encode(&req).expect("encodes");
         let again: Request = proto::decode(&enc).expect("own encoding decodes");
         assert_eq!(again, req);
-        if let Op::Write { fh, offset, data: d } = &req.op {
+        if let Op::Write {
+            fh,
+            offset,
+            data: d,
+        } = &req.op
+        {
             assert_eq!(
                 proto::decode_write(&enc),
                 Some((req.instance, *fh, *offset, &d[..]))
@@ -18,7 +23,8 @@ fuzz_target!(|data: &[u8]| {
     }
     // The fast path accepts only what the full decoder accepts, with the same meaning.
     if let Some((instance, fh, offset, d)) = proto::decode_write(data) {
-        let req: Request = proto::decode(data).expect("fast path accepted what the decoder refuses");
+        let req: Request =
+            proto::decode(data).expect("fast path accepted what the decoder refuses");
         let want = Request {
             instance,
             op: Op::Write {
