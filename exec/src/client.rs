@@ -57,6 +57,26 @@ impl Outcome {
 pub struct RunOptions {
     /// `req.pty` is set and the local stdin is a terminal: WINCH becomes a window-size update.
     pub tty: bool,
+    /// Signals the caller ignores (bit N = signal N, as in [`ExecRequest::sig_ignored`]): they
+    /// are not caught and forwarded (with `nohup rexec …` a SIGHUP must not end the program).
+    pub ignored: u64,
+}
+
+/// The signals (1..=31) this process ignores, as a bit mask. Call before installing handlers.
+pub fn ignored_signals() -> u64 {
+    let mut mask = 0u64;
+    for sig in 1..32 {
+        // SAFETY: querying a disposition into a zeroed struct.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+            {
+                mask |= 1 << sig;
+            }
+        }
+    }
+    mask
 }
 
 /// A fresh random exec id (from the OS: one id per process needs no userspace CSPRNG).
@@ -95,7 +115,7 @@ pub async fn run(
     opts: RunOptions,
 ) -> Result<Outcome, ClientError> {
     let id = req.id;
-    let signals = Signals::new()?;
+    let signals = Signals::new(opts.ignored)?;
     let stream = session
         .open_stream(SERVICE, encode_request(&req))
         .await
@@ -328,10 +348,14 @@ struct Signals {
 }
 
 impl Signals {
-    fn new() -> io::Result<Self> {
+    fn new(ignored: u64) -> io::Result<Self> {
         let mut streams = Vec::with_capacity(Sig::ALL.len());
-        // Every forwardable signal except SIGKILL, which cannot be caught.
-        for s in Sig::ALL.into_iter().filter(|s| *s != Sig::Kill) {
+        // Every forwardable signal except SIGKILL, which cannot be caught, and those the caller
+        // ignores (they stay ignored here, and the program inherits that).
+        for s in Sig::ALL
+            .into_iter()
+            .filter(|s| *s != Sig::Kill && ignored & (1 << s.number()) == 0)
+        {
             let kind = tokio::signal::unix::SignalKind::from_raw(s.number());
             streams.push((s, tokio::signal::unix::signal(kind)?));
         }

@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 pub const SERVICE: &str = "exec";
 
 /// Protocol version carried in every [`ExecRequest`]; the server refuses versions it does not speak.
-pub const VERSION: u16 = 1;
+/// Version 2 added [`ExecRequest::umask`], [`ExecRequest::nice`] and
+/// [`ExecRequest::sig_ignored`].
+pub const VERSION: u16 = 2;
 
 /// Largest payload of one server→client frame the client accepts (a peer-controlled length).
 pub const MAX_FRAME_PAYLOAD: usize = 4 << 20;
@@ -56,6 +58,15 @@ pub struct ExecRequest {
     pub pty: Option<WinSize>,
     /// Deliver forwarded signals to the process group instead of the process.
     pub pgroup: bool,
+    /// File mode creation mask of the caller; `None` = the server's own. Follows the caller like
+    /// the environment does: `(umask 077; rexec touch f)` must not create a world-readable file.
+    pub umask: Option<u32>,
+    /// Nice value of the caller; `None` = the server's own. Applied best effort: a server
+    /// without the privilege to lower its own nice value starts the program at its own.
+    pub nice: Option<i32>,
+    /// Signals (bit N = Linux signal N, 1..=31) the caller ignores: the program starts with them
+    /// ignored too, as it would locally (`nohup rexec …`). Everything else starts at default.
+    pub sig_ignored: u64,
 }
 
 /// Kind byte of a server→client frame.

@@ -145,6 +145,28 @@ fn lookup_user(user: &str) -> Result<Creds, SpawnError> {
     }
 }
 
+/// The server's umask, read once from /proc (calling umask(2) to read it would briefly change
+/// it for every thread). 0o022 if /proc is unavailable.
+fn server_umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022)
+    })
+}
+
+/// Nice value of the calling thread (what posix_spawn's child inherits).
+fn current_nice() -> i32 {
+    // SAFETY: getpriority has no memory effects; -1 is ambiguous but only costs a fork path.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+}
+
 /// Resolves, checks against `policy` and starts the program in a new session (its own process
 /// group, pgid = pid), with pipes or a pty as stdio.
 pub fn spawn(req: &ExecRequest, policy: &Policy) -> Result<Spawned, SpawnError> {
@@ -179,7 +201,14 @@ pub fn spawn(req: &ExecRequest, policy: &Policy) -> Result<Spawned, SpawnError> 
         }
     }
     let creds = req.user.as_deref().map(lookup_user).transpose()?;
-    if creds.is_none() {
+    // posix_spawn cannot set a umask or nice value for the child (both are inherited from the
+    // calling thread), so a caller whose values differ from the server's takes the fork path.
+    // The common case (both the defaults) stays on the fast path.
+    let umask = req.umask.filter(|&m| m != server_umask());
+    let nice = req.nice.filter(|&n| n != current_nice());
+    // Only SIGKILL/SIGSTOP-free bits of 1..=31 count (they cannot be ignored anyway).
+    let ignored = req.sig_ignored & 0xffff_fffe & !(1 << libc::SIGKILL) & !(1 << libc::SIGSTOP);
+    if creds.is_none() && umask.is_none() && nice.is_none() && ignored == 0 {
         return spawn_fast(req, &exe, &cwd);
     }
 
@@ -218,13 +247,27 @@ pub fn spawn(req: &ExecRequest, policy: &Policy) -> Result<Spawned, SpawnError> 
     unsafe {
         cmd.pre_exec(move || {
             // Signals the server ignores must not stay ignored in the program.
+            // Those the caller ignores stay ignored, as they would locally.
             for sig in 1..32 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
+                    let action = if ignored & (1 << sig) != 0 {
+                        libc::SIG_IGN
+                    } else {
+                        libc::SIG_DFL
+                    };
+                    libc::signal(sig, action);
                 }
             }
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(m) = umask {
+                libc::umask(m as libc::mode_t);
+            }
+            if let Some(n) = nice {
+                // Best effort (see ExecRequest::nice); before the user switch, which may drop
+                // the privilege to lower it.
+                libc::setpriority(libc::PRIO_PROCESS, 0, n);
             }
             if pty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(std::io::Error::last_os_error());

@@ -5,9 +5,11 @@
 //! - [`client`]: [`QtfsFs`], the DPU side FUSE filesystem used by `mount.qtfs`.
 //! - [`fifo`]: tunnels that join a FIFO's DPU pipe and its HOST pipe.
 //! - `procview`: proc mode's rule for the caller's own processes.
+//! - [`mount`]: mount forwarding (the `mount` service and the DPU-side translation).
 
 pub mod client;
 pub mod fifo;
+pub mod mount;
 mod procview;
 pub mod proto;
 pub mod server;

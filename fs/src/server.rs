@@ -67,12 +67,21 @@ pub enum FsError {
     RelativeExport(PathBuf),
 }
 
+/// A node's identity: (export, HOST device, HOST inode).
+type Key = (usize, u64, u64);
+
+/// A directory a mount covers: its descriptor, key and mode.
+type Covered = (Arc<OwnedFd>, Key, u32);
+
 struct Node {
     fd: Arc<OwnedFd>,
     export: usize,
     lookups: u64,
     key: (usize, u64, u64),
     mode: u32,
+    /// What a forwarded mount on this directory covered: (fd, key, mode) of the directory
+    /// below, innermost last, restored when that mount goes ([`FsService::uncover`]).
+    under: Vec<Covered>,
 }
 
 struct OpenFile {
@@ -254,6 +263,7 @@ impl FsService {
                 lookups: 1,
                 key,
                 mode: st.st_mode,
+                under: Vec::new(),
             },
         );
         s.by_key.insert(key, id);
@@ -331,6 +341,121 @@ impl FsService {
             }
         }
         best.map(|(i, rest, _)| (i, rest))
+    }
+
+    /// Resolves a path named the way mount sources are (an export path or `name/sub/dir`) to
+    /// its export, the HOST path it names and the part below the export root. Only plain
+    /// components are accepted below the export (`.`, `..`: EINVAL); no export: EPERM.
+    pub(crate) fn export_path(&self, path: &str) -> R<(usize, PathBuf, PathBuf)> {
+        let (idx, rest) = self.find_export(path).ok_or(libc::EPERM)?;
+        if rest
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+        {
+            return Err(libc::EINVAL);
+        }
+        let host = self.inner.exports[idx].path.join(&rest);
+        Ok((idx, host, rest))
+    }
+
+    /// The export is read-only.
+    pub(crate) fn export_read_only(&self, idx: usize) -> bool {
+        self.inner.exports.get(idx).is_none_or(|e| e.read_only)
+    }
+
+    /// Opens `rest` below export `idx` with `flags` (plus `O_PATH` callers pass themselves),
+    /// refusing every symlink on the way (ELOOP) and never leaving the export; mounts on the
+    /// way are entered.
+    pub(crate) fn open_in_export(&self, idx: usize, rest: &Path, flags: i32) -> R<OwnedFd> {
+        let root = &self.inner.exports.get(idx).ok_or(libc::EPERM)?.path;
+        let root_c = CString::new(root.as_os_str().as_encoded_bytes()).map_err(|_| libc::EINVAL)?;
+        // SAFETY: valid C string; result checked.
+        let rfd = unsafe {
+            libc::open(
+                root_c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if rfd < 0 {
+            return Err(sys::last());
+        }
+        // SAFETY: fresh descriptor.
+        let rfd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(rfd) };
+        let rest = if rest.as_os_str().is_empty() {
+            CString::new(".").map_err(|_| libc::EINVAL)?
+        } else {
+            CString::new(rest.as_os_str().as_encoded_bytes()).map_err(|_| libc::EINVAL)?
+        };
+        sys::openat2_beneath(rfd.as_raw_fd(), &rest, flags, libc::RESOLVE_NO_SYMLINKS)
+    }
+
+    /// A mount now covers the directory `under` (device, inode): every node of that
+    /// directory is pointed at the new mount's root `root`, so a DPU that already looked the
+    /// directory up (the kernel keeps the entry) sees the mounted content at once instead of
+    /// the covered directory. Returns how many nodes moved.
+    pub(crate) fn cover(&self, under: (u64, u64), root: &Arc<OwnedFd>, st: &libc::stat) -> usize {
+        let mut g = self.state();
+        let s = &mut *g;
+        let mut moved = Vec::new();
+        for (id, n) in s.nodes.iter_mut() {
+            if (n.key.1, n.key.2) == under {
+                let old = n.key;
+                n.under.push((n.fd.clone(), n.key, n.mode));
+                n.fd = root.clone();
+                n.key = (n.export, st.st_dev, st.st_ino);
+                n.mode = st.st_mode;
+                moved.push((*id, old, n.key));
+            }
+        }
+        for (id, old, new) in &moved {
+            if s.by_key.get(old) == Some(id) {
+                s.by_key.remove(old);
+            }
+            s.by_key.entry(*new).or_insert(*id);
+        }
+        moved.len()
+    }
+
+    /// The mount with root (device, inode) `root` and mount id `mnt` is about to go: nodes of
+    /// its root get back the directory they covered, nodes inside it are dropped (the DPU
+    /// gets ESTALE for them and looks the names up again), so no descriptor held here keeps
+    /// the mount busy. Returns the (device, inode) of the directories restored.
+    pub(crate) fn uncover(&self, root: (u64, u64), mnt: u64) -> Vec<(u64, u64)> {
+        let mut g = self.state();
+        let s = &mut *g;
+        let ids: Vec<NodeId> = s
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.key.1 == root.0 && sys::mnt_id(n.fd.as_raw_fd()) == Ok(mnt))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut restored = Vec::new();
+        for id in ids {
+            let Some(n) = s.nodes.get_mut(&id) else {
+                continue;
+            };
+            let old = n.key;
+            if (n.key.1, n.key.2) == root {
+                if let Some((fd, key, mode)) = n.under.pop() {
+                    n.fd = fd;
+                    n.key = key;
+                    n.mode = mode;
+                    if s.by_key.get(&old) == Some(&id) {
+                        s.by_key.remove(&old);
+                    }
+                    s.by_key.entry(key).or_insert(id);
+                    restored.push((key.1, key.2));
+                    continue;
+                }
+            }
+            s.nodes.remove(&id);
+            if s.by_key.get(&old) == Some(&id) {
+                s.by_key.remove(&old);
+            }
+        }
+        restored.sort_unstable();
+        restored.dedup();
+        restored
     }
 
     async fn mount(&self, version: u32, path: String) -> Result<Reply, RemoteError> {

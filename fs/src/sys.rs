@@ -203,6 +203,26 @@ pub fn fstat(fd: RawFd) -> Result<libc::stat, Errno> {
     Ok(st)
 }
 
+/// The id of the mount a descriptor lies on (`statx(STATX_MNT_ID)`, as in mountinfo).
+pub fn mnt_id(fd: RawFd) -> Result<u64, Errno> {
+    // SAFETY: zeroed statx is a valid out-parameter.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers.
+    check(unsafe {
+        libc::statx(
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    })?;
+    if stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(libc::ENOSYS);
+    }
+    Ok(stx.stx_mnt_id)
+}
+
 /// readlinkat on an `O_PATH` symlink descriptor: the link text, never followed.
 pub fn readlink(fd: RawFd) -> Result<Vec<u8>, Errno> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];

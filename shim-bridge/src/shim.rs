@@ -50,6 +50,10 @@ pub async fn run_capture(
         user: None,
         pty: None,
         pgroup: false,
+        // The real shim runs with the exec service's own umask and nice value.
+        umask: None,
+        nice: None,
+        sig_ignored: 0,
     };
     let stream = session
         .open_stream(SERVICE, offload_exec::client::encode_request(&req))

@@ -114,6 +114,7 @@ pub fn connect_url(listen: &str) -> String {
     }
 }
 pub mod cri;
+pub mod e2e;
 pub mod fs;
 pub mod images;
 pub mod scratch_containerd;

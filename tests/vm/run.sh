@@ -3,7 +3,8 @@
 # (Debian 6.1 kernel, this machine's / shared read-only over 9p, vsock_loopback, soft-RoCE
 # rxe0/rxe1 over a veth pair) and runs the transport, fs, exec and bridge test executables inside
 # it once over vsock and once over rdma, plus the RDMA link's own tests (vm_*). Then (unless
-# VM_HOSTVSOCK=0) the host<->guest vsock test through vhost-device-vsock (hostvsock.sh).
+# VM_HOSTVSOCK=0) the host<->guest vsock test through vhost-device-vsock (hostvsock.sh), and
+# (unless VM_DPU=0) the VM-as-DPU test: containerd in the guest, containers here (vmdpu.sh).
 # Prints one line per suite run and each run's cargo "test result:" line; exits non-zero if any
 # suite failed or the guest did not boot (its serial log is shown).
 #
@@ -11,6 +12,7 @@
 #   VM_SUITES=regex   only test executables whose name matches (default ^(transport|fs|exec|bridge|vm)_)
 #   VM_LINKS=vsock,rdma   link kinds for the link-agnostic suites
 #   VM_SUITE_TIMEOUT=150  per suite run (seconds)   VM_HOSTVSOCK=0 skip the host<->guest test
+#   VM_DPU=0 skip the VM-as-DPU containerd test   VMDPU_TIMEOUT=300 its limit (seconds)
 #   VM_BUDGET=540  seconds for all guest suite runs; runs that do not fit are reported failed
 #   VM_LAST="exec_table fs_posix fs_restart fs_workloads"  suites run last (minutes each under emulation)
 #   VM_SKIP="64mib large_payloads hundred_concurrent"  test-name substrings skipped in the guest (sized for native speed)
@@ -94,6 +96,10 @@ rm -f "$RUN/tmp.img"
 hrc=0
 if [ "${VM_HOSTVSOCK:-1}" != 0 ] && [ -x "$here/hostvsock.sh" ]; then
   if "$here/hostvsock.sh"; then pass=$((pass + 1)); else hrc=1; fail=$((fail + 1)); fi
+fi
+# A VM as the DPU: containerd in the guest, containers on this machine, link over vsock.
+if [ "${VM_DPU:-1}" != 0 ] && [ -x "$here/vmdpu.sh" ]; then
+  if timeout -k 10 $(( ${VMDPU_TIMEOUT:-300} + 60 )) "$here/vmdpu.sh"; then pass=$((pass + 1)); else hrc=1; fail=$((fail + 1)); fi
 fi
 echo "vm tier total $(( $(date +%s) - t0 ))s"
 [ $rc = 0 ] || [ $fail -gt 0 ] || fail=1

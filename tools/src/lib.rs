@@ -1,4 +1,7 @@
-//! Pieces shared by the dpu-offload binaries: link and key options, logging set-up.
+//! Pieces shared by the dpu-offload binaries: link and key options, logging set-up, and the
+//! `offload run` mount-forwarding supervisor ([`run`]).
+
+pub mod run;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,3 +61,5 @@ pub fn init_tracing(default: &str) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
+
+pub mod rootfs;

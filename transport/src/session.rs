@@ -84,7 +84,8 @@ pub enum HandshakeError {
     Io(#[from] io::Error),
     #[error("handshake not completed within {0:?}")]
     Timeout(Duration),
-    #[error("peer is not a dpu-offload endpoint (bad magic)")]
+    /// The first bytes from the peer are not a handshake of ours (some other server answered).
+    #[error("not a dpu-offload peer (its first bytes are not a dpu-offload handshake)")]
     NotOffload,
     #[error("peer speaks protocol version {theirs}, this side speaks {ours}")]
     Version { ours: u16, theirs: u16 },
@@ -457,7 +458,8 @@ async fn read_hs_frame<R: tokio::io::AsyncRead + Unpin>(
         }
         Err(e) => return Err(e.into()),
     }
-    let h = Header::parse(&h, MAX_HANDSHAKE_FRAME)?;
+    // Anything but a frame header of ours at this point means another protocol answered.
+    let h = Header::parse(&h, MAX_HANDSHAKE_FRAME).map_err(|_| HandshakeError::NotOffload)?;
     let mut body = vec![0u8; h.len as usize];
     match r.read_exact(&mut body).await {
         Ok(_) => {}
@@ -492,7 +494,7 @@ struct Negotiated {
 /// magic means the peer is not a dpu-offload endpoint.
 fn decode_hello(kind: Kind, body: &[u8]) -> Result<HelloMsg, HandshakeError> {
     if kind != Kind::Hello {
-        return Err(HandshakeError::Unexpected(kind));
+        return Err(HandshakeError::NotOffload);
     }
     let theirs: HelloMsg = wire::decode("hello", body).map_err(|_| HandshakeError::NotOffload)?;
     if theirs.hello.magic != wire::MAGIC {

@@ -38,7 +38,7 @@ struct Args {
     /// Link type for a bare address: tcp, unix, vsock, vsock-uds or rdma.
     #[arg(long, value_name = "T")]
     transport: Option<String>,
-    /// TOML configuration with one section per service ([fs], [exec], [bridge]).
+    /// TOML configuration with one section per service ([fs], [mount], [exec], [bridge]).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
@@ -54,8 +54,13 @@ struct Config {
     /// offloadd ignores them.
     #[allow(dead_code)]
     qtfs: Option<toml::Table>,
+    /// The management plane's root, read by `offload dpu setup`; offloadd ignores it.
+    #[allow(dead_code)]
+    rootfs: Option<toml::Table>,
     /// qtfs exports served to the DPU.
     fs: Option<offload_fs::FsConfig>,
+    /// Mount forwarding: which mounts a DPU may make on the HOST inside the fs exports.
+    mount: Option<offload_fs::mount::MountConfig>,
     /// Shim bridge: proxied Unix sockets, stdio FIFOs, remote signals.
     bridge: Option<shim_bridge::BridgeConfig>,
     /// Remote execution (rexec) for the peer; `allow` lists the executables it may run.
@@ -72,10 +77,24 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 }
 
 /// The services this daemon offers: one per configured section.
-fn registry(cfg: Config) -> anyhow::Result<Registry> {
+fn registry(cfg: Config, authenticated: bool) -> anyhow::Result<Registry> {
     let mut reg = Registry::new();
     if let Some(c) = cfg.fs {
-        reg.insert("fs", Arc::new(offload_fs::FsService::new(c)?));
+        let fs = offload_fs::FsService::new(c)?;
+        if let Some(m) = cfg.mount {
+            // A mount is root on the HOST: never for a peer that proved no key.
+            anyhow::ensure!(
+                authenticated,
+                "[mount] needs an authenticated link (a pre-shared key)"
+            );
+            reg.insert(
+                offload_fs::mount::proto::SERVICE,
+                Arc::new(offload_fs::mount::MountService::new(m, fs.clone())?),
+            );
+        }
+        reg.insert("fs", Arc::new(fs));
+    } else if cfg.mount.is_some() {
+        anyhow::bail!("[mount] needs an [fs] section: mounts are made inside its exports");
     }
     if let Some(c) = cfg.exec {
         reg.insert(
@@ -103,7 +122,7 @@ fn main() -> anyhow::Result<()> {
         };
         b.role.get_or_insert(side);
     }
-    let reg = registry(cfg)?;
+    let reg = registry(cfg, session_cfg.key.is_some())?;
     if reg.names().is_empty() {
         tracing::warn!("no service configured: peers can connect but there is nothing to use");
     }

@@ -2,7 +2,8 @@
 //!
 //! `CMD_NET_ADDR=tcp://IP:PORT rexec CMD ARGS…` — argv verbatim, this process's environment and
 //! working directory, stdin/stdout/stderr streamed, signals forwarded; exits with the program's
-//! code (128+S if it died of signal S). rexec's own failures (unreachable server, bad key, link
+//! code, or dies of the same signal if the program did (default action restored, no core dump;
+//! 128+S where signal S cannot end a process, e.g. SIGSTOP). rexec's own failures (unreachable server, bad key, link
 //! lost mid-run) print one line on stderr and exit 255, like ssh.
 
 // No std runtime start-up: rexec's latency is mostly process start-up, and std's (guard page
@@ -22,6 +23,16 @@ use transport::{Endpoint, Registry, Session};
 /// Exit code for rexec's own errors (distinct from the program's usual range, like ssh).
 const EXIT_REXEC_ERROR: i32 = 255;
 
+/// Signals ignored by the caller when rexec started (see `client::ignored_signals`).
+static CALLER_IGNORED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Environment variable with rexec's log filter (tracing `EnvFilter` syntax).
+const LOG_ENV: &str = "REXEC_LOG";
+
+/// rexec's own configuration: read here, never passed to the program (the program would
+/// otherwise see, and a nested rexec would reuse, the caller's link settings).
+const OWN_ENV: [&[u8]; 2] = [b"CMD_NET_ADDR", b"OFFLOAD_KEY_FILE"];
+
 #[derive(Parser, Debug)]
 #[command(
     name = "rexec",
@@ -29,9 +40,12 @@ const EXIT_REXEC_ERROR: i32 = 255;
     about = "Run a program on the peer exactly as if it ran here",
     long_about = "Run a program on the peer (the exec service of offloadd or rexec_server) with this \
 process's environment, working directory and stdio; signals are forwarded. Exits with the \
-program's exit code, 128+S if it was killed by signal S, 126/127 if it was refused or not found, \
+program's exit code or dies of the signal that killed it (128+S where that signal cannot \
+end a process), 126/127 if it was refused or not found, \
 and 255 on rexec's own errors (unreachable server, wrong key, connection lost).",
-    after_help = "Options end at the first non-option argument: `rexec ls -la` runs `ls -la`.\n\
+    after_help = "Options end at the first non-option argument: `rexec ls -la` runs `ls -la`; \
+`rexec -- -cmd` runs a program whose name starts with '-'. Usage errors exit 2.\n\
+rexec's own logging: REXEC_LOG=debug (RUST_LOG is left to the program).\n\
 Example: CMD_NET_ADDR=tcp://10.0.0.1:7000 rexec --key-file /etc/offload/psk uname -a"
 )]
 struct Args {
@@ -69,12 +83,7 @@ struct Args {
     #[arg(short, long)]
     verbose: bool,
     /// The program and its arguments, verbatim.
-    #[arg(
-        required = true,
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CMD"
-    )]
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
     command: Vec<OsString>,
 }
 
@@ -87,6 +96,7 @@ fn build_env(args: &Args) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     } else {
         std::env::vars_os()
             .map(|(k, v)| (k.into_vec(), v.into_vec()))
+            .filter(|(k, _)| !OWN_ENV.contains(&k.as_slice()))
             .collect()
     };
     for kv in &args.env_set {
@@ -99,6 +109,51 @@ fn build_env(args: &Args) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         env.push((k, v));
     }
     Ok(env)
+}
+
+/// Ends rexec by the signal that killed the remote program, so the caller sees WIFSIGNALED with
+/// the same signal (Go's `Signaled()`, Python's negative return codes, a shell's "Killed").
+/// Returns only for signals whose default action does not terminate (stop, ignore) or that are
+/// out of range; the caller then exits 128+N. rexec itself never dumps core here.
+fn die_of_signal(sig: i32) {
+    const NOT_FATAL: [i32; 8] = [
+        libc::SIGSTOP,
+        libc::SIGTSTP,
+        libc::SIGTTIN,
+        libc::SIGTTOU,
+        libc::SIGCONT,
+        libc::SIGCHLD,
+        libc::SIGURG,
+        libc::SIGWINCH,
+    ];
+    if sig <= 0 || sig > libc::SIGRTMAX() || NOT_FATAL.contains(&sig) {
+        return;
+    }
+    // SAFETY: plain signal/rlimit syscalls on this process; it is about to end.
+    unsafe {
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_CORE, &mut rl) == 0 {
+            rl.rlim_cur = 0;
+            libc::setrlimit(libc::RLIMIT_CORE, &rl);
+        }
+        libc::signal(sig, libc::SIG_DFL);
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+}
+
+/// This process's umask. Reading it means setting it: fine here, rexec is still single-threaded
+/// and creates no files.
+fn own_umask() -> u32 {
+    // SAFETY: umask has no memory effects; the old value is put back at once.
+    unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m as u32
+    }
 }
 
 fn signal_name(sig: i32) -> String {
@@ -114,11 +169,20 @@ fn signal_name(sig: i32) -> String {
 }
 
 async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
+    let req_ignored = req.sig_ignored;
     let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.addr)
         .map_err(|e| anyhow::anyhow!("bad address {:?}: {e}", args.addr))?;
     let session = Session::connect(&endpoint, args.link.session_config()?, Registry::new())
         .await
-        .map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
+        .map_err(|e| {
+            // Name the address once: handshake errors already start with it.
+            let msg = e.to_string();
+            if msg.contains(&endpoint.to_string()) {
+                anyhow::anyhow!("{msg}")
+            } else {
+                anyhow::anyhow!("{endpoint}: {msg}")
+            }
+        })?;
     let _raw = if args.tty {
         client::RawMode::enter()
     } else {
@@ -129,6 +193,7 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
         req,
         RunOptions {
             tty: args.tty && _raw.is_some(),
+            ignored: req_ignored,
         },
     )
     .await?;
@@ -142,6 +207,11 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
 #[no_mangle]
 pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
     sanitize_stdio();
+    // The caller's ignored signals, before rexec changes any disposition (SIGPIPE just below).
+    CALLER_IGNORED.store(
+        client::ignored_signals(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // Like std: a closed stdout pipe is an EPIPE error (reported to the server), not a signal.
     // SAFETY: setting a signal disposition.
     unsafe {
@@ -172,9 +242,10 @@ fn sanitize_stdio() {
 #[cfg_attr(test, allow(dead_code))]
 fn rexec_main() -> std::convert::Infallible {
     let args = Args::parse();
-    if std::env::var_os("RUST_LOG").is_some() {
+    // rexec's own variable: RUST_LOG in the caller's environment is meant for the program.
+    if std::env::var_os(LOG_ENV).is_some() {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env(LOG_ENV))
             .with_writer(std::io::stderr)
             .try_init();
     }
@@ -211,6 +282,10 @@ fn rexec_main() -> std::convert::Infallible {
         user: args.user.clone(),
         pty,
         pgroup: args.pgroup,
+        umask: Some(own_umask()),
+        // SAFETY: getpriority has no memory effects.
+        nice: Some(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }),
+        sig_ignored: CALLER_IGNORED.load(std::sync::atomic::Ordering::Relaxed),
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -231,12 +306,14 @@ fn rexec_main() -> std::convert::Infallible {
                         signal,
                         core_dumped,
                     } => eprintln!(
-                        "rexec: remote program killed by signal {signal} ({}){}; exiting {}",
+                        "rexec: remote program killed by signal {signal} ({}){}",
                         signal_name(signal),
                         if core_dumped { ", core dumped" } else { "" },
-                        128 + signal
                     ),
                 }
+            }
+            if let ExitStatus::Signal { signal, .. } = st {
+                die_of_signal(signal);
             }
             st.shell_code()
         }
