@@ -202,15 +202,25 @@ pub async fn read_msg(r: &mut StreamReader) -> Result<Option<Msg>, TunnelError> 
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
-    let n = u32::from_le_bytes(len) as usize;
+    let n = msg_len(len)?;
+    let mut buf = vec![0u8; n];
+    r.read_exact(&mut buf).await?;
+    decode_msg(&buf).map(Some)
+}
+
+/// The body length a message's prefix announces, refused above the largest message (it sizes
+/// an allocation, and the peer chose it).
+pub fn msg_len(prefix: [u8; 4]) -> Result<usize, TunnelError> {
+    let n = u32::from_le_bytes(prefix) as usize;
     if n > MAX_MSG {
         return Err(TunnelError::Malformed);
     }
-    let mut buf = vec![0u8; n];
-    r.read_exact(&mut buf).await?;
-    postcard::from_bytes(&buf)
-        .map(Some)
-        .map_err(|_| TunnelError::Malformed)
+    Ok(n)
+}
+
+/// Decodes a message body (after its length prefix).
+pub fn decode_msg(body: &[u8]) -> Result<Msg, TunnelError> {
+    postcard::from_bytes(body).map_err(|_| TunnelError::Malformed)
 }
 
 /// What one side's daemon can do with its side of the FIFO.

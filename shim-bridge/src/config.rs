@@ -154,8 +154,10 @@ impl BridgeConfig {
     }
 }
 
-/// True when `p` is absolute, has no `..` and lies under one of `prefixes`.
-pub(crate) fn under_any(p: &Path, prefixes: &[PathBuf]) -> bool {
+/// True when `p` is absolute, has no `..` and lies under one of `prefixes`. Public (hidden)
+/// for fuzzing the rule check on peer-named paths.
+#[doc(hidden)]
+pub fn under_any(p: &Path, prefixes: &[PathBuf]) -> bool {
     p.is_absolute()
         && !p
             .components()

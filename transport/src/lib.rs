@@ -16,6 +16,9 @@ pub mod wire;
 // RDMA
 #[cfg(feature = "rdma")]
 pub mod rdma;
+/// Pure decoding of the RDMA link's ring description and immediate data (no verbs needed).
+#[doc(hidden)]
+pub mod rdma_meta;
 
 pub use auth::{resolve_key, AuthError, Key};
 pub use client::Client;

@@ -52,6 +52,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::endpoint::Endpoint;
 use crate::link::{Conn, Listener, Transport, TransportError};
+use crate::rdma_meta::{advance, imm_decode, imm_encode, MetaError, RingInfo, FLAG_FIN};
 
 /// Bytes per receive-ring slot, i.e. the largest single RDMA write.
 pub const SLOT_SIZE: usize = 32 * 1024;
@@ -63,9 +64,6 @@ const CTRL: u32 = 8;
 const CREDIT_BATCH: u32 = SLOTS / 2;
 /// Report polled control messages explicitly once this many are unreported.
 const CTRL_BATCH: u32 = CTRL / 2;
-/// Wire format version in the private data.
-const VERSION: u16 = 1;
-const MAGIC: u32 = 0x5244_5055; // "UPDR"
 /// rdma_cm address/route resolution timeout.
 const RESOLVE_TIMEOUT_MS: i32 = 3000;
 /// Bound on connection establishment (peer accepts, or the CM gives up).
@@ -120,7 +118,6 @@ pub fn counters() -> Counters {
 const WR_RECV: u64 = 1;
 const WR_DATA: u64 = 2;
 const WR_CTRL: u64 = 3;
-const FLAG_FIN: u32 = 1;
 
 /// Why an RDMA connection could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -442,64 +439,11 @@ impl Drop for CmChannel {
 // ---------------------------------------------------------------------------------------------
 // Private data: where our receive ring is
 
-#[derive(Clone, Copy, Debug)]
-struct RingInfo {
-    addr: u64,
-    rkey: u32,
-    slots: u32,
-    slot_size: u32,
-    ctrl: u32,
-}
+// (RingInfo, its encoding and validation live in `rdma_meta`: pure, fuzzed without verbs.)
 
-impl RingInfo {
-    const LEN: usize = 28;
-
-    fn encode(&self) -> [u8; Self::LEN] {
-        let mut b = [0u8; Self::LEN];
-        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        b[6..8].copy_from_slice(&(self.slots as u16).to_le_bytes());
-        b[8..12].copy_from_slice(&self.slot_size.to_le_bytes());
-        b[12..16].copy_from_slice(&self.ctrl.to_le_bytes());
-        b[16..20].copy_from_slice(&self.rkey.to_le_bytes());
-        b[20..28].copy_from_slice(&self.addr.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8]) -> Result<Self, RdmaError> {
-        let bad = |m: &str| RdmaError::Protocol(m.to_string());
-        if b.len() < Self::LEN {
-            return Err(bad(
-                "connection private data too short (not a dpu-offload peer?)",
-            ));
-        }
-        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        if u32_at(0) != MAGIC {
-            return Err(bad("bad magic in private data (not a dpu-offload peer?)"));
-        }
-        let version = u16::from_le_bytes([b[4], b[5]]);
-        if version != VERSION {
-            return Err(RdmaError::Protocol(format!(
-                "peer speaks RDMA link version {version}, we speak {VERSION}"
-            )));
-        }
-        let info = RingInfo {
-            slots: u16::from_le_bytes([b[6], b[7]]) as u32,
-            slot_size: u32_at(8),
-            ctrl: u32_at(12),
-            rkey: u32_at(16),
-            addr: u64::from_le_bytes([b[20], b[21], b[22], b[23], b[24], b[25], b[26], b[27]]),
-        };
-        if !(1..=128).contains(&info.slots)
-            || !(1..=128).contains(&info.ctrl)
-            || info.slot_size == 0
-            || info.slot_size > 65536
-        {
-            return Err(RdmaError::Protocol(format!(
-                "unusable ring geometry {info:?}"
-            )));
-        }
-        Ok(info)
+impl From<MetaError> for RdmaError {
+    fn from(e: MetaError) -> Self {
+        RdmaError::Protocol(e.0)
     }
 }
 
@@ -519,15 +463,7 @@ fn conn_param(private: &[u8; RingInfo::LEN]) -> sys::rdma_conn_param {
 // ---------------------------------------------------------------------------------------------
 // Immediate data: [ctrl polled mod 256 | slots released mod 256 | len-1 or flags]
 
-fn imm_encode(ctrl_polled: u32, released: u32, low: u32) -> u32 {
-    ((ctrl_polled & 0xff) << 24) | ((released & 0xff) << 16) | (low & 0xffff)
-}
-
-/// Advances a full counter from an 8-bit cumulative report (outstanding counts are < 256).
-fn advance(full: &mut u32, reported: u32) {
-    let delta = (reported.wrapping_sub(*full)) & 0xff;
-    *full = full.wrapping_add(delta);
-}
+// (imm_encode, imm_decode and advance live in `rdma_meta`.)
 
 // ---------------------------------------------------------------------------------------------
 // Verbs resources of one connection
@@ -1187,9 +1123,9 @@ impl RdmaStream {
         }
         // SAFETY: IBV_WC_WITH_IMM set, so the union holds imm_data (network byte order).
         let imm = u32::from_be(unsafe { w.imm_data_invalidated_rkey_union.imm_data });
-        advance(&mut self.peer_ctrl_polled, imm >> 24);
-        advance(&mut self.peer_released, (imm >> 16) & 0xff);
-        let low = imm & 0xffff;
+        let (ctrl_polled, released, low) = imm_decode(imm);
+        advance(&mut self.peer_ctrl_polled, ctrl_polled);
+        advance(&mut self.peer_released, released);
         match w.opcode {
             sys::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM => {
                 let len = low + 1;
@@ -1610,6 +1546,7 @@ impl RdmaListener {
         let theirs = match RingInfo::decode(&private) {
             Ok(r) => r,
             Err(e) => {
+                let e = RdmaError::from(e);
                 let why = b"dpu-offload: bad private data";
                 // SAFETY: id valid; the reject message is copied.
                 unsafe { sys::rdma_reject(res.id, why.as_ptr() as *const c_void, why.len() as u8) };
@@ -1670,47 +1607,4 @@ impl Listener for RdmaListener {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ring_info_roundtrip_and_validation() {
-        let r = RingInfo {
-            addr: 0x1234_5678_9abc,
-            rkey: 77,
-            slots: SLOTS,
-            slot_size: SLOT_SIZE as u32,
-            ctrl: CTRL,
-        };
-        let b = r.encode();
-        let d = RingInfo::decode(&b).expect("decodes");
-        assert_eq!(
-            (d.addr, d.rkey, d.slots, d.slot_size, d.ctrl),
-            (r.addr, 77, SLOTS, SLOT_SIZE as u32, CTRL)
-        );
-        assert!(RingInfo::decode(&b[..10]).is_err());
-        let mut bad = b;
-        bad[0] ^= 1;
-        assert!(RingInfo::decode(&bad).is_err());
-        let mut huge = r;
-        huge.slot_size = 1 << 20;
-        assert!(RingInfo::decode(&huge.encode()).is_err());
-    }
-
-    #[test]
-    fn counters_advance_across_wrap() {
-        let mut full = 250u32;
-        advance(&mut full, 4); // 250 -> 260 (mod 256 = 4)
-        assert_eq!(full, 260);
-        advance(&mut full, 4);
-        assert_eq!(full, 260);
-        let mut w = u32::MAX - 1;
-        advance(&mut w, 3);
-        assert_eq!(w, 3u32.wrapping_add(0));
-        let imm = imm_encode(0x1ff, 0x2fe, 0xffff);
-        assert_eq!(imm >> 24, 0xff);
-        assert_eq!((imm >> 16) & 0xff, 0xfe);
-        assert_eq!(imm & 0xffff, 0xffff);
-    }
-}
+// Unit tests of the ring description and immediate data: see `rdma_meta`.

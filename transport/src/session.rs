@@ -490,6 +490,79 @@ struct Negotiated {
     auth: Option<BytesMut>,
 }
 
+/// Decodes the peer's first handshake frame: anything but a well-formed Hello carrying our
+/// magic means the peer is not a dpu-offload endpoint.
+fn decode_hello(kind: Kind, body: &[u8]) -> Result<HelloMsg, HandshakeError> {
+    if kind != Kind::Hello {
+        return Err(HandshakeError::NotOffload);
+    }
+    let theirs: HelloMsg = wire::decode("hello", body).map_err(|_| HandshakeError::NotOffload)?;
+    if theirs.hello.magic != wire::MAGIC {
+        return Err(HandshakeError::NotOffload);
+    }
+    Ok(theirs)
+}
+
+/// Fuzzing entry: decodes `body` as the peer's Hello and returns its re-encoding (`None`:
+/// refused). Decoding the re-encoding must give the same bytes again.
+#[doc(hidden)]
+pub fn fuzz_decode_hello(body: &[u8]) -> Option<Bytes> {
+    decode_hello(Kind::Hello, body)
+        .ok()
+        .map(|m| wire::encode(&m))
+}
+
+/// Fuzzing entry: runs the handshake's decoders over `data` read as the byte stream a peer
+/// sends before it is authenticated (header limits, Hello, then Welcome/Auth/Refuse with their
+/// tags checked against a fixed key), as [`handshake`] does, without the I/O.
+#[doc(hidden)]
+pub fn fuzz_handshake(data: &[u8]) {
+    let Ok(key) = Key::from_bytes(*b"fuzzing-key-0123456789") else {
+        return;
+    };
+    let mut rest = data;
+    let mut hello: Option<&[u8]> = None;
+    while rest.len() >= HEADER_LEN {
+        let (head, tail) = rest.split_at(HEADER_LEN);
+        let Ok(head) = <&[u8; HEADER_LEN]>::try_from(head) else {
+            return;
+        };
+        let Ok(h) = Header::parse(head, MAX_HANDSHAKE_FRAME) else {
+            return;
+        };
+        let Some((body, tail)) = tail.split_at_checked(h.len as usize) else {
+            return;
+        };
+        rest = tail;
+        let Some(theirs) = hello else {
+            if decode_hello(h.kind, body).is_err() {
+                return;
+            }
+            hello = Some(body);
+            continue;
+        };
+        let (role, tag): (&[u8], _) = match h.kind {
+            Kind::Welcome => (
+                b"S",
+                wire::decode::<wire::Welcome>("welcome", body).map(|w| w.tag),
+            ),
+            Kind::Auth => (
+                b"C",
+                wire::decode::<wire::Auth>("auth", body).map(|a| a.tag),
+            ),
+            Kind::Refuse => {
+                let _ = wire::decode::<wire::Refuse>("refuse", body);
+                continue;
+            }
+            _ => return,
+        };
+        let Ok(tag) = tag else {
+            return;
+        };
+        let _ = key.verify(&[AUTH_CONTEXT, role, theirs, data], &tag);
+    }
+}
+
 /// Writes handshake frames in one write and flushes.
 async fn hs_send(conn: &mut Conn, frames: &[&[u8]]) -> io::Result<()> {
     let all = frames.concat();
@@ -535,14 +608,7 @@ async fn handshake(
         hs_send(conn, &[&my_hello]).await?;
     }
     let (kind, theirs_bytes) = read_hs_frame(conn).await?;
-    if kind != Kind::Hello {
-        return Err(HandshakeError::NotOffload);
-    }
-    let theirs: HelloMsg =
-        wire::decode("hello", &theirs_bytes).map_err(|_| HandshakeError::NotOffload)?;
-    if theirs.hello.magic != wire::MAGIC {
-        return Err(HandshakeError::NotOffload);
-    }
+    let theirs = decode_hello(kind, &theirs_bytes)?;
     // Transcript order is (dialer hello, acceptor hello) on both sides.
     let (c_hello, s_hello): (&[u8], &[u8]) = if dialer {
         (&mine_bytes, &theirs_bytes)
@@ -1218,6 +1284,12 @@ async fn read_loop(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, dialer: bool) -> 
             return reason;
         }
     }
+}
+
+/// Fuzzing entry: the Credit frame's payload decoder.
+#[doc(hidden)]
+pub fn fuzz_u32_payload(p: &[u8]) -> Option<u32> {
+    u32_payload(p).ok()
 }
 
 fn u32_payload(p: &[u8]) -> Result<u32, CloseReason> {
