@@ -206,22 +206,28 @@ pub struct MountInfo {
     pub source: String,
 }
 
-/// Undoes mountinfo's octal escapes (`\040` for a space and so on).
+/// Undoes mountinfo's octal escapes (`\040` for a space and so on). An escape above `\377`
+/// is not one (it would not fit a byte) and stays as written.
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = oct
+                    .iter()
+                    .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+                if let Ok(v) = u8::try_from(v) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
         }
+        out.push(b[i]);
+        i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
 }
@@ -401,6 +407,14 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape("x\\134y\\"), "x\\y\\");
+        assert_eq!(unescape("a\\040b"), "a b");
+        // Not a byte: left as written rather than wrapped.
+        assert_eq!(unescape("\\777"), "\\777");
     }
 
     #[test]
