@@ -557,17 +557,11 @@ async fn engine(
                             Msg::Kick => sched.kick(),
                             Msg::Readers { cycle: id } => {
                                 rested = false;
-                                match ends.reader().await {
-                                    Ok(fd) => {
-                                        let r = Pipe::new(fd).map_err(TunnelError::Gone)?;
-                                        cycle = start_reader(id, r);
-                                    }
-                                    Err(e) => {
-                                        send(tx, &Msg::Decline { cycle: id }).await?;
-                                        if e != libc::EMFILE && e != libc::ENFILE {
-                                            return Err(TunnelError::Gone(e));
-                                        }
-                                    }
+                                match join_cycle(ends, tx, id).await? {
+                                    Ok(c) => cycle = c,
+                                    // Out of descriptors: stay idle, the peer was told.
+                                    Err(e) if e == libc::EMFILE || e == libc::ENFILE => {}
+                                    Err(e) => return Err(TunnelError::Gone(e)),
                                 }
                             }
                             // Stale messages of a cycle that ended.
@@ -627,16 +621,9 @@ async fn engine(
                                     // Both sides found readers at once: the DPU's cycle wins.
                                     // Our probe writer goes first.
                                     drop(std::mem::replace(&mut cycle, Cycle::Idle));
-                                    match ends.reader().await {
-                                        Ok(fd) => {
-                                            let r = Pipe::new(fd).map_err(TunnelError::Gone)?;
-                                            cycle = start_reader(other, r);
-                                        }
-                                        Err(e) => {
-                                            send(tx, &Msg::Decline { cycle: other }).await?;
-                                            return Err(TunnelError::Gone(e));
-                                        }
-                                    }
+                                    cycle = join_cycle(ends, tx, other)
+                                        .await?
+                                        .map_err(TunnelError::Gone)?;
                                 }
                             }
                             Msg::Kick => sched.kick(),
@@ -669,16 +656,9 @@ async fn engine(
                             Msg::Readers { cycle: other } => {
                                 // The peer moved on without us seeing the end: follow it.
                                 drop(std::mem::replace(&mut cycle, Cycle::Idle));
-                                match ends.reader().await {
-                                    Ok(fd) => {
-                                        let r = Pipe::new(fd).map_err(TunnelError::Gone)?;
-                                        cycle = start_reader(other, r);
-                                    }
-                                    Err(e) => {
-                                        send(tx, &Msg::Decline { cycle: other }).await?;
-                                        return Err(TunnelError::Gone(e));
-                                    }
-                                }
+                                cycle = join_cycle(ends, tx, other)
+                                    .await?
+                                    .map_err(TunnelError::Gone)?;
                             }
                             Msg::Kick => sched.kick(),
                             _ => {}
@@ -761,6 +741,25 @@ async fn engine(
 
 /// A mirror reader just opened. Whether a writer was already waiting is not known yet: the
 /// first check comes at once and tells (EAGAIN or data: yes, 0: no).
+/// Joins the peer's cycle `id` as the side its writers need: opens this side's mirror reader,
+/// or, when that fails, declines the cycle and hands the errno back for the caller to judge.
+async fn join_cycle(
+    ends: &mut impl Ends,
+    tx: &mut StreamWriter,
+    id: u32,
+) -> Result<Result<Cycle, i32>, TunnelError> {
+    match ends.reader().await {
+        Ok(fd) => Ok(Ok(start_reader(
+            id,
+            Pipe::new(fd).map_err(TunnelError::Gone)?,
+        ))),
+        Err(e) => {
+            send(tx, &Msg::Decline { cycle: id }).await?;
+            Ok(Err(e))
+        }
+    }
+}
+
 fn start_reader(id: u32, r: Pipe) -> Cycle {
     debug!(cycle = id, "fifo tunnel: mirror reader open");
     Cycle::Reader {
