@@ -652,9 +652,9 @@ mod tests {
             .qtfs_mounts()
             .iter()
             .any(|q| q.dst == Path::new("/var/lib/docker")));
-        let e = parse(&format!(
-            "[bridge]\nfifo_dirs = [\"/run/docker/containerd\"]\n[rootfs]\nqtfs = [\"/var/lib/docker/image\"]\n[rootfs.docker]\n"
-        ))
+        let e = parse(
+            "[bridge]\nfifo_dirs = [\"/run/docker/containerd\"]\n[rootfs]\nqtfs = [\"/var/lib/docker/image\"]\n[rootfs.docker]\n",
+        )
         .unwrap_err()
         .to_string();
         assert!(e.contains("self-bind"), "{e}");
