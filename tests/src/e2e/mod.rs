@@ -61,6 +61,9 @@ pub struct LabOptions {
     pub containerd_extra: String,
     /// Extra `[rootfs]` keys appended to the DPU's `dpu.toml` section.
     pub rootfs_extra: String,
+    /// The offload-shim to deploy instead of the build's (e.g. the static deploy build,
+    /// `cargo static-bins`).
+    pub shim: Option<PathBuf>,
     /// Also run dockerd 20.10 on the DPU (after containerd, its `--containerd`), chrooted in
     /// the root and supervised by `offload run` (mount forwarding): one qtfs mount of the whole
     /// `/var/lib/docker`, `[mount]` on the HOST allowing overlay2's mounts, dockerd's stdio
@@ -76,6 +79,7 @@ impl Default for LabOptions {
             cri: false,
             containerd_extra: String::new(),
             rootfs_extra: String::new(),
+            shim: None,
             docker: false,
         }
     }
@@ -562,7 +566,11 @@ impl Lab {
         ] {
             // A hard link when the build and the lab share a filesystem (debug binaries are
             // ~100 MB each: copying them cost most of a lab's start), else a copy.
-            let (src, dst) = (crate::bin(b), r.join("opt/offload/bin").join(b));
+            let src = match (&opts.shim, b) {
+                (Some(p), "offload-shim") => p.clone(),
+                _ => crate::bin(b),
+            };
+            let dst = r.join("opt/offload/bin").join(b);
             if std::fs::hard_link(&src, &dst).is_err() {
                 std::fs::copy(&src, &dst).unwrap();
             }
