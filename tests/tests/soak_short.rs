@@ -12,7 +12,14 @@ fn soak_short_no_failures_no_fd_leak_bounded_rss() {
         return;
     }
     let out = Command::new(tests::bin("soak"))
-        .args(["--seconds", "45", "--clients", "24", "--max-host-rss-mib", "64"])
+        .args([
+            "--seconds",
+            "45",
+            "--clients",
+            "24",
+            "--max-host-rss-mib",
+            "64",
+        ])
         .output()
         .expect("run soak");
     let report = String::from_utf8_lossy(&out.stdout);

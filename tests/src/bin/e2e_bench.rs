@@ -221,7 +221,10 @@ fn traced_run(
         }
     }
     lines.sort_by(|a, b| a.0.total_cmp(&b.0));
-    println!("\n## traced `ctr run --rm IMG true` on the {side}: {:.1} ms\n", (t1 - t0) * 1e3);
+    println!(
+        "\n## traced `ctr run --rm IMG true` on the {side}: {:.1} ms\n",
+        (t1 - t0) * 1e3
+    );
     for (t, name, l) in lines {
         println!("{:8.1} {name:<10} {l}", (t - t0) * 1e3);
     }

@@ -370,7 +370,12 @@ fn main() -> anyhow::Result<()> {
     println!("- failed operations: {failed}");
     if failed > 0 {
         bad.push(format!("{failed} operations failed"));
-        for f in stats.failures.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for f in stats
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             println!("  - {f}");
         }
     }
@@ -392,7 +397,9 @@ fn main() -> anyhow::Result<()> {
             / 1024.0;
         let growth = if n >= 5 {
             match (rss(n / 5..2 * n / 5), rss(4 * n / 5..n)) {
-                (Some(a), Some(b)) => format!("{a:.1} → {b:.1} MiB ({:+.1} %)", (b - a) / a * 100.0),
+                (Some(a), Some(b)) => {
+                    format!("{a:.1} → {b:.1} MiB ({:+.1} %)", (b - a) / a * 100.0)
+                }
                 _ => "n/a".into(),
             }
         } else {
@@ -401,7 +408,9 @@ fn main() -> anyhow::Result<()> {
         let fds = match (baseline[j], after[j]) {
             (Some((_, b)), Some((_, a))) => {
                 if a > b {
-                    bad.push(format!("{name}: {a} fds after the clients left, {b} before"));
+                    bad.push(format!(
+                        "{name}: {a} fds after the clients left, {b} before"
+                    ));
                 }
                 format!("{b} before, {a} after")
             }
