@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,7 +106,7 @@ fn fs_client(dir: PathBuf, id: usize, stop: &AtomicBool, stats: &Stats) {
         let r = (|| -> std::io::Result<()> {
             let mut f = std::fs::File::create(&p)?;
             f.write_all(&data)?;
-            if n % 10 == 0 {
+            if n.is_multiple_of(10) {
                 f.sync_all()?;
             }
             drop(f);
@@ -243,29 +243,31 @@ fn main() -> anyhow::Result<()> {
         .arg("--config")
         .arg(d.join("host.toml"))
         .env("RUST_LOG", "warn");
-    let host = spawn_ready(host, "listening");
+    let mut daemons = KillOnDrop(Vec::new());
+    daemons.0.push(spawn_ready(host, "listening"));
     let mut dpu = Command::new(&offloadd);
     dpu.args(["--connect", &addr, "--key-file"])
         .arg(&key)
         .arg("--config")
         .arg(d.join("dpu.toml"))
         .env("RUST_LOG", "warn");
-    let dpu = spawn_ready(dpu, "connected");
-    let fuse: Child = Command::new(tests::bin("mount_qtfs"))
-        .arg("-f")
-        .arg("-o")
-        .arg(format!("addr={addr},keyfile={}", key.display()))
-        .arg(&export)
-        .arg(&mnt)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .context("spawn mount_qtfs")?;
+    daemons.0.push(spawn_ready(dpu, "connected"));
+    daemons.0.push(
+        Command::new(tests::bin("mount_qtfs"))
+            .arg("-f")
+            .arg("-o")
+            .arg(format!("addr={addr},keyfile={}", key.display()))
+            .arg(&export)
+            .arg(&mnt)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .context("spawn mount_qtfs")?,
+    );
     let pids = [
-        ("HOST offloadd", host.id()),
-        ("DPU offloadd", dpu.id()),
-        ("DPU qtfs (mount_qtfs)", fuse.id()),
+        ("HOST offloadd", daemons.0[0].id()),
+        ("DPU offloadd", daemons.0[1].id()),
+        ("DPU qtfs (mount_qtfs)", daemons.0[2].id()),
     ];
-    let daemons = KillOnDrop(vec![fuse, dpu, host]);
     let start = Instant::now();
     while !(tests::fs::is_mounted(&mnt) && dsock.exists()) {
         anyhow::ensure!(
