@@ -86,12 +86,14 @@ use fuser::{
     Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, info, warn};
+use transport::sync::lock;
 use transport::{CallError, Session};
 
 use crate::fifo;
 use crate::procview::{self, is_syn_fh, is_syn_ino, ProcView, SynNode};
 use crate::proto::{
-    self, Attr, Caller, DirEntry, Entry, Fh, NodeId, Op, Reply, SetTime, Ts, STALE_INSTANCE,
+    self, op, Attr, Caller, DataIn, DataOut, DirEntry, EncodedArgs, Entry, Fh, NodeId, Operation,
+    SetTime, Status, Ts,
 };
 
 /// Options of one mount (from `mount -o ...`).
@@ -186,13 +188,42 @@ pub enum ClientError {
     Unexpected,
 }
 
-/// Internal errno marking "server instance changed".
-const STALE: i32 = -1;
 const ROOT: u64 = 1;
 const SELF_INO: u64 = u64::MAX - 1;
 const THREAD_SELF_INO: u64 = u64::MAX - 2;
 
-type R<T> = Result<T, i32>;
+/// Why an operation of this mount failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpError {
+    /// The HOST (or this client, for what it knows itself) answered with this errno.
+    Errno(i32),
+    /// The node and handle ids are from another server instance (the HOST daemon restarted,
+    /// or released this mount's nodes when its previous session ended): mount again and
+    /// re-resolve.
+    Stale,
+    /// The HOST stayed unreachable past the mount's timeout.
+    Unreachable,
+    /// The HOST's reply made no sense for the request (a peer bug or version mismatch).
+    Protocol,
+}
+
+impl OpError {
+    /// The errno an application sees.
+    pub fn errno(self) -> i32 {
+        match self {
+            OpError::Errno(e) if e > 0 => e,
+            _ => libc::EIO,
+        }
+    }
+}
+
+impl From<i32> for OpError {
+    fn from(e: i32) -> OpError {
+        OpError::Errno(e)
+    }
+}
+
+type R<T> = Result<T, OpError>;
 
 struct Inode {
     kernel_lookups: u64,
@@ -327,16 +358,13 @@ fn wb_kib(n: u32) -> u32 {
 #[derive(Default)]
 struct Unstable {
     /// (writes in flight, first failure not yet reported to the application)
-    state: Mutex<(usize, Option<i32>)>,
+    state: Mutex<(usize, Option<OpError>)>,
     idle: tokio::sync::Notify,
 }
 
 impl Unstable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<i32>)> {
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<OpError>)> {
+        lock(&self.state)
     }
 
     fn finish(&self, res: R<()>) {
@@ -443,12 +471,10 @@ fn fuse_attr(ino: u64, a: &Attr) -> FileAttr {
     }
 }
 
-fn errno(e: i32) -> Errno {
-    if e <= 0 {
-        Errno::EIO
-    } else {
-        Errno::from_i32(e)
-    }
+/// The errno of a failure (an [`OpError`], or a plain errno of the local proc view) for the
+/// kernel.
+fn errno(e: impl Into<OpError>) -> Errno {
+    Errno::from_i32(e.into().errno())
 }
 
 fn caller(req: &Request) -> Caller {
@@ -466,13 +492,11 @@ impl QtfsFs {
         opts: MountOptions,
     ) -> Result<QtfsFs, ClientError> {
         let session = client.session().await?;
-        let req = proto::encode(&proto::Request {
-            instance: 0,
-            op: Op::Mount {
-                version: proto::VERSION,
-                path: opts.source.clone(),
-            },
-        })?;
+        let mount = op::Mount {
+            version: proto::VERSION,
+            path: opts.source.clone(),
+        };
+        let req = proto::encode_request(0, &mount, &[])?;
         let reply = match session.call("fs", Bytes::from(req)).await {
             Ok(r) => r,
             Err(CallError::Remote(e)) => {
@@ -483,8 +507,15 @@ impl QtfsFs {
             }
             Err(e) => return Err(e.into()),
         };
-        let Reply::Mounted { instance, root, .. } = proto::decode::<Reply>(&reply)? else {
-            return Err(ClientError::Unexpected);
+        let refused = |message: String| ClientError::Refused {
+            source_path: opts.source.clone(),
+            message,
+        };
+        let (instance, root) = match proto::decode_reply::<<op::Mount as Operation>::Reply>(&reply)?
+        {
+            Ok((Ok(m), _)) => (m.instance, m.root),
+            Ok((Err(r), _)) => return Err(refused(r.message)),
+            Err(_) => return Err(ClientError::Unexpected),
         };
         if !matches!(root.attr.mode & libc::S_IFMT, libc::S_IFDIR) {
             return Err(ClientError::Refused {
@@ -608,17 +639,36 @@ impl Inner {
         }
     }
 
-    /// One request to the HOST with the current instance, retrying across session loss until
-    /// the mount's timeout (or forever for `hard`). Returns `Err(STALE)` on an instance change.
-    async fn rpc(&self, op: Op) -> R<Reply> {
-        let reply = self.rpc_bytes(op).await?;
-        proto::decode::<Reply>(&reply).map_err(|_| libc::EIO)
+    /// One operation on the HOST with the current instance, retrying across session loss
+    /// until the mount's timeout (or forever for `hard`): the typed client stub of every
+    /// operation without payloads. [`OpError::Stale`] on an instance change.
+    async fn call<O: Operation>(&self, op: O) -> R<O::Reply> {
+        let args = EncodedArgs::new(&op).map_err(|_| OpError::Protocol)?;
+        let reply = self.send(&args, &[]).await?;
+        Ok(decode_reply::<O::Reply>(&reply)?.0)
     }
 
-    /// [`Inner::rpc`] returning the encoded reply (read data is then used where it lies).
-    async fn rpc_bytes(&self, op: Op) -> R<Bytes> {
+    /// [`Inner::call`] for an operation whose reply carries a payload (a slice of the
+    /// received frame: read data is used where it lies).
+    async fn call_data<O: DataOut>(&self, op: O) -> R<(O::Reply, Bytes)> {
+        let args = EncodedArgs::new(&op).map_err(|_| OpError::Protocol)?;
+        let reply = self.send(&args, &[]).await?;
+        decode_reply::<O::Reply>(&reply)
+    }
+
+    /// [`Inner::call`] for an operation whose request carries a payload.
+    async fn call_with<O: DataIn>(&self, op: O, payload: &[u8]) -> R<O::Reply> {
+        let args = EncodedArgs::new(&op).map_err(|_| OpError::Protocol)?;
+        let reply = self.send(&args, payload).await?;
+        Ok(decode_reply::<O::Reply>(&reply)?.0)
+    }
+
+    /// Sends encoded arguments and a payload; the reply as received.
+    async fn send(&self, args: &EncodedArgs, payload: &[u8]) -> R<Bytes> {
         let instance = self.st().instance;
-        let body = proto::encode(&proto::Request { instance, op }).map_err(|_| libc::EIO)?;
+        let body = args
+            .request(instance, payload)
+            .map_err(|_| OpError::Protocol)?;
         let body = Bytes::from(body);
         let start = Instant::now();
         let deadline = if self.opts.hard {
@@ -629,7 +679,7 @@ impl Inner {
         loop {
             let remaining = deadline.map(|d| d.saturating_sub(start.elapsed()));
             if remaining == Some(Duration::ZERO) {
-                return Err(libc::EIO);
+                return Err(OpError::Unreachable);
             }
             let session = match self
                 .client
@@ -639,17 +689,13 @@ impl Inner {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "HOST unreachable");
-                    return Err(libc::EIO);
+                    return Err(OpError::Unreachable);
                 }
             };
             match session.call("fs", body.clone()).await {
                 Ok(reply) => return Ok(reply),
-                // ESTALE: the server released our nodes (our previous session ended while
-                // the daemon stayed up); re-resolve like after a restart.
-                Err(CallError::Remote(e)) if e.code == STALE_INSTANCE || e.code == libc::ESTALE => {
-                    return Err(STALE)
-                }
-                Err(CallError::Remote(e)) => return Err(e.code),
+                // The request itself was refused (a protocol mismatch).
+                Err(CallError::Remote(e)) => return Err(OpError::Errno(e.code)),
                 Err(CallError::Closed(reason)) => {
                     debug!(%reason, "session lost; redialing");
                     self.client.invalidate().await;
@@ -658,7 +704,7 @@ impl Inner {
                 Err(CallError::Busy) => tokio::time::sleep(Duration::from_millis(20)).await,
                 Err(e) => {
                     warn!(error = %e, "fs call failed");
-                    return Err(libc::EIO);
+                    return Err(OpError::Unreachable);
                 }
             }
         }
@@ -689,25 +735,69 @@ impl Inner {
     /// Sends `op` from the calling thread (see [`transport::Session::call_then`]) and gives
     /// `done` the outcome where it arrives. `None`: the session was lost or the HOST restarted;
     /// the caller then takes the async path, which waits, re-resolves and retries.
-    fn call_then(
+    fn call_then<O: Operation>(
         &self,
         session: &Session,
         instance: u64,
-        op: Op,
-        done: impl FnOnce(Option<R<Reply>>) + Send + 'static,
+        op: O,
+        done: impl FnOnce(Option<R<O::Reply>>) + Send + 'static,
     ) {
-        let Ok(body) = proto::encode(&proto::Request { instance, op }) else {
-            return done(Some(Err(libc::EIO)));
+        let Ok(body) = proto::encode_request(instance, &op, &[]) else {
+            return done(Some(Err(OpError::Protocol)));
         };
         session.call_then("fs", Bytes::from(body), move |res| {
             done(match res {
-                Ok(b) => Some(proto::decode::<Reply>(&b).map_err(|_| libc::EIO)),
-                Err(CallError::Remote(e)) if e.code != STALE_INSTANCE && e.code != libc::ESTALE => {
-                    Some(Err(e.code))
-                }
+                Ok(b) => match decode_reply::<O::Reply>(&b) {
+                    Err(OpError::Stale) => None,
+                    r => Some(r.map(|(v, _)| v)),
+                },
+                Err(CallError::Remote(e)) => Some(Err(OpError::Errno(e.code))),
                 Err(_) => None,
             })
         });
+    }
+
+    /// Sends `build(node, handle)` for inode `ino` (and open handle `fh`): from this FUSE
+    /// thread when the node, the handle and the session are at hand, else (or after a lost
+    /// session) on the runtime, which waits out outages and re-resolves after a HOST restart.
+    /// The one place the fast/slow choice is made; `done` gets the outcome either way.
+    fn request<O, B, D>(self: &Arc<Self>, ino: u64, fh: Option<u64>, build: B, done: D)
+    where
+        O: Operation,
+        B: Fn(NodeId, Option<Fh>) -> O + Send + Sync + 'static,
+        D: FnOnce(&Arc<Inner>, R<O::Reply>) + Send + 'static,
+    {
+        let fast = match (self.ready(ino), self.fh_ready(fh)) {
+            (Some((node, instance, session)), Some(sfh)) => {
+                Some((build(node, sfh), instance, session))
+            }
+            _ => None,
+        };
+        let slow = move |me: Arc<Inner>, done: D| {
+            me.rt.clone().spawn(async move {
+                let res = me
+                    .with(|| async {
+                        let node = me.node_of(ino).await?;
+                        let sfh = match fh {
+                            Some(h) => me.fh_of(h).await.ok(),
+                            None => None,
+                        };
+                        me.call(build(node, sfh)).await
+                    })
+                    .await;
+                done(&me, res);
+            });
+        };
+        let me = self.clone();
+        match fast {
+            Some((op, instance, session)) => {
+                self.call_then(&session, instance, op, move |r| match r {
+                    Some(r) => done(&me, r),
+                    None => slow(me, done),
+                })
+            }
+            None => slow(me, done),
+        }
     }
 
     /// Mounts the source again on a restarted server and starts a new epoch.
@@ -716,14 +806,14 @@ impl Inner {
         if self.st().epoch != seen_epoch {
             return Ok(());
         }
-        let reply = self
-            .rpc(Op::Mount {
+        let mounted = self
+            .call(op::Mount {
                 version: proto::VERSION,
                 path: self.opts.source.clone(),
             })
             .await?;
-        let Reply::Mounted { instance, root, .. } = reply else {
-            return Err(libc::EIO);
+        let Ok(proto::Mounted { instance, root, .. }) = mounted else {
+            return Err(OpError::Errno(libc::EIO));
         };
         let mut st = self.st();
         st.instance = instance;
@@ -749,11 +839,11 @@ impl Inner {
         for _ in 0..4 {
             let epoch = self.st().epoch;
             match f().await {
-                Err(STALE) => self.remount(epoch).await?,
+                Err(OpError::Stale) => self.remount(epoch).await?,
                 other => return other,
             }
         }
-        Err(libc::EIO)
+        Err(OpError::Errno(libc::EIO))
     }
 
     /// The current server node of an inode, re-resolving it by name after a restart.
@@ -769,20 +859,17 @@ impl Inner {
                     return Ok(n.node);
                 }
                 if ino == ROOT {
-                    return Err(STALE);
+                    return Err(OpError::Stale);
                 }
                 (n.parent, n.name.clone())
             };
             let pnode = self.node_of(parent).await?;
-            let reply = self
-                .rpc(Op::Lookup {
+            let e = self
+                .call(op::Lookup {
                     parent: pnode,
                     name,
                 })
                 .await?;
-            let Reply::Entry(e) = reply else {
-                return Err(libc::EIO);
-            };
             let mut st = self.st();
             let epoch = st.epoch;
             if let Some(n) = st.inodes.get_mut(&ino) {
@@ -810,17 +897,13 @@ impl Inner {
             (h.ino, h.flags, h.dir)
         };
         let node = self.node_of(ino).await?;
-        let op = if dir {
-            Op::OpenDir { node }
+        let opened = if dir {
+            self.call(op::OpenDir { node }).await?
         } else {
-            Op::Open {
-                node,
-                flags: flags & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL),
-            }
+            let flags = flags & !(libc::O_TRUNC | libc::O_CREAT | libc::O_EXCL);
+            self.call(op::Open { node, flags }).await?
         };
-        let Reply::Opened { fh: sfh, .. } = self.rpc(op).await? else {
-            return Err(libc::EIO);
-        };
+        let sfh = opened.fh;
         let mut st = self.st();
         let epoch = st.epoch;
         if let Some(h) = st.handles.get_mut(&fh) {
@@ -909,7 +992,7 @@ impl Inner {
             self.rt.spawn(async move {
                 // Best effort: a lost forget only keeps an O_PATH fd open on the HOST.
                 let _ = me
-                    .rpc(Op::Forget {
+                    .call(op::Forget {
                         nodes: vec![(node, count)],
                     })
                     .await;
@@ -1006,17 +1089,15 @@ impl Inner {
 
     /// Sends an operation that makes a name in directory `dir` (mkdir, mknod, symlink, link):
     /// the new entry and the directory's attributes after it.
-    async fn make(&self, dir: u64, op: Op) -> R<(Entry, Attr)> {
-        match self.rpc(op).await.map_err(|e| self.make_failed(dir, e))? {
-            Reply::Made { entry, parent } => Ok((entry, parent)),
-            _ => Err(libc::EIO),
-        }
+    async fn make<O: Operation<Reply = proto::Made>>(&self, dir: u64, op: O) -> R<(Entry, Attr)> {
+        let made = self.call(op).await.map_err(|e| self.make_failed(dir, e))?;
+        Ok((made.entry, made.parent))
     }
 
     /// An operation making a name in `dir` failed with `e`: EEXIST means the directory holds
     /// a name this mount did not make, so it is no longer "known to hold only ours".
-    fn make_failed(&self, dir: u64, e: i32) -> i32 {
-        if e == libc::EEXIST {
+    fn make_failed(&self, dir: u64, e: OpError) -> OpError {
+        if e == OpError::Errno(libc::EEXIST) {
             self.st().new_dirs.remove(&dir);
         }
         e
@@ -1150,7 +1231,7 @@ impl Inner {
     }
 
     /// A failure of an acknowledged write of `ino` not reported yet (cleared by taking it).
-    fn take_write_error(&self, ino: u64) -> Option<i32> {
+    fn take_write_error(&self, ino: u64) -> Option<OpError> {
         let map = self.unstable_map();
         let u = map.get(&ino)?;
         let e = u.lock().1.take();
@@ -1178,17 +1259,7 @@ impl Inner {
     async fn write_sync(self: &Arc<Self>, fh: u64, offset: u64, data: &[u8]) -> R<u32> {
         self.with(|| async {
             let sfh = self.fh_of(fh).await?;
-            match self
-                .rpc(Op::Write {
-                    fh: sfh,
-                    offset,
-                    data: data.to_vec(),
-                })
-                .await?
-            {
-                Reply::Written(n) => Ok(n),
-                _ => Err(libc::EIO),
-            }
+            self.call_with(op::Write { fh: sfh, offset }, data).await
         })
         .await
     }
@@ -1197,20 +1268,13 @@ impl Inner {
     /// The session keeps frames in order and the HOST applies prompt calls in arrival order,
     /// so every later request (getattr, read, fsync, ...) sees this write; a failure is
     /// reported by the next write, `close` (flush) or `fsync` of the inode.
-    async fn write_behind(
-        self: &Arc<Self>,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        body: Bytes,
-        n: u32,
-        reply: ReplyWrite,
-    ) {
+    async fn write_behind(self: &Arc<Self>, w: PendingWrite, body: Bytes, reply: ReplyWrite) {
+        let n = w.data.len() as u32;
         let Ok(permit) = self.wb_budget.clone().acquire_many_owned(wb_kib(n)).await else {
             reply.error(Errno::EIO);
             return;
         };
-        if let Some(e) = self.take_write_error(ino) {
+        if let Some(e) = self.take_write_error(w.ino) {
             reply.error(errno(e));
             return;
         }
@@ -1223,53 +1287,56 @@ impl Inner {
             _ => {
                 // No live session: write synchronously (waits out the outage).
                 drop(permit);
-                let res = self.write_sync(fh, offset, &write_data(&body)).await;
-                self.stale_attr(ino);
+                let res = self.write_sync(w.fh, w.offset, &w.data).await;
+                self.stale_attr(w.ino);
                 return reply_write(reply, res);
             }
         };
-        let unstable = self.begin_write(ino);
+        let unstable = self.begin_write(w.ino);
         reply.written(n);
-        self.collect_write(ino, fh, offset, body, n, call, unstable, permit)
-            .await;
+        self.collect_write(w, call, unstable, permit).await;
     }
 
     /// Waits for the HOST's answer to an acknowledged write and records a failure for the
     /// application's next write, close or fsync.
-    #[allow(clippy::too_many_arguments)]
     async fn collect_write(
         self: &Arc<Self>,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        body: Bytes,
-        n: u32,
+        w: PendingWrite,
         call: impl Future<Output = Result<Bytes, CallError>>,
         unstable: Arc<Unstable>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let answer = match call.await {
-            Ok(r) => match proto::decode::<Reply>(&r) {
-                Ok(Reply::Written(w)) => Ok(w),
-                _ => Err(libc::EIO),
-            },
-            Err(CallError::Remote(e)) if e.code != STALE_INSTANCE && e.code != libc::ESTALE => {
-                Err(e.code)
-            }
-            // Session lost or HOST restarted: send it again (same bytes, same offset). Replies
-            // to requests sent after the first attempt may now predate the write.
-            Err(_) => {
+        let PendingWrite {
+            ino,
+            fh,
+            offset,
+            data,
+        } = w;
+        let n = data.len() as u32;
+        let answer = match call.await.map_err(|e| match e {
+            CallError::Remote(e) => OpError::Errno(e.code),
+            _ => OpError::Stale,
+        }) {
+            Ok(r) => decode_reply::<u32>(&r).map(|(w, _)| w),
+            Err(e) => Err(e),
+        };
+        let answer = match answer {
+            // Session lost or HOST restarted: send the kept payload again (same offset, the
+            // handle re-opened). Replies to requests sent after the first attempt may now
+            // predate the write.
+            Err(OpError::Stale) => {
                 self.begin_resend();
-                let r = self.write_sync(fh, offset, &write_data(&body)).await;
+                let r = self.write_sync(fh, offset, &data).await;
                 self.end_resend(ino);
                 r
             }
+            other => other,
         };
         let res = match answer {
             Ok(w) if w >= n => Ok(()),
             // Short write (the HOST ran out of space mid-way): the rest says why.
             Ok(w) => {
-                let rest = write_data(&body).split_off(w as usize);
+                let rest = data.slice((w as usize).min(data.len())..);
                 self.begin_resend();
                 let r = self.write_sync(fh, offset + u64::from(w), &rest).await;
                 self.end_resend(ino);
@@ -1277,7 +1344,7 @@ impl Inner {
                     if r as usize == rest.len() {
                         Ok(())
                     } else {
-                        Err(libc::EIO)
+                        Err(OpError::Errno(libc::EIO))
                     }
                 })
             }
@@ -1287,7 +1354,7 @@ impl Inner {
             warn!(
                 ino,
                 offset,
-                errno = e,
+                error = ?e,
                 "acknowledged write failed on the HOST; reported at close/fsync"
             );
         }
@@ -1436,6 +1503,18 @@ impl Inner {
     }
 }
 
+/// A reply's result and payload, or why it failed: a stale instance, or ESTALE (the server
+/// released this mount's nodes when its previous session ended while the daemon stayed up),
+/// is re-resolved like a restart.
+fn decode_reply<T: serde::de::DeserializeOwned>(reply: &Bytes) -> R<(T, Bytes)> {
+    match proto::decode_reply::<T>(reply) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(Status::StaleInstance | Status::Errno(libc::ESTALE))) => Err(OpError::Stale),
+        Ok(Err(Status::Errno(e))) => Err(OpError::Errno(e)),
+        Ok(Err(Status::Ok)) | Err(_) => Err(OpError::Protocol),
+    }
+}
+
 fn reply_write(reply: ReplyWrite, res: R<u32>) {
     match res {
         Ok(n) => reply.written(n),
@@ -1443,15 +1522,14 @@ fn reply_write(reply: ReplyWrite, res: R<u32>) {
     }
 }
 
-/// The data of an encoded write request (for a resend).
-fn write_data(body: &[u8]) -> Vec<u8> {
-    match proto::decode::<proto::Request>(body) {
-        Ok(proto::Request {
-            op: Op::Write { data, .. },
-            ..
-        }) => data,
-        _ => Vec::new(),
-    }
+/// An acknowledged write on its way to the HOST: enough to send it again after a lost session
+/// or HOST restart without decoding the request (the payload is a slice of the request sent).
+struct PendingWrite {
+    ino: u64,
+    /// This mount's handle (re-opened on the HOST after a restart).
+    fh: u64,
+    offset: u64,
+    data: Bytes,
 }
 
 macro_rules! spawn_reply {
@@ -1468,90 +1546,14 @@ macro_rules! spawn_reply {
 }
 
 impl QtfsFs {
-    /// Lookup on the runtime: waits out outages and re-resolves after a HOST restart.
-    fn lookup_async(
-        me: Arc<Inner>,
-        parent: u64,
-        name: Vec<u8>,
-        sent: u64,
-        pid: u32,
-        reply: ReplyEntry,
-    ) {
-        me.rt.clone().spawn(async move {
-            let res = me
-                .with(|| async {
-                    let p = me.node_of(parent).await?;
-                    me.rpc(Op::Lookup {
-                        parent: p,
-                        name: name.clone(),
-                    })
-                    .await
-                })
-                .await;
-            match res {
-                Ok(Reply::Entry(e)) => {
-                    QtfsFs::entry_reply(&me, parent, &name, e, sent, pid, reply);
-                }
-                Ok(_) => reply.error(Errno::EIO),
-                Err(e) => reply.error(errno(e)),
-            }
-        });
-    }
-
     /// Answers with attributes the HOST returned for `ino`.
-    fn attr_reply(me: &Inner, ino: u64, r: R<Reply>, sent: u64, reply: ReplyAttr) {
+    fn attr_reply(me: &Inner, ino: u64, r: R<Attr>, sent: u64, reply: ReplyAttr) {
         match r {
-            Ok(Reply::Attr(a)) => {
+            Ok(a) => {
                 me.note_attr(ino, &a, sent);
                 reply.attr(&me.ttl_for(&a), &fuse_attr(ino, &a))
             }
-            Ok(_) => reply.error(Errno::EIO),
             Err(e) => reply.error(errno(e)),
-        }
-    }
-
-    /// Sends `op` (a getattr or setattr of `ino`, built from the node and the HOST handle)
-    /// from this FUSE thread when everything is at hand, else (or after a lost session) on the
-    /// runtime, which waits out outages and re-resolves after a HOST restart.
-    fn attr_call(
-        &self,
-        ino: u64,
-        fh: Option<u64>,
-        sent: u64,
-        op: impl Fn(NodeId, Option<Fh>) -> Op + Send + Sync + 'static,
-        reply: ReplyAttr,
-    ) {
-        let me = self.inner.clone();
-        let fast = match (self.inner.ready(ino), self.inner.fh_ready(fh)) {
-            (Some((node, instance, session)), Some(sfh)) => {
-                Some((op(node, sfh), instance, session))
-            }
-            _ => None,
-        };
-        let slow = move |me: Arc<Inner>, reply: ReplyAttr| {
-            me.rt.clone().spawn(async move {
-                let res = me
-                    .with(|| async {
-                        let node = me.node_of(ino).await?;
-                        let sfh = match fh {
-                            Some(h) => me.fh_of(h).await.ok(),
-                            None => None,
-                        };
-                        me.rpc(op(node, sfh)).await
-                    })
-                    .await;
-                QtfsFs::attr_reply(&me, ino, res, sent, reply);
-            });
-        };
-        match fast {
-            Some((call, instance, session)) => {
-                self.inner
-                    .call_then(&session, instance, call, move |r| match r {
-                        Some(r) => QtfsFs::attr_reply(&me, ino, r, sent, reply),
-                        None => slow(me, reply),
-                    });
-            }
-            None => slow(me, reply),
         }
     }
 
@@ -1617,7 +1619,7 @@ impl Filesystem for QtfsFs {
         let drain = async move {
             for ino in pending {
                 if let Err(e) = me.settle(ino).await {
-                    warn!(ino, errno = e, "write failed while unmounting; data lost");
+                    warn!(ino, error = ?e, "write failed while unmounting; data lost");
                 }
             }
         };
@@ -1645,22 +1647,19 @@ impl Filesystem for QtfsFs {
             return;
         }
         let sent = self.inner.attr_seq();
-        let me = self.inner.clone();
-        let Some((p, instance, session)) = self.inner.ready(parent) else {
-            return Self::lookup_async(me, parent, name, sent, pid, reply);
-        };
-        let op = Op::Lookup {
-            parent: p,
-            name: name.clone(),
+        let build = {
+            let name = name.clone();
+            move |p, _| op::Lookup {
+                parent: p,
+                name: name.clone(),
+            }
         };
         self.inner
-            .call_then(&session, instance, op, move |r| match r {
-                Some(Ok(Reply::Entry(e))) => {
-                    QtfsFs::entry_reply(&me, parent, &name, e, sent, pid, reply);
+            .request(parent, None, build, move |me, r| match r {
+                Ok(e) => {
+                    QtfsFs::entry_reply(me, parent, &name, e, sent, pid, reply);
                 }
-                Some(Ok(_)) => reply.error(Errno::EIO),
-                Some(Err(e)) => reply.error(errno(e)),
-                None => Self::lookup_async(me, parent, name, sent, pid, reply),
+                Err(e) => reply.error(errno(e)),
             });
     }
 
@@ -1693,12 +1692,11 @@ impl Filesystem for QtfsFs {
             return;
         }
         let sent = self.inner.attr_seq();
-        self.attr_call(
+        self.inner.request(
             ino,
             fh.map(|h| h.0),
-            sent,
-            |node, fh| Op::GetAttr { node, fh },
-            reply,
+            |node, fh| op::GetAttr { node, fh },
+            move |me, r| QtfsFs::attr_reply(me, ino, r, sent, reply),
         );
     }
 
@@ -1723,7 +1721,7 @@ impl Filesystem for QtfsFs {
         let ino = ino.0;
         let (atime, mtime) = (set_time(atime), set_time(mtime));
         let sent = self.inner.attr_seq();
-        let op = move |node, fh| Op::SetAttr {
+        let build = move |node, fh| op::SetAttr {
             node,
             fh,
             mode,
@@ -1733,7 +1731,10 @@ impl Filesystem for QtfsFs {
             atime,
             mtime,
         };
-        self.attr_call(ino, fh.map(|h| h.0), sent, op, reply);
+        self.inner
+            .request(ino, fh.map(|h| h.0), build, move |me, r| {
+                QtfsFs::attr_reply(me, ino, r, sent, reply)
+            });
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -1746,10 +1747,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let node = me.node_of(ino).await?;
-                match me.rpc(Op::ReadLink { node }).await? {
-                    Reply::Data(d) => Ok(d),
-                    _ => Err(libc::EIO),
-                }
+                Ok(me.call_data(op::ReadLink { node }).await?.1)
             },
             |d| reply.data(&d)
         )
@@ -1777,7 +1775,7 @@ impl Filesystem for QtfsFs {
                 let p = me.node_of(parent).await?;
                 me.make(
                     parent,
-                    Op::Mknod {
+                    op::Mknod {
                         parent: p,
                         name: name.clone(),
                         mode,
@@ -1816,7 +1814,7 @@ impl Filesystem for QtfsFs {
                 let p = me.node_of(parent).await?;
                 me.make(
                     parent,
-                    Op::Mkdir {
+                    op::Mkdir {
                         parent: p,
                         name: name.clone(),
                         mode,
@@ -1843,7 +1841,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let p = me.node_of(parent).await?;
-                me.rpc(Op::Unlink {
+                me.call(op::Unlink {
                     parent: p,
                     name: name.clone(),
                 })
@@ -1866,7 +1864,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let p = me.node_of(parent).await?;
-                me.rpc(Op::Rmdir {
+                me.call(op::Rmdir {
                     parent: p,
                     name: name.clone(),
                 })
@@ -1899,7 +1897,7 @@ impl Filesystem for QtfsFs {
                 let p = me.node_of(parent).await?;
                 me.make(
                     parent,
-                    Op::Symlink {
+                    op::Symlink {
                         parent: p,
                         name: name.clone(),
                         target: target.clone(),
@@ -1937,7 +1935,7 @@ impl Filesystem for QtfsFs {
             |me| {
                 let p = me.node_of(parent).await?;
                 let np = me.node_of(newparent).await?;
-                me.rpc(Op::Rename {
+                me.call(op::Rename {
                     parent: p,
                     name: name.clone(),
                     newparent: np,
@@ -2004,7 +2002,7 @@ impl Filesystem for QtfsFs {
                 let np = me.node_of(newparent).await?;
                 me.make(
                     newparent,
-                    Op::Link {
+                    op::Link {
                         node,
                         newparent: np,
                         newname: newname.clone(),
@@ -2035,10 +2033,8 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let node = me.node_of(ino).await?;
-                match me.rpc(Op::Open { node, flags }).await? {
-                    Reply::Opened { fh, direct } => Ok((fh, direct)),
-                    _ => Err(libc::EIO),
-                }
+                let o = me.call(op::Open { node, flags }).await?;
+                Ok((o.fh, o.direct))
             },
             |v| {
                 let (sfh, direct) = v;
@@ -2072,19 +2068,14 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                let r = me
-                    .rpc_bytes(Op::Read {
-                        fh: sfh,
-                        offset,
-                        size,
-                    })
-                    .await?;
-                match proto::decode_data(&r) {
-                    Some(_) => Ok(r),
-                    None => Err(libc::EIO),
-                }
+                let read = op::Read {
+                    fh: sfh,
+                    offset,
+                    size,
+                };
+                Ok(me.call_data(read).await?.1)
             },
-            |r| reply.data(proto::decode_data(&r).unwrap_or_default())
+            |data| reply.data(&data)
         )
     }
 
@@ -2102,12 +2093,20 @@ impl Filesystem for QtfsFs {
     ) {
         let me = self.inner.clone();
         if let Some((sfh, instance)) = self.inner.write_behind_target(fh.0) {
-            // Encoded here, straight from the kernel's buffer: the only copy of the data.
-            let Ok(body) = proto::encode_write(instance, sfh, offset, data) else {
+            // Encoded here, straight from the kernel's buffer: the only copy of the data, kept
+            // (as a slice of the request) until the HOST answered.
+            let args = op::Write { fh: sfh, offset };
+            let Ok(body) = proto::encode_request(instance, &args, data) else {
                 reply.error(Errno::EIO);
                 return;
             };
             let (body, n) = (Bytes::from(body), data.len() as u32);
+            let w = PendingWrite {
+                ino: ino.0,
+                fh: fh.0,
+                offset,
+                data: body.slice(body.len() - data.len()..),
+            };
             if let Some(e) = self.inner.take_write_error(ino.0) {
                 reply.error(errno(e));
                 return;
@@ -2123,16 +2122,15 @@ impl Filesystem for QtfsFs {
                 if let Ok(call) = session.start_call("fs", body.clone()) {
                     let unstable = self.inner.begin_write(ino.0);
                     reply.written(n);
-                    self.inner.rt.spawn(async move {
-                        me.collect_write(ino.0, fh.0, offset, body, n, call, unstable, permit)
-                            .await
-                    });
+                    self.inner
+                        .rt
+                        .spawn(async move { me.collect_write(w, call, unstable, permit).await });
                     return;
                 }
             }
             self.inner
                 .rt
-                .spawn(async move { me.write_behind(ino.0, fh.0, offset, body, n, reply).await });
+                .spawn(async move { me.write_behind(w, body, reply).await });
             return;
         }
         let data = data.to_vec();
@@ -2188,7 +2186,7 @@ impl Filesystem for QtfsFs {
             if let Err(e) = me.settle(ino.0).await {
                 warn!(
                     ino = ino.0,
-                    errno = e,
+                    error = ?e,
                     "write failure after the last close; data lost"
                 );
             }
@@ -2199,7 +2197,7 @@ impl Filesystem for QtfsFs {
             };
             if h.epoch == me.st().epoch {
                 let _ = me
-                    .rpc(Op::Release {
+                    .call(op::Release {
                         fh: h.fh,
                         lock_owner: lock_owner.map(|l| l.0),
                     })
@@ -2223,7 +2221,7 @@ impl Filesystem for QtfsFs {
             |me| {
                 me.settle(ino.0).await?;
                 let sfh = me.fh_of(fh.0).await?;
-                me.rpc(Op::Fsync { fh: sfh, datasync }).await
+                me.call(op::Fsync { fh: sfh, datasync }).await
             },
             |_r| reply.ok()
         )
@@ -2244,10 +2242,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let node = me.node_of(ino).await?;
-                match me.rpc(Op::OpenDir { node }).await? {
-                    Reply::Opened { fh, .. } => Ok(fh),
-                    _ => Err(libc::EIO),
-                }
+                Ok(me.call(op::OpenDir { node }).await?.fh)
             },
             |sfh| {
                 let fh = me.new_handle(ino, flags, true, sfh);
@@ -2272,18 +2267,13 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                match me
-                    .rpc(Op::ReadDir {
-                        fh: sfh,
-                        offset,
-                        max_bytes: 64 * 1024,
-                        plus: false,
-                    })
-                    .await?
-                {
-                    Reply::Dir(v) => Ok(v),
-                    _ => Err(libc::EIO),
-                }
+                me.call(op::ReadDir {
+                    fh: sfh,
+                    offset,
+                    max_bytes: 64 * 1024,
+                    plus: false,
+                })
+                .await
             },
             |entries| {
                 for e in entries {
@@ -2317,18 +2307,13 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                match me
-                    .rpc(Op::ReadDir {
-                        fh: sfh,
-                        offset,
-                        max_bytes: 64 * 1024,
-                        plus: true,
-                    })
-                    .await?
-                {
-                    Reply::Dir(v) => Ok(v),
-                    _ => Err(libc::EIO),
-                }
+                me.call(op::ReadDir {
+                    fh: sfh,
+                    offset,
+                    max_bytes: 64 * 1024,
+                    plus: true,
+                })
+                .await
             },
             |entries| {
                 let ttl = me.ttl();
@@ -2388,7 +2373,7 @@ impl Filesystem for QtfsFs {
                 if !leftovers.is_empty() {
                     let me2 = me.clone();
                     me.rt.spawn(async move {
-                        let _ = me2.rpc(Op::Forget { nodes: leftovers }).await;
+                        let _ = me2.call(op::Forget { nodes: leftovers }).await;
                     });
                 }
                 reply.ok()
@@ -2415,7 +2400,7 @@ impl Filesystem for QtfsFs {
         let me = self.inner.clone();
         self.inner.rt.spawn(async move {
             if h.epoch == me.st().epoch {
-                let _ = me.rpc(Op::ReleaseDir { fh: h.fh }).await;
+                let _ = me.call(op::ReleaseDir { fh: h.fh }).await;
             }
             reply.ok();
         });
@@ -2434,7 +2419,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                me.rpc(Op::FsyncDir { fh: sfh, datasync }).await
+                me.call(op::FsyncDir { fh: sfh, datasync }).await
             },
             |_r| reply.ok()
         )
@@ -2447,10 +2432,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let node = me.node_of(ino).await?;
-                match me.rpc(Op::StatFs { node }).await? {
-                    Reply::StatFs(s) => Ok(s),
-                    _ => Err(libc::EIO),
-                }
+                me.call(op::StatFs { node }).await
             },
             |s| reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize
@@ -2477,7 +2459,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let node = me.node_of(ino).await?;
-                me.rpc(Op::SetXattr {
+                me.call(op::SetXattr {
                     node,
                     name: name.clone(),
                     value: value.clone(),
@@ -2508,7 +2490,7 @@ impl Filesystem for QtfsFs {
             let res = me
                 .with(|| async {
                     let node = me.node_of(ino).await?;
-                    me.rpc(Op::GetXattr {
+                    me.call_data(op::GetXattr {
                         node,
                         name: name.clone(),
                         size,
@@ -2517,11 +2499,10 @@ impl Filesystem for QtfsFs {
                 })
                 .await;
             match res {
-                Ok(Reply::Size(n)) => reply.size(n),
-                Ok(Reply::Data(d)) => reply.data(&d),
-                Ok(_) => reply.error(Errno::EIO),
+                Ok((n, _)) if size == 0 => reply.size(n),
+                Ok((_, d)) => reply.data(&d),
                 Err(e) => {
-                    if e == libc::ENODATA {
+                    if e == OpError::Errno(libc::ENODATA) {
                         me.remember_no_xattr(ino, name);
                     }
                     reply.error(errno(e))
@@ -2549,12 +2530,11 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let node = me.node_of(ino).await?;
-                me.rpc(Op::ListXattr { node, size }).await
+                me.call_data(op::ListXattr { node, size }).await
             },
             |r| match r {
-                Reply::Size(n) => reply.size(n),
-                Reply::Data(d) => reply.data(&d),
-                _ => reply.error(Errno::EIO),
+                (n, _) if size == 0 => reply.size(n),
+                (_, d) => reply.data(&d),
             }
         )
     }
@@ -2568,7 +2548,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let node = me.node_of(ino).await?;
-                me.rpc(Op::RemoveXattr {
+                me.call(op::RemoveXattr {
                     node,
                     name: name.clone(),
                 })
@@ -2594,7 +2574,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let node = me.node_of(ino).await?;
-                me.rpc(Op::Access { node, mask, caller }).await
+                me.call(op::Access { node, mask, caller }).await
             },
             |_r| reply.ok()
         )
@@ -2619,28 +2599,22 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let p = me.node_of(parent).await?;
-                match me
-                    .rpc(Op::Create {
-                        parent: p,
-                        name: name.clone(),
-                        mode,
-                        flags,
-                        caller,
-                    })
-                    .await
-                    .map_err(|e| me.make_failed(parent, e))?
-                {
-                    Reply::Created {
-                        entry,
-                        fh,
-                        direct,
-                        parent: pattr,
-                    } => Ok((entry, fh, direct, pattr)),
-                    _ => Err(libc::EIO),
-                }
+                me.call(op::Create {
+                    parent: p,
+                    name: name.clone(),
+                    mode,
+                    flags,
+                    caller,
+                })
+                .await
+                .map_err(|e| me.make_failed(parent, e))
             },
-            |v| {
-                let (entry, sfh, direct, pattr) = v;
+            |c| {
+                let proto::Created {
+                    entry,
+                    opened: proto::Opened { fh: sfh, direct },
+                    parent: pattr,
+                } = c;
                 me.made_in(parent, &name, &pattr, sent);
                 let ino = me.add_entry(parent, &name, &entry, sent);
                 let fh = me.new_handle(ino, flags, false, sfh);
@@ -2672,7 +2646,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                me.rpc(Op::GetLk {
+                me.call(op::GetLk {
                     fh: sfh,
                     owner: lock_owner.0,
                     start,
@@ -2682,15 +2656,7 @@ impl Filesystem for QtfsFs {
                 })
                 .await
             },
-            |r| match r {
-                Reply::Lock {
-                    start,
-                    end,
-                    typ,
-                    pid,
-                } => reply.locked(start, end, typ, pid),
-                _ => reply.error(Errno::EIO),
-            }
+            |l| reply.locked(l.start, l.end, l.typ, l.pid)
         )
     }
 
@@ -2712,7 +2678,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                me.rpc(Op::SetLk {
+                me.call(op::SetLk {
                     fh: sfh,
                     owner: lock_owner.0,
                     start,
@@ -2747,17 +2713,12 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                match me
-                    .rpc(Op::Poll {
-                        fh: sfh,
-                        events: ev,
-                        wait_ms: 0,
-                    })
-                    .await?
-                {
-                    Reply::Poll(r) => Ok((sfh, r)),
-                    _ => Err(libc::EIO),
-                }
+                let poll = op::Poll {
+                    fh: sfh,
+                    events: ev,
+                    wait_ms: 0,
+                };
+                Ok((sfh, me.call(poll).await?))
             },
             |v| {
                 let (sfh, revents) = v;
@@ -2772,14 +2733,14 @@ impl Filesystem for QtfsFs {
                                 return;
                             }
                             match me2
-                                .rpc(Op::Poll {
+                                .call(op::Poll {
                                     fh: sfh,
                                     events: ev,
                                     wait_ms: 5000,
                                 })
                                 .await
                             {
-                                Ok(Reply::Poll(0)) => continue,
+                                Ok(0) => continue,
                                 _ => {
                                     let _ = ph.notify();
                                     return;
@@ -2809,7 +2770,7 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                me.rpc(Op::Fallocate {
+                me.call(op::Fallocate {
                     fh: sfh,
                     offset,
                     length,
@@ -2838,17 +2799,14 @@ impl Filesystem for QtfsFs {
             reply,
             |me| {
                 let sfh = me.fh_of(fh.0).await?;
-                me.rpc(Op::Lseek {
+                me.call(op::Lseek {
                     fh: sfh,
                     offset,
                     whence,
                 })
                 .await
             },
-            |r| match r {
-                Reply::Offset(o) => reply.offset(o),
-                _ => reply.error(Errno::EIO),
-            }
+            |o| reply.offset(o)
         )
     }
 }
@@ -2971,7 +2929,7 @@ impl QtfsFs {
         let Some(v) = self.view() else {
             return Some(reply);
         };
-        let hand = |reply: ReplyEntry, r: R<SynNode>| match r {
+        let hand = |reply: ReplyEntry, r: Result<SynNode, i32>| match r {
             Ok(n) => self.syn_entry(n, reply),
             Err(e) => reply.error(errno(e)),
         };
@@ -3125,7 +3083,7 @@ impl QtfsFs {
                 Ok(h) => h,
                 Err(e) => {
                     // Still the caller's own table, only without HOST cgroup lines.
-                    debug!(errno = e, "HOST mountinfo unavailable");
+                    debug!(error = ?e, "HOST mountinfo unavailable");
                     Arc::new(String::new())
                 }
             };
@@ -3173,7 +3131,7 @@ impl Inner {
     /// [`procview::HOST_MOUNTS_TTL`].
     async fn host_mountinfo(self: &Arc<Self>) -> R<Arc<String>> {
         let Some(v) = self.proc_view.as_ref() else {
-            return Err(libc::EINVAL);
+            return Err(OpError::Errno(libc::EINVAL));
         };
         if let Some(s) = v.cached_host_mounts() {
             return Ok(s);
@@ -3188,7 +3146,7 @@ impl Inner {
                 Ok(s)
             }
             Ok(Err(e)) => v.last_host_mounts().ok_or(e),
-            Err(_) => v.last_host_mounts().ok_or(libc::ETIMEDOUT),
+            Err(_) => v.last_host_mounts().ok_or(OpError::Errno(libc::ETIMEDOUT)),
         }
     }
 
@@ -3200,47 +3158,38 @@ impl Inner {
         let mut taken: Vec<(NodeId, u64)> = Vec::new();
         let res = async {
             for name in path {
-                let Reply::Entry(e) = self
-                    .rpc(Op::Lookup {
+                let e = self
+                    .call(op::Lookup {
                         parent: node,
                         name: name.to_vec(),
                     })
-                    .await?
-                else {
-                    return Err(libc::EIO);
-                };
+                    .await?;
                 taken.push((e.node, 1));
                 node = e.node;
             }
-            let Reply::Opened { fh, .. } = self
-                .rpc(Op::Open {
-                    node,
-                    flags: libc::O_RDONLY,
-                })
-                .await?
-            else {
-                return Err(libc::EIO);
+            let open = op::Open {
+                node,
+                flags: libc::O_RDONLY,
             };
+            let fh = self.call(open).await?.fh;
             let mut out = Vec::new();
             let read = async {
                 loop {
-                    let r = self
-                        .rpc_bytes(Op::Read {
-                            fh,
-                            offset: out.len() as u64,
-                            size: 64 << 10,
-                        })
-                        .await?;
-                    let d = proto::decode_data(&r).ok_or(libc::EIO)?;
+                    let read = op::Read {
+                        fh,
+                        offset: out.len() as u64,
+                        size: 64 << 10,
+                    };
+                    let (_, d) = self.call_data(read).await?;
                     if d.is_empty() || out.len() + d.len() > LIMIT {
                         return Ok(());
                     }
-                    out.extend_from_slice(d);
+                    out.extend_from_slice(&d);
                 }
             }
             .await;
             let _ = self
-                .rpc(Op::Release {
+                .call(op::Release {
                     fh,
                     lock_owner: None,
                 })
@@ -3248,8 +3197,8 @@ impl Inner {
             read.map(|()| out)
         }
         .await;
-        if !taken.is_empty() && res != Err(STALE) {
-            let _ = self.rpc(Op::Forget { nodes: taken }).await;
+        if !taken.is_empty() && res != Err(OpError::Stale) {
+            let _ = self.call(op::Forget { nodes: taken }).await;
         }
         res
     }
