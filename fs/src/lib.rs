@@ -9,6 +9,8 @@
 
 pub mod client;
 pub mod fifo;
+#[cfg(test)]
+mod memfs;
 pub mod mount;
 mod procview;
 pub mod proto;

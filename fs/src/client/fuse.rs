@@ -646,54 +646,14 @@ impl Filesystem for QtfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let me = self.inner.clone();
-        if let Some((sfh, instance)) = self.inner.write_behind_target(fh.0) {
-            // Encoded here, straight from the kernel's buffer: the only copy of the data, kept
-            // (as a slice of the request) until the HOST answered.
-            let args = op::Write { fh: sfh, offset };
-            let Ok(body) = proto::encode_request(instance, &args, data) else {
-                reply.error(Errno::EIO);
-                return;
-            };
-            let (body, n) = (Bytes::from(body), data.len() as u32);
-            let w = PendingWrite {
-                ino: ino.0,
-                fh: fh.0,
-                offset,
-                data: body.slice(body.len() - data.len()..),
-            };
-            if let Some(e) = self.inner.take_write_error(ino.0) {
-                reply.error(errno(e));
-                return;
+        match self.inner.start_write(ino.0, fh.0, offset, data) {
+            WriteStart::Done(res) => reply_write(reply, res),
+            WriteStart::Later(res) => {
+                self.inner
+                    .rt
+                    .spawn(async move { reply_write(reply, res.await) });
             }
-            // Budget left and a live session: queue and acknowledge right on this FUSE thread,
-            // the runtime only collects the answer. Otherwise wait for both on the runtime.
-            let permit = self
-                .inner
-                .wb_budget
-                .clone()
-                .try_acquire_many_owned(wb_kib(n));
-            if let (Ok(permit), Some(session)) = (permit, self.inner.client.current()) {
-                if let Ok(call) = session.start_call("fs", body.clone()) {
-                    let unstable = self.inner.begin_write(ino.0);
-                    reply.written(n);
-                    self.inner
-                        .rt
-                        .spawn(async move { me.collect_write(w, call, unstable, permit).await });
-                    return;
-                }
-            }
-            self.inner
-                .rt
-                .spawn(async move { me.write_behind(w, body, reply).await });
-            return;
         }
-        let data = data.to_vec();
-        self.inner.rt.spawn(async move {
-            let res = me.write_sync(fh.0, offset, &data).await;
-            me.stale_attr(ino.0);
-            reply_write(reply, res);
-        });
     }
 
     /// Waits for the inode's acknowledged writes still in flight and reports the first that

@@ -97,12 +97,14 @@ mod fuse;
 mod inodes;
 mod proc;
 mod rpc;
+#[cfg(test)]
+mod tests;
 mod write_behind;
 
 use fifos::Fifos;
 use fuse::*;
 use rpc::decode_reply;
-use write_behind::{reply_write, wb_kib, PendingWrite, Unstable, WB_BUDGET_KIB};
+use write_behind::{reply_write, Unstable, WriteStart, WB_BUDGET_KIB};
 
 use crate::proto::{
     self, op, Attr, Caller, DataIn, DataOut, DirEntry, EncodedArgs, Entry, Fh, NodeId, Operation,

@@ -21,7 +21,7 @@ pub(super) struct Unstable {
 }
 
 impl Unstable {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<OpError>)> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<OpError>)> {
         lock(&self.state)
     }
 
@@ -126,20 +126,13 @@ impl Inner {
     /// The session keeps frames in order and the HOST applies prompt calls in arrival order,
     /// so every later request (getattr, read, fsync, ...) sees this write; a failure is
     /// reported by the next write, `close` (flush) or `fsync` of the inode.
-    pub(super) async fn write_behind(
-        self: &Arc<Self>,
-        w: PendingWrite,
-        body: Bytes,
-        reply: ReplyWrite,
-    ) {
+    async fn write_behind(self: &Arc<Self>, w: PendingWrite, body: Bytes) -> R<u32> {
         let n = w.data.len() as u32;
         let Ok(permit) = self.wb_budget.clone().acquire_many_owned(wb_kib(n)).await else {
-            reply.error(Errno::EIO);
-            return;
+            return Err(OpError::Errno(libc::EIO));
         };
         if let Some(e) = self.take_write_error(w.ino) {
-            reply.error(errno(e));
-            return;
+            return Err(e);
         }
         let session = self
             .client
@@ -152,12 +145,62 @@ impl Inner {
                 drop(permit);
                 let res = self.write_sync(w.fh, w.offset, &w.data).await;
                 self.stale_attr(w.ino);
-                return reply_write(reply, res);
+                return res;
             }
         };
         let unstable = self.begin_write(w.ino);
-        reply.written(n);
-        self.collect_write(w, call, unstable, permit).await;
+        let me = self.clone();
+        self.rt
+            .spawn(async move { me.collect_write(w, call, unstable, permit).await });
+        Ok(n)
+    }
+
+    /// One write of `data` through handle `fh` of `ino` at `offset`, from the FUSE thread:
+    /// acknowledged at once when it may go behind (budget left, a live session: queued here,
+    /// the runtime only collects the answer), refused at once with a failure not reported
+    /// yet, or left to the runtime (waiting for budget or a session, or a synchronous write).
+    pub(super) fn start_write(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> WriteStart {
+        let me = self.clone();
+        let Some((sfh, instance)) = self.write_behind_target(fh) else {
+            let data = data.to_vec();
+            return WriteStart::Later(Box::pin(async move {
+                let res = me.write_sync(fh, offset, &data).await;
+                me.stale_attr(ino);
+                res
+            }));
+        };
+        // Encoded here, straight from the kernel's buffer: the only copy of the data, kept
+        // (as a slice of the request) until the HOST answered.
+        let args = op::Write { fh: sfh, offset };
+        let Ok(body) = proto::encode_request(instance, &args, data) else {
+            return WriteStart::Done(Err(OpError::Protocol));
+        };
+        let (body, n) = (Bytes::from(body), data.len() as u32);
+        let w = PendingWrite {
+            ino,
+            fh,
+            offset,
+            data: body.slice(body.len() - data.len()..),
+        };
+        if let Some(e) = self.take_write_error(ino) {
+            return WriteStart::Done(Err(e));
+        }
+        let permit = self.wb_budget.clone().try_acquire_many_owned(wb_kib(n));
+        if let (Ok(permit), Some(session)) = (permit, self.client.current()) {
+            if let Ok(call) = session.start_call("fs", body.clone()) {
+                let unstable = self.begin_write(ino);
+                self.rt
+                    .spawn(async move { me.collect_write(w, call, unstable, permit).await });
+                return WriteStart::Done(Ok(n));
+            }
+        }
+        WriteStart::Later(Box::pin(async move { me.write_behind(w, body).await }))
     }
 
     /// Waits for the HOST's answer to an acknowledged write and records a failure for the
@@ -235,6 +278,14 @@ pub(super) fn reply_write(reply: ReplyWrite, res: R<u32>) {
 
 /// An acknowledged write on its way to the HOST: enough to send it again after a lost session
 /// or HOST restart without decoding the request (the payload is a slice of the request sent).
+/// What [`Inner::start_write`] made of a write.
+pub(super) enum WriteStart {
+    /// Answered now: acknowledged (written behind) or refused.
+    Done(R<u32>),
+    /// Answered once this completes on the runtime.
+    Later(std::pin::Pin<Box<dyn Future<Output = R<u32>> + Send>>),
+}
+
 pub(super) struct PendingWrite {
     pub(super) ino: u64,
     /// This mount's handle (re-opened on the HOST after a restart).
