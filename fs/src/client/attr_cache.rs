@@ -5,10 +5,7 @@ use super::*;
 
 impl Inner {
     pub(super) fn xattr_known_absent(&self, ino: u64, name: &[u8]) -> bool {
-        let cache = match self.no_xattr.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let cache = lock(&self.no_xattr);
         let now = Instant::now();
         let fresh = |k: (u64, Vec<u8>)| cache.get(&k).is_some_and(|until| now < *until);
         fresh((ino, Vec::new())) || fresh((ino, name.to_vec()))
@@ -89,10 +86,7 @@ impl Inner {
     /// probe here for one attribute TTL (the empty name stands for all names).
     pub(super) fn note_xattrs(&self, ino: u64, a: &Attr) {
         if a.xattrs {
-            let mut cache = match self.no_xattr.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut cache = lock(&self.no_xattr);
             cache.remove(&(ino, Vec::new()));
         } else {
             self.remember_no_xattr(ino, Vec::new());
@@ -104,10 +98,7 @@ impl Inner {
         if ttl.is_zero() {
             return;
         }
-        let mut cache = match self.no_xattr.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut cache = lock(&self.no_xattr);
         if cache.len() > 65536 {
             let now = Instant::now();
             cache.retain(|_, until| *until > now);
@@ -120,10 +111,7 @@ impl Inner {
 
     pub(super) fn forget_xattrs(&self, ino: u64) {
         self.stale_attr(ino);
-        let mut cache = match self.no_xattr.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut cache = lock(&self.no_xattr);
         cache.retain(|(i, _), _| *i != ino);
     }
 }

@@ -19,10 +19,7 @@ pub(super) struct Fifos {
 
 impl Fifos {
     pub(super) fn armed(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<fifo::Control>>> {
-        match self.armed.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.armed)
     }
 
     /// True for a request made by this daemon's own opener thread.

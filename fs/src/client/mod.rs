@@ -441,10 +441,7 @@ impl QtfsFs {
 
 impl Inner {
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.state)
     }
 
     fn ttl(&self) -> Duration {

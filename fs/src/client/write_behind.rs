@@ -70,10 +70,7 @@ impl Inner {
     }
 
     pub(super) fn unstable_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Unstable>>> {
-        match self.unstable.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        lock(&self.unstable)
     }
 
     /// Counts one more acknowledged write of `ino` in flight.
