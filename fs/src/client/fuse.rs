@@ -87,6 +87,40 @@ pub(super) fn caller(req: &Request) -> Caller {
     }
 }
 
+/// [`spawn_reply!`] for one operation on inode `$ino`'s HOST node (re-resolved after a
+/// HOST restart): `on_node!(self, reply, me, ino => |node| op, |result| answer)`.
+macro_rules! on_node {
+    ($self:ident, $reply:ident, $me:ident, $ino:expr => |$node:ident| $op:expr, |$v:ident| $ok:expr) => {
+        spawn_reply!(
+            $self,
+            $reply,
+            |$me| {
+                let $node = $me.node_of($ino).await?;
+                $me.call($op).await
+            },
+            |$v| $ok
+        )
+    };
+}
+
+/// [`spawn_reply!`] for one operation on open handle `$fh`'s HOST handle (re-opened after a
+/// HOST restart): `on_handle!(self, reply, me, fh => |sfh| op, |result| answer)`.
+macro_rules! on_handle {
+    ($self:ident, $reply:ident, $me:ident, $fh:expr => |$sfh:ident| $op:expr, |$v:ident| $ok:expr) => {
+        spawn_reply!(
+            $self,
+            $reply,
+            |$me| {
+                let $sfh = $me.fh_of($fh).await?;
+                $me.call($op).await
+            },
+            |$v| $ok
+        )
+    };
+}
+
+/// Runs `$body` (an operation's calls) on the runtime — waiting out outages, re-mounting and
+/// retrying after a HOST restart — and answers with `$ok` or the failure's errno.
 macro_rules! spawn_reply {
     ($self:ident, $reply:ident, |$me:ident| $body:expr, |$v:ident| $ok:expr) => {{
         let $me = $self.inner.clone();
@@ -391,16 +425,13 @@ impl Filesystem for QtfsFs {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
         self.inner.stale_all_attrs();
-        spawn_reply!(
+        on_node!(
             self,
             reply,
-            |me| {
-                let p = me.node_of(parent).await?;
-                me.call(op::Unlink {
-                    parent: p,
-                    name: name.clone(),
-                })
-                .await
+            me,
+            parent => |p| op::Unlink {
+                parent: p,
+                name: name.clone(),
             },
             |_r| {
                 me.stale_all_attrs();
@@ -414,16 +445,13 @@ impl Filesystem for QtfsFs {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
         self.inner.stale_all_attrs();
-        spawn_reply!(
+        on_node!(
             self,
             reply,
-            |me| {
-                let p = me.node_of(parent).await?;
-                me.call(op::Rmdir {
-                    parent: p,
-                    name: name.clone(),
-                })
-                .await
+            me,
+            parent => |p| op::Rmdir {
+                parent: p,
+                name: name.clone(),
             },
             |_r| {
                 me.stale_all_attrs();
@@ -777,18 +805,15 @@ impl Filesystem for QtfsFs {
         let Some(mut reply) = self.syn_readdir(fh.0, offset, reply) else {
             return;
         };
-        spawn_reply!(
+        on_handle!(
             self,
             reply,
-            |me| {
-                let sfh = me.fh_of(fh.0).await?;
-                me.call(op::ReadDir {
-                    fh: sfh,
-                    offset,
-                    max_bytes: 64 * 1024,
-                    plus: false,
-                })
-                .await
+            me,
+            fh.0 => |sfh| op::ReadDir {
+                fh: sfh,
+                offset,
+                max_bytes: 64 * 1024,
+                plus: false,
             },
             |entries| {
                 for e in entries {
@@ -817,18 +842,15 @@ impl Filesystem for QtfsFs {
     ) {
         let dir_ino = ino.0;
         let sent = self.inner.attr_seq();
-        spawn_reply!(
+        on_handle!(
             self,
             reply,
-            |me| {
-                let sfh = me.fh_of(fh.0).await?;
-                me.call(op::ReadDir {
-                    fh: sfh,
-                    offset,
-                    max_bytes: 64 * 1024,
-                    plus: true,
-                })
-                .await
+            me,
+            fh.0 => |sfh| op::ReadDir {
+                fh: sfh,
+                offset,
+                max_bytes: 64 * 1024,
+                plus: true,
             },
             |entries| {
                 let ttl = me.ttl();
@@ -929,26 +951,22 @@ impl Filesystem for QtfsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        spawn_reply!(
+        on_handle!(
             self,
             reply,
-            |me| {
-                let sfh = me.fh_of(fh.0).await?;
-                me.call(op::FsyncDir { fh: sfh, datasync }).await
-            },
+            me,
+            fh.0 => |sfh| op::FsyncDir { fh: sfh, datasync },
             |_r| reply.ok()
         )
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         let ino = if is_syn_ino(ino.0) { ROOT } else { ino.0 };
-        spawn_reply!(
+        on_node!(
             self,
             reply,
-            |me| {
-                let node = me.node_of(ino).await?;
-                me.call(op::StatFs { node }).await
-            },
+            me,
+            ino => |node| op::StatFs { node },
             |s| reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize
             )
@@ -969,18 +987,15 @@ impl Filesystem for QtfsFs {
         let name = name.as_bytes().to_vec();
         let value = value.to_vec();
         self.inner.stale_attr(ino);
-        spawn_reply!(
+        on_node!(
             self,
             reply,
-            |me| {
-                let node = me.node_of(ino).await?;
-                me.call(op::SetXattr {
-                    node,
-                    name: name.clone(),
-                    value: value.clone(),
-                    flags,
-                })
-                .await
+            me,
+            ino => |node| op::SetXattr {
+                node,
+                name: name.clone(),
+                value: value.clone(),
+                flags,
             },
             |_r| {
                 me.forget_xattrs(ino);
@@ -1058,16 +1073,13 @@ impl Filesystem for QtfsFs {
         let ino = ino.0;
         let name = name.as_bytes().to_vec();
         self.inner.stale_attr(ino);
-        spawn_reply!(
+        on_node!(
             self,
             reply,
-            |me| {
-                let node = me.node_of(ino).await?;
-                me.call(op::RemoveXattr {
-                    node,
-                    name: name.clone(),
-                })
-                .await
+            me,
+            ino => |node| op::RemoveXattr {
+                node,
+                name: name.clone(),
             },
             |_r| {
                 me.forget_xattrs(ino);
@@ -1084,13 +1096,11 @@ impl Filesystem for QtfsFs {
         }
         let caller = caller(req);
         let mask = mask.bits();
-        spawn_reply!(
+        on_node!(
             self,
             reply,
-            |me| {
-                let node = me.node_of(ino).await?;
-                me.call(op::Access { node, mask, caller }).await
-            },
+            me,
+            ino => |node| op::Access { node, mask, caller },
             |_r| reply.ok()
         )
     }
@@ -1156,20 +1166,17 @@ impl Filesystem for QtfsFs {
         pid: u32,
         reply: ReplyLock,
     ) {
-        spawn_reply!(
+        on_handle!(
             self,
             reply,
-            |me| {
-                let sfh = me.fh_of(fh.0).await?;
-                me.call(op::GetLk {
-                    fh: sfh,
-                    owner: lock_owner.0,
-                    start,
-                    end,
-                    typ,
-                    pid,
-                })
-                .await
+            me,
+            fh.0 => |sfh| op::GetLk {
+                fh: sfh,
+                owner: lock_owner.0,
+                start,
+                end,
+                typ,
+                pid,
             },
             |l| reply.locked(l.start, l.end, l.typ, l.pid)
         )
@@ -1188,21 +1195,18 @@ impl Filesystem for QtfsFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        spawn_reply!(
+        on_handle!(
             self,
             reply,
-            |me| {
-                let sfh = me.fh_of(fh.0).await?;
-                me.call(op::SetLk {
-                    fh: sfh,
-                    owner: lock_owner.0,
-                    start,
-                    end,
-                    typ,
-                    pid,
-                    sleep,
-                })
-                .await
+            me,
+            fh.0 => |sfh| op::SetLk {
+                fh: sfh,
+                owner: lock_owner.0,
+                start,
+                end,
+                typ,
+                pid,
+                sleep,
             },
             |_r| reply.ok()
         )
@@ -1280,18 +1284,15 @@ impl Filesystem for QtfsFs {
     ) {
         let ino = ino.0;
         self.inner.stale_attr(ino);
-        spawn_reply!(
+        on_handle!(
             self,
             reply,
-            |me| {
-                let sfh = me.fh_of(fh.0).await?;
-                me.call(op::Fallocate {
-                    fh: sfh,
-                    offset,
-                    length,
-                    mode,
-                })
-                .await
+            me,
+            fh.0 => |sfh| op::Fallocate {
+                fh: sfh,
+                offset,
+                length,
+                mode,
             },
             |_r| {
                 me.stale_attr(ino);
@@ -1309,17 +1310,14 @@ impl Filesystem for QtfsFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        spawn_reply!(
+        on_handle!(
             self,
             reply,
-            |me| {
-                let sfh = me.fh_of(fh.0).await?;
-                me.call(op::Lseek {
-                    fh: sfh,
-                    offset,
-                    whence,
-                })
-                .await
+            me,
+            fh.0 => |sfh| op::Lseek {
+                fh: sfh,
+                offset,
+                whence,
             },
             |o| reply.offset(o)
         )
