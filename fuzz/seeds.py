@@ -3,8 +3,11 @@
 
 Postcard by hand: unsigned ints are LEB128 varints (u8 raw), signed ones zigzag varints, enums a
 varint variant index, strings/bytes/Vecs a varint length then the items, Option 0/1 then the
-value, bool 0/1, fixed arrays raw. Variant indexes follow the declaration order in the sources
-(fs/src/proto.rs Op::Write = 16 and Reply::Data = 3 are also checked by unit tests there).
+value, bool 0/1, fixed arrays raw. Variant indexes follow the declaration order in the sources.
+The fs envelope: a request is the op code byte, the instance, the postcard arguments as a
+length-prefixed byte string, then the raw payload; a reply is the status, then (on success) the
+result as a length-prefixed byte string and the raw payload. Op codes follow the table in
+fs/src/proto.rs (`fs_ops!`).
 Run from anywhere: python3 fuzz/seeds.py
 """
 import os
@@ -64,21 +67,23 @@ seeds = {
         header(1, hello_msg([], False)) + header(2, s(b"")),
         header(1, hello_msg(["fs"], True)) + header(4, s("wrong key")),
     ],
-    "fs_request": [
-        v(1) + v(0) + v(1) + s("/srv/export"),  # Mount
-        v(1) + v(1) + v(1) + s(b"etc"),  # Lookup
-        v(7) + v(16) + v(3) + v(4096) + s(b"hello world"),  # Write
-        v(7) + v(15) + v(3) + v(0) + v(65536),  # Read
-        v(7) + v(14) + v(1) + s(b"new") + v(0o644) + z(0o101) + caller,  # Create
-        v(7) + v(11) + v(1) + s(b"a") + v(2) + s(b"b") + v(1),  # Rename
-        v(7) + v(2) + v(2) + v(5) + v(1) + v(6) + v(2),  # Forget
+    "fs_request": [  # op code, instance, length-prefixed postcard arguments, raw payload
+        bytes([0]) + v(0) + s(v(5) + s("/srv/export")),  # Mount
+        bytes([1]) + v(1) + s(v(1) + s(b"etc")),  # Lookup
+        bytes([16]) + v(7) + s(v(3) + v(4096)) + b"hello world",  # Write + payload
+        bytes([15]) + v(7) + s(v(3) + v(0) + v(65536)),  # Read
+        bytes([14]) + v(7) + s(v(1) + s(b"new") + v(0o644) + z(0o101) + caller),  # Create
+        bytes([11]) + v(7) + s(v(1) + s(b"a") + v(2) + s(b"b") + v(1)),  # Rename
+        bytes([2]) + v(7) + s(v(2) + v(5) + v(1) + v(6) + v(2)),  # Forget
     ],
-    "fs_reply": [
-        v(3) + s(b"file contents"),  # Data
-        v(4),  # Ok
-        v(5) + v(42) + b"\x00",  # Opened
-        v(7) + v(4096),  # Written
-        v(10) + z(-1),  # Offset
+    "fs_reply": [  # status (0 ok, 1 errno, 2 stale instance), then result and raw payload
+        v(0) + s(b"") + b"file contents",  # Read: () + data
+        v(0) + s(b""),  # Ok
+        v(0) + s(v(42) + b"\x00"),  # Opened
+        v(0) + s(v(4096)),  # Written
+        v(0) + s(z(-1)),  # Offset
+        v(1) + z(2),  # ENOENT
+        v(2),  # StaleInstance
     ],
     "fs_fifo": [
         b"\x01" + v(3) + v(12),  # tunnel header

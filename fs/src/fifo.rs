@@ -869,10 +869,7 @@ impl Opener {
             let _ = tx.send(f(r));
         });
         {
-            let s = match self.tx.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let s = transport::sync::lock(&self.tx);
             s.send(job).ok()?;
         }
         rx.await.ok()

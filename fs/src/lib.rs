@@ -7,8 +7,12 @@
 //! - `procview`: proc mode's rule for the caller's own processes.
 //! - [`mount`]: mount forwarding (the `mount` service and the DPU-side translation).
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod fifo;
+#[cfg(test)]
+mod memfs;
 pub mod mount;
 mod procview;
 pub mod proto;

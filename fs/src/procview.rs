@@ -44,8 +44,10 @@ use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use transport::sync::lock;
 
 use fuser::{FileAttr, FileType, INodeNo};
 
@@ -127,13 +129,6 @@ fn parse_pid(name: &[u8]) -> Option<u32> {
         return None;
     }
     std::str::from_utf8(name).ok()?.parse().ok()
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 fn errno_of(e: &std::io::Error) -> i32 {

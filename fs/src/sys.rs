@@ -133,10 +133,7 @@ pub fn attr_of_node(fd: RawFd, st: &libc::stat) -> Attr {
 fn pseudo_dev(fd: RawFd, dev: u64) -> bool {
     static SEEN: OnceLock<Mutex<HashMap<u64, bool>>> = OnceLock::new();
     let seen = SEEN.get_or_init(Default::default);
-    let lock = || match seen.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    };
+    let lock = || transport::sync::lock(seen);
     if let Some(&p) = lock().get(&dev) {
         return p;
     }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+use transport::sync::lock;
 use transport::{RemoteError, Service, Session, Stream};
 
 /// Service name on the session.
@@ -121,10 +122,6 @@ impl BridgeService {
         v.sort();
         v
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Inner {

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use bytes::Bytes;
-use offload_fs::proto::{self, Caller, Entry, Op, Reply, Request};
+use offload_fs::proto::{self, op, Caller, Entry, Operation, Status};
 use tests::fs::{fs_test_links, mount_cmd, ExportSpec, Host};
 use transport::{CallError, Registry, Session, SessionConfig};
 
@@ -26,49 +26,51 @@ impl Peer {
         Peer { s, instance: 0 }
     }
 
-    async fn raw(&self, body: Vec<u8>) -> Result<Reply, i32> {
+    /// Sends raw bytes; the reply, or the code of a call the service refused outright.
+    async fn raw(&self, body: Vec<u8>) -> Result<Bytes, i32> {
         match self.s.call("fs", Bytes::from(body)).await {
-            Ok(b) => Ok(proto::decode(&b).unwrap()),
+            Ok(b) => Ok(b),
             Err(CallError::Remote(e)) => Err(e.code),
             Err(e) => panic!("session failure: {e}"),
         }
     }
 
-    async fn op(&self, op: Op) -> Result<Reply, i32> {
-        let req = Request {
-            instance: self.instance,
-            op,
-        };
-        self.raw(proto::encode(&req).unwrap()).await
+    /// One operation: its result and payload, or the reply's failure status.
+    async fn call<O: Operation>(&self, op: O) -> Result<(O::Reply, Bytes), Status> {
+        let req = proto::encode_request(self.instance, &op, &[]).unwrap();
+        let reply = self.raw(req).await.expect("well-formed request refused");
+        proto::decode_reply::<O::Reply>(&reply).unwrap()
+    }
+
+    /// One operation: its result or the errno it failed with.
+    async fn op<O: Operation>(&self, op: O) -> Result<O::Reply, i32> {
+        match self.call(op).await {
+            Ok((r, _)) => Ok(r),
+            Err(Status::Errno(e)) => Err(e),
+            Err(other) => panic!("unexpected {other:?}"),
+        }
     }
 
     async fn mount(&mut self, path: &str) -> Result<Entry, i32> {
-        match self
-            .op(Op::Mount {
-                version: proto::VERSION,
-                path: path.into(),
-            })
-            .await?
-        {
-            Reply::Mounted { instance, root, .. } => {
-                self.instance = instance;
-                Ok(root)
+        let mount = op::Mount {
+            version: proto::VERSION,
+            path: path.into(),
+        };
+        match self.op(mount).await? {
+            Ok(m) => {
+                self.instance = m.instance;
+                Ok(m.root)
             }
-            other => panic!("unexpected {other:?}"),
+            Err(refusal) => Err(refusal.errno),
         }
     }
 
     async fn lookup(&self, parent: u64, name: &str) -> Result<Entry, i32> {
-        match self
-            .op(Op::Lookup {
-                parent,
-                name: name.as_bytes().to_vec(),
-            })
-            .await?
-        {
-            Reply::Entry(e) => Ok(e),
-            other => panic!("unexpected {other:?}"),
-        }
+        self.op(op::Lookup {
+            parent,
+            name: name.as_bytes().to_vec(),
+        })
+        .await
     }
 }
 
@@ -149,7 +151,7 @@ fn fs_escape_attempts_refused() {
                 assert_eq!(p.lookup(l.node, "secret").await.unwrap_err(), libc::ENOTDIR);
                 assert_eq!(p.lookup(l.node, "passwd").await.unwrap_err(), libc::ENOTDIR);
                 assert_eq!(
-                    p.op(Op::Open {
+                    p.op(op::Open {
                         node: l.node,
                         flags: libc::O_RDONLY
                     })
@@ -158,11 +160,11 @@ fn fs_escape_attempts_refused() {
                     libc::ELOOP
                 );
                 assert_eq!(
-                    p.op(Op::OpenDir { node: l.node }).await.unwrap_err(),
+                    p.op(op::OpenDir { node: l.node }).await.unwrap_err(),
                     libc::ENOTDIR
                 );
                 let chmod = p
-                    .op(Op::SetAttr {
+                    .op(op::SetAttr {
                         node: l.node,
                         fh: None,
                         mode: Some(0o777),
@@ -175,7 +177,7 @@ fn fs_escape_attempts_refused() {
                     .await;
                 assert_eq!(chmod.unwrap_err(), libc::EOPNOTSUPP);
                 let gx = p
-                    .op(Op::GetXattr {
+                    .op(op::GetXattr {
                         node: l.node,
                         name: b"user.x".to_vec(),
                         size: 0,
@@ -184,7 +186,7 @@ fn fs_escape_attempts_refused() {
                 assert_eq!(gx.unwrap_err(), libc::EOPNOTSUPP);
                 // Creating through a symlink node as a directory fails too.
                 let mk = p
-                    .op(Op::Mkdir {
+                    .op(op::Mkdir {
                         parent: l.node,
                         name: b"x".to_vec(),
                         mode: 0o755,
@@ -193,14 +195,11 @@ fn fs_escape_attempts_refused() {
                     .await;
                 assert_eq!(mk.unwrap_err(), libc::ENOTDIR);
                 // readlink returns the text; the DPU resolves it in its own namespace.
-                assert!(matches!(
-                    p.op(Op::ReadLink { node: l.node }).await,
-                    Ok(Reply::Data(_))
-                ));
+                assert!(p.call(op::ReadLink { node: l.node }).await.is_ok());
             }
             // Device nodes cannot be created (they would expose HOST disks).
             let mk = p
-                .op(Op::Mknod {
+                .op(op::Mknod {
                     parent: root.node,
                     name: b"disk".to_vec(),
                     mode: libc::S_IFBLK | 0o600,
@@ -218,7 +217,7 @@ fn fs_escape_attempts_refused() {
             };
             let f = p.lookup(root.node, "sub").await.unwrap();
             let link = p
-                .op(Op::Link {
+                .op(op::Link {
                     node: f.node,
                     newparent: proc_root.node,
                     newname: b"x".to_vec(),
@@ -235,7 +234,7 @@ fn fs_escape_attempts_refused() {
                 assert!(is_link(&l));
                 assert_eq!(p.lookup(l.node, "etc").await.unwrap_err(), libc::ENOTDIR);
                 assert_eq!(
-                    p.op(Op::Open {
+                    p.op(op::Open {
                         node: l.node,
                         flags: libc::O_RDONLY
                     })
@@ -243,10 +242,7 @@ fn fs_escape_attempts_refused() {
                     .unwrap_err(),
                     libc::ELOOP
                 );
-                let text = match p.op(Op::ReadLink { node: l.node }).await.unwrap() {
-                    Reply::Data(d) => d,
-                    other => panic!("{other:?}"),
-                };
+                let (_, text) = p.call(op::ReadLink { node: l.node }).await.unwrap();
                 let host_text = fs::read_link(format!("/proc/{me}/{magic}")).unwrap();
                 assert_eq!(Path::new(std::str::from_utf8(&text).unwrap()), host_text);
             }
@@ -255,7 +251,7 @@ fn fs_escape_attempts_refused() {
                 if let Ok(zero) = p.lookup(fd_dir.node, "0").await {
                     assert!(is_link(&zero));
                     assert_eq!(
-                        p.op(Op::Open {
+                        p.op(op::Open {
                             node: zero.node,
                             flags: libc::O_RDONLY
                         })
@@ -267,7 +263,7 @@ fn fs_escape_attempts_refused() {
             }
             // Read-only export refuses writes with EROFS even when asked directly.
             let mk = p
-                .op(Op::Mkdir {
+                .op(op::Mkdir {
                     parent: proc_root.node,
                     name: b"x".to_vec(),
                     mode: 0o755,
@@ -279,7 +275,7 @@ fn fs_escape_attempts_refused() {
             // Unknown ids, foreign instances and garbage are errors, not crashes.
             assert_eq!(p.lookup(999_999, "x").await.unwrap_err(), libc::ESTALE);
             assert_eq!(
-                p.op(Op::Read {
+                p.op(op::Read {
                     fh: 424242,
                     offset: 0,
                     size: 10
@@ -288,16 +284,15 @@ fn fs_escape_attempts_refused() {
                 .unwrap_err(),
                 libc::EBADF
             );
-            let foreign = Request {
-                instance: p.instance ^ 0xff,
-                op: Op::GetAttr {
-                    node: root.node,
-                    fh: None,
-                },
+            let getattr = op::GetAttr {
+                node: root.node,
+                fh: None,
             };
+            let foreign = proto::encode_request(p.instance ^ 0xff, &getattr, &[]).unwrap();
+            let reply = p.raw(foreign).await.unwrap();
             assert_eq!(
-                p.raw(proto::encode(&foreign).unwrap()).await.unwrap_err(),
-                proto::STALE_INSTANCE
+                proto::decode_reply::<proto::Attr>(&reply).unwrap(),
+                Err(Status::StaleInstance)
             );
             assert_eq!(p.raw(vec![0xff; 7]).await.unwrap_err(), libc::EPROTO);
             assert_eq!(p.raw(Vec::new()).await.unwrap_err(), libc::EPROTO);

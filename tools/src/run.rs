@@ -417,10 +417,7 @@ struct Supervisor {
 
 impl Supervisor {
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
-        match self.table.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        transport::sync::lock(&self.table)
     }
 
     fn receive_loop(self: Arc<Self>) {

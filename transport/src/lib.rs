@@ -12,6 +12,7 @@ pub mod link;
 pub mod service;
 pub mod session;
 pub mod stream;
+pub mod sync;
 pub mod wire;
 // RDMA
 #[cfg(feature = "rdma")]

@@ -64,7 +64,7 @@ impl Shared {
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
         // A poisoned lock only means another thread panicked mid-update of plain counters.
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.st)
     }
 
     /// Marks the stream reset and wakes a blocked writer.

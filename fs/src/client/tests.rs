@@ -1,0 +1,354 @@
+//! The client's rules against an in-memory HOST ([`crate::memfs::MemFs`]) over a real session
+//! on a Unix socket: no FUSE, no root. Inode and handle re-resolution after a HOST restart,
+//! write-behind failure reporting and resends, and when attributes may be reused.
+
+use std::time::Duration;
+
+use transport::{auth::Key, Endpoint, Registry, SessionConfig};
+
+use super::*;
+use crate::memfs::MemFs;
+use crate::proto::OpCode;
+
+/// A mount of a fresh [`MemFs`] and the runtime its client runs on.
+struct Rig {
+    rt: tokio::runtime::Runtime,
+    fs: Arc<MemFs>,
+    inner: Arc<Inner>,
+    _dir: tempfile::TempDir,
+}
+
+fn rig(opts: MountOptions) -> Rig {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let fs = MemFs::new();
+    let ep = Endpoint::Unix {
+        path: dir.path().join("fs.sock"),
+    };
+    let key = Key::from_bytes(vec![7u8; 32]).expect("key");
+    let q = rt.block_on(async {
+        let l = transport::listen(&ep).await.expect("listen");
+        let reg = Registry::new().with("fs", fs.service());
+        tokio::spawn(transport::serve(
+            l,
+            SessionConfig::new(Some(key.clone())),
+            reg,
+        ));
+        let client = transport::Client::new(ep, SessionConfig::new(Some(key)), Registry::new());
+        let opts = MountOptions {
+            source: "/".into(),
+            timeout: Duration::from_secs(5),
+            ..opts
+        };
+        QtfsFs::connect(client, opts).await.expect("connect")
+    });
+    Rig {
+        rt,
+        fs,
+        inner: q.inner,
+        _dir: dir,
+    }
+}
+
+impl Rig {
+    /// Looks `name` up in `parent` the way FUSE LOOKUP does (one kernel reference).
+    fn lookup(&self, parent: u64, name: &str) -> R<u64> {
+        let me = self.inner.clone();
+        self.rt.block_on(async {
+            let sent = me.attr_seq();
+            let e = me
+                .with(|| async {
+                    let p = me.node_of(parent).await?;
+                    let name = name.as_bytes().to_vec();
+                    me.call(op::Lookup { parent: p, name }).await
+                })
+                .await?;
+            Ok(me.add_entry(parent, name.as_bytes(), &e, sent))
+        })
+    }
+
+    fn mkdir(&self, parent: u64, name: &str) -> u64 {
+        let me = self.inner.clone();
+        self.rt.block_on(async {
+            let sent = me.attr_seq();
+            let p = me.node_of(parent).await.expect("parent");
+            let mkdir = op::Mkdir {
+                parent: p,
+                name: name.as_bytes().to_vec(),
+                mode: 0o755,
+                caller: Caller::default(),
+            };
+            let (e, pattr) = me.make(parent, mkdir).await.expect("mkdir");
+            me.made_in(parent, name.as_bytes(), &pattr, sent);
+            let ino = me.add_entry(parent, name.as_bytes(), &e, sent);
+            me.note_new_dir(ino);
+            ino
+        })
+    }
+
+    /// Creates and opens `parent/name` read-write: (inode, this mount's handle).
+    fn create(&self, parent: u64, name: &str) -> (u64, u64) {
+        let me = self.inner.clone();
+        self.rt.block_on(async {
+            let sent = me.attr_seq();
+            let p = me.node_of(parent).await.expect("parent");
+            let c = me
+                .call(op::Create {
+                    parent: p,
+                    name: name.as_bytes().to_vec(),
+                    mode: 0o644,
+                    flags: libc::O_RDWR,
+                    caller: Caller::default(),
+                })
+                .await
+                .expect("create");
+            let ino = me.add_entry(parent, name.as_bytes(), &c.entry, sent);
+            (ino, me.new_handle(ino, libc::O_RDWR, false, c.opened.fh))
+        })
+    }
+
+    /// GETATTR of `ino` as FUSE sends it (fast path from this thread when possible).
+    fn getattr(&self, ino: u64) -> R<Attr> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sent = self.inner.attr_seq();
+        self.inner.request(
+            ino,
+            None,
+            |node, fh| op::GetAttr { node, fh },
+            move |me, r| {
+                if let Ok(a) = &r {
+                    me.note_attr(ino, a, sent);
+                }
+                let _ = tx.send(r);
+            },
+        );
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("getattr answered")
+    }
+
+    fn settle(&self, ino: u64) -> R<()> {
+        self.rt.block_on(self.inner.settle(ino))
+    }
+
+    /// Starts a write as FUSE WRITE does; its outcome once known.
+    fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> R<u32> {
+        match self.inner.start_write(ino, fh, offset, data) {
+            WriteStart::Done(r) => r,
+            WriteStart::Later(f) => self.rt.block_on(f),
+        }
+    }
+
+    /// Waits until no acknowledged write of `ino` is in flight (without taking a failure).
+    fn drain(&self, ino: u64) {
+        for _ in 0..1000 {
+            let busy = self
+                .inner
+                .unstable_map()
+                .get(&ino)
+                .is_some_and(|u| u.lock().0 > 0);
+            if !busy {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("writes of {ino} never finished");
+    }
+}
+
+#[test]
+fn inodes_and_handles_are_re_resolved_after_a_host_restart() {
+    let r = rig(MountOptions::default());
+    let d = r.mkdir(ROOT, "d");
+    let (f, fh) = r.create(d, "f");
+    assert_eq!(r.write(f, fh, 0, b"hello"), Ok(5));
+    assert_eq!(r.settle(f), Ok(()));
+    let (gone, _) = r.create(d, "gone");
+    let (lookups, mounts, opens) = (
+        r.fs.calls(OpCode::Lookup),
+        r.fs.calls(OpCode::Mount),
+        r.fs.calls(OpCode::Open),
+    );
+
+    r.fs.restart();
+    // The first call meets the new instance: the client mounts again and re-resolves `f`
+    // by name (d, then f) — two lookups — and the same file answers.
+    let a = r.getattr(f).expect("getattr after restart");
+    assert_eq!(a.size, 5);
+    assert_eq!(r.fs.calls(OpCode::Mount), mounts + 1);
+    assert_eq!(r.fs.calls(OpCode::Lookup), lookups + 2);
+    // The open handle is re-opened on first use, and writes through it land.
+    assert_eq!(r.write(f, fh, 5, b" world"), Ok(6));
+    assert_eq!(r.settle(f), Ok(()));
+    assert_eq!(r.fs.calls(OpCode::Open), opens + 1);
+    assert_eq!(
+        r.fs.content(&["d", "f"]).as_deref(),
+        Some(&b"hello world"[..])
+    );
+    // `d` was re-resolved on the way to `f`: it is not looked up again.
+    let before = r.fs.calls(OpCode::Lookup);
+    r.getattr(d).expect("getattr d");
+    assert_eq!(r.fs.calls(OpCode::Lookup), before);
+
+    // A file removed on the HOST meanwhile cannot be re-resolved.
+    let me = r.inner.clone();
+    r.rt.block_on(async {
+        let p = me.node_of(d).await.expect("d");
+        me.call(op::Unlink {
+            parent: p,
+            name: b"gone".to_vec(),
+        })
+        .await
+        .expect("unlink");
+    });
+    r.fs.restart();
+    assert_eq!(r.getattr(gone), Err(OpError::Errno(libc::ENOENT)));
+    assert_eq!(r.getattr(f).map(|a| a.size), Ok(11));
+}
+
+#[test]
+fn write_behind_failures_are_reported_once_by_the_next_write_flush_or_fsync() {
+    let r = rig(MountOptions::default());
+    let (f, fh) = r.create(ROOT, "f");
+    r.fs.fail_writes(Some((libc::ENOSPC, 0)));
+    // Acknowledged at once (behind); the failure comes with the next flush ...
+    assert_eq!(r.write(f, fh, 0, b"abc"), Ok(3));
+    assert_eq!(r.settle(f), Err(OpError::Errno(libc::ENOSPC)));
+    // ... once.
+    assert_eq!(r.settle(f), Ok(()));
+    // Or with the next write, which is then refused.
+    assert_eq!(r.write(f, fh, 0, b"abc"), Ok(3));
+    r.drain(f);
+    assert_eq!(r.write(f, fh, 0, b"def"), Err(OpError::Errno(libc::ENOSPC)));
+    assert_eq!(r.settle(f), Ok(()), "reported by the write already");
+
+    // A short write: the rest is sent again and says why.
+    r.fs.fail_writes(Some((libc::ENOSPC, 2)));
+    assert_eq!(r.write(f, fh, 0, b"123456"), Ok(6));
+    assert_eq!(r.settle(f), Err(OpError::Errno(libc::ENOSPC)));
+    assert_eq!(r.fs.content(&["f"]).as_deref(), Some(&b"1234"[..]));
+
+    // A HOST restart under an acknowledged write: it is sent again from its kept payload
+    // through the re-opened handle.
+    r.fs.fail_writes(None);
+    r.fs.restart();
+    assert_eq!(r.write(f, fh, 0, b"after restart"), Ok(13));
+    assert_eq!(r.settle(f), Ok(()));
+    assert_eq!(r.fs.content(&["f"]).as_deref(), Some(&b"after restart"[..]));
+}
+
+#[test]
+fn attributes_are_reused_only_while_fresh_and_unchanged() {
+    let r = rig(MountOptions {
+        attr_timeout: Duration::from_millis(300),
+        ..MountOptions::default()
+    });
+    let (f, fh) = r.create(ROOT, "f");
+    // Attributes from the create are fresh: a GETATTR is answered here.
+    assert!(r.inner.fresh_attr(f).is_some());
+    let getattrs = r.fs.calls(OpCode::GetAttr);
+    r.getattr(f).expect("getattr");
+    assert_eq!(
+        r.fs.calls(OpCode::GetAttr),
+        getattrs + 1,
+        "request() always asks"
+    );
+
+    // A write makes them stale; a reply to a request sent before the write is not reused,
+    // one sent after it is.
+    let before = r.inner.attr_seq();
+    assert_eq!(r.write(f, fh, 0, b"data"), Ok(4));
+    assert!(r.inner.fresh_attr(f).is_none());
+    let a = r.getattr(f).expect("getattr");
+    assert_eq!(a.size, 4, "the HOST applied the write before the getattr");
+    r.inner.note_attr(f, &a, before);
+    assert!(
+        r.inner.fresh_attr(f).is_none(),
+        "reply overtaken by the write"
+    );
+    r.inner.note_attr(f, &a, r.inner.attr_seq());
+    assert_eq!(r.inner.fresh_attr(f).map(|(a, _)| a.size), Some(4));
+    assert_eq!(r.settle(f), Ok(()));
+
+    // HOST-side changes show up after the TTL at most.
+    r.fs.host_write(&["f"], b"changed on the host");
+    assert_eq!(r.inner.fresh_attr(f).map(|(a, _)| a.size), Some(4));
+    std::thread::sleep(Duration::from_millis(350));
+    assert!(r.inner.fresh_attr(f).is_none(), "expired");
+    assert_eq!(r.getattr(f).map(|a| a.size), Ok(19));
+
+    // Removals and renames change attributes the HOST does not report: nothing is reused.
+    r.inner.note_attr(f, &a, r.inner.attr_seq());
+    assert!(r.inner.fresh_attr(f).is_some());
+    r.inner.stale_all_attrs();
+    assert!(r.inner.fresh_attr(f).is_none());
+    // Neither while acknowledged writes are being sent again.
+    r.inner.note_attr(f, &a, r.inner.attr_seq());
+    r.inner.begin_resend();
+    assert!(r.inner.fresh_attr(f).is_none());
+    r.inner.end_resend(f);
+    r.inner.note_attr(f, &a, r.inner.attr_seq());
+    assert!(r.inner.fresh_attr(f).is_some());
+
+    // Directories get the attributes a create in them returned.
+    let d = r.mkdir(ROOT, "d");
+    assert!(
+        r.inner.fresh_attr(ROOT).is_some(),
+        "post-op attributes of /"
+    );
+    assert!(r.inner.fresh_attr(d).is_some());
+}
+
+#[test]
+fn pseudo_mounts_never_reuse_attributes() {
+    let r = rig(MountOptions {
+        sys_fs: true,
+        ..MountOptions::default()
+    });
+    let d = r.mkdir(ROOT, "d");
+    assert!(r.inner.fresh_attr(d).is_none());
+    let n = r.fs.calls(OpCode::GetAttr);
+    assert!(r.getattr(d).is_ok());
+    assert!(r.inner.fresh_attr(d).is_none());
+    assert_eq!(r.fs.calls(OpCode::GetAttr), n + 1);
+    // Pseudo files are written synchronously: a failure comes back with the write itself.
+    let (f, fh) = r.create(ROOT, "f");
+    r.fs.fail_writes(Some((libc::EINVAL, 0)));
+    assert_eq!(r.write(f, fh, 0, b"1"), Err(OpError::Errno(libc::EINVAL)));
+    assert!(!r.inner.has_unstable(f));
+}
+
+#[test]
+fn negative_lookups_only_in_directories_this_mount_made() {
+    let r = rig(MountOptions {
+        negative_timeout: Duration::from_secs(30),
+        ..MountOptions::default()
+    });
+    let d = r.mkdir(ROOT, "d");
+    assert!(
+        r.inner.known_absent(d, b"x"),
+        "new directory: nothing but ours"
+    );
+    let (_f, _) = r.create(d, "f");
+    r.inner.note_new_name(d, b"f");
+    assert!(!r.inner.known_absent(d, b"f"));
+    assert!(!r.inner.known_absent(ROOT, b"x"), "not made here");
+    // EEXIST shows the directory holds names this mount did not make.
+    let me = r.inner.clone();
+    let e = r.rt.block_on(async {
+        let p = me.node_of(d).await.expect("d");
+        let mkdir = op::Mkdir {
+            parent: p,
+            name: b"f".to_vec(),
+            mode: 0o755,
+            caller: Caller::default(),
+        };
+        me.make(d, mkdir).await
+    });
+    assert_eq!(e.err(), Some(OpError::Errno(libc::EEXIST)));
+    assert!(!r.inner.known_absent(d, b"x"));
+    assert_eq!(r.lookup(d, "x"), Err(OpError::Errno(libc::ENOENT)));
+}

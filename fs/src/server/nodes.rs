@@ -1,0 +1,256 @@
+//! The HOST's tables: nodes (one `O_PATH` descriptor per HOST inode and export, with the
+//! client's lookup references counted per session), open files and directory handles, and the
+//! nodes a forwarded mount covers.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use tracing::debug;
+
+use super::passthrough::R;
+use super::{current_session, FsService};
+use crate::proto::{Entry, Fh, NodeId};
+use crate::sys;
+
+/// A node's identity: (export, HOST device, HOST inode).
+pub(super) type Key = (usize, u64, u64);
+
+/// A directory a mount covers: its descriptor, key and mode.
+pub(super) type Covered = (Arc<OwnedFd>, Key, u32);
+
+pub(super) struct Node {
+    pub(super) fd: Arc<OwnedFd>,
+    pub(super) export: usize,
+    pub(super) lookups: u64,
+    pub(super) key: (usize, u64, u64),
+    pub(super) mode: u32,
+    /// What a forwarded mount on this directory covered: (fd, key, mode) of the directory
+    /// below, innermost last, restored when that mount goes ([`FsService::uncover`]).
+    pub(super) under: Vec<Covered>,
+}
+
+pub(super) struct OpenFile {
+    pub(super) fd: OwnedFd,
+    pub(super) export: usize,
+    /// pread/pwrite at offsets (regular files) rather than read/write (pipes, devices).
+    pub(super) seekable: bool,
+    /// May block indefinitely (char device): use a dedicated thread.
+    pub(super) blocking: bool,
+}
+
+/// A directory snapshot: (name, type bits, HOST inode) per entry, in getdents order.
+pub(super) type Listing = Vec<(Vec<u8>, u32, u64)>;
+
+pub(super) struct DirHandle {
+    pub(super) node_fd: Arc<OwnedFd>,
+    pub(super) export: usize,
+    pub(super) entries: Option<Arc<Listing>>,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) nodes: HashMap<NodeId, Node>,
+    pub(super) by_key: HashMap<(usize, u64, u64), NodeId>,
+    pub(super) files: HashMap<Fh, Arc<OpenFile>>,
+    pub(super) dirs: HashMap<Fh, Arc<Mutex<DirHandle>>>,
+    /// Lookup references per session id, released when that session ends (a mount process
+    /// that exits or is unmounted never sends all its forgets).
+    pub(super) held: HashMap<u64, HashMap<NodeId, u64>>,
+}
+
+impl FsService {
+    pub(super) fn node(&self, id: NodeId) -> R<(Arc<OwnedFd>, usize, u32)> {
+        let st = self.state();
+        let n = st.nodes.get(&id).ok_or(libc::ESTALE)?;
+        Ok((n.fd.clone(), n.export, n.mode))
+    }
+
+    pub(super) fn writable(&self, export: usize) -> R<()> {
+        match self.inner.exports.get(export) {
+            Some(e) if !e.read_only => Ok(()),
+            _ => Err(libc::EROFS),
+        }
+    }
+
+    pub(super) fn file(&self, fh: Fh) -> R<Arc<OpenFile>> {
+        self.state().files.get(&fh).cloned().ok_or(libc::EBADF)
+    }
+
+    /// Registers a looked-up descriptor (deduplicated per export and HOST inode) with one
+    /// lookup reference.
+    pub(super) fn register(&self, fd: OwnedFd, export: usize, st: &libc::stat) -> Entry {
+        let key = (export, st.st_dev, st.st_ino);
+        let attr = sys::attr_of_node(fd.as_raw_fd(), st);
+        let sid = current_session();
+        let mut s = self.state();
+        if let Some(&id) = s.by_key.get(&key) {
+            if let Some(n) = s.nodes.get_mut(&id) {
+                n.lookups += 1;
+                n.mode = st.st_mode;
+                *s.held.entry(sid).or_default().entry(id).or_default() += 1;
+                return Entry { node: id, attr };
+            }
+        }
+        let id = self.id();
+        s.nodes.insert(
+            id,
+            Node {
+                fd: Arc::new(fd),
+                export,
+                lookups: 1,
+                key,
+                mode: st.st_mode,
+                under: Vec::new(),
+            },
+        );
+        s.by_key.insert(key, id);
+        *s.held.entry(sid).or_default().entry(id).or_default() += 1;
+        Entry { node: id, attr }
+    }
+
+    pub(super) fn forget_refs(&self, id: NodeId, n: u64) {
+        let sid = current_session();
+        let mut s = self.state();
+        // Only what this session holds: a client forgetting nodes of its previous session
+        // (already released when that ended) must not take other mounts' references.
+        let mut n_held = 0;
+        if let Some(h) = s.held.get_mut(&sid) {
+            if let Some(c) = h.get_mut(&id) {
+                n_held = n.min(*c);
+                *c -= n_held;
+                if *c == 0 {
+                    h.remove(&id);
+                }
+            }
+        }
+        Self::drop_refs(&mut s, id, n_held);
+    }
+
+    /// Releases every reference a finished session still held.
+    pub(super) fn session_ended(&self, sid: u64) {
+        let mut s = self.state();
+        let Some(h) = s.held.remove(&sid) else {
+            return;
+        };
+        let n = h.len();
+        for (id, c) in h {
+            Self::drop_refs(&mut s, id, c);
+        }
+        debug!(
+            session = sid,
+            nodes = n,
+            "released the nodes of a closed session"
+        );
+    }
+
+    fn drop_refs(s: &mut State, id: NodeId, n: u64) {
+        let remove = match s.nodes.get_mut(&id) {
+            Some(node) => {
+                node.lookups = node.lookups.saturating_sub(n);
+                node.lookups == 0
+            }
+            None => false,
+        };
+        if remove {
+            if let Some(node) = s.nodes.remove(&id) {
+                s.by_key.remove(&node.key);
+            }
+        }
+    }
+
+    /// A mount now covers the directory `under` (device, inode): every node of that
+    /// directory is pointed at the new mount's root `root`, so a DPU that already looked the
+    /// directory up (the kernel keeps the entry) sees the mounted content at once instead of
+    /// the covered directory. Returns how many nodes moved.
+    pub(crate) fn cover(&self, under: (u64, u64), root: &Arc<OwnedFd>, st: &libc::stat) -> usize {
+        let mut g = self.state();
+        let s = &mut *g;
+        let mut moved = Vec::new();
+        for (id, n) in s.nodes.iter_mut() {
+            if (n.key.1, n.key.2) == under {
+                let old = n.key;
+                n.under.push((n.fd.clone(), n.key, n.mode));
+                n.fd = root.clone();
+                n.key = (n.export, st.st_dev, st.st_ino);
+                n.mode = st.st_mode;
+                moved.push((*id, old, n.key));
+            }
+        }
+        for (id, old, new) in &moved {
+            if s.by_key.get(old) == Some(id) {
+                s.by_key.remove(old);
+            }
+            s.by_key.entry(*new).or_insert(*id);
+        }
+        moved.len()
+    }
+
+    /// The mount with root (device, inode) `root` and mount id `mnt` is about to go: nodes of
+    /// its root get back the directory they covered, nodes inside it are dropped (the DPU
+    /// gets ESTALE for them and looks the names up again), so no descriptor held here keeps
+    /// the mount busy. Returns the (device, inode) of the directories restored.
+    pub(crate) fn uncover(&self, root: (u64, u64), mnt: u64) -> Vec<(u64, u64)> {
+        let mut g = self.state();
+        let s = &mut *g;
+        let ids: Vec<NodeId> = s
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.key.1 == root.0 && sys::mnt_id(n.fd.as_raw_fd()) == Ok(mnt))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut restored = Vec::new();
+        for id in ids {
+            let Some(n) = s.nodes.get_mut(&id) else {
+                continue;
+            };
+            let old = n.key;
+            if (n.key.1, n.key.2) == root {
+                if let Some((fd, key, mode)) = n.under.pop() {
+                    n.fd = fd;
+                    n.key = key;
+                    n.mode = mode;
+                    if s.by_key.get(&old) == Some(&id) {
+                        s.by_key.remove(&old);
+                    }
+                    s.by_key.entry(key).or_insert(id);
+                    restored.push((key.1, key.2));
+                    continue;
+                }
+            }
+            s.nodes.remove(&id);
+            if s.by_key.get(&old) == Some(&id) {
+                s.by_key.remove(&old);
+            }
+        }
+        restored.sort_unstable();
+        restored.dedup();
+        restored
+    }
+
+    pub(super) fn update_mode(&self, node: NodeId, mode: u32) {
+        if let Some(n) = self.state().nodes.get_mut(&node) {
+            n.mode = mode;
+        }
+    }
+
+    pub(super) fn add_file(
+        &self,
+        fd: OwnedFd,
+        export: usize,
+        seekable: bool,
+        blocking: bool,
+    ) -> Fh {
+        let fh = self.id();
+        self.state().files.insert(
+            fh,
+            Arc::new(OpenFile {
+                fd,
+                export,
+                seekable,
+                blocking,
+            }),
+        );
+        fh
+    }
+}
