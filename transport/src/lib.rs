@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod crypto;
 pub mod endpoint;
 pub mod link;
 pub mod service;
@@ -22,6 +23,7 @@ pub mod rdma_meta;
 
 pub use auth::{resolve_key, AuthError, Key};
 pub use client::Client;
+pub use crypto::{EncryptPolicy, LinkSettings, TransportConfig};
 pub use endpoint::{Endpoint, EndpointError};
 pub use link::{connect, listen, AsyncConn, Conn, Listener, Transport, TransportError};
 pub use service::{Registry, RemoteError, Service};
