@@ -18,7 +18,8 @@
 //! `len` counts ciphertext plus tag and is the record's associated data; the nonce is a
 //! per-direction counter, so a record dropped, replayed, reordered or altered fails
 //! authentication, and that ends the session. Frames are a byte stream across records: a
-//! record holds up to [`MAX_RECORD`] bytes of whatever the writer batched.
+//! record holds up to [`MAX_RECORD`] bytes of whatever the writer batched (normally one
+//! batch of whole frames).
 
 use std::collections::VecDeque;
 
@@ -29,8 +30,11 @@ use serde::Deserialize;
 use crate::auth::Key;
 use crate::endpoint::Endpoint;
 
-/// Most plaintext bytes in one record (a 1 MiB write batch is one record).
-pub const MAX_RECORD: usize = 1 << 20;
+/// Most plaintext bytes in one record. Above the writer's 1 MiB batch (plus the frame that
+/// crosses it), so a batch is one record holding whole frames: the reader then frames the
+/// decrypted record in place, without copying it again. Also the most a reader buffers
+/// before it can authenticate.
+pub const MAX_RECORD: usize = 4 << 20;
 /// Bytes a record adds: the length prefix and the tag.
 pub const RECORD_OVERHEAD: usize = 4 + TAG_LEN;
 const TAG_LEN: usize = 16;

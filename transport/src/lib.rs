@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod client;
+pub(crate) mod rules;
 pub mod crypto;
 pub mod endpoint;
 pub mod link;

@@ -18,6 +18,7 @@ use crate::auth::Key;
 use crate::crypto::{CryptoError, EncryptPolicy, Ephemeral, Opener, Sealer, PUBLIC_KEY_LEN};
 use crate::endpoint::Endpoint;
 use crate::link::{self, Conn, Listener, TransportError};
+use crate::rules::{Beat, Heartbeat};
 use crate::service::{Registry, RemoteError};
 use crate::stream::{CloseAction, Inbound, Shared, Stream};
 use crate::wire::{self, ErrorBody, Header, Kind, WireError, HEADER_LEN};
@@ -372,10 +373,6 @@ impl Inner {
     fn touch(&self) {
         self.last_seen_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    pub(crate) fn credit_threshold(&self) -> u64 {
-        (self.cfg.stream_window as u64 / 4).max(1)
     }
 
     fn closed_err(&self) -> io::Error {
@@ -1122,7 +1119,11 @@ impl Session {
             return Err(CallError::TooLarge { len, max });
         }
         let id = self.inner.next_stream.fetch_add(2, Ordering::Relaxed);
-        let shared = Shared::new(id, self.inner.peer_window as u64);
+        let shared = Shared::new(
+            id,
+            self.inner.peer_window as u64,
+            self.inner.cfg.stream_window as u64,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut st = self.inner.lock();
@@ -1338,29 +1339,33 @@ async fn writer_task(
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut lock_ws(&ws).w).poll_shutdown(cx)).await;
 }
 
+/// Drives the [`Heartbeat`] rule: sleeps until its next check, tells it when the reader last
+/// saw bytes, and does what it says.
 async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
-    let (interval, timeout) = match inner.upgrade() {
-        Some(i) => (i.cfg.heartbeat_interval, i.cfg.heartbeat_timeout),
+    let mut hb = match inner.upgrade() {
+        Some(i) => Heartbeat::new(
+            i.cfg.heartbeat_interval,
+            i.cfg.heartbeat_timeout,
+            Instant::now(),
+        ),
         None => return,
     };
-    let tick = interval.min(timeout / 2).max(Duration::from_millis(10));
-    let mut seq = 0u32;
     loop {
-        tokio::time::sleep(tick).await;
+        tokio::time::sleep_until(hb.poll_timeout().into()).await;
         let Some(i) = inner.upgrade() else { return };
         if i.lock().closed.is_some() {
             return;
         }
-        let now = i.started.elapsed().as_millis() as u64;
-        let silent =
-            Duration::from_millis(now.saturating_sub(i.last_seen_ms.load(Ordering::Relaxed)));
-        if silent > timeout {
-            i.close(CloseReason::HeartbeatTimeout(silent));
-            return;
-        }
-        if silent >= interval.min(tick) {
-            seq = seq.wrapping_add(1);
-            let _ = i.send_ctl(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
+        hb.on_activity(i.started + Duration::from_millis(i.last_seen_ms.load(Ordering::Relaxed)));
+        match hb.on_timeout(Instant::now()) {
+            Beat::Idle => {}
+            Beat::Ping(seq) => {
+                let _ = i.send_ctl(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
+            }
+            Beat::Dead(silent) => {
+                i.close(CloseReason::HeartbeatTimeout(silent));
+                return;
+            }
         }
     }
 }
@@ -1590,7 +1595,11 @@ fn dispatch(
             let (service, header) =
                 wire::split_service(payload).map_err(|e| CloseReason::Protocol(e.to_string()))?;
             let svc = inner.registry.get(&service).cloned();
-            let shared = Shared::new(h.id, inner.peer_window as u64);
+            let shared = Shared::new(
+                h.id,
+                inner.peer_window as u64,
+                inner.cfg.stream_window as u64,
+            );
             let (tx, rx) = mpsc::unbounded_channel();
             {
                 let mut st = inner.lock();
@@ -1639,12 +1648,8 @@ fn dispatch(
                 if st.reader_gone || st.reset.is_some() {
                     true
                 } else {
-                    st.recv_buffered += n;
-                    if st.recv_buffered > inner.cfg.stream_window as u64 {
-                        return proto(format!(
-                            "stream {} exceeded its window of {} bytes",
-                            h.id, inner.cfg.stream_window
-                        ));
+                    if let Err(e) = st.recv.on_data(n) {
+                        return proto(format!("stream {} {e}", h.id));
                     }
                     false
                 }
@@ -1653,9 +1658,7 @@ fn dispatch(
                 if discard {
                     inner.send_credit(h.id, n);
                 } else {
-                    let mut st = shared.lock();
-                    st.recv_buffered = st.recv_buffered.saturating_sub(n);
-                    drop(st);
+                    shared.lock().recv.undeliverable(n);
                     inner.send_credit(h.id, n);
                 }
             }
