@@ -343,3 +343,87 @@ async fn encryption_on_a_unix_link_and_bulk_integrity() {
     }
     send_marker(&c).await;
 }
+
+/// The binaries follow the policy from their config and flags, with the seed's conventions
+/// (`CMD_NET_ADDR=tcp://…`): a HOST `rexec_server` with `[transport.tcp] encrypt = false`
+/// refuses a default (encrypting) `rexec` with a message naming both settings on both sides,
+/// serves one started with `--encrypt false`, and one whose DPU config says the same.
+#[test]
+fn binaries_follow_config_and_flag() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let key = tests::write_key(dir.path(), "psk");
+    let cfg = dir.path().join("host.toml");
+    std::fs::write(
+        &cfg,
+        "[exec]\nallow = [\"/bin/echo\"]\n[transport.tcp]\nencrypt = false\n",
+    )
+    .unwrap();
+    let listen = tests::listen_url("tcp", dir.path());
+    let log = dir.path().join("server.log");
+    let server = Command::new(tests::bin("rexec_server"))
+        .env("CMD_NET_ADDR", &listen)
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _guard = tests::KillOnDrop(vec![server]);
+    // A DPU config file that does not exist: the defaults apply (tcp encrypted).
+    let no_dpu_cfg = dir.path().join("absent-dpu.toml");
+    let rexec = |extra: &[&str], dpu_cfg: &std::path::Path| {
+        Command::new(tests::bin("rexec"))
+            .env("CMD_NET_ADDR", &listen)
+            .env("OFFLOAD_KEY_FILE", &key)
+            .env("OFFLOAD_DPU_CONFIG", dpu_cfg)
+            .args(extra)
+            .args(["/bin/echo", "through"])
+            .output()
+            .unwrap()
+    };
+    // Clear on both ends works (retried while the server starts).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = rexec(&["--encrypt", "false"], &no_dpu_cfg);
+        if out.status.success() {
+            assert_eq!(out.stdout, b"through\n");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rexec_server did not come up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The default asks for encryption: refused, and the error says why.
+    let out = rexec(&[], &no_dpu_cfg);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("encryption policy mismatch")
+            && err.contains("encrypt = true")
+            && err.contains("encrypt = false"),
+        "rexec: {err}"
+    );
+    // The same setting in the DPU config file is honoured without a flag.
+    let dpu_cfg = dir.path().join("dpu.toml");
+    std::fs::write(&dpu_cfg, "[transport.tcp]\nencrypt = false\n").unwrap();
+    let out = rexec(&[], &dpu_cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"through\n");
+    // The server logged the refusal too.
+    tests::wait_until("server logs the mismatch", Duration::from_secs(5), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("encryption policy mismatch")
+    });
+}
