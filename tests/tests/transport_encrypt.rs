@@ -66,7 +66,9 @@ struct Wire {
 /// a bit. Returns the address to dial.
 async fn proxy(target: std::net::SocketAddr, wire: Arc<Wire>) -> Endpoint {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ep = format!("tcp://{}", l.local_addr().unwrap()).parse().unwrap();
+    let ep = format!("tcp://{}", l.local_addr().unwrap())
+        .parse()
+        .unwrap();
     tokio::spawn(async move {
         let Ok((c, _)) = l.accept().await else { return };
         let Ok(up) = tokio::net::TcpStream::connect(target).await else {

@@ -95,10 +95,11 @@ pub fn transport_config_in(path: &std::path::Path) -> anyhow::Result<Option<Tran
     let mut table: toml::Table =
         toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     match table.remove("transport") {
-        Some(t) => Ok(Some(
-            t.try_into()
-                .with_context(|| format!("{} [transport]", path.display()))?,
-        )),
+        Some(t) => {
+            Ok(Some(t.try_into().with_context(|| {
+                format!("{} [transport]", path.display())
+            })?))
+        }
         None => Ok(None),
     }
 }

@@ -250,7 +250,9 @@ pub struct Sealer {
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sealer").field("counter", &self.counter).finish()
+        f.debug_struct("Sealer")
+            .field("counter", &self.counter)
+            .finish()
     }
 }
 
@@ -317,7 +319,9 @@ pub struct Opener {
 
 impl std::fmt::Debug for Opener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Opener").field("counter", &self.counter).finish()
+        f.debug_struct("Opener")
+            .field("counter", &self.counter)
+            .finish()
     }
 }
 
@@ -560,7 +564,9 @@ mod tests {
         a_seal.seal([&b"to dialer"[..]], &mut out).unwrap();
         let to_d = wire(out);
         // A record reflected back to its sender is refused.
-        assert!(d_open.open(&mut to_a.clone(), &mut BytesMut::new()).is_err());
+        assert!(d_open
+            .open(&mut to_a.clone(), &mut BytesMut::new())
+            .is_err());
         let mut p = BytesMut::new();
         a_open.open(&mut to_a.clone(), &mut p).unwrap();
         assert_eq!(&p[..], b"to acceptor");
@@ -584,7 +590,10 @@ mod tests {
             record_len(((MAX_RECORD + TAG_LEN + 1) as u32).to_le_bytes()),
             Err(CryptoError::TooLarge(MAX_RECORD + TAG_LEN + 1))
         );
-        assert_eq!(record_len(3u32.to_le_bytes()), Err(CryptoError::TooShort(3)));
+        assert_eq!(
+            record_len(3u32.to_le_bytes()),
+            Err(CryptoError::TooShort(3))
+        );
         assert_eq!(record_len(16u32.to_le_bytes()), Ok(16));
     }
 

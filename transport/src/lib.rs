@@ -7,10 +7,10 @@
 
 pub mod auth;
 pub mod client;
-pub(crate) mod rules;
 pub mod crypto;
 pub mod endpoint;
 pub mod link;
+pub(crate) mod rules;
 pub mod service;
 pub mod session;
 pub mod stream;

@@ -310,7 +310,11 @@ mod tests {
         // Exactly `timeout` of silence is still alive; beyond it is dead.
         let last = t;
         let mut hb2 = Heartbeat::new(1000 * MS, 4000 * MS, last);
-        assert_eq!(hb2.on_timeout(last + 500 * MS), Beat::Idle, "before the tick");
+        assert_eq!(
+            hb2.on_timeout(last + 500 * MS),
+            Beat::Idle,
+            "before the tick"
+        );
         assert_eq!(hb2.on_timeout(last + 1000 * MS), Beat::Ping(1));
         assert_eq!(hb2.on_timeout(last + 4000 * MS), Beat::Ping(2));
         assert_eq!(
@@ -356,7 +360,8 @@ mod tests {
             }
             // Link: one frame each way per step.
             if let Some(n) = data.pop_front() {
-                recv.on_data(n).expect("the sender never exceeds the window");
+                recv.on_data(n)
+                    .expect("the sender never exceeds the window");
                 readable += n;
             }
             if let Some(c) = credit.pop_front() {

@@ -889,8 +889,8 @@ impl Session {
             limit,
             handshake(&mut conn, &cfg, &registry, dialer, encrypt),
         )
-            .await
-            .map_err(|_| HandshakeError::Timeout(limit))??;
+        .await
+        .map_err(|_| HandshakeError::Timeout(limit))??;
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::unbounded_channel();
         let (closed_tx, _) = watch::channel(None);
@@ -1373,12 +1373,7 @@ async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
 /// Initial read buffer; frames larger than the free space grow it.
 const READ_BUF: usize = 256 * 1024;
 
-async fn reader_task(
-    mut r: ReadHalf<Conn>,
-    inner: Arc<Inner>,
-    dialer: bool,
-    open: Option<Opener>,
-) {
+async fn reader_task(mut r: ReadHalf<Conn>, inner: Arc<Inner>, dialer: bool, open: Option<Opener>) {
     let reason = read_loop(&mut r, &inner, dialer, open).await;
     inner.close(reason);
 }

@@ -160,7 +160,12 @@ fn serve_child(kind: &str, encrypt: bool) {
             .await
             .expect("listen");
         println!("{raw_ep} {}", l.local_endpoint());
-        transport::serve(l, cfg(encrypt), Registry::new().with("bench", Arc::new(Bench))).await;
+        transport::serve(
+            l,
+            cfg(encrypt),
+            Registry::new().with("bench", Arc::new(Bench)),
+        )
+        .await;
     });
 }
 

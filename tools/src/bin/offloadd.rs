@@ -115,7 +115,9 @@ fn main() -> anyhow::Result<()> {
     tools::init_tracing("info");
     let args = Args::parse();
     let mut cfg = load_config(args.config.as_ref())?;
-    let session_cfg = args.link.session_config_with(cfg.transport.take().as_ref())?;
+    let session_cfg = args
+        .link
+        .session_config_with(cfg.transport.take().as_ref())?;
     if let Some(b) = cfg.bridge.as_mut() {
         // The bridge's side follows the daemon's: --listen is the HOST, --connect the DPU.
         let side = match args.listen {
