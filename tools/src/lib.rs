@@ -25,7 +25,7 @@ pub struct KeyArgs {
     /// Seconds of silence after which the peer is declared dead and pending calls fail.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub heartbeat_timeout: f64,
-    /// Encrypt the link (AES-256-GCM keyed by a forward-secret X25519 exchange inside the
+    /// Encrypt the link (AES-128-GCM keyed by a forward-secret X25519 exchange inside the
     /// authenticated handshake), overriding `[transport.<kind>] encrypt` in the config. Default:
     /// on for tcp, off for unix, vsock, vsock-uds and rdma. Both ends must agree, else the
     /// handshake is refused.

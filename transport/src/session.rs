@@ -50,7 +50,7 @@ pub struct SessionConfig {
     /// copying them. 0 (the default) turns it off; only for links whose writes may be tried
     /// from any thread ([`crate::Endpoint::direct_send_ok`]).
     pub direct_send: usize,
-    /// Which link kinds encrypt (AES-256-GCM keyed by an ephemeral X25519 exchange inside the
+    /// Which link kinds encrypt (AES-128-GCM keyed by an ephemeral X25519 exchange inside the
     /// handshake, see [`crate::crypto`]). Both ends must agree for the link used; default: tcp
     /// only.
     pub encrypt: EncryptPolicy,
