@@ -48,10 +48,19 @@ def header(kind, body, id_=0):
     return struct.pack("<IBBHI", len(body), kind, 0, 0, id_) + body
 
 
-def hello_msg(services, auth):
-    hello = b"DPUOFFL\x01" + v(2) + bytes(range(32)) + v(len(services))
+def hello_msg(services, auth, version=3, encrypt=True):
+    hello = b"DPUOFFL\x01" + v(version) + bytes(range(32)) + v(len(services))
     hello += b"".join(s(x) for x in services) + (b"\x01" if auth else b"\x00")
-    return hello + v(256 * 1024) + v(1 << 20)
+    hello += v(256 * 1024) + v(1 << 20)
+    if version >= 3:
+        # HelloExt: encrypt flag, X25519 public key (a fixed array: 32 raw bytes).
+        hello += (b"\x01" if encrypt else b"\x00") + bytes(range(9, 41))
+    return hello
+
+
+def record(n, fill=b"\x00"):
+    """An encrypted record header and n + 16 bytes (fails authentication; reaches the check)."""
+    return struct.pack("<I", n + 16) + fill * (n + 16)
 
 
 caller = v(1000) + v(1000)
@@ -66,6 +75,16 @@ seeds = {
         header(1, hello_msg(["fs", "exec", "bridge"], True)) + header(3, s(bytes(32))),
         header(1, hello_msg([], False)) + header(2, s(b"")),
         header(1, hello_msg(["fs"], True)) + header(4, s("wrong key")),
+        header(1, hello_msg(["fs"], True, version=2)) + header(3, s(bytes(32))),
+        header(1, hello_msg([], True, encrypt=False)) + header(2, s(bytes(32))),
+        header(1, hello_msg(["bridge"], True)[:-32] + bytes(32)) + header(3, s(bytes(32))),
+    ],
+    "record": [
+        b"\x80" + b"frames sealed into a record" * 4,
+        b"\xff" + bytes(range(256)),
+        b"\x00" + record(5),
+        b"\x00" + struct.pack("<I", (4 << 20) + 17),
+        b"\x40" + b"prefix" + record(0) + b"\x01\x02",
     ],
     "fs_request": [  # op code, instance, length-prefixed postcard arguments, raw payload
         bytes([0]) + v(0) + s(v(5) + s("/srv/export")),  # Mount

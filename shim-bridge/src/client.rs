@@ -49,12 +49,16 @@ pub struct HostLink {
     pub allow_unauthenticated: bool,
     /// The real shim on the HOST (from `[bridge.shim] real`).
     pub real_shim: Option<PathBuf>,
+    /// Which link kinds encrypt (from `[transport]` of the DPU config; default: tcp only).
+    pub encrypt: transport::EncryptPolicy,
 }
 
 #[derive(serde::Deserialize, Default)]
 struct DpuFile {
     #[serde(default)]
     bridge: Option<toml::Table>,
+    #[serde(default)]
+    transport: Option<transport::TransportConfig>,
 }
 
 impl HostLink {
@@ -74,6 +78,9 @@ impl HostLink {
         let f: DpuFile = toml::from_str::<toml::Table>(&text)
             .and_then(|t| toml::Value::Table(t).try_into())
             .map_err(|e| BridgeError::Config(format!("{}: {e}", config.display())))?;
+        if let Some(t) = &f.transport {
+            self.encrypt = t.encrypt_policy();
+        }
         let cfg: crate::BridgeConfig = match f.bridge {
             Some(b) => toml::Value::Table(b)
                 .try_into()
@@ -100,6 +107,10 @@ impl HostLink {
         })?;
         let ep = Endpoint::from_parts(self.transport.as_deref(), addr)?;
         let key = transport::resolve_key(self.key_file.as_deref(), self.allow_unauthenticated)?;
-        Ok(Session::connect(&ep, SessionConfig::new(key), Registry::new()).await?)
+        let cfg = SessionConfig {
+            encrypt: self.encrypt,
+            ..SessionConfig::new(key)
+        };
+        Ok(Session::connect(&ep, cfg, Registry::new()).await?)
     }
 }

@@ -110,10 +110,23 @@ async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A Unix socket at `p` that accepts connections: bind(2) creates the file before listen(2),
+/// and a connect in between is refused, so the file alone is not enough (seen under load).
+/// Checked in /proc/net/unix (flag __SO_ACCEPTCON) to avoid connecting, which the bridge
+/// would forward.
 fn is_sock(p: &Path) -> bool {
-    std::fs::symlink_metadata(p)
+    let is_socket = std::fs::symlink_metadata(p)
         .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
+        .unwrap_or(false);
+    if !is_socket {
+        return false;
+    }
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let path = p.to_string_lossy();
+    table.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8 && f[7] == path && f[3] == "00010000"
+    })
 }
 
 fn dirs(t: &tempfile::TempDir) -> (PathBuf, PathBuf) {
@@ -163,6 +176,11 @@ async fn bridge_static_rules_both_directions_and_100_connections() {
         .await;
         wait_for("HOST proxy", Duration::from_secs(5), || {
             is_sock(&h.join("d.proxy"))
+        })
+        .await;
+        // Registered right after listen(2): wait for that too, then compare exactly.
+        wait_for("proxies registered", Duration::from_secs(5), || {
+            !p.dpu_svc.proxies().is_empty() && !p.host_svc.proxies().is_empty()
         })
         .await;
         assert_eq!(p.dpu_svc.proxies(), vec![d.join("h.proxy")]);

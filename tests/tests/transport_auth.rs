@@ -37,19 +37,27 @@ fn cfg(k: Option<Key>) -> SessionConfig {
 }
 
 async fn server(kind: &str, k: Option<Key>) -> (Endpoint, tempfile::TempDir) {
+    server_with(kind, cfg(k)).await
+}
+
+async fn server_with(kind: &str, c: SessionConfig) -> (Endpoint, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = tests::listen_url(kind, dir.path());
     let l = transport::listen(&url.parse().unwrap()).await.unwrap();
     let ep = tests::connect_url(&l.local_endpoint().to_string())
         .parse()
         .unwrap();
-    tokio::spawn(transport::serve(l, cfg(k), reg()));
+    tokio::spawn(transport::serve(l, c, reg()));
     (ep, dir)
 }
 
 /// The good client: must always be served after whatever came before.
 async fn assert_served(ep: &Endpoint) {
-    let s = Session::connect(ep, cfg(Some(key(1))), Registry::new())
+    assert_served_with(ep, cfg(Some(key(1)))).await
+}
+
+async fn assert_served_with(ep: &Endpoint, c: SessionConfig) {
+    let s = Session::connect(ep, c, Registry::new())
         .await
         .expect("a correct client is served");
     let r = s.call("echo", Bytes::from_static(b"ok")).await.unwrap();
@@ -192,12 +200,22 @@ async fn hostile_bytes_close_only_that_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_frames_after_the_handshake_close_that_session_only() {
     tests::init_tracing();
-    for injected in [
+    // Clear sessions meet the frame rules; encrypted ones (the tcp default) refuse the
+    // injected bytes before any frame rule, as an integrity failure.
+    let cases = [
         frame(200, 1, b"unknown kind"),
         frame(2, 0, b"late auth"),
         frame(12, 99, b"xx"),
-    ] {
-        let (ep, _d) = server("tcp", Some(key(1))).await;
+    ];
+    for (injected, encrypt) in cases
+        .iter()
+        .flat_map(|f| [(f.clone(), false), (f.clone(), true)])
+    {
+        let c_cfg = SessionConfig {
+            encrypt: transport::EncryptPolicy::all(encrypt),
+            ..cfg(Some(key(1)))
+        };
+        let (ep, _d) = server_with("tcp", c_cfg.clone()).await;
         let target = ep.clone();
         let mitm = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mep: Endpoint = format!("tcp://{}", mitm.local_addr().unwrap())
@@ -225,7 +243,7 @@ async fn injected_frames_after_the_handshake_close_that_session_only() {
             }
             down.abort();
         });
-        let c = Session::connect(&mep, cfg(Some(key(1))), Registry::new())
+        let c = Session::connect(&mep, c_cfg.clone(), Registry::new())
             .await
             .unwrap();
         assert_eq!(
@@ -240,7 +258,7 @@ async fn injected_frames_after_the_handshake_close_that_session_only() {
         );
         let e = c.call("echo", Bytes::new()).await.unwrap_err();
         assert!(matches!(e, CallError::Closed(_)), "{e}");
-        assert_served(&ep).await;
+        assert_served_with(&ep, c_cfg).await;
     }
 }
 

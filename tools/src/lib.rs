@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use transport::{Endpoint, SessionConfig};
+use transport::{EncryptPolicy, Endpoint, SessionConfig, TransportConfig};
 
 /// Link options every daemon and tool takes.
 #[derive(clap::Args, Debug, Clone)]
@@ -25,11 +25,26 @@ pub struct KeyArgs {
     /// Seconds of silence after which the peer is declared dead and pending calls fail.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub heartbeat_timeout: f64,
+    /// Encrypt the link (AES-128-GCM keyed by a forward-secret X25519 exchange inside the
+    /// authenticated handshake), overriding `[transport.<kind>] encrypt` in the config. Default:
+    /// on for tcp, off for unix, vsock, vsock-uds and rdma. Both ends must agree, else the
+    /// handshake is refused.
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub encrypt: Option<bool>,
 }
 
 impl KeyArgs {
-    /// Session settings from these options (key resolved and checked).
+    /// Session settings from these options (key resolved and checked), with the encryption
+    /// policy of the DPU config file's `[transport]` section ([`dpu_transport_config`]).
     pub fn session_config(&self) -> anyhow::Result<SessionConfig> {
+        self.session_config_with(dpu_transport_config()?.as_ref())
+    }
+
+    /// Session settings from these options over a config file's `[transport]` section.
+    pub fn session_config_with(
+        &self,
+        file: Option<&TransportConfig>,
+    ) -> anyhow::Result<SessionConfig> {
         let key = transport::resolve_key(self.key_file.as_deref(), self.allow_unauthenticated)?;
         let secs = |v: f64, what: &str| -> anyhow::Result<Duration> {
             anyhow::ensure!(
@@ -41,8 +56,51 @@ impl KeyArgs {
         Ok(SessionConfig {
             heartbeat_interval: secs(self.heartbeat_interval, "heartbeat-interval")?,
             heartbeat_timeout: secs(self.heartbeat_timeout, "heartbeat-timeout")?,
+            encrypt: encrypt_policy(file, self.encrypt),
             ..SessionConfig::new(key)
         })
+    }
+}
+
+/// The encryption policy: `--encrypt` for every link kind when given, else the config's
+/// `[transport]` section over the defaults.
+pub fn encrypt_policy(file: Option<&TransportConfig>, flag: Option<bool>) -> EncryptPolicy {
+    match (flag, file) {
+        (Some(on), _) => EncryptPolicy::all(on),
+        (None, Some(f)) => f.encrypt_policy(),
+        (None, None) => EncryptPolicy::default(),
+    }
+}
+
+/// The DPU tools' config file: `$OFFLOAD_DPU_CONFIG`, else `/etc/offload/dpu.toml`.
+pub fn dpu_config_path() -> PathBuf {
+    std::env::var_os("OFFLOAD_DPU_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/offload/dpu.toml"))
+}
+
+/// The `[transport]` section of the DPU config file, if the file exists and has one, so the
+/// DPU tools (rexec, mount.qtfs) follow the same per-link encryption setting as offloadd.
+pub fn dpu_transport_config() -> anyhow::Result<Option<TransportConfig>> {
+    transport_config_in(&dpu_config_path())
+}
+
+/// The `[transport]` section of a TOML file (missing file or section: `None`).
+pub fn transport_config_in(path: &std::path::Path) -> anyhow::Result<Option<TransportConfig>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    match table.remove("transport") {
+        Some(t) => {
+            Ok(Some(t.try_into().with_context(|| {
+                format!("{} [transport]", path.display())
+            })?))
+        }
+        None => Ok(None),
     }
 }
 

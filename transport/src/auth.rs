@@ -79,6 +79,11 @@ impl Key {
         Ok(Key(trimmed.to_vec()))
     }
 
+    /// The key bytes, mixed into the session's encryption keys.
+    pub(crate) fn secret(&self) -> &[u8] {
+        &self.0
+    }
+
     /// HMAC-SHA256 of `parts` under this key.
     pub(crate) fn tag(&self, parts: &[&[u8]]) -> [u8; 32] {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");

@@ -7,8 +7,10 @@
 
 pub mod auth;
 pub mod client;
+pub mod crypto;
 pub mod endpoint;
 pub mod link;
+pub(crate) mod rules;
 pub mod service;
 pub mod session;
 pub mod stream;
@@ -23,6 +25,7 @@ pub mod rdma_meta;
 
 pub use auth::{resolve_key, AuthError, Key};
 pub use client::Client;
+pub use crypto::{EncryptPolicy, LinkSettings, TransportConfig};
 pub use endpoint::{Endpoint, EndpointError};
 pub use link::{connect, listen, AsyncConn, Conn, Listener, Transport, TransportError};
 pub use service::{Registry, RemoteError, Service};

@@ -15,8 +15,10 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::Key;
+use crate::crypto::{CryptoError, EncryptPolicy, Ephemeral, Opener, Sealer, PUBLIC_KEY_LEN};
 use crate::endpoint::Endpoint;
 use crate::link::{self, Conn, Listener, TransportError};
+use crate::rules::{Beat, Heartbeat};
 use crate::service::{Registry, RemoteError};
 use crate::stream::{CloseAction, Inbound, Shared, Stream};
 use crate::wire::{self, ErrorBody, Header, Kind, WireError, HEADER_LEN};
@@ -48,6 +50,10 @@ pub struct SessionConfig {
     /// copying them. 0 (the default) turns it off; only for links whose writes may be tried
     /// from any thread ([`crate::Endpoint::direct_send_ok`]).
     pub direct_send: usize,
+    /// Which link kinds encrypt (AES-128-GCM keyed by an ephemeral X25519 exchange inside the
+    /// handshake, see [`crate::crypto`]). Both ends must agree for the link used; default: tcp
+    /// only.
+    pub encrypt: EncryptPolicy,
 }
 
 impl Default for SessionConfig {
@@ -63,6 +69,7 @@ impl Default for SessionConfig {
             stream_window: 4 << 20,
             call_timeout: None,
             direct_send: 0,
+            encrypt: EncryptPolicy::default(),
         }
     }
 }
@@ -101,6 +108,12 @@ pub enum HandshakeError {
     Unexpected(Kind),
     #[error("peer closed the connection during the handshake (wrong key, or not a dpu-offload endpoint?)")]
     PeerClosed,
+    /// The two ends disagree on encrypting this link: refused rather than run with less
+    /// protection than either asked for.
+    #[error("encryption policy mismatch: this side has encrypt = {ours}, the peer has encrypt = {theirs} for this link; set the same on both ends ([transport.<link kind>] encrypt in the config, or --encrypt)")]
+    EncryptionMismatch { ours: bool, theirs: bool },
+    #[error("encryption set-up: {0}")]
+    Crypto(#[from] CryptoError),
 }
 
 /// Why a session could not be established.
@@ -133,6 +146,9 @@ pub enum CloseReason {
     Io(String),
     #[error("peer closed the connection inside a frame ({0} bytes pending)")]
     Truncated(usize),
+    /// An encrypted record failed authentication: the link was tampered with (or corrupted).
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
 }
 
 /// Why a call or stream open failed.
@@ -222,6 +238,9 @@ struct WriteSide {
     front: VecDeque<Bytes>,
     /// The writer task has ended.
     done: bool,
+    /// Seals outgoing bytes on an encrypted session; whoever writes (writer task or a direct
+    /// sender) seals under this lock, so records reach the link in nonce order.
+    seal: Option<Sealer>,
 }
 
 fn lock_ws(ws: &Mutex<WriteSide>) -> std::sync::MutexGuard<'_, WriteSide> {
@@ -312,10 +331,24 @@ impl Inner {
         if f.head.len() + f.body.len() <= self.cfg.direct_send {
             let mut ws = lock_ws(&self.ws);
             if !ws.busy && ws.queued == 0 && !ws.done {
-                let mut chunks: VecDeque<Bytes> = [f.head.freeze(), f.body]
-                    .into_iter()
-                    .filter(|b| !b.is_empty())
-                    .collect();
+                let mut chunks: VecDeque<Bytes> = VecDeque::new();
+                let sealed = ws
+                    .seal
+                    .as_mut()
+                    .map(|seal| seal.seal([&f.head[..], &f.body[..]], &mut chunks).is_ok());
+                match sealed {
+                    Some(true) => {}
+                    // Out of nonces: the writer task meets the same and ends the session.
+                    Some(false) => {
+                        drop(ws);
+                        return self.send_ctl(f).map_err(|_| ());
+                    }
+                    None => chunks.extend(
+                        [f.head.freeze(), f.body]
+                            .into_iter()
+                            .filter(|b| !b.is_empty()),
+                    ),
+                }
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                 while !chunks.is_empty() {
                     let slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
@@ -340,10 +373,6 @@ impl Inner {
     fn touch(&self) {
         self.last_seen_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    pub(crate) fn credit_threshold(&self) -> u64 {
-        (self.cfg.stream_window as u64 / 4).max(1)
     }
 
     fn closed_err(&self) -> io::Error {
@@ -479,6 +508,17 @@ struct HelloMsg {
     max_frame: u32,
 }
 
+/// Version 3's addition to the Hello, encoded right after [`HelloMsg`] so that a version 2
+/// peer still decodes the Hello and reports the version mismatch by name (postcard ignores
+/// trailing bytes).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HelloExt {
+    /// Whether this side encrypts the session (its policy for this link kind).
+    encrypt: bool,
+    /// This side's ephemeral X25519 public key (zeros when not encrypting).
+    dh: [u8; PUBLIC_KEY_LEN],
+}
+
 const AUTH_CONTEXT: &[u8] = b"dpu-offload session auth v1";
 
 struct Negotiated {
@@ -488,19 +528,33 @@ struct Negotiated {
     /// Dialer only: its Auth frame, written by the session's writer ahead of the first frames
     /// (one write, no extra round trip).
     auth: Option<BytesMut>,
+    /// The record keys of an encrypted session.
+    cipher: Option<(Sealer, Opener)>,
 }
 
 /// Decodes the peer's first handshake frame: anything but a well-formed Hello carrying our
-/// magic means the peer is not a dpu-offload endpoint.
-fn decode_hello(kind: Kind, body: &[u8]) -> Result<HelloMsg, HandshakeError> {
+/// magic means the peer is not a dpu-offload endpoint. The extension is `None` when absent
+/// (an older peer, refused by the version check).
+fn decode_hello(kind: Kind, body: &[u8]) -> Result<(HelloMsg, Option<HelloExt>), HandshakeError> {
     if kind != Kind::Hello {
         return Err(HandshakeError::NotOffload);
     }
-    let theirs: HelloMsg = wire::decode("hello", body).map_err(|_| HandshakeError::NotOffload)?;
+    let (theirs, rest): (HelloMsg, _) =
+        postcard::take_from_bytes(body).map_err(|_| HandshakeError::NotOffload)?;
     if theirs.hello.magic != wire::MAGIC {
         return Err(HandshakeError::NotOffload);
     }
-    Ok(theirs)
+    let ext = postcard::from_bytes::<HelloExt>(rest).ok();
+    Ok((theirs, ext))
+}
+
+/// Encodes a Hello with its extension.
+fn encode_hello(msg: &HelloMsg, ext: Option<&HelloExt>) -> Bytes {
+    let mut out = BytesMut::from(&wire::encode(msg)[..]);
+    if let Some(ext) = ext {
+        out.extend_from_slice(&wire::encode(ext));
+    }
+    out.freeze()
 }
 
 /// Fuzzing entry: decodes `body` as the peer's Hello and returns its re-encoding (`None`:
@@ -509,7 +563,7 @@ fn decode_hello(kind: Kind, body: &[u8]) -> Result<HelloMsg, HandshakeError> {
 pub fn fuzz_decode_hello(body: &[u8]) -> Option<Bytes> {
     decode_hello(Kind::Hello, body)
         .ok()
-        .map(|m| wire::encode(&m))
+        .map(|(m, ext)| encode_hello(&m, ext.as_ref()))
 }
 
 /// Fuzzing entry: runs the handshake's decoders over `data` read as the byte stream a peer
@@ -535,8 +589,12 @@ pub fn fuzz_handshake(data: &[u8]) {
         };
         rest = tail;
         let Some(theirs) = hello else {
-            if decode_hello(h.kind, body).is_err() {
+            let Ok((_, ext)) = decode_hello(h.kind, body) else {
                 return;
+            };
+            // The key exchange a well-formed Hello leads to (refused for a low-order key).
+            if let (Some(ext), Ok(mine)) = (ext, Ephemeral::generate()) {
+                let _ = mine.derive(&ext.dh, Some(&key), &[body, data], false);
             }
             hello = Some(body);
             continue;
@@ -581,11 +639,16 @@ async fn hs_send(conn: &mut Conn, frames: &[&[u8]]) -> io::Result<()> {
 ///   Auth{C tag}, frames…     ──▶  (verified before any frame is read)
 ///                            ◀──  Refuse (wrong key only)
 /// ```
+///
+/// Both Hellos carry an ephemeral X25519 key and the side's encryption policy for the link;
+/// the tags cover both Hellos, so the exchange is authenticated by the pre-shared key. When
+/// encrypting, everything after Welcome (acceptor) and Auth (dialer) is sealed records.
 async fn handshake(
     conn: &mut Conn,
     cfg: &SessionConfig,
     registry: &Registry,
     dialer: bool,
+    encrypt: bool,
 ) -> Result<Negotiated, HandshakeError> {
     // Straight from the OS: a fresh nonce per handshake needs no userspace CSPRNG, whose
     // set-up (ChaCha, CPU feature probing) costs more than the one getrandom(2) call.
@@ -602,13 +665,22 @@ async fn handshake(
         stream_window: cfg.stream_window,
         max_frame: cfg.max_frame,
     };
-    let mine_bytes = wire::encode(&mine);
+    let eph = if encrypt {
+        Some(Ephemeral::generate()?)
+    } else {
+        None
+    };
+    let my_ext = HelloExt {
+        encrypt,
+        dh: eph.as_ref().map(Ephemeral::public).unwrap_or_default(),
+    };
+    let mine_bytes = encode_hello(&mine, Some(&my_ext));
     let my_hello = hs_frame(Kind::Hello, mine_bytes.clone());
     if dialer {
         hs_send(conn, &[&my_hello]).await?;
     }
     let (kind, theirs_bytes) = read_hs_frame(conn).await?;
-    let theirs = decode_hello(kind, &theirs_bytes)?;
+    let (theirs, their_ext) = decode_hello(kind, &theirs_bytes)?;
     // Transcript order is (dialer hello, acceptor hello) on both sides.
     let (c_hello, s_hello): (&[u8], &[u8]) = if dialer {
         (&mine_bytes, &theirs_bytes)
@@ -630,11 +702,39 @@ async fn handshake(
             }),
         )
     };
-    let negotiated = |auth| Negotiated {
+    // Checked after the version (a version 2 peer sends no extension).
+    let check_ext = || -> Result<&HelloExt, HandshakeError> {
+        let ext = their_ext.as_ref().ok_or(WireError::Decode {
+            what: "hello",
+            reason: "no encryption parameters".into(),
+        })?;
+        if ext.encrypt != encrypt {
+            return Err(HandshakeError::EncryptionMismatch {
+                ours: encrypt,
+                theirs: ext.encrypt,
+            });
+        }
+        Ok(ext)
+    };
+    // The record keys, once both sides are known to agree (derived before the peer's proof
+    // is checked, but used only after it).
+    let keys = |ext: &HelloExt, eph: Option<Ephemeral>| -> Result<_, HandshakeError> {
+        match eph {
+            Some(eph) => Ok(Some(eph.derive(
+                &ext.dh,
+                cfg.key.as_ref(),
+                &[c_hello, s_hello],
+                dialer,
+            )?)),
+            None => Ok(None),
+        }
+    };
+    let negotiated = |auth, cipher| Negotiated {
         peer_services: theirs.hello.services.clone(),
         peer_window: theirs.stream_window.max(1),
         peer_max_frame: theirs.max_frame.max(4096),
         auth,
+        cipher,
     };
 
     if dialer {
@@ -644,6 +744,9 @@ async fn handshake(
                 theirs: theirs.hello.version,
             });
         }
+        // The acceptor refuses a mismatch too (its Refuse follows its Hello); saying it here
+        // names both settings.
+        let ext = check_ext()?;
         let tag = my_tag(b"C");
         let auth = hs_frame(Kind::Auth, wire::encode(&wire::Auth { tag }));
         let (kind, body) = read_hs_frame(conn).await?;
@@ -672,7 +775,7 @@ async fn handshake(
                     }
                     None => {}
                 }
-                Ok(negotiated(Some(auth)))
+                Ok(negotiated(Some(auth), keys(ext, eph)?))
             }
             Kind::Refuse => {
                 let r: wire::Refuse = wire::decode("refuse", &body)?;
@@ -720,6 +823,20 @@ async fn handshake(
             }
             _ => {}
         }
+        let ext = match check_ext() {
+            Ok(ext) => ext,
+            Err(e) => {
+                let why = match &e {
+                    HandshakeError::EncryptionMismatch { ours, theirs } => format!(
+                        "encryption policy mismatch: the server has encrypt = {ours} for this link, the client encrypt = {theirs}"
+                    ),
+                    other => other.to_string(),
+                };
+                let _ = hs_send(conn, &[&my_hello, &refuse(&why)]).await;
+                return Err(e);
+            }
+        };
+        let cipher = keys(ext, eph)?;
         let tag = my_tag(b"S");
         let welcome = hs_frame(Kind::Welcome, wire::encode(&wire::Welcome { tag }));
         hs_send(conn, &[&my_hello, &welcome]).await?;
@@ -735,7 +852,7 @@ async fn handshake(
                 return Err(HandshakeError::Rejected("wrong key".into()));
             }
         }
-        Ok(negotiated(None))
+        Ok(negotiated(None, cipher))
     }
 }
 
@@ -747,7 +864,8 @@ impl Session {
         registry: Registry,
     ) -> Result<Session, SessionError> {
         let conn = link::connect(ep).await?;
-        Session::start(conn, cfg, registry, true, ep.to_string())
+        let encrypt = cfg.encrypt.for_endpoint(ep);
+        Session::start(conn, cfg, registry, true, ep.to_string(), encrypt)
             .await
             .map_err(|source| SessionError::Handshake {
                 endpoint: ep.to_string(),
@@ -756,28 +874,35 @@ impl Session {
     }
 
     /// Runs the handshake over an established connection. `dialer` picks the role (the side
-    /// that connected is the dialer) and the stream-id parity.
+    /// that connected is the dialer) and the stream-id parity; `encrypt` is this side's policy
+    /// for the link ([`EncryptPolicy::for_endpoint`]), which the peer must share.
     pub async fn start(
         mut conn: Conn,
         cfg: SessionConfig,
         registry: Registry,
         dialer: bool,
         peer: String,
+        encrypt: bool,
     ) -> Result<Session, HandshakeError> {
         let limit = cfg.handshake_timeout;
-        let neg = tokio::time::timeout(limit, handshake(&mut conn, &cfg, &registry, dialer))
-            .await
-            .map_err(|_| HandshakeError::Timeout(limit))??;
+        let neg = tokio::time::timeout(
+            limit,
+            handshake(&mut conn, &cfg, &registry, dialer, encrypt),
+        )
+        .await
+        .map_err(|_| HandshakeError::Timeout(limit))??;
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::unbounded_channel();
         let (closed_tx, _) = watch::channel(None);
         let (r, w) = tokio::io::split(conn);
+        let (seal, open) = neg.cipher.map_or((None, None), |(s, o)| (Some(s), Some(o)));
         let ws = Arc::new(Mutex::new(WriteSide {
             w,
             busy: true,
             queued: 0,
             front: VecDeque::new(),
             done: false,
+            seal,
         }));
         let inner = Arc::new(Inner {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
@@ -809,7 +934,7 @@ impl Session {
             Arc::downgrade(&inner),
             inner.closed_tx.subscribe(),
         ));
-        tokio::spawn(reader_task(r, inner.clone(), dialer));
+        tokio::spawn(reader_task(r, inner.clone(), dialer, open));
         tokio::spawn(heartbeat_task(Arc::downgrade(&inner)));
         let session = Session { inner };
         for svc in session.inner.registry.all() {
@@ -994,7 +1119,11 @@ impl Session {
             return Err(CallError::TooLarge { len, max });
         }
         let id = self.inner.next_stream.fetch_add(2, Ordering::Relaxed);
-        let shared = Shared::new(id, self.inner.peer_window as u64);
+        let shared = Shared::new(
+            id,
+            self.inner.peer_window as u64,
+            self.inner.cfg.stream_window as u64,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         {
             let mut st = self.inner.lock();
@@ -1086,7 +1215,8 @@ impl Drop for PendingSlot {
 /// the pending-handshake limits are closed unread.
 pub async fn serve(mut listener: Box<dyn Listener>, cfg: SessionConfig, registry: Registry) {
     let local = listener.local_endpoint();
-    tracing::info!(%local, services = ?registry.names(), "listening");
+    let encrypt = cfg.encrypt.for_endpoint(&local);
+    tracing::info!(%local, services = ?registry.names(), encrypt, "listening");
     let pending = Arc::new(Mutex::new(Handshakes::default()));
     let mut refused: u64 = 0;
     loop {
@@ -1104,7 +1234,8 @@ pub async fn serve(mut listener: Box<dyn Listener>, cfg: SessionConfig, registry
                 let cfg = cfg.clone();
                 let registry = registry.clone();
                 tokio::spawn(async move {
-                    let started = Session::start(conn, cfg, registry, false, peer.clone()).await;
+                    let started =
+                        Session::start(conn, cfg, registry, false, peer.clone(), encrypt).await;
                     drop(slot);
                     match started {
                         Ok(s) => {
@@ -1181,6 +1312,19 @@ async fn writer_task(
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
     let mut data_open = true;
     let mut go_away = false;
+    if lock_ws(&ws).seal.is_some() {
+        // Encrypted: the dialer's Auth is the last clear frame, so it goes out on its own.
+        if let Some(f) = lead.take() {
+            let mut auth: VecDeque<Bytes> = [f.head.freeze()].into();
+            if let Err(e) = write_chunks(&ws, &mut auth).await {
+                lock_ws(&ws).done = true;
+                if let Some(inner) = inner.upgrade() {
+                    inner.close(CloseReason::Io(e.to_string()));
+                }
+                return;
+            }
+        }
+    }
     loop {
         // The dialer's Auth goes first, batched with whatever the caller queued meanwhile.
         // Then control frames (calls, replies, credit, pings) go before bulk data.
@@ -1200,13 +1344,14 @@ async fn writer_task(
             }
         };
         let Some(first) = first else { break };
-        {
+        let ready = {
             // Busy from here until written; the rest of a frame a thread left goes first.
             let mut g = lock_ws(&ws);
             g.busy = true;
             g.queued -= usize::from(from_ctl);
             chunks.extend(g.front.drain(..));
-        }
+            chunks.len()
+        };
         let mut batch_bytes = 0usize;
         let mut frames = 1usize;
         let mut from_ctl = 0usize;
@@ -1227,6 +1372,25 @@ async fn writer_task(
         lock_ws(&ws).queued -= from_ctl;
         if !staging.is_empty() {
             chunks.push_back(staging.split().freeze());
+        }
+        // Encrypted: the batch (everything after what was already in wire form) becomes
+        // records. The task is busy, so no direct sender seals in between.
+        let sealed = {
+            let mut g = lock_ws(&ws);
+            match g.seal.as_mut() {
+                Some(seal) => {
+                    let plain = chunks.split_off(ready);
+                    seal.seal(plain.iter().map(|b| &b[..]), &mut chunks)
+                }
+                None => Ok(()),
+            }
+        };
+        if let Err(e) = sealed {
+            lock_ws(&ws).done = true;
+            if let Some(inner) = inner.upgrade() {
+                inner.close(CloseReason::Io(e.to_string()));
+            }
+            return;
         }
         if let Err(e) = write_chunks(&ws, &mut chunks).await {
             lock_ws(&ws).done = true;
@@ -1249,29 +1413,33 @@ async fn writer_task(
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut lock_ws(&ws).w).poll_shutdown(cx)).await;
 }
 
+/// Drives the [`Heartbeat`] rule: sleeps until its next check, tells it when the reader last
+/// saw bytes, and does what it says.
 async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
-    let (interval, timeout) = match inner.upgrade() {
-        Some(i) => (i.cfg.heartbeat_interval, i.cfg.heartbeat_timeout),
+    let mut hb = match inner.upgrade() {
+        Some(i) => Heartbeat::new(
+            i.cfg.heartbeat_interval,
+            i.cfg.heartbeat_timeout,
+            Instant::now(),
+        ),
         None => return,
     };
-    let tick = interval.min(timeout / 2).max(Duration::from_millis(10));
-    let mut seq = 0u32;
     loop {
-        tokio::time::sleep(tick).await;
+        tokio::time::sleep_until(hb.poll_timeout().into()).await;
         let Some(i) = inner.upgrade() else { return };
         if i.lock().closed.is_some() {
             return;
         }
-        let now = i.started.elapsed().as_millis() as u64;
-        let silent =
-            Duration::from_millis(now.saturating_sub(i.last_seen_ms.load(Ordering::Relaxed)));
-        if silent > timeout {
-            i.close(CloseReason::HeartbeatTimeout(silent));
-            return;
-        }
-        if silent >= interval.min(tick) {
-            seq = seq.wrapping_add(1);
-            let _ = i.send_ctl(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
+        hb.on_activity(i.started + Duration::from_millis(i.last_seen_ms.load(Ordering::Relaxed)));
+        match hb.on_timeout(Instant::now()) {
+            Beat::Idle => {}
+            Beat::Ping(seq) => {
+                let _ = i.send_ctl(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
+            }
+            Beat::Dead(silent) => {
+                i.close(CloseReason::HeartbeatTimeout(silent));
+                return;
+            }
         }
     }
 }
@@ -1279,8 +1447,8 @@ async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
 /// Initial read buffer; frames larger than the free space grow it.
 const READ_BUF: usize = 256 * 1024;
 
-async fn reader_task(mut r: ReadHalf<Conn>, inner: Arc<Inner>, dialer: bool) {
-    let reason = read_loop(&mut r, &inner, dialer).await;
+async fn reader_task(mut r: ReadHalf<Conn>, inner: Arc<Inner>, dialer: bool, open: Option<Opener>) {
+    let reason = read_loop(&mut r, &inner, dialer, open).await;
     inner.close(reason);
 }
 
@@ -1316,8 +1484,16 @@ async fn fill(
     }
 }
 
-async fn read_loop(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, dialer: bool) -> CloseReason {
+/// Reads frames until the session ends. On an encrypted session (`open`) the socket's bytes
+/// go to `raw` and only authenticated plaintext reaches `buf`.
+async fn read_loop(
+    r: &mut ReadHalf<Conn>,
+    inner: &Arc<Inner>,
+    dialer: bool,
+    mut open: Option<Opener>,
+) -> CloseReason {
     let mut buf = BytesMut::with_capacity(READ_BUF);
+    let mut raw = BytesMut::new();
     let mut closed = inner.closed_tx.subscribe();
     inner.touch();
     loop {
@@ -1332,7 +1508,7 @@ async fn read_loop(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, dialer: bool) -> 
             let payload = if buf.len() >= HEADER_LEN + len {
                 buf.advance(HEADER_LEN);
                 buf.split_to(len).freeze()
-            } else if len >= DIRECT_READ {
+            } else if len >= DIRECT_READ && open.is_none() {
                 buf.advance(HEADER_LEN);
                 let mut frame = BytesMut::with_capacity(len);
                 frame.extend_from_slice(&buf.split());
@@ -1349,6 +1525,23 @@ async fn read_loop(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, dialer: bool) -> 
             if let Err(reason) = dispatch(inner, header, payload, dialer) {
                 return reason;
             }
+        }
+        if let Some(open) = open.as_mut() {
+            if raw.capacity() - raw.len() < 16 * 1024 {
+                raw.reserve(READ_BUF);
+            }
+            if let Err(reason) = fill(r, &mut raw, usize::MAX, inner, &mut closed).await {
+                return match reason {
+                    CloseReason::PeerClosed | CloseReason::PeerGoAway if !buf.is_empty() => {
+                        CloseReason::Truncated(buf.len())
+                    }
+                    other => other,
+                };
+            }
+            if let Err(e) = open.open(&mut raw, &mut buf) {
+                return CloseReason::Integrity(e.to_string());
+            }
+            continue;
         }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(READ_BUF);
@@ -1471,7 +1664,11 @@ fn dispatch(
             let (service, header) =
                 wire::split_service(payload).map_err(|e| CloseReason::Protocol(e.to_string()))?;
             let svc = inner.registry.get(&service).cloned();
-            let shared = Shared::new(h.id, inner.peer_window as u64);
+            let shared = Shared::new(
+                h.id,
+                inner.peer_window as u64,
+                inner.cfg.stream_window as u64,
+            );
             let (tx, rx) = mpsc::unbounded_channel();
             {
                 let mut st = inner.lock();
@@ -1520,12 +1717,8 @@ fn dispatch(
                 if st.reader_gone || st.reset.is_some() {
                     true
                 } else {
-                    st.recv_buffered += n;
-                    if st.recv_buffered > inner.cfg.stream_window as u64 {
-                        return proto(format!(
-                            "stream {} exceeded its window of {} bytes",
-                            h.id, inner.cfg.stream_window
-                        ));
+                    if let Err(e) = st.recv.on_data(n) {
+                        return proto(format!("stream {} {e}", h.id));
                     }
                     false
                 }
@@ -1534,9 +1727,7 @@ fn dispatch(
                 if discard {
                     inner.send_credit(h.id, n);
                 } else {
-                    let mut st = shared.lock();
-                    st.recv_buffered = st.recv_buffered.saturating_sub(n);
-                    drop(st);
+                    shared.lock().recv.undeliverable(n);
                     inner.send_credit(h.id, n);
                 }
             }

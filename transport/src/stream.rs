@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
+use crate::rules::{RecvWindow, SendWindow};
 use crate::session::Inner;
 use crate::wire::Kind;
 
@@ -30,14 +31,12 @@ pub(crate) enum Inbound {
 #[derive(Debug, Default)]
 pub(crate) struct StreamState {
     /// Bytes we may still send.
-    pub send_credit: u64,
+    pub send: SendWindow,
     pub send_waker: Option<Waker>,
     /// Set once the stream is reset (by either side) or the session closed.
     pub reset: Option<String>,
-    /// Received but not yet consumed by the application (bounded by our window).
-    pub recv_buffered: u64,
-    /// Consumed but not yet credited back.
-    pub recv_unacked: u64,
+    /// Received and consumed bytes against our window, and the credit owed back.
+    pub recv: RecvWindow,
     pub local_fin: bool,
     pub remote_fin: bool,
     pub reader_gone: bool,
@@ -52,11 +51,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn new(id: u32, send_credit: u64) -> Arc<Shared> {
+    /// A stream that may send `send_credit` bytes (the peer's window) and accepts `window`.
+    pub fn new(id: u32, send_credit: u64, window: u64) -> Arc<Shared> {
         Arc::new(Shared {
             id,
             st: Mutex::new(StreamState {
-                send_credit,
+                send: SendWindow::new(send_credit),
+                recv: RecvWindow::new(window),
                 ..Default::default()
             }),
         })
@@ -84,7 +85,7 @@ impl Shared {
     pub fn add_credit(&self, n: u64) {
         let w = {
             let mut st = self.lock();
-            st.send_credit = st.send_credit.saturating_add(n);
+            st.send.add(n);
             st.send_waker.take()
         };
         if let Some(w) = w {
@@ -211,17 +212,8 @@ impl StreamReader {
 
     /// Returns credit for `n` consumed bytes, batching small amounts.
     fn consumed(&self, n: usize) {
-        let grant = {
-            let mut st = self.shared.lock();
-            st.recv_buffered = st.recv_buffered.saturating_sub(n as u64);
-            st.recv_unacked += n as u64;
-            if st.recv_unacked >= self.inner.credit_threshold() {
-                std::mem::take(&mut st.recv_unacked)
-            } else {
-                0
-            }
-        };
-        if grant > 0 {
+        let grant = self.shared.lock().recv.on_consumed(n as u64);
+        if let Some(grant) = grant {
             self.inner.send_credit(self.shared.id, grant);
         }
     }
@@ -279,7 +271,7 @@ impl Drop for StreamReader {
         let (undelivered, action) = {
             let mut st = self.shared.lock();
             st.reader_gone = true;
-            let undelivered = std::mem::take(&mut st.recv_buffered);
+            let undelivered = st.recv.reader_gone();
             (undelivered, close_action(&mut st))
         };
         // Data nobody will read must not keep the peer's window closed.
@@ -302,13 +294,11 @@ impl StreamWriter {
                 "write after finish",
             )));
         }
-        if st.send_credit == 0 {
+        if st.send.is_empty() {
             st.send_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let n = (st.send_credit as usize).min(want).min(MAX_CHUNK);
-        st.send_credit -= n as u64;
-        Poll::Ready(Ok(n))
+        Poll::Ready(Ok(st.send.take(want, MAX_CHUNK)))
     }
 
     /// Sends bytes, waiting for flow-control credit; large buffers are split without copying.

@@ -13,7 +13,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version spoken by this build. 2: the acceptor proves the key first (1-RTT handshake).
-pub const VERSION: u16 = 2;
+/// 3: the Hello carries an encryption policy and an ephemeral X25519 key; encrypted sessions
+/// run over AES-128-GCM records after the handshake ([`crate::crypto`]).
+pub const VERSION: u16 = 3;
 /// First bytes of every Hello, so a wrong peer (HTTP, SSH, garbage) is recognised at once.
 pub const MAGIC: [u8; 8] = *b"DPUOFFL\x01";
 /// Size of the frame header.

@@ -1,5 +1,7 @@
 //! Session layer vs a raw tokio socket on the same link, in one run: 64-byte round trips and
-//! one-way throughput with 64 KiB and 1 MiB messages, over TCP loopback and Unix.
+//! one-way throughput with 64 KiB and 1 MiB messages, over TCP loopback (session in clear and
+//! encrypted, the tcp default) and Unix (clear, its default). Ends with the encrypted/clear
+//! ratio on TCP.
 //!
 //! `cargo run --release -p tests --bin transport-bench [-- --secs 3]` prints a Markdown table
 //! (the one in docs/BENCHMARKS.md).
@@ -9,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use transport::{Endpoint, Key, Registry, RemoteError, Service, Session, SessionConfig, Stream};
+use transport::{
+    EncryptPolicy, Endpoint, Key, Registry, RemoteError, Service, Session, SessionConfig, Stream,
+};
 
 struct Bench;
 
@@ -30,8 +34,11 @@ impl Service for Bench {
     }
 }
 
-fn cfg() -> SessionConfig {
-    SessionConfig::new(Some(Key::from_bytes(vec![7u8; 32]).expect("key")))
+fn cfg(encrypt: bool) -> SessionConfig {
+    SessionConfig {
+        encrypt: EncryptPolicy::all(encrypt),
+        ..SessionConfig::new(Some(Key::from_bytes(vec![7u8; 32]).expect("key")))
+    }
 }
 
 /// Raw baseline server: echoes 64-byte messages on connections that start with b'E', sinks
@@ -140,7 +147,7 @@ async fn session_tput(s: &Session, msg: usize, total: u64) -> f64 {
 
 /// Child mode: serve the raw baseline and the session on `kind` links (multi-threaded, like
 /// offloadd) and print both endpoints on one line.
-fn serve_child(kind: &str) {
+fn serve_child(kind: &str, encrypt: bool) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -153,7 +160,12 @@ fn serve_child(kind: &str) {
             .await
             .expect("listen");
         println!("{raw_ep} {}", l.local_endpoint());
-        transport::serve(l, cfg(), Registry::new().with("bench", Arc::new(Bench))).await;
+        transport::serve(
+            l,
+            cfg(encrypt),
+            Registry::new().with("bench", Arc::new(Bench)),
+        )
+        .await;
     });
 }
 
@@ -163,7 +175,10 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--serve") {
-        return serve_child(args.get(2).map(String::as_str).unwrap_or("tcp"));
+        return serve_child(
+            args.get(2).map(String::as_str).unwrap_or("tcp"),
+            args.get(3).map(String::as_str) == Some("encrypted"),
+        );
     }
     let secs: f64 = args
         .iter()
@@ -185,10 +200,13 @@ async fn client_main(secs: f64) {
     let total: u64 = (2048.0 * secs) as u64 * (1 << 20);
     println!("| link | metric | raw socket | session | session/raw |");
     println!("|---|---|---|---|---|");
-    for kind in ["tcp", "unix"] {
+    // Session figures of the clear and the encrypted TCP runs: round trip, 64 KiB, 1 MiB.
+    let mut tcp: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for (kind, encrypt) in [("tcp", false), ("tcp", true), ("unix", false)] {
         let exe = std::env::current_exe().expect("current_exe");
+        let mode = if encrypt { "encrypted" } else { "clear" };
         let mut child = std::process::Command::new(exe)
-            .args(["--serve", kind])
+            .args(["--serve", kind, mode])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("spawn server");
@@ -200,7 +218,7 @@ async fn client_main(secs: f64) {
             .split_whitespace()
             .map(|e| e.parse::<Endpoint>().expect("endpoint"));
         let (raw_ep, sess_ep) = (eps.next().expect("raw"), eps.next().expect("session"));
-        let s = Session::connect(&sess_ep, cfg(), Registry::new())
+        let s = Session::connect(&sess_ep, cfg(encrypt), Registry::new())
             .await
             .expect("session");
         // Warm up both paths.
@@ -208,19 +226,36 @@ async fn client_main(secs: f64) {
         session_rtt(&s, 1000).await;
         let r = raw_rtt(&raw_ep, rtt_n).await;
         let m = session_rtt(&s, rtt_n).await;
+        let link = if encrypt {
+            format!("{kind} (encrypted)")
+        } else {
+            kind.to_string()
+        };
+        let mut mine = vec![m];
         println!(
-            "| {kind} | 64 B round trip, median µs | {r:.1} | {m:.1} | {:.2}× |",
+            "| {link} | 64 B round trip, median µs | {r:.1} | {m:.1} | {:.2}× |",
             m / r
         );
         for (msg, label) in [(64 << 10, "64 KiB"), (1 << 20, "1 MiB")] {
             let r = raw_tput(&raw_ep, msg, total).await;
             let m = session_tput(&s, msg, total).await;
+            mine.push(m);
             println!(
-                "| {kind} | throughput, {label} writes, MB/s | {r:.0} | {m:.0} | {:.0} % |",
+                "| {link} | throughput, {label} writes, MB/s | {r:.0} | {m:.0} | {:.0} % |",
                 m / r * 100.0
             );
+        }
+        if kind == "tcp" {
+            tcp[usize::from(encrypt)] = mine;
         }
         let _ = child.kill();
         let _ = child.wait();
     }
+    let [clear, enc] = &tcp;
+    println!(
+        "\nTCP session, encrypted vs clear: round trip {:.2}×, 64 KiB writes {:.0} %, 1 MiB writes {:.0} %",
+        enc[0] / clear[0],
+        enc[1] / clear[1] * 100.0,
+        enc[2] / clear[2] * 100.0
+    );
 }

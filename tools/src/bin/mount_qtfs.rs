@@ -22,6 +22,8 @@ Options (-o, comma separated):
                       default $QTFS_SERVER_ADDR, then [qtfs] addr in /etc/offload/dpu.toml
   transport=T         link type when addr= is a bare address
   keyfile=F           pre-shared key (default $OFFLOAD_KEY_FILE, then /etc/offload/psk)
+  encrypt=BOOL        encrypt the link (default: [transport.<kind>] encrypt in the DPU
+                      config, else on for tcp, off for other links); must match the HOST
   proc | sys          pseudo filesystem mode (no caching, direct I/O). proc: the caller's own
                       self, thread-self and /proc/<own pid|tid> are the DPU's (links into
                       local_proc), their mountinfo/mounts list the HOST's cgroup mounts below
@@ -88,6 +90,8 @@ struct Opts {
     transport: Option<String>,
     keyfile: Option<PathBuf>,
     allow_unauthenticated: bool,
+    /// `encrypt=BOOL`: overrides `[transport.<kind>] encrypt` of the DPU config.
+    encrypt: Option<bool>,
     log: Option<PathBuf>,
 }
 
@@ -109,6 +113,7 @@ fn parse_opts(src: &str, list: &[String]) -> anyhow::Result<Opts> {
         transport: None,
         keyfile: None,
         allow_unauthenticated: false,
+        encrypt: None,
         log: None,
     };
     for opt in list
@@ -123,6 +128,13 @@ fn parse_opts(src: &str, list: &[String]) -> anyhow::Result<Opts> {
             "transport" => o.transport = Some(v.to_string()),
             "keyfile" | "key_file" => o.keyfile = Some(PathBuf::from(v)),
             "allow_unauthenticated" => o.allow_unauthenticated = true,
+            "encrypt" => {
+                o.encrypt = Some(match v {
+                    "" | "true" | "on" | "yes" | "1" => true,
+                    "false" | "off" | "no" | "0" => false,
+                    _ => bail!("encrypt={v}: expected true or false"),
+                })
+            }
             "proc" => m.proc_fs = true,
             "sys" => m.sys_fs = true,
             "local_proc" => m.local_proc = PathBuf::from(v),
@@ -197,6 +209,7 @@ fn setup(args: &Args) -> anyhow::Result<(offload_fs::client::Mounted, tokio::run
     // ahead: one hand-off less per request (docs/BENCHMARKS.md, fs).
     let cfg = transport::SessionConfig {
         direct_send: if ep.direct_send_ok() { 64 << 10 } else { 0 },
+        encrypt: tools::encrypt_policy(tools::dpu_transport_config()?.as_ref(), o.encrypt),
         ..transport::SessionConfig::new(key)
     };
     if !args.dst.is_dir() {

@@ -65,6 +65,8 @@ struct Config {
     bridge: Option<shim_bridge::BridgeConfig>,
     /// Remote execution (rexec) for the peer; `allow` lists the executables it may run.
     exec: Option<offload_exec::ExecConfig>,
+    /// Per link kind settings (`[transport.tcp] encrypt = true`); `--encrypt` overrides.
+    transport: Option<transport::TransportConfig>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -135,8 +137,10 @@ fn main() -> anyhow::Result<()> {
     tools::init_tracing("info");
     raise_nofile_limit();
     let args = Args::parse();
-    let session_cfg = args.link.session_config()?;
     let mut cfg = load_config(args.config.as_ref())?;
+    let session_cfg = args
+        .link
+        .session_config_with(cfg.transport.take().as_ref())?;
     if let Some(b) = cfg.bridge.as_mut() {
         // The bridge's side follows the daemon's: --listen is the HOST, --connect the DPU.
         let side = match args.listen {

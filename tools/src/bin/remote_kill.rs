@@ -107,6 +107,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         key_file: args.key_file.clone(),
         allow_unauthenticated: args.allow_unauthenticated,
         real_shim: None,
+        encrypt: Default::default(),
     }
     .resolve(&args.config)?;
     let rt = tokio::runtime::Builder::new_current_thread()

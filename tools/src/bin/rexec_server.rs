@@ -48,6 +48,9 @@ struct Args {
 struct ConfigFile {
     #[serde(default)]
     exec: Option<ExecConfig>,
+    /// Per link kind settings (`[transport.tcp] encrypt = true`); `--encrypt` overrides.
+    #[serde(default)]
+    transport: Option<transport::TransportConfig>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,15 +62,15 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let mut cfg = match &args.config {
+    let (mut cfg, link_cfg) = match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("reading config {}", p.display()))?;
             let f: ConfigFile =
                 toml::from_str(&text).with_context(|| format!("parsing config {}", p.display()))?;
-            f.exec.unwrap_or_default()
+            (f.exec.unwrap_or_default(), f.transport)
         }
-        None => ExecConfig::default(),
+        None => (ExecConfig::default(), None),
     };
     if args.allow_any {
         cfg.allow_any = true;
@@ -75,7 +78,10 @@ fn main() -> anyhow::Result<()> {
     let service = ExecService::new(cfg).context("exec service")?;
     let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.listen)
         .with_context(|| format!("bad listen address {:?}", args.listen))?;
-    let session_cfg = args.link.session_config().context("pre-shared key")?;
+    let session_cfg = args
+        .link
+        .session_config_with(link_cfg.as_ref())
+        .context("session settings")?;
     let registry = Registry::new().with(offload_exec::proto::SERVICE, Arc::new(service));
     let rt = if args.threads == 0 {
         tokio::runtime::Builder::new_current_thread()

@@ -678,5 +678,9 @@ mod tests {
         }
         let _: offload_fs::FsConfig = h["fs"].clone().try_into().unwrap();
         let _: offload_exec::ExecConfig = h["exec"].clone().try_into().unwrap();
+        for t in [&d, &h] {
+            let tc: transport::TransportConfig = t["transport"].clone().try_into().unwrap();
+            assert!(tc.encrypt_policy().tcp);
+        }
     }
 }
