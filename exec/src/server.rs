@@ -4,14 +4,18 @@
 //! 1. decode the [`ExecRequest`] header, resolve argv[0], check the allow-list, spawn the program
 //!    in a new session (pgid = pid) with pipes or a pty → `Started`, or `Failed{126|127}`;
 //! 2. pump stdin from the stream into the program, and stdout/stderr into frames on the stream;
-//! 3. when the program exits: forward what is left in the pipes until both reach EOF. If a
-//!    background process keeps them open, stop once they have been idle for
-//!    [`ExecConfig::drain_idle_ms`] (at most [`ExecConfig::drain_max_ms`] after the exit): all
-//!    output the main process wrote is already in the pipes when it exits, so none of it is lost;
+//! 3. when the program exits: keep forwarding until stdout and stderr reach EOF, i.e. until every
+//!    process holding them (background children included) has closed them — ssh's semantics, and
+//!    what a local caller reading a pipe sees: `sh -c '(sleep 1; echo late) & echo started'`
+//!    prints `late`. A daemon that keeps the program's stdout open forever therefore keeps the
+//!    exec open forever, as over ssh (daemons redirect their stdio; [`ExecConfig::drain_max_ms`]
+//!    caps the wait if an operator wants). With a pty the wait ends once the terminal is idle
+//!    for [`PTY_DRAIN_IDLE`] after the exit (the exit hangs up the terminal, like ssh -t);
 //! 4. send `Exit` (after all output), half-close.
 //!
 //! If the stream or the session dies before the exit was reported (client killed, link lost,
-//! heartbeats timed out), the program's process group is killed with SIGKILL at once.
+//! heartbeats timed out) — also while background children still hold the output — the
+//! program's process group is killed with SIGKILL at once.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -52,20 +56,11 @@ pub struct ExecConfig {
     /// Let the peer run any executable. Must be set explicitly; excludes `allow`.
     #[serde(default)]
     pub allow_any: bool,
-    /// After the main process exited, stop forwarding output once the pipes (held open by a
-    /// background process) have been idle this long, in milliseconds.
-    #[serde(default = "default_drain_idle_ms")]
-    pub drain_idle_ms: u64,
-    /// ... and at most this long after the exit, in milliseconds.
-    #[serde(default = "default_drain_max_ms")]
-    pub drain_max_ms: u64,
-}
-
-fn default_drain_idle_ms() -> u64 {
-    50
-}
-fn default_drain_max_ms() -> u64 {
-    2000
+    /// After the main process exited, stop waiting for background processes that still hold its
+    /// stdout/stderr after this many milliseconds (their later output is then lost and they get
+    /// EPIPE). Absent = wait until they close them, like ssh and like a local pipe.
+    #[serde(default)]
+    pub drain_max_ms: Option<u64>,
 }
 
 impl Default for ExecConfig {
@@ -73,11 +68,17 @@ impl Default for ExecConfig {
         Self {
             allow: None,
             allow_any: false,
-            drain_idle_ms: default_drain_idle_ms(),
-            drain_max_ms: default_drain_max_ms(),
+            drain_max_ms: None,
         }
     }
 }
+
+/// With a pty, how long the terminal must stay quiet after the program exited before the exec
+/// ends (the exit hung the terminal up; only `nohup`-style holders remain).
+pub const PTY_DRAIN_IDLE: Duration = Duration::from_millis(50);
+
+/// With a pty, the longest wait for output after the program exited.
+const PTY_DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// Errors building the exec service.
 #[derive(Debug, thiserror::Error)]
@@ -105,8 +106,7 @@ type Key = u64;
 /// The exec service (`"exec"`). Cheap to clone through `Arc`.
 pub struct ExecService {
     policy: Policy,
-    drain_idle: Duration,
-    drain_max: Duration,
+    drain_max: Option<Duration>,
     running: Arc<Mutex<HashMap<Key, Arc<Running>>>>,
 }
 
@@ -141,8 +141,7 @@ impl ExecService {
         };
         Ok(Self {
             policy,
-            drain_idle: Duration::from_millis(config.drain_idle_ms),
-            drain_max: Duration::from_millis(config.drain_max_ms),
+            drain_max: config.drain_max_ms.map(Duration::from_millis),
             running: Arc::default(),
         })
     }
@@ -391,7 +390,6 @@ impl Service for ExecService {
             io.stderr,
             &running,
             &gone,
-            self.drain_idle,
             self.drain_max,
         )
         .await;
@@ -476,9 +474,9 @@ async fn pump_output(
     stderr: Option<AsyncFile>,
     running: &Running,
     gone: &Notify,
-    drain_idle: Duration,
-    drain_max: Duration,
+    drain_max: Option<Duration>,
 ) -> Option<ExitStatus> {
+    let pty = running.pty.is_some();
     let mut out: Option<Src> = match (&running.pty, stdout) {
         (Some(m), _) => Some(Src::Pty(m.clone())),
         (None, o) => o.map(Src::Pipe),
@@ -494,7 +492,13 @@ async fn pump_output(
         if status.is_some() && out.is_none() && err.is_none() {
             break;
         }
-        let deadline = (last_data + drain_idle).min(exited_at + drain_max);
+        // After the exit: a pty ends when quiet; pipes end at EOF (or at the configured cap).
+        let far = exited_at + Duration::from_secs(86400 * 365);
+        let deadline = if pty {
+            (last_data + PTY_DRAIN_IDLE).min(exited_at + PTY_DRAIN_MAX)
+        } else {
+            drain_max.map_or(far, |m| exited_at + m)
+        };
         let (kind, res) = tokio::select! {
             biased;
             _ = &mut closed => return client_gone(running, status),
@@ -542,14 +546,18 @@ async fn pump_output(
     status
 }
 
-/// The client is gone. If the program still runs, kill its process group (and reap it in the
-/// background); once it has exited, background processes it left are not touched, like locally.
+/// The client is gone before the exit was reported: kill the process group (and reap the
+/// program in the background if it still runs). This includes background children still
+/// holding the output after the program exited: the caller that waited for them is gone.
+/// Returns `None` (nothing to report to anyone).
 fn client_gone(running: &Running, status: Option<ExitStatus>) -> Option<ExitStatus> {
+    // The group id stays reserved while any member lives, so this cannot hit a stranger's group.
+    let _ = sys::kill(-running.pid, libc::SIGKILL);
     if status.is_none() {
-        kill_group(running.pid, &running.pidfd);
+        let _ = running.pidfd.signal(libc::SIGKILL);
         reap_later(running.pidfd.clone());
     }
-    status
+    None
 }
 
 /// Reaps a killed child in the background (no zombie left behind).

@@ -118,10 +118,18 @@ const CASES: &[Case] = &[
         "exec $RUN sh -c 'seq 1 3000000; echo rc=$? >&2' | head -n 1",
     ),
     // item 1: background children.
-    differs(
+    same(
         "background child's late output",
         "exec $RUN sh -c '(sleep 0.4; echo late) & echo started'",
-        "issue 14 item 1",
+    ),
+    same(
+        "background child's late output, status after it",
+        "$RUN sh -c '(sleep 0.3; echo late >&2; exit 9) & echo started; exit 5'; echo rc=$?",
+    ),
+    differs(
+        "background child writing after the caller closed its reading end",
+        "$RUN sh -c '(sleep 0.3; echo late; echo rc=$? >&2) & echo started' | head -n 1",
+        "issue 14 item 5",
     ),
     // item 3: signal dispositions and job control.
     same(
