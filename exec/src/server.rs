@@ -20,6 +20,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,9 +34,9 @@ use transport::{RemoteError, Service, Session, Stream, StreamReader, StreamWrite
 
 use crate::proto::{
     event_frame, ControlReply, ControlRequest, ExecRequest, ExitStatus, FrameKind, OutputFd,
-    ServerEvent, FRAME_HEADER, VERSION,
+    ServerEvent, Sig, FRAME_HEADER, VERSION,
 };
-use crate::spawn::{self, Policy, SpawnError};
+use crate::spawn::{self, Policy, SpawnError, StdioPipes};
 use crate::sys::{self, AsyncFile, PidFd};
 
 /// How long a finished exec waits for the client to close the stream.
@@ -97,6 +98,8 @@ struct Running {
     pty: Option<Arc<AsyncFile>>,
     close_stdout: Notify,
     close_stderr: Notify,
+    /// The whole group was stopped by a job stop (group `Tstp`): `Cont` resumes the group.
+    group_stopped: AtomicBool,
 }
 
 /// Exec ids are random 64-bit values chosen by clients; they are unguessable, so one table
@@ -165,9 +168,24 @@ impl ExecService {
             return Ok(ControlReply::UnknownId);
         };
         match req {
-            ControlRequest::Signal { sig, .. } => {
-                let n = sig.number();
-                let res = if r.pgroup {
+            ControlRequest::Signal { sig, group, .. } => {
+                let mut reply = ControlReply::Ok;
+                let mut n = sig.number();
+                let stopped = r.group_stopped.load(Ordering::Relaxed);
+                let to_group = r.pgroup || group || (sig == Sig::Cont && stopped);
+                if sig == Sig::Tstp {
+                    // A job stop. The program's group is orphaned here (its session leader's
+                    // parent is this server, outside the session), where the kernel discards a
+                    // SIGTSTP whose action is the default: stop with SIGSTOP instead.
+                    if sys::signal_action(r.pid, libc::SIGTSTP) == sys::SigAction::Default {
+                        n = libc::SIGSTOP;
+                        reply = ControlReply::Stopped;
+                        if to_group {
+                            r.group_stopped.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                let res = if to_group {
                     sys::kill(-r.pid, n)
                 } else {
                     r.pidfd.signal(n).or_else(|e| {
@@ -178,15 +196,20 @@ impl ExecService {
                         }
                     })
                 };
+                if sig == Sig::Cont {
+                    r.group_stopped.store(false, Ordering::Relaxed);
+                }
                 debug!(
                     pid = r.pid,
                     ?sig,
-                    pgroup = r.pgroup,
+                    signo = n,
+                    to_group,
                     "exec: forwarding signal"
                 );
                 res.map_err(|e| {
                     RemoteError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
                 })?;
+                return Ok(reply);
             }
             ControlRequest::Resize { size, .. } => {
                 if let Some(m) = &r.pty {
@@ -322,6 +345,7 @@ impl Service for ExecService {
             pty: io.pty.clone(),
             close_stdout: Notify::new(),
             close_stderr: Notify::new(),
+            group_stopped: AtomicBool::new(false),
         });
         self.running
             .lock()
@@ -421,15 +445,13 @@ struct Io {
     pty: Option<Arc<AsyncFile>>,
 }
 
-fn setup_io(
-    pipes: Option<(OwnedFd, OwnedFd, OwnedFd)>,
-    pty: Option<OwnedFd>,
-) -> std::io::Result<Io> {
+fn setup_io(pipes: Option<StdioPipes>, pty: Option<OwnedFd>) -> std::io::Result<Io> {
+    let wrap = |fd: Option<OwnedFd>| fd.map(AsyncFile::new).transpose();
     match (pipes, pty) {
         (Some((i, o, e)), _) => Ok(Io {
-            stdin: Some(AsyncFile::new(i)?),
-            stdout: Some(AsyncFile::new(o)?),
-            stderr: Some(AsyncFile::new(e)?),
+            stdin: wrap(i)?,
+            stdout: wrap(o)?,
+            stderr: wrap(e)?,
             pty: None,
         }),
         (None, Some(m)) => Ok(Io {
