@@ -150,8 +150,9 @@ async fn control(session: &Session, req: ControlRequest) -> Option<ControlReply>
 }
 
 /// Runs `req` on the peer of `session` with this process's stdio, forwarding the signals the
-/// caller receives (INT, TERM, HUP, QUIT, USR1, USR2, WINCH, CONT, TSTP). Returns once the
-/// program ended and all of its output was written locally.
+/// caller receives (INT, TERM, HUP, QUIT, USR1, USR2, WINCH, CONT, TSTP; see the module docs for
+/// group delivery and job stops). Returns once the program ended, every holder of its output
+/// closed it, and all of that output was written locally.
 pub async fn run(
     session: &Session,
     req: ExecRequest,
@@ -349,15 +350,32 @@ fn spawn_stdin_reader(tx: mpsc::Sender<Bytes>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("rexec-stdin".into())
         .spawn(move || {
+            // rexec reads its stdin ahead of the program. From a terminal while rexec is a
+            // background job (`rexec … &`, or continued in the background after ^Z), that read
+            // would stop rexec with SIGTTIN although the program may never read: with SIGTTIN
+            // blocked in this thread the read fails with EIO instead, and the thread waits until
+            // rexec is in the foreground again.
+            // SAFETY: changing this thread's own signal mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTTIN);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
             let mut buf = vec![0u8; 256 * 1024];
             loop {
                 // SAFETY: reading into a valid buffer.
                 let n = unsafe { libc::read(0, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
                 if n < 0 {
-                    if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
                         continue;
                     }
-                    return; // EBADF (closed stdin) etc.: EOF
+                    if e.raw_os_error() == Some(libc::EIO) && background_on_tty() {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        continue;
+                    }
+                    return; // EBADF (closed stdin), a hung-up terminal etc.: EOF
                 }
                 if n == 0 {
                     return;
@@ -371,6 +389,15 @@ fn spawn_stdin_reader(tx: mpsc::Sender<Bytes>) -> io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// True if fd 0 is a terminal whose foreground process group is not ours.
+fn background_on_tty() -> bool {
+    // SAFETY: plain queries.
+    unsafe {
+        let fg = libc::tcgetpgrp(0);
+        fg > 0 && fg != libc::getpgrp()
+    }
 }
 
 /// Writes stdout/stderr chunks in order from a thread, started on first output.
@@ -569,8 +596,11 @@ async fn deliver(session: &Session, id: u64, (sig, group): (Sig, bool), tty: boo
         let reply = control(session, ControlRequest::Signal { id, sig, group }).await;
         if reply == Some(ControlReply::Stopped) {
             // The program stopped: stop like it would have, by SIGTSTP (a job-control shell
-            // reports "Stopped"); SIGCONT resumes us and is forwarded, resuming it.
+            // reports "Stopped"); SIGCONT resumes us and is forwarded, resuming it. Neither
+            // side hears heartbeats meanwhile.
+            session.expect_silence(true);
             stop_self();
+            session.expect_silence(false);
         }
         return;
     }

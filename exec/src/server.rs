@@ -47,7 +47,7 @@ const LINGER: Duration = Duration::from_secs(5);
 const CHUNK: usize = 256 * 1024 - FRAME_HEADER;
 
 /// Configuration of the exec service (`[exec]` in the daemon's TOML).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecConfig {
     /// Executables the peer may run: exact paths, symlinks resolved (at startup for this list,
@@ -62,16 +62,6 @@ pub struct ExecConfig {
     /// EPIPE). Absent = wait until they close them, like ssh and like a local pipe.
     #[serde(default)]
     pub drain_max_ms: Option<u64>,
-}
-
-impl Default for ExecConfig {
-    fn default() -> Self {
-        Self {
-            allow: None,
-            allow_any: false,
-            drain_max_ms: None,
-        }
-    }
 }
 
 /// With a pty, how long the terminal must stay quiet after the program exited before the exec
@@ -100,6 +90,8 @@ struct Running {
     close_stderr: Notify,
     /// The whole group was stopped by a job stop (group `Tstp`): `Cont` resumes the group.
     group_stopped: AtomicBool,
+    /// Stopped by a `Tstp` (its client stopped too: the session's heartbeat is paused).
+    stopped: AtomicBool,
 }
 
 /// Exec ids are random 64-bit values chosen by clients; they are unguessable, so one table
@@ -158,7 +150,6 @@ impl ExecService {
     }
 
     fn control(&self, session: &Session, req: ControlRequest) -> Result<ControlReply, RemoteError> {
-        let _ = session;
         let id = match &req {
             ControlRequest::Signal { id, .. }
             | ControlRequest::Resize { id, .. }
@@ -183,6 +174,9 @@ impl ExecService {
                         if to_group {
                             r.group_stopped.store(true, Ordering::Relaxed);
                         }
+                        // The client stops too and answers no heartbeat until continued.
+                        r.stopped.store(true, Ordering::Relaxed);
+                        session.expect_silence(true);
                     }
                 }
                 let res = if to_group {
@@ -198,6 +192,9 @@ impl ExecService {
                 };
                 if sig == Sig::Cont {
                     r.group_stopped.store(false, Ordering::Relaxed);
+                    if r.stopped.swap(false, Ordering::Relaxed) {
+                        session.expect_silence(false);
+                    }
                 }
                 debug!(
                     pid = r.pid,
@@ -346,6 +343,7 @@ impl Service for ExecService {
             close_stdout: Notify::new(),
             close_stderr: Notify::new(),
             group_stopped: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         });
         self.running
             .lock()
