@@ -111,11 +111,12 @@ seeds = {
         struct.pack("<I", 2) + v(3) + v(9),
     ],
     "exec_proto": [
-        b"\x03" + v(1) + v(0xDEADBEEF) + v(2) + s(b"/bin/echo") + s(b"hi")
-        + v(1) + s(b"PATH") + s(b"/usr/bin") + some(s(b"/")) + NONE + NONE + b"\x00",
+        b"\x03" + v(3) + v(0xDEADBEEF) + v(2) + s(b"/bin/echo") + s(b"hi")
+        + v(1) + s(b"PATH") + s(b"/usr/bin") + some(s(b"/")) + NONE + NONE + b"\x00"
+        + some(v(0o22)) + some(z(0)) + v(1 << 1) + v(0) + v(2) + v(1),  # umask, nice, ignored, stdio
         b"\x05" + b"\x01" + struct.pack(">I", 3) + b"out" + b"\x02" + struct.pack(">I", 3) + b"err"
         + b"\x03" + struct.pack(">I", 3) + v(1) + v(0) + z(0),
-        b"\x01" + v(0) + v(77) + v(1),  # ControlRequest::Signal
+        b"\x01" + v(0) + v(77) + v(1) + b"\x01",  # ControlRequest::Signal (group)
         b"\x02" + b"\x03" + struct.pack(">I", 2) + v(0) + v(1234),
     ],
     "bridge_proto": [

@@ -14,8 +14,8 @@
 #   ssh to a private loopback sshd, fresh connection | ssh reusing a ControlMaster;
 #   and 1 GiB of stdout (`head -c 1GiB /dev/zero`, output discarded) through rexec vs ssh (ControlMaster).
 # Needs root, hyperfine, openssh-server/client. sshd listens on 127.0.0.1 only and is stopped at the
-# end; ssh logs in as a throw-away user with /bin/sh (root's bash rc files would dominate, see
-# /work/shared/containerd-lab/REPORT.md §4), removed at the end.
+# end; ssh logs in as a throw-away user with /bin/sh (root's bash rc files would otherwise be
+# part of every ssh row), removed at the end.
 set -euo pipefail
 RUNS=${RUNS:-200}
 STREAM_RUNS=${STREAM_RUNS:-3}

@@ -4,9 +4,27 @@
 //! Local stdio is handled by two plain threads (a blocking reader of fd 0 and a blocking writer
 //! of fds 1/2) so inherited descriptors are never switched to non-blocking mode (that would leak
 //! into every other process sharing them) and a stalled consumer never blocks signal forwarding.
+//!
+//! Output errors reach the program as they would locally, as far as that is cheap:
+//! * a closed stdout/stderr, or one on `/dev/full`, is reproduced on the server
+//!   ([`StdioKind`]): the program gets EBADF / ENOSPC at the same write as locally;
+//! * a stdout/stderr pipe whose reader went away is noticed at once (epoll reports an error on
+//!   a pipe's write end without readers), before anything is written to it, and the server then
+//!   closes its end of the program's pipe: the program's next write gets EPIPE/SIGPIPE;
+//! * any other write error (ENOSPC on a full disk, EIO) closes the program's pipe the same way:
+//!   the program sees EPIPE (or dies of SIGPIPE) where it would have seen ENOSPC/EIO. What the
+//!   program wrote before the server closed its pipe (up to the pipe's 1 MiB and what is in
+//!   flight) is accepted, where locally the write would already have failed.
+//!
+//! Signals: a signal the kernel sent to the caller's whole process group (the terminal's ^C,
+//! ^\, ^Z, hangup: `si_code == SI_KERNEL`) goes to the program's whole process group, as it
+//! would have reached every local process the program started. SIGTSTP stops the program (its
+//! group, if from the terminal) and then rexec, unless rexec's own process group is orphaned,
+//! where the kernel would have discarded it for a local program too.
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -16,7 +34,7 @@ use transport::{CallError, Session};
 
 use crate::proto::{
     ControlReply, ControlRequest, ExecRequest, ExitStatus, Frame, FrameDecoder, OutputFd,
-    ServerEvent, Sig, WinSize, SERVICE,
+    ServerEvent, Sig, StdioKind, WinSize, SERVICE,
 };
 use crate::sys;
 
@@ -79,6 +97,27 @@ pub fn ignored_signals() -> u64 {
     mask
 }
 
+/// What this process's fds 0–2 are, for [`ExecRequest::stdio`]. Call before anything opens
+/// replacements for closed descriptors.
+pub fn stdio_kinds() -> [StdioKind; 3] {
+    std::array::from_fn(|fd| {
+        // SAFETY: fstat into a valid struct.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd as RawFd, &mut st) < 0 {
+                return StdioKind::Closed;
+            }
+            if fd > 0
+                && st.st_mode & libc::S_IFMT == libc::S_IFCHR
+                && st.st_rdev == libc::makedev(1, 7)
+            {
+                return StdioKind::DevFull;
+            }
+        }
+        StdioKind::Stream
+    })
+}
+
 /// A fresh random exec id (from the OS: one id per process needs no userspace CSPRNG).
 pub fn new_id() -> u64 {
     rand::RngCore::next_u64(&mut rand::rngs::OsRng)
@@ -91,30 +130,36 @@ pub fn encode_request(req: &ExecRequest) -> Bytes {
         .unwrap_or_default()
 }
 
-/// Sends one control request; errors are logged only (the exec itself reports what matters).
-async fn control(session: &Session, req: ControlRequest) {
-    let Ok(body) = postcard::to_allocvec(&req) else {
-        return;
-    };
+/// Sends one control request and returns the reply; errors are logged only (the exec itself
+/// reports what matters).
+async fn control(session: &Session, req: ControlRequest) -> Option<ControlReply> {
+    let body = postcard::to_allocvec(&req).ok()?;
     match session.call(SERVICE, Bytes::from(body)).await {
         Ok(r) => {
-            if let Ok(ControlReply::UnknownId) = postcard::from_bytes::<ControlReply>(&r) {
+            let reply = postcard::from_bytes::<ControlReply>(&r).ok();
+            if let Some(ControlReply::UnknownId) = reply {
                 debug!(?req, "exec control: program already finished");
             }
+            reply
         }
-        Err(e) => debug!(?req, error = %e, "exec control failed"),
+        Err(e) => {
+            debug!(?req, error = %e, "exec control failed");
+            None
+        }
     }
 }
 
 /// Runs `req` on the peer of `session` with this process's stdio, forwarding the signals the
-/// caller receives (INT, TERM, HUP, QUIT, USR1, USR2, WINCH, CONT, TSTP). Returns once the
-/// program ended and all of its output was written locally.
+/// caller receives (INT, TERM, HUP, QUIT, USR1, USR2, WINCH, CONT, TSTP; see the module docs for
+/// group delivery and job stops). Returns once the program ended, every holder of its output
+/// closed it, and all of that output was written locally.
 pub async fn run(
     session: &Session,
     req: ExecRequest,
     opts: RunOptions,
 ) -> Result<Outcome, ClientError> {
     let id = req.id;
+    let req_stdio = req.stdio;
     let signals = Signals::new(opts.ignored)?;
     let stream = session
         .open_stream(SERVICE, encode_request(&req))
@@ -145,13 +190,40 @@ pub async fn run(
     let (started_tx, started_rx) = watch::channel(false);
     let sig_task = {
         let session = session.clone();
-        tokio::spawn(signals.forward(session, id, started_rx, opts.tty))
+        tokio::spawn(signals.forward(session, id, started_rx.clone(), opts.tty))
     };
+    // A stdout/stderr pipe whose reader is gone: tell the server before the program writes.
+    let streamed = |fd: usize| req_stdio[fd] == StdioKind::Stream && !opts.tty;
+    let (gone_tx, mut gone_rx) = mpsc::unbounded_channel::<RawFd>();
+    let watchers: Vec<_> = [1, 2]
+        .into_iter()
+        .filter(|&fd| streamed(fd as usize))
+        .filter_map(|fd| watch_reader_gone(fd, gone_tx.clone()))
+        .collect();
+    drop(gone_tx);
 
     let mut out = Output::new();
     let mut dec = FrameDecoder::default();
+    let mut reported = [false; 3];
+    let mut watching = !watchers.is_empty();
     let result = loop {
-        let chunk = match rd.recv().await {
+        let received = tokio::select! {
+            biased;
+            fd = gone_rx.recv(), if watching && *started_rx.borrow() => {
+                match fd {
+                    Some(fd) => {
+                        out.mark_closed(fd);
+                        if !std::mem::replace(&mut reported[fd as usize], true) {
+                            close_output(session, id, fd).await;
+                        }
+                    }
+                    None => watching = false,
+                }
+                continue;
+            }
+            r = rd.recv() => r,
+        };
+        let chunk = match received {
             Ok(Some(c)) => c,
             Ok(None) => {
                 break Err(ClientError::Lost(
@@ -167,12 +239,16 @@ pub async fn run(
                 Ok(None) => break,
                 Ok(Some(Frame::Stdout(b))) => {
                     if let Some(fd) = out.write(1, b).await {
-                        close_output(session, id, fd).await;
+                        if !std::mem::replace(&mut reported[1], true) {
+                            close_output(session, id, fd).await;
+                        }
                     }
                 }
                 Ok(Some(Frame::Stderr(b))) => {
                     if let Some(fd) = out.write(2, b).await {
-                        close_output(session, id, fd).await;
+                        if !std::mem::replace(&mut reported[2], true) {
+                            close_output(session, id, fd).await;
+                        }
                     }
                 }
                 Ok(Some(Frame::Event(ServerEvent::Started { pid }))) => {
@@ -198,6 +274,9 @@ pub async fn run(
         }
     };
     sig_task.abort();
+    for w in watchers {
+        w.abort();
+    }
     if let Some(t) = stdin_task {
         t.abort();
     }
@@ -212,7 +291,46 @@ async fn close_output(session: &Session, id: u64, fd: RawFd) {
     } else {
         OutputFd::Stderr
     };
-    control(session, ControlRequest::CloseOutput { id, fd }).await;
+    let _ = control(session, ControlRequest::CloseOutput { id, fd }).await;
+}
+
+/// Borrowed view of an inherited fd for epoll (never closed, never made non-blocking).
+struct Borrowed(RawFd);
+
+impl std::os::fd::AsRawFd for Borrowed {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Watches output `fd` if it is a pipe: epoll reports an error on a pipe's write end once it
+/// has no reader left (also right away if it has none now). Sends `fd` on `tx` then.
+fn watch_reader_gone(
+    fd: RawFd,
+    tx: mpsc::UnboundedSender<RawFd>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    // SAFETY: fstat into a valid struct.
+    let is_pipe = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+    };
+    if !is_pipe {
+        return None;
+    }
+    // SAFETY: fds 1 and 2 stay open (and the same) for the whole run; the task owning the
+    // registration is aborted before `run` returns.
+    let afd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(Borrowed(fd), tokio::io::Interest::ERROR)
+    }
+    .ok()?;
+    Some(tokio::spawn(async move {
+        if afd.ready(tokio::io::Interest::ERROR).await.is_ok() {
+            debug!(fd, "the reader of this output went away");
+            let _ = tx.send(fd);
+        }
+        // Deregister before the fd could be reused: dropping `afd` does that.
+        drop(afd);
+    }))
 }
 
 /// True if fd 0 is closed or is /dev/null: stdin is at EOF and needs no reader thread.
@@ -232,15 +350,32 @@ fn spawn_stdin_reader(tx: mpsc::Sender<Bytes>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("rexec-stdin".into())
         .spawn(move || {
+            // rexec reads its stdin ahead of the program. From a terminal while rexec is a
+            // background job (`rexec … &`, or continued in the background after ^Z), that read
+            // would stop rexec with SIGTTIN although the program may never read: with SIGTTIN
+            // blocked in this thread the read fails with EIO instead, and the thread waits until
+            // rexec is in the foreground again.
+            // SAFETY: changing this thread's own signal mask.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTTIN);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
             let mut buf = vec![0u8; 256 * 1024];
             loop {
                 // SAFETY: reading into a valid buffer.
                 let n = unsafe { libc::read(0, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
                 if n < 0 {
-                    if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
                         continue;
                     }
-                    return; // EBADF (closed stdin) etc.: EOF
+                    if e.raw_os_error() == Some(libc::EIO) && background_on_tty() {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        continue;
+                    }
+                    return; // EBADF (closed stdin), a hung-up terminal etc.: EOF
                 }
                 if n == 0 {
                     return;
@@ -254,6 +389,15 @@ fn spawn_stdin_reader(tx: mpsc::Sender<Bytes>) -> io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// True if fd 0 is a terminal whose foreground process group is not ours.
+fn background_on_tty() -> bool {
+    // SAFETY: plain queries.
+    unsafe {
+        let fg = libc::tcgetpgrp(0);
+        fg > 0 && fg != libc::getpgrp()
+    }
 }
 
 /// Writes stdout/stderr chunks in order from a thread, started on first output.
@@ -280,6 +424,9 @@ impl Output {
     /// Queues a chunk (waits while the writer is behind: back-pressure). Returns an fd that just
     /// turned out to be broken (EPIPE), once.
     async fn write(&mut self, fd: RawFd, data: Bytes) -> Option<RawFd> {
+        if self.closed[fd as usize] {
+            return None;
+        }
         if self.tx.is_none() {
             let (tx, mut rx) = mpsc::channel::<(RawFd, Bytes)>(8);
             let broken_tx = self.broken_tx.take()?;
@@ -317,6 +464,11 @@ impl Output {
         first
     }
 
+    /// Drops further output for `fd` (its reader is gone; the server was told).
+    fn mark_closed(&mut self, fd: RawFd) {
+        self.closed[fd as usize] = true;
+    }
+
     /// Flushes everything queued and stops the writer thread.
     fn finish(&mut self) {
         self.tx = None;
@@ -342,6 +494,13 @@ fn write_all_blocking(fd: RawFd, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Per signal number: was the latest delivery sent by the kernel to the whole process group
+/// (`si_code == SI_KERNEL`: the terminal's ^C, ^\\, ^Z, a hangup)? Set in the signal handler.
+static FROM_KERNEL: [AtomicBool; 32] = [const { AtomicBool::new(false) }; 32];
+
+/// `si_code` of signals the kernel generates itself (tty job control keys, hangup).
+const SI_KERNEL: i32 = 0x80;
+
 /// Handlers for the forwarded signals, installed before the exec starts so none is lost.
 struct Signals {
     streams: Vec<(Sig, tokio::signal::unix::Signal)>,
@@ -356,14 +515,27 @@ impl Signals {
             .into_iter()
             .filter(|s| *s != Sig::Kill && ignored & (1 << s.number()) == 0)
         {
-            let kind = tokio::signal::unix::SignalKind::from_raw(s.number());
+            let n = s.number();
+            // Registered first: runs before tokio's action for the same delivery, so the flag is
+            // set by the time the stream below yields it.
+            // SAFETY: the action only stores into an atomic (async-signal-safe).
+            unsafe {
+                signal_hook_registry::register_sigaction(n, move |info: &libc::siginfo_t| {
+                    if let Some(f) = FROM_KERNEL.get(n as usize) {
+                        f.store(info.si_code == SI_KERNEL, Ordering::Relaxed);
+                    }
+                })
+            }
+            .map_err(io::Error::other)?;
+            let kind = tokio::signal::unix::SignalKind::from_raw(n);
             streams.push((s, tokio::signal::unix::signal(kind)?));
         }
         Ok(Self { streams })
     }
 
-    async fn next(&mut self) -> Sig {
-        std::future::poll_fn(|cx| {
+    /// The next signal, and whether the kernel sent it to the whole process group.
+    async fn next(&mut self) -> (Sig, bool) {
+        let sig = std::future::poll_fn(|cx| {
             for (s, st) in self.streams.iter_mut() {
                 if let std::task::Poll::Ready(Some(())) = st.poll_recv(cx) {
                     return std::task::Poll::Ready(*s);
@@ -371,7 +543,11 @@ impl Signals {
             }
             std::task::Poll::Pending
         })
-        .await
+        .await;
+        let group = FROM_KERNEL
+            .get(sig.number() as usize)
+            .is_some_and(|f| f.swap(false, Ordering::Relaxed));
+        (sig, group)
     }
 
     async fn forward(
@@ -381,7 +557,7 @@ impl Signals {
         mut started: watch::Receiver<bool>,
         tty: bool,
     ) {
-        let mut queued: Vec<Sig> = Vec::new();
+        let mut queued: Vec<(Sig, bool)> = Vec::new();
         loop {
             tokio::select! {
                 sig = self.next() => {
@@ -402,22 +578,87 @@ impl Signals {
     }
 }
 
-async fn deliver(session: &Session, id: u64, sig: Sig, tty: bool) {
+async fn deliver(session: &Session, id: u64, (sig, group): (Sig, bool), tty: bool) {
     if tty && sig == Sig::Winch {
         if let Some(size) = local_winsize() {
-            control(session, ControlRequest::Resize { id, size }).await;
+            let _ = control(session, ControlRequest::Resize { id, size }).await;
         }
         return;
     }
-    control(session, ControlRequest::Signal { id, sig }).await;
-    if sig == Sig::Tstp && !tty {
-        // Stop like the local program would, so a job-control shell sees us stop; SIGCONT
-        // (forwarded too) resumes both.
-        // SAFETY: raising a signal on ourselves.
-        unsafe {
-            libc::raise(libc::SIGSTOP);
+    if sig == Sig::Tstp {
+        // With -t the terminal's ^Z is a byte for the remote terminal; a SIGTSTP sent to rexec
+        // does not stop anything. Without -t: a local program in an orphaned process group
+        // would not stop (the kernel discards SIGTSTP there), so neither does the remote one.
+        if tty || pgrp_orphaned() {
+            debug!("SIGTSTP not forwarded (terminal mode or orphaned process group)");
+            return;
+        }
+        let reply = control(session, ControlRequest::Signal { id, sig, group }).await;
+        if reply == Some(ControlReply::Stopped) {
+            // The program stopped: stop like it would have, by SIGTSTP (a job-control shell
+            // reports "Stopped"); SIGCONT resumes us and is forwarded, resuming it. Neither
+            // side hears heartbeats meanwhile.
+            session.expect_silence(true);
+            stop_self();
+            session.expect_silence(false);
+        }
+        return;
+    }
+    let _ = control(session, ControlRequest::Signal { id, sig, group }).await;
+}
+
+/// Stops this process with SIGTSTP's default action, then puts the handler back.
+fn stop_self() {
+    // SAFETY: swapping this process's SIGTSTP disposition around a raise(); the saved action
+    // (signal-hook's handler) is restored unchanged.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        let mut old: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGTSTP, &dfl, &mut old) < 0 {
+            return;
+        }
+        libc::raise(libc::SIGTSTP);
+        libc::sigaction(libc::SIGTSTP, &old, std::ptr::null_mut());
+    }
+}
+
+/// Is this process's group orphaned (POSIX: no member has a parent in another group of the same
+/// session)? The kernel's rule for discarding SIGTSTP, checked through /proc on the rare SIGTSTP.
+fn pgrp_orphaned() -> bool {
+    // (pid, ppid, pgrp, session) from /proc/<pid>/stat.
+    fn stat(pid: &str) -> Option<(i32, i32, i32, i32)> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = s.rsplit_once(") ")?.1;
+        let f: Vec<&str> = rest.split(' ').collect();
+        Some((
+            pid.parse().ok()?,
+            f.get(1)?.parse().ok()?,
+            f.get(2)?.parse().ok()?,
+            f.get(3)?.parse().ok()?,
+        ))
+    }
+    // SAFETY: plain getters.
+    let (pgrp, sid) = unsafe { (libc::getpgrp(), libc::getsid(0)) };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((_, ppid, pg, _)) = stat(name) else {
+            continue;
+        };
+        if pg != pgrp {
+            continue;
+        }
+        if let Some((_, _, ppg, psid)) = stat(&ppid.to_string()) {
+            if ppg != pgrp && psid == sid {
+                return false;
+            }
         }
     }
+    true
 }
 
 /// Window size of the local terminal (stdin, else stdout).

@@ -21,8 +21,9 @@ pub const SERVICE: &str = "exec";
 
 /// Protocol version carried in every [`ExecRequest`]; the server refuses versions it does not speak.
 /// Version 2 added [`ExecRequest::umask`], [`ExecRequest::nice`] and
-/// [`ExecRequest::sig_ignored`].
-pub const VERSION: u16 = 2;
+/// [`ExecRequest::sig_ignored`]; version 3 [`ExecRequest::stdio`] and the `group` flag of
+/// [`ControlRequest::Signal`] (with [`ControlReply::Stopped`]).
+pub const VERSION: u16 = 3;
 
 /// Largest payload of one server→client frame the client accepts (a peer-controlled length).
 pub const MAX_FRAME_PAYLOAD: usize = 4 << 20;
@@ -67,6 +68,22 @@ pub struct ExecRequest {
     /// Signals (bit N = Linux signal N, 1..=31) the caller ignores: the program starts with them
     /// ignored too, as it would locally (`nohup rexec …`). Everything else starts at default.
     pub sig_ignored: u64,
+    /// What the caller's stdin, stdout and stderr are, where the server can give the program
+    /// the very same thing instead of a stream (ignored with `pty`).
+    pub stdio: [StdioKind; 3],
+}
+
+/// What one of the caller's standard descriptors is, as far as the server reproduces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum StdioKind {
+    /// Streamed over the exec stream (pipes, files, terminals, sockets, /dev/null, ...).
+    #[default]
+    Stream,
+    /// Closed: the program starts with this descriptor closed (EBADF at its first use).
+    Closed,
+    /// `/dev/full` (an output only): the program writes to the server's `/dev/full` and gets
+    /// ENOSPC at the same write as locally.
+    DevFull,
 }
 
 /// Kind byte of a server→client frame.
@@ -185,8 +202,13 @@ pub enum OutputFd {
 /// Control calls (`session.call(SERVICE, ..)`), answered with [`ControlReply`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlRequest {
-    /// Deliver a signal to the program (or its process group if the exec asked for `pgroup`).
-    Signal { id: u64, sig: Sig },
+    /// Deliver a signal to the program (or its process group if the exec asked for `pgroup`, or
+    /// if `group`: the caller's whole process group got it, e.g. from the terminal's ^C).
+    /// [`Sig::Tstp`] with `group` means "stop like a job": the program's group is stopped
+    /// (SIGSTOP where SIGTSTP has its default action, which the kernel would discard in the
+    /// program's orphaned group; SIGTSTP where the program handles it). A later [`Sig::Cont`]
+    /// resumes the whole group.
+    Signal { id: u64, sig: Sig, group: bool },
     /// New pty window size (the kernel then sends SIGWINCH to the pty's foreground group).
     Resize { id: u64, size: WinSize },
     /// The client's stdout/stderr went away (EPIPE): close the server's read end so the remote
@@ -198,6 +220,9 @@ pub enum ControlRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlReply {
     Ok,
+    /// Answer to a group [`Sig::Tstp`]: the program was stopped (its SIGTSTP action is the
+    /// default); the caller stops too. Plain `Ok` means the program handles (or ignores) SIGTSTP.
+    Stopped,
     /// No running exec with that id on this session (already finished, or never started).
     UnknownId,
 }

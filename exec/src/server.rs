@@ -4,18 +4,23 @@
 //! 1. decode the [`ExecRequest`] header, resolve argv[0], check the allow-list, spawn the program
 //!    in a new session (pgid = pid) with pipes or a pty → `Started`, or `Failed{126|127}`;
 //! 2. pump stdin from the stream into the program, and stdout/stderr into frames on the stream;
-//! 3. when the program exits: forward what is left in the pipes until both reach EOF. If a
-//!    background process keeps them open, stop once they have been idle for
-//!    [`ExecConfig::drain_idle_ms`] (at most [`ExecConfig::drain_max_ms`] after the exit): all
-//!    output the main process wrote is already in the pipes when it exits, so none of it is lost;
+//! 3. when the program exits: keep forwarding until stdout and stderr reach EOF, i.e. until every
+//!    process holding them (background children included) has closed them — ssh's semantics, and
+//!    what a local caller reading a pipe sees: `sh -c '(sleep 1; echo late) & echo started'`
+//!    prints `late`. A daemon that keeps the program's stdout open forever therefore keeps the
+//!    exec open forever, as over ssh (daemons redirect their stdio; [`ExecConfig::drain_max_ms`]
+//!    caps the wait if an operator wants). With a pty the wait ends once the terminal is idle
+//!    for [`PTY_DRAIN_IDLE`] after the exit (the exit hangs up the terminal, like ssh -t);
 //! 4. send `Exit` (after all output), half-close.
 //!
 //! If the stream or the session dies before the exit was reported (client killed, link lost,
-//! heartbeats timed out), the program's process group is killed with SIGKILL at once.
+//! heartbeats timed out) — also while background children still hold the output — the
+//! program's process group is killed with SIGKILL at once.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,9 +34,9 @@ use transport::{RemoteError, Service, Session, Stream, StreamReader, StreamWrite
 
 use crate::proto::{
     event_frame, ControlReply, ControlRequest, ExecRequest, ExitStatus, FrameKind, OutputFd,
-    ServerEvent, FRAME_HEADER, VERSION,
+    ServerEvent, Sig, FRAME_HEADER, VERSION,
 };
-use crate::spawn::{self, Policy, SpawnError};
+use crate::spawn::{self, Policy, SpawnError, StdioPipes};
 use crate::sys::{self, AsyncFile, PidFd};
 
 /// How long a finished exec waits for the client to close the stream.
@@ -42,7 +47,7 @@ const LINGER: Duration = Duration::from_secs(5);
 const CHUNK: usize = 256 * 1024 - FRAME_HEADER;
 
 /// Configuration of the exec service (`[exec]` in the daemon's TOML).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecConfig {
     /// Executables the peer may run: exact paths, symlinks resolved (at startup for this list,
@@ -52,32 +57,19 @@ pub struct ExecConfig {
     /// Let the peer run any executable. Must be set explicitly; excludes `allow`.
     #[serde(default)]
     pub allow_any: bool,
-    /// After the main process exited, stop forwarding output once the pipes (held open by a
-    /// background process) have been idle this long, in milliseconds.
-    #[serde(default = "default_drain_idle_ms")]
-    pub drain_idle_ms: u64,
-    /// ... and at most this long after the exit, in milliseconds.
-    #[serde(default = "default_drain_max_ms")]
-    pub drain_max_ms: u64,
+    /// After the main process exited, stop waiting for background processes that still hold its
+    /// stdout/stderr after this many milliseconds (their later output is then lost and they get
+    /// EPIPE). Absent = wait until they close them, like ssh and like a local pipe.
+    #[serde(default)]
+    pub drain_max_ms: Option<u64>,
 }
 
-fn default_drain_idle_ms() -> u64 {
-    50
-}
-fn default_drain_max_ms() -> u64 {
-    2000
-}
+/// With a pty, how long the terminal must stay quiet after the program exited before the exec
+/// ends (the exit hung the terminal up; only `nohup`-style holders remain).
+pub const PTY_DRAIN_IDLE: Duration = Duration::from_millis(50);
 
-impl Default for ExecConfig {
-    fn default() -> Self {
-        Self {
-            allow: None,
-            allow_any: false,
-            drain_idle_ms: default_drain_idle_ms(),
-            drain_max_ms: default_drain_max_ms(),
-        }
-    }
-}
+/// With a pty, the longest wait for output after the program exited.
+const PTY_DRAIN_MAX: Duration = Duration::from_secs(2);
 
 /// Errors building the exec service.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +88,10 @@ struct Running {
     pty: Option<Arc<AsyncFile>>,
     close_stdout: Notify,
     close_stderr: Notify,
+    /// The whole group was stopped by a job stop (group `Tstp`): `Cont` resumes the group.
+    group_stopped: AtomicBool,
+    /// Stopped by a `Tstp` (its client stopped too: the session's heartbeat is paused).
+    stopped: AtomicBool,
 }
 
 /// Exec ids are random 64-bit values chosen by clients; they are unguessable, so one table
@@ -105,8 +101,7 @@ type Key = u64;
 /// The exec service (`"exec"`). Cheap to clone through `Arc`.
 pub struct ExecService {
     policy: Policy,
-    drain_idle: Duration,
-    drain_max: Duration,
+    drain_max: Option<Duration>,
     running: Arc<Mutex<HashMap<Key, Arc<Running>>>>,
 }
 
@@ -141,8 +136,7 @@ impl ExecService {
         };
         Ok(Self {
             policy,
-            drain_idle: Duration::from_millis(config.drain_idle_ms),
-            drain_max: Duration::from_millis(config.drain_max_ms),
+            drain_max: config.drain_max_ms.map(Duration::from_millis),
             running: Arc::default(),
         })
     }
@@ -156,7 +150,6 @@ impl ExecService {
     }
 
     fn control(&self, session: &Session, req: ControlRequest) -> Result<ControlReply, RemoteError> {
-        let _ = session;
         let id = match &req {
             ControlRequest::Signal { id, .. }
             | ControlRequest::Resize { id, .. }
@@ -166,9 +159,27 @@ impl ExecService {
             return Ok(ControlReply::UnknownId);
         };
         match req {
-            ControlRequest::Signal { sig, .. } => {
-                let n = sig.number();
-                let res = if r.pgroup {
+            ControlRequest::Signal { sig, group, .. } => {
+                let mut reply = ControlReply::Ok;
+                let mut n = sig.number();
+                let stopped = r.group_stopped.load(Ordering::Relaxed);
+                let to_group = r.pgroup || group || (sig == Sig::Cont && stopped);
+                if sig == Sig::Tstp {
+                    // A job stop. The program's group is orphaned here (its session leader's
+                    // parent is this server, outside the session), where the kernel discards a
+                    // SIGTSTP whose action is the default: stop with SIGSTOP instead.
+                    if sys::signal_action(r.pid, libc::SIGTSTP) == sys::SigAction::Default {
+                        n = libc::SIGSTOP;
+                        reply = ControlReply::Stopped;
+                        if to_group {
+                            r.group_stopped.store(true, Ordering::Relaxed);
+                        }
+                        // The client stops too and answers no heartbeat until continued.
+                        r.stopped.store(true, Ordering::Relaxed);
+                        session.expect_silence(true);
+                    }
+                }
+                let res = if to_group {
                     sys::kill(-r.pid, n)
                 } else {
                     r.pidfd.signal(n).or_else(|e| {
@@ -179,15 +190,23 @@ impl ExecService {
                         }
                     })
                 };
+                if sig == Sig::Cont {
+                    r.group_stopped.store(false, Ordering::Relaxed);
+                    if r.stopped.swap(false, Ordering::Relaxed) {
+                        session.expect_silence(false);
+                    }
+                }
                 debug!(
                     pid = r.pid,
                     ?sig,
-                    pgroup = r.pgroup,
+                    signo = n,
+                    to_group,
                     "exec: forwarding signal"
                 );
                 res.map_err(|e| {
                     RemoteError::new(e.raw_os_error().unwrap_or(libc::EIO), e.to_string())
                 })?;
+                return Ok(reply);
             }
             ControlRequest::Resize { size, .. } => {
                 if let Some(m) = &r.pty {
@@ -323,6 +342,8 @@ impl Service for ExecService {
             pty: io.pty.clone(),
             close_stdout: Notify::new(),
             close_stderr: Notify::new(),
+            group_stopped: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         });
         self.running
             .lock()
@@ -391,7 +412,6 @@ impl Service for ExecService {
             io.stderr,
             &running,
             &gone,
-            self.drain_idle,
             self.drain_max,
         )
         .await;
@@ -423,15 +443,13 @@ struct Io {
     pty: Option<Arc<AsyncFile>>,
 }
 
-fn setup_io(
-    pipes: Option<(OwnedFd, OwnedFd, OwnedFd)>,
-    pty: Option<OwnedFd>,
-) -> std::io::Result<Io> {
+fn setup_io(pipes: Option<StdioPipes>, pty: Option<OwnedFd>) -> std::io::Result<Io> {
+    let wrap = |fd: Option<OwnedFd>| fd.map(AsyncFile::new).transpose();
     match (pipes, pty) {
         (Some((i, o, e)), _) => Ok(Io {
-            stdin: Some(AsyncFile::new(i)?),
-            stdout: Some(AsyncFile::new(o)?),
-            stderr: Some(AsyncFile::new(e)?),
+            stdin: wrap(i)?,
+            stdout: wrap(o)?,
+            stderr: wrap(e)?,
             pty: None,
         }),
         (None, Some(m)) => Ok(Io {
@@ -476,9 +494,9 @@ async fn pump_output(
     stderr: Option<AsyncFile>,
     running: &Running,
     gone: &Notify,
-    drain_idle: Duration,
-    drain_max: Duration,
+    drain_max: Option<Duration>,
 ) -> Option<ExitStatus> {
+    let pty = running.pty.is_some();
     let mut out: Option<Src> = match (&running.pty, stdout) {
         (Some(m), _) => Some(Src::Pty(m.clone())),
         (None, o) => o.map(Src::Pipe),
@@ -494,7 +512,13 @@ async fn pump_output(
         if status.is_some() && out.is_none() && err.is_none() {
             break;
         }
-        let deadline = (last_data + drain_idle).min(exited_at + drain_max);
+        // After the exit: a pty ends when quiet; pipes end at EOF (or at the configured cap).
+        let far = exited_at + Duration::from_secs(86400 * 365);
+        let deadline = if pty {
+            (last_data + PTY_DRAIN_IDLE).min(exited_at + PTY_DRAIN_MAX)
+        } else {
+            drain_max.map_or(far, |m| exited_at + m)
+        };
         let (kind, res) = tokio::select! {
             biased;
             _ = &mut closed => return client_gone(running, status),
@@ -542,14 +566,18 @@ async fn pump_output(
     status
 }
 
-/// The client is gone. If the program still runs, kill its process group (and reap it in the
-/// background); once it has exited, background processes it left are not touched, like locally.
+/// The client is gone before the exit was reported: kill the process group (and reap the
+/// program in the background if it still runs). This includes background children still
+/// holding the output after the program exited: the caller that waited for them is gone.
+/// Returns `None` (nothing to report to anyone).
 fn client_gone(running: &Running, status: Option<ExitStatus>) -> Option<ExitStatus> {
+    // The group id stays reserved while any member lives, so this cannot hit a stranger's group.
+    let _ = sys::kill(-running.pid, libc::SIGKILL);
     if status.is_none() {
-        kill_group(running.pid, &running.pidfd);
+        let _ = running.pidfd.signal(libc::SIGKILL);
         reap_later(running.pidfd.clone());
     }
-    status
+    None
 }
 
 /// Reaps a killed child in the background (no zombie left behind).

@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::proto::ExecRequest;
+use crate::proto::{ExecRequest, StdioKind};
 use crate::sys;
 
 /// PATH used when the request's environment has none (what glibc's execvp assumes).
@@ -103,10 +103,54 @@ pub fn resolve(argv0: &[u8], path_env: Option<&[u8]>, cwd: &Path) -> Result<Path
 /// A started program and the parent's ends of its stdio.
 pub struct Spawned {
     pub pid: libc::pid_t,
-    /// Non-pty: (stdin write end, stdout read end, stderr read end).
-    pub pipes: Option<(OwnedFd, OwnedFd, OwnedFd)>,
+    /// Non-pty: (stdin write end, stdout read end, stderr read end); `None` for a descriptor the
+    /// request did not want streamed ([`StdioKind::Closed`], [`StdioKind::DevFull`]).
+    pub pipes: Option<StdioPipes>,
     /// Pty mode: the master (stdin and output).
     pub pty_master: Option<OwnedFd>,
+}
+
+/// The parent's ends of the program's stdio pipes (see [`Spawned::pipes`]).
+pub type StdioPipes = (Option<OwnedFd>, Option<OwnedFd>, Option<OwnedFd>);
+
+/// The child's end of standard descriptor `fd`, or `None` = close it in the child.
+enum ChildEnd {
+    Fd(OwnedFd),
+    Closed,
+}
+
+/// Creates the program's standard descriptors as `kinds` asks: a pipe per streamed descriptor
+/// (the stdout pipe grown for streaming), the server's own `/dev/full` for [`StdioKind::DevFull`].
+/// Returns the child's ends (fd order) and the parent's.
+fn make_stdio(kinds: &[StdioKind; 3]) -> std::io::Result<([ChildEnd; 3], StdioPipes)> {
+    let mut parent: [Option<OwnedFd>; 3] = [None, None, None];
+    let mut child = [ChildEnd::Closed, ChildEnd::Closed, ChildEnd::Closed];
+    for (i, kind) in kinds.iter().enumerate() {
+        match kind {
+            StdioKind::Closed => {}
+            // /dev/full read as stdin gives zeros like any stream of zeros would: only an
+            // output is worth reproducing.
+            StdioKind::DevFull if i > 0 => {
+                let f = std::fs::OpenOptions::new().write(true).open("/dev/full")?;
+                child[i] = ChildEnd::Fd(f.into());
+            }
+            StdioKind::Stream | StdioKind::DevFull => {
+                let (r, w) = sys::pipe()?;
+                if i == 0 {
+                    child[i] = ChildEnd::Fd(r);
+                    parent[i] = Some(w);
+                } else {
+                    if i == 1 {
+                        sys::grow_pipe(r.as_raw_fd(), 1 << 20);
+                    }
+                    child[i] = ChildEnd::Fd(w);
+                    parent[i] = Some(r);
+                }
+            }
+        }
+    }
+    let [a, b, c] = parent;
+    Ok((child, (a, b, c)))
 }
 
 struct Creds {
@@ -233,19 +277,26 @@ pub fn spawn(req: &ExecRequest, policy: &Policy) -> Result<Spawned, SpawnError> 
             .stderr(Stdio::from(s2));
         (None, Some(master))
     } else {
-        let (in_r, in_w) = sys::pipe().map_err(os)?;
-        let (out_r, out_w) = sys::pipe().map_err(os)?;
-        let (err_r, err_w) = sys::pipe().map_err(os)?;
-        sys::grow_pipe(out_r.as_raw_fd(), 1 << 20);
-        cmd.stdin(Stdio::from(in_r))
-            .stdout(Stdio::from(out_w))
-            .stderr(Stdio::from(err_w));
-        (Some((in_w, out_r, err_r)), None)
+        let (child_ends, parent) = make_stdio(&req.stdio).map_err(os)?;
+        let [e0, e1, e2] = child_ends;
+        let stdio = |e: ChildEnd| match e {
+            ChildEnd::Fd(fd) => Stdio::from(fd),
+            // Closed in pre_exec below (after std's stdio setup).
+            ChildEnd::Closed => Stdio::inherit(),
+        };
+        cmd.stdin(stdio(e0)).stdout(stdio(e1)).stderr(stdio(e2));
+        (Some(parent), None)
     };
     let pty = req.pty.is_some();
+    let closed: [bool; 3] = std::array::from_fn(|i| !pty && req.stdio[i] == StdioKind::Closed);
     // SAFETY: the closure only makes async-signal-safe system calls (no allocation, no locks).
     unsafe {
         cmd.pre_exec(move || {
+            for (fd, c) in closed.iter().enumerate() {
+                if *c {
+                    libc::close(fd as libc::c_int);
+                }
+            }
             // Signals the server ignores must not stay ignored in the program.
             // Those the caller ignores stay ignored, as they would locally.
             for sig in 1..32 {
@@ -369,20 +420,17 @@ fn spawn_fast(req: &ExecRequest, exe: &Path, cwd: &Path) -> Result<Spawned, Spaw
     // Parent ends and child ends of the stdio.
     let mut pipes = None;
     let mut pty_master = None;
-    let mut child_ends: Vec<OwnedFd> = Vec::new();
+    let mut child_ends: Vec<ChildEnd> = Vec::new();
     let mut pty_path = None;
     if let Some(size) = req.pty {
         let (master, slave, path) = sys::open_pty(size).map_err(os)?;
         pty_master = Some(master);
-        child_ends.push(slave); // keep the slave open until the child has opened it
+        child_ends.push(ChildEnd::Fd(slave)); // keep the slave open until the child opened it
         pty_path = Some(path);
     } else {
-        let (in_r, in_w) = sys::pipe().map_err(os)?;
-        let (out_r, out_w) = sys::pipe().map_err(os)?;
-        let (err_r, err_w) = sys::pipe().map_err(os)?;
-        sys::grow_pipe(out_r.as_raw_fd(), 1 << 20);
-        child_ends.extend([in_r, out_w, err_w]);
-        pipes = Some((in_w, out_r, err_r));
+        let (ends, parent) = make_stdio(&req.stdio).map_err(os)?;
+        child_ends.extend(ends);
+        pipes = Some(parent);
     }
 
     // SAFETY: zeroed storage is initialised by the *_init calls before any other use; the
@@ -441,11 +489,17 @@ fn spawn_fast(req: &ExecRequest, exe: &Path, cwd: &Path) -> Result<Spawned, Spaw
                 "adddup2",
             )?;
         } else {
-            for (i, fd) in child_ends.iter().enumerate() {
-                check(
-                    libc::posix_spawn_file_actions_adddup2(&mut g.fa, fd.as_raw_fd(), i as i32),
-                    "adddup2",
-                )?;
+            for (i, end) in child_ends.iter().enumerate() {
+                match end {
+                    ChildEnd::Fd(fd) => check(
+                        libc::posix_spawn_file_actions_adddup2(&mut g.fa, fd.as_raw_fd(), i as i32),
+                        "adddup2",
+                    )?,
+                    ChildEnd::Closed => check(
+                        libc::posix_spawn_file_actions_addclose(&mut g.fa, i as i32),
+                        "addclose",
+                    )?,
+                }
             }
         }
         check(

@@ -295,3 +295,33 @@ pub fn kill(pid: libc::pid_t, sig: i32) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// What a process does with a signal (from `/proc/<pid>/status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigAction {
+    Default,
+    Ignored,
+    Caught,
+}
+
+/// The action process `pid` has for `sig` now; `Default` if it cannot be read (gone, no /proc).
+pub fn signal_action(pid: libc::pid_t, sig: i32) -> SigAction {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return SigAction::Default;
+    };
+    let mask = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let bit = 1u64 << (sig - 1);
+    if mask("SigIgn:") & bit != 0 {
+        SigAction::Ignored
+    } else if mask("SigCgt:") & bit != 0 {
+        SigAction::Caught
+    } else {
+        SigAction::Default
+    }
+}

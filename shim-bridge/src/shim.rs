@@ -54,6 +54,7 @@ pub async fn run_capture(
         umask: None,
         nice: None,
         sig_ignored: 0,
+        stdio: Default::default(),
     };
     let stream = session
         .open_stream(SERVICE, offload_exec::client::encode_request(&req))

@@ -254,24 +254,89 @@ fn exec_errors_exit_255_with_one_line() {
     }
 }
 
+/// Issue 14 item 1: like a local pipe and like ssh, rexec returns once every holder of the
+/// program's stdout/stderr closed them: a background child's late output arrives, and the exit
+/// status (the main process's) comes after it. A background child that redirected its stdio
+/// does not hold rexec up.
 #[test]
-fn exec_background_child_holding_pipes_does_not_block_exit() {
+fn exec_background_child_output_is_waited_for() {
     tests::init_tracing();
     for kind in tests::link_kinds() {
         let server = Server::start(&kind);
-        // The background `sleep` inherits stdout/stderr and keeps them open after `sh` exits:
-        // rexec must return sh's status (and its output) without waiting for the sleep.
         let started = Instant::now();
         let out = run_with_stdin(
-            server.rexec(&["sh", "-c", "sleep 5 & echo main; echo err >&2; exit 4"]),
+            server.rexec(&[
+                "sh",
+                "-c",
+                "(sleep 0.5; echo late; echo late-err >&2) & echo main; echo err >&2; exit 4",
+            ]),
             None,
         );
+        let took = started.elapsed();
         assert_eq!(out.status.code(), Some(4), "[{kind}] main process status");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "main\nlate\n",
+            "[{kind}]"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "err\nlate-err\n",
+            "[{kind}]"
+        );
+        assert!(
+            took >= Duration::from_millis(500),
+            "[{kind}] returned after {took:?}, before the background child closed its output"
+        );
+
+        let started = Instant::now();
+        let out = run_with_stdin(
+            server.rexec(&["sh", "-c", "sleep 5 >/dev/null 2>&1 & echo main"]),
+            None,
+        );
+        assert_eq!(out.status.code(), Some(0), "[{kind}]");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "main\n", "[{kind}]");
-        assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n", "[{kind}]");
         assert!(
             started.elapsed() < Duration::from_secs(4),
-            "[{kind}] rexec waited for the background child's pipes"
+            "[{kind}] waited for a background child that does not hold the output"
         );
+    }
+}
+
+/// While rexec waits for a background child that holds the output (the main process has
+/// exited), killing rexec still kills the remote process group.
+#[test]
+fn exec_client_death_kills_background_holders() {
+    tests::init_tracing();
+    for kind in tests::link_kinds() {
+        let server = Server::start(&kind);
+        let pidfile = server.dir.path().join("bgpid");
+        let script = format!("sleep 1000 & echo $! > {}; exit 0", pidfile.display());
+        let mut child = server
+            .rexec(&["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn rexec");
+        let bg: i32 = wait_file(&pidfile, Duration::from_secs(10))
+            .trim()
+            .parse()
+            .expect("pid");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "[{kind}] rexec waits while the background child holds stdout"
+        );
+        assert!(alive(bg), "[{kind}] background child runs");
+        child.kill().expect("SIGKILL rexec");
+        child.wait().expect("reap rexec");
+        let killed = Instant::now();
+        while alive(bg) {
+            assert!(
+                killed.elapsed() < Duration::from_secs(1),
+                "[{kind}] background child {bg} still alive 1 s after the client was killed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -291,6 +291,8 @@ pub(crate) struct Inner {
     peer: String,
     started: Instant,
     last_seen_ms: AtomicU64,
+    /// Set by [`Session::expect_silence`]: no heartbeat timeout while set.
+    silence_ok: AtomicBool,
     closed_tx: watch::Sender<Option<CloseReason>>,
 }
 
@@ -921,6 +923,7 @@ impl Session {
             peer,
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
+            silence_ok: AtomicBool::new(false),
             closed_tx,
         });
         tokio::spawn(writer_task(
@@ -957,6 +960,18 @@ impl Session {
     /// Describes the peer (address, pid or CID) for logs.
     pub fn peer(&self) -> &str {
         &self.inner.peer
+    }
+
+    /// `true`: do not declare the peer dead for its silence until called with `false` (which
+    /// counts silence from now on). For job control: a stopped process answers no heartbeat,
+    /// so both sides of its session call this around the stop (the stopped side too: when it
+    /// is continued, its heartbeat may run before its reader has seen what arrived meanwhile).
+    /// A link that really breaks is still noticed by the link itself (reset, EOF).
+    pub fn expect_silence(&self, yes: bool) {
+        if !yes {
+            self.inner.touch();
+        }
+        self.inner.silence_ok.store(yes, Ordering::Relaxed);
     }
 
     /// Whether the session has ended.
@@ -1431,6 +1446,10 @@ async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
             return;
         }
         hb.on_activity(i.started + Duration::from_millis(i.last_seen_ms.load(Ordering::Relaxed)));
+        // Session::expect_silence: a stopped peer's silence is not its death.
+        if i.silence_ok.load(Ordering::Relaxed) {
+            hb.on_activity(Instant::now());
+        }
         match hb.on_timeout(Instant::now()) {
             Beat::Idle => {}
             Beat::Ping(seq) => {

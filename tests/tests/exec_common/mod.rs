@@ -34,6 +34,11 @@ pub struct Server {
 impl Server {
     /// Starts `rexec_server` on a fresh `kind` link and waits until `rexec true` works.
     pub fn start(kind: &str) -> Server {
+        Self::start_with(kind, &[])
+    }
+
+    /// [`Server::start`] with extra `rexec_server` arguments (e.g. heartbeat settings).
+    pub fn start_with(kind: &str, extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = tests::write_key(dir.path(), "psk");
         let cfg = dir.path().join("exec.toml");
@@ -46,6 +51,7 @@ impl Server {
             .arg(&key)
             .arg("--config")
             .arg(&cfg)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()

@@ -26,6 +26,11 @@ const EXIT_REXEC_ERROR: i32 = 255;
 /// Signals ignored by the caller when rexec started (see `client::ignored_signals`).
 static CALLER_IGNORED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// The caller's fds 0–2 as found at start (before closed ones are replaced by /dev/null), see
+/// `client::stdio_kinds`.
+static CALLER_STDIO: std::sync::OnceLock<[offload_exec::proto::StdioKind; 3]> =
+    std::sync::OnceLock::new();
+
 /// Environment variable with rexec's log filter (tracing `EnvFilter` syntax).
 const LOG_ENV: &str = "REXEC_LOG";
 
@@ -206,6 +211,9 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
 #[cfg(not(test))]
 #[no_mangle]
 pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    // What fds 0–2 are, before closed ones become /dev/null: a closed stdout is reproduced for
+    // the program (and so is /dev/full).
+    let _ = CALLER_STDIO.set(client::stdio_kinds());
     sanitize_stdio();
     // The caller's ignored signals, before rexec changes any disposition (SIGPIPE just below).
     CALLER_IGNORED.store(
@@ -286,6 +294,7 @@ fn rexec_main() -> std::convert::Infallible {
         // SAFETY: getpriority has no memory effects.
         nice: Some(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }),
         sig_ignored: CALLER_IGNORED.load(std::sync::atomic::Ordering::Relaxed),
+        stdio: CALLER_STDIO.get().copied().unwrap_or_default(),
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
