@@ -479,6 +479,80 @@ pub fn decode_data(bytes: &[u8]) -> Option<&[u8]> {
     rest.is_empty().then_some(data)
 }
 
+/// Names of [`Op`]'s variants in declaration order (their wire index), as metrics label them.
+const OP_NAMES: [&str; 35] = [
+    "mount",
+    "lookup",
+    "forget",
+    "getattr",
+    "setattr",
+    "readlink",
+    "symlink",
+    "mknod",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "rename",
+    "link",
+    "open",
+    "create",
+    "read",
+    "write",
+    "flush",
+    "release",
+    "fsync",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "fsyncdir",
+    "statfs",
+    "setxattr",
+    "getxattr",
+    "listxattr",
+    "removexattr",
+    "access",
+    "fallocate",
+    "lseek",
+    "getlk",
+    "setlk",
+    "poll",
+];
+
+/// The operation an encoded [`Request`] asks for, read from its first two varints without
+/// decoding the rest (`"invalid"` for bytes that name none): the fs server's metrics hook.
+pub fn op_name(req: &[u8]) -> &'static str {
+    postcard::take_from_bytes::<u64>(req)
+        .and_then(|(_, rest)| postcard::take_from_bytes::<u32>(rest))
+        .ok()
+        .and_then(|(v, _)| OP_NAMES.get(v as usize).copied())
+        .unwrap_or("invalid")
+}
+
+#[cfg(test)]
+mod op_name_tests {
+    use super::*;
+
+    /// Every index decodes (fields zeroed) to the variant of that name; one past the end is no
+    /// variant: the table follows `Op` exactly.
+    #[test]
+    fn op_names_follow_the_enum() {
+        for (i, name) in OP_NAMES.iter().enumerate() {
+            let mut bytes = vec![3u8, i as u8];
+            bytes.resize(64, 0);
+            let (req, _) = postcard::take_from_bytes::<Request>(&bytes).unwrap();
+            let dbg = format!("{:?}", req.op).to_lowercase();
+            let variant: String = dbg.chars().take_while(|c| c.is_alphanumeric()).collect();
+            assert_eq!(&variant, name, "variant {i}");
+            assert_eq!(op_name(&bytes), *name);
+        }
+        let mut past = vec![3u8, OP_NAMES.len() as u8];
+        past.resize(64, 0);
+        assert!(postcard::take_from_bytes::<Request>(&past).is_err());
+        assert_eq!(op_name(&past), "invalid");
+        assert_eq!(op_name(&[]), "invalid");
+    }
+}
+
 /// Deserializes a message.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProtoError> {
     Ok(postcard::from_bytes(bytes)?)

@@ -80,10 +80,15 @@ pub fn build_command(dir: &Path) -> Option<std::process::Command> {
         if !root.join("CACHEDIR.TAG").exists() {
             return None;
         }
-        (root.to_path_buf(), parent.file_name()?.to_str().map(String::from))
+        (
+            root.to_path_buf(),
+            parent.file_name()?.to_str().map(String::from),
+        )
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.to_path_buf();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
     let mut cmd = std::process::Command::new(cargo);
     cmd.current_dir(&workspace)
         .args(["build", "--workspace", "--bins", "--quiet", "--target-dir"])

@@ -63,3 +63,4 @@ pub fn init_tracing(default: &str) {
 }
 
 pub mod rootfs;
+pub mod status;

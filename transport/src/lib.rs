@@ -11,6 +11,7 @@ pub mod endpoint;
 pub mod link;
 pub mod service;
 pub mod session;
+mod stats;
 pub mod stream;
 pub mod wire;
 // RDMA

@@ -273,6 +273,8 @@ pub(crate) struct Inner {
     started: Instant,
     last_seen_ms: AtomicU64,
     closed_tx: watch::Sender<Option<CloseReason>>,
+    /// This session in the metrics registry (`offload status`): bytes, round trips.
+    stats: Arc<offload_metrics::SessionStats>,
 }
 
 /// A live, authenticated session. Cheap to clone; all clones share one connection.
@@ -409,6 +411,7 @@ impl Inner {
                 return;
             }
             st.closed = Some(reason.clone());
+            self.stats.closed();
             (
                 std::mem::take(&mut st.calls),
                 std::mem::take(&mut st.streams),
@@ -771,7 +774,8 @@ impl Session {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::unbounded_channel();
         let (closed_tx, _) = watch::channel(None);
-        let (r, w) = tokio::io::split(conn);
+        let stats = offload_metrics::session_opened(&peer, dialer);
+        let (r, w) = tokio::io::split(crate::stats::counted(conn, stats.clone()));
         let ws = Arc::new(Mutex::new(WriteSide {
             w,
             busy: true,
@@ -797,7 +801,15 @@ impl Session {
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             closed_tx,
+            stats,
         });
+        let weak = Arc::downgrade(&inner);
+        inner.stats.set_gauges(Box::new(move || {
+            weak.upgrade().map_or((0, 0), |i| {
+                let calls = i.inflight_calls.load(Ordering::Relaxed) as usize;
+                (i.lock().streams.len(), calls)
+            })
+        }));
         tokio::spawn(writer_task(
             ws,
             neg.auth.map(|head| Frame {
@@ -1198,6 +1210,7 @@ async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
         }
         if silent >= interval.min(tick) {
             seq = seq.wrapping_add(1);
+            i.stats.ping_sent(seq);
             let _ = i.send_ctl(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
         }
     }
@@ -1353,8 +1366,10 @@ fn dispatch(
                 inner: inner.clone(),
             };
             let id = h.id;
+            let (metrics, t0) = (offload_metrics::service(&service), Instant::now());
             let mut call = Box::pin(async move {
                 let res = svc.call(&session, body).await;
+                metrics.call_done(t0.elapsed(), res.is_ok());
                 session.inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
                 let _ = session.inner.send_ctl(reply_frame(&session.inner, id, res));
             });
@@ -1428,8 +1443,10 @@ fn dispatch(
                 inner: inner.clone(),
             };
             let stream = Stream::new(shared, inner.clone(), rx);
+            let open = offload_metrics::service(&service).stream_opened();
             tokio::spawn(async move {
                 svc.stream(&session, header, stream).await;
+                drop(open);
             });
         }
         Kind::Data => {
@@ -1501,7 +1518,7 @@ fn dispatch(
         Kind::Ping => {
             let _ = inner.send_ctl(Frame::new(Kind::Pong, h.id, &[], Bytes::new()));
         }
-        Kind::Pong => {}
+        Kind::Pong => inner.stats.pong(h.id),
         Kind::GoAway => {
             inner.lock().going_away = true;
         }
