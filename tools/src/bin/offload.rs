@@ -32,11 +32,32 @@ enum Cmd {
     /// uptime, reconnects, round trip, bytes), per-service and per-fs-op counts, errors and
     /// p50/p99 latencies, bridge traffic, qtfs mounts. Asks each offloadd's control socket.
     Status(tools::status::StatusArgs),
+    /// Write man pages for offload and every dpu-offload binary next to it into DIR
+    /// (generated from their command-line definitions).
+    GenMan {
+        /// Output directory (created if missing).
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
+    tools::man::generate_if_asked(<Cli as clap::CommandFactory>::command);
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::GenMan { dir } => {
+            match tools::man::gen_all(<Cli as clap::CommandFactory>::command(), &dir) {
+                Ok(pages) => {
+                    for p in pages {
+                        println!("{}", p.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("offload gen-man: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Status(a) => {
             tools::init_tracing("warn");
             match tools::status::run(a) {

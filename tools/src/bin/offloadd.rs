@@ -151,6 +151,7 @@ fn remove_on_signal(path: PathBuf) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     transport::tune_allocator();
     tools::init_tracing("info");
+    tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     let session_cfg = args.link.session_config()?;
     let mut cfg = load_config(args.config.as_ref())?;
