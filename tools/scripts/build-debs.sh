@@ -28,7 +28,7 @@ fi
 .ci/deps build
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "build-debs: installing cargo-deb"
-  cargo install cargo-deb --locked
+  cargo install cargo-deb --locked --version 3.8.0   # the version these flags are known to work with
 fi
 
 echo "== ${build[*]}"
@@ -43,7 +43,9 @@ OUT=$TARGET/debian
 mkdir -p "$OUT"
 rm -f "$OUT"/offload-{common,host,dpu}_*.deb
 for variant in "" host dpu; do
-  args=(deb -p tools --no-build --no-strip --profile "$PROFILE" --output "$OUT")
+  # Stripped (cargo-deb's default); debug packages compress fast (CI throws them away).
+  args=(deb -p tools --no-build --profile "$PROFILE" --output "$OUT")
+  [ "$DIR" = debug ] && args+=(--fast)
   [ -n "$variant" ] && args+=(--variant "$variant")
   echo "== cargo ${args[*]}"
   cargo "${args[@]}"
