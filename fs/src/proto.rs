@@ -272,6 +272,13 @@ macro_rules! fs_ops {
                     $( OpCode::$name => stringify!($name), )*
                 }
             }
+
+            /// The operation's name in snake case (its `HostFs` method): the metrics label.
+            pub fn label(self) -> &'static str {
+                match self {
+                    $( OpCode::$name => stringify!($method), )*
+                }
+            }
         }
 
         /// The argument structs of every operation (names are raw bytes: single components).
@@ -601,6 +608,14 @@ pub struct RequestRef<'a> {
     pub args: &'a [u8],
     /// The raw payload.
     pub payload: &'a [u8],
+}
+
+/// The operation an encoded request asks for (its first byte), as metrics label it;
+/// `"invalid"` for bytes that name none.
+pub fn op_label(req: &[u8]) -> &'static str {
+    req.first()
+        .and_then(|&c| OpCode::from_u8(c))
+        .map_or("invalid", OpCode::label)
 }
 
 /// Splits an encoded request into its parts (the arguments are decoded by the dispatch).

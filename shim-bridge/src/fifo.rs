@@ -11,6 +11,7 @@ use crate::config::under_any;
 use crate::proto::{self, FifoDirection, StreamHeader};
 use crate::service::{Inner, SERVICE};
 use crate::watch::{list, DirWatcher};
+use offload_metrics::Direction;
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt};
@@ -247,7 +248,10 @@ async fn fifo_to_stream(path: &Path, tx: &mut StreamWriter) -> io::Result<()> {
         rx.readable().await?;
         match rx.try_read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => tx.send(bytes::Bytes::copy_from_slice(&buf[..n])).await?,
+            Ok(n) => {
+                offload_metrics::bridge().fifo_bytes(Direction::ToPeer, n);
+                tx.send(bytes::Bytes::copy_from_slice(&buf[..n])).await?
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
@@ -271,7 +275,10 @@ async fn stream_to_fifo(
         }
         let Some(wr) = w.as_mut() else { break };
         match data {
-            Some(b) => wr.write_all(&b).await?,
+            Some(b) => {
+                wr.write_all(&b).await?;
+                offload_metrics::bridge().fifo_bytes(Direction::FromPeer, b.len());
+            }
             None => break,
         }
     }

@@ -1,6 +1,7 @@
 //! Pumping one local Unix connection through one session stream, both ways, half-close kept.
 
 use bytes::{Bytes, BytesMut};
+use offload_metrics::Direction;
 use std::io;
 use std::os::fd::AsRawFd;
 use tokio::io::Interest;
@@ -133,13 +134,20 @@ pub(crate) async fn pump(
     label: String,
 ) {
     let (mut rx, mut tx) = stream.split();
+    let (counters, _open) = (
+        offload_metrics::bridge(),
+        offload_metrics::bridge().connection(),
+    );
     let result: io::Result<()> = {
         let up = async {
             let mut buf = BytesMut::with_capacity(chunk * SLAB_FACTOR);
             let mut warned = false;
             loop {
                 match read_chunk(&sock, &mut buf, chunk, &label, &mut warned).await? {
-                    Some(b) => tx.send(b).await?,
+                    Some(b) => {
+                        counters.socket_bytes(Direction::ToPeer, b.len());
+                        tx.send(b).await?
+                    }
                     None => return tx.finish(),
                 }
             }
@@ -147,6 +155,7 @@ pub(crate) async fn pump(
         let down = async {
             while let Some(b) = rx.recv().await? {
                 write_all(&sock, &b).await?;
+                counters.socket_bytes(Direction::FromPeer, b.len());
             }
             // Peer finished: half-close our write side, keep reading.
             nix::sys::socket::shutdown(sock.as_raw_fd(), nix::sys::socket::Shutdown::Write)

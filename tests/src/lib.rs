@@ -21,16 +21,94 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-/// Path of a workspace binary; panics with the build command to run if it is missing, because the
-/// test command builds every binary before running tests (`cargo build --workspace --bins`).
+/// Path of a workspace binary. The first call in a test process makes sure every workspace
+/// binary is built and fresh ([`ensure_built`]), so a plain `cargo test --workspace` works and
+/// never runs stale daemons; panics with the build command if the binary is still missing.
 pub fn bin(name: &str) -> PathBuf {
+    ensure_built();
     let p = bin_dir().join(name);
     assert!(
         p.exists(),
-        "{} not built: run `cargo build --workspace --bins` first (the README's test command does)",
+        "{} not built: run `cargo build --workspace --bins` (the README's test command does)",
         p.display()
     );
     p
+}
+
+/// Runs `cargo build --workspace --bins` once per test process, into the target directory and
+/// profile this test executable was built with (features: `tools/rdma` when this crate has
+/// `rdma`). Cargo does not build a workspace's binaries for another package's integration
+/// tests, and `cargo test --workspace` must not need a separate build step. A no-op (after a
+/// fresh check, ~1 s) when everything is built. Skipped when `OFFLOAD_BIN_DIR` points elsewhere
+/// (the VM tier) or `OFFLOAD_TESTS_PREBUILT=1` (tests/run-all.sh built everything just before).
+pub fn ensure_built() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        if std::env::var_os("OFFLOAD_BIN_DIR").is_some()
+            || std::env::var("OFFLOAD_TESTS_PREBUILT").is_ok_and(|v| v == "1")
+        {
+            return;
+        }
+        let dir = bin_dir();
+        let Some(cmd) = build_command(&dir) else {
+            let _ = writeln!(
+                std::io::stderr(),
+                "tests: {} is not a cargo target directory; not building binaries",
+                dir.display()
+            );
+            return;
+        };
+        let mut cmd = cmd;
+        let status = cmd.status();
+        match status {
+            Ok(s) if s.success() => {}
+            other => panic!("building the workspace binaries failed ({other:?}): {cmd:?}"),
+        }
+    });
+}
+
+/// The `cargo build` that (re)builds the binaries in `dir` (`TARGET/<profile>` or
+/// `TARGET/<triple>/<profile>`), or `None` when `dir` is not inside a cargo target directory.
+pub fn build_command(dir: &Path) -> Option<std::process::Command> {
+    let profile_dir = dir.file_name()?.to_str()?.to_string();
+    let parent = dir.parent()?;
+    // `CACHEDIR.TAG` marks a cargo target directory's root.
+    let (target_dir, triple) = if parent.join("CACHEDIR.TAG").exists() {
+        (parent.to_path_buf(), None)
+    } else {
+        let root = parent.parent()?;
+        if !root.join("CACHEDIR.TAG").exists() {
+            return None;
+        }
+        (
+            root.to_path_buf(),
+            parent.file_name()?.to_str().map(String::from),
+        )
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(&workspace)
+        .args(["build", "--workspace", "--bins", "--quiet", "--target-dir"])
+        .arg(&target_dir);
+    match profile_dir.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    if let Some(t) = triple {
+        cmd.args(["--target", &t]);
+    }
+    if cfg!(feature = "rdma") {
+        cmd.args(["--features", "tools/rdma,tests/rdma"]);
+    }
+    Some(cmd)
 }
 
 /// Writes a fresh random 32-byte pre-shared key (hex) with mode 0600 into `dir` and returns its path.

@@ -12,6 +12,8 @@ PAIR_DIR=${PAIR_DIR:-/tmp/offload-pair}
 PORT=${PORT:-7000}
 PROFILE=${PROFILE:-release}
 
+.ci/deps pair   # the apt packages the build and the mount need (no-op when present)
+
 echo "== building ($PROFILE)"
 if [ "$PROFILE" = release ]; then cargo build --release --workspace --bins; else cargo build --workspace --bins; fi
 BIN=$ROOT/target/$PROFILE

@@ -120,4 +120,6 @@ pub fn init_tracing(default: &str) {
         .try_init();
 }
 
+pub mod man;
 pub mod rootfs;
+pub mod status;

@@ -13,6 +13,7 @@ pub mod link;
 pub(crate) mod rules;
 pub mod service;
 pub mod session;
+mod stats;
 pub mod stream;
 pub mod sync;
 pub mod wire;

@@ -294,6 +294,8 @@ pub(crate) struct Inner {
     /// Set by [`Session::expect_silence`]: no heartbeat timeout while set.
     silence_ok: AtomicBool,
     closed_tx: watch::Sender<Option<CloseReason>>,
+    /// This session in the metrics registry (`offload status`): bytes, round trips.
+    stats: Arc<offload_metrics::SessionStats>,
 }
 
 /// A live, authenticated session. Cheap to clone; all clones share one connection.
@@ -440,6 +442,7 @@ impl Inner {
                 return;
             }
             st.closed = Some(reason.clone());
+            self.stats.closed();
             (
                 std::mem::take(&mut st.calls),
                 std::mem::take(&mut st.streams),
@@ -896,7 +899,8 @@ impl Session {
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::unbounded_channel();
         let (closed_tx, _) = watch::channel(None);
-        let (r, w) = tokio::io::split(conn);
+        let stats = offload_metrics::session_opened(&peer, dialer);
+        let (r, w) = tokio::io::split(crate::stats::counted(conn, stats.clone()));
         let (seal, open) = neg.cipher.map_or((None, None), |(s, o)| (Some(s), Some(o)));
         let ws = Arc::new(Mutex::new(WriteSide {
             w,
@@ -925,7 +929,15 @@ impl Session {
             last_seen_ms: AtomicU64::new(0),
             silence_ok: AtomicBool::new(false),
             closed_tx,
+            stats,
         });
+        let weak = Arc::downgrade(&inner);
+        inner.stats.set_gauges(Box::new(move || {
+            weak.upgrade().map_or((0, 0), |i| {
+                let calls = i.inflight_calls.load(Ordering::Relaxed) as usize;
+                (i.lock().streams.len(), calls)
+            })
+        }));
         tokio::spawn(writer_task(
             ws,
             neg.auth.map(|head| Frame {
@@ -1453,6 +1465,7 @@ async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
         match hb.on_timeout(Instant::now()) {
             Beat::Idle => {}
             Beat::Ping(seq) => {
+                i.stats.ping_sent(seq);
                 let _ = i.send_ctl(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
             }
             Beat::Dead(silent) => {
@@ -1638,8 +1651,10 @@ fn dispatch(
                 inner: inner.clone(),
             };
             let id = h.id;
+            let (metrics, t0) = (offload_metrics::service(&service), Instant::now());
             let mut call = Box::pin(async move {
                 let res = svc.call(&session, body).await;
+                metrics.call_done(t0.elapsed(), res.is_ok());
                 session.inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
                 let _ = session.inner.send_ctl(reply_frame(&session.inner, id, res));
             });
@@ -1717,8 +1732,10 @@ fn dispatch(
                 inner: inner.clone(),
             };
             let stream = Stream::new(shared, inner.clone(), rx);
+            let open = offload_metrics::service(&service).stream_opened();
             tokio::spawn(async move {
                 svc.stream(&session, header, stream).await;
+                drop(open);
             });
         }
         Kind::Data => {
@@ -1784,7 +1801,7 @@ fn dispatch(
         Kind::Ping => {
             let _ = inner.send_ctl(Frame::new(Kind::Pong, h.id, &[], Bytes::new()));
         }
-        Kind::Pong => {}
+        Kind::Pong => inner.stats.pong(h.id),
         Kind::GoAway => {
             inner.lock().going_away = true;
         }

@@ -167,7 +167,10 @@ fn raise_nofile_limit() {
 #[async_trait]
 impl Service for FsService {
     async fn call(&self, session: &Session, req: Bytes) -> Result<Bytes, RemoteError> {
-        SESSION.scope(session.id(), self.dispatch(&req)).await
+        let t0 = std::time::Instant::now();
+        let res = SESSION.scope(session.id(), self.dispatch(&req)).await;
+        offload_metrics::fs_op(proto::op_label(&req), t0.elapsed(), res.is_ok());
+        res
     }
 
     fn attached(&self, session: &Session) {

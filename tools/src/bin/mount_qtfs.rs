@@ -414,6 +414,7 @@ fn background(args: &Args) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     tools::init_tracing(if args.verbose { "debug" } else { "warn" });
     let _ = (args.no_mtab, args.sloppy, &args.fstype);

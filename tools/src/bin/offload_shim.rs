@@ -49,10 +49,21 @@ fn init_log() {
 }
 
 fn main() {
+    tools::man::generate_if_asked(|| {
+        clap::Command::new("offload-shim")
+            .version(env!("CARGO_PKG_VERSION"))
+            .about("The DPU's containerd-shim-runc-v2: runs the real shim on the HOST")
+            .long_about(HELP)
+    });
     init_log();
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") && args.len() == 1 {
         print!("{}", HELP);
+        return;
+    }
+    // Its own version (containerd's `-v` still goes to the real shim on the HOST).
+    if args.len() == 1 && args[0] == "--version" {
+        println!("offload-shim {}", env!("CARGO_PKG_VERSION"));
         return;
     }
     match run(args) {

@@ -38,9 +38,18 @@ struct Args {
     /// Link type for a bare address: tcp, unix, vsock, vsock-uds or rdma.
     #[arg(long, value_name = "T")]
     transport: Option<String>,
-    /// TOML configuration with one section per service ([fs], [mount], [exec], [bridge]).
+    /// TOML configuration with one section per service ([fs], [mount], [exec], [bridge]) and
+    /// [metrics] (listen = "127.0.0.1:9464" for a Prometheus endpoint).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Root-only control socket that `offload status` asks (default
+    /// /run/offload/offloadd-host.sock with --listen, /run/offload/offloadd-dpu.sock with
+    /// --connect; `[metrics] control_socket` in the config also sets it).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Run without a control socket (`offload status` cannot reach this daemon).
+    #[arg(long, conflicts_with = "control_socket")]
+    no_control_socket: bool,
     #[command(flatten)]
     link: KeyArgs,
 }
@@ -67,6 +76,19 @@ struct Config {
     exec: Option<offload_exec::ExecConfig>,
     /// Per link kind settings (`[transport.tcp] encrypt = true`); `--encrypt` overrides.
     transport: Option<transport::TransportConfig>,
+    /// Observability: the Prometheus endpoint and the control socket.
+    #[serde(default)]
+    metrics: MetricsConfig,
+}
+
+/// `[metrics]`: where this daemon reports what it does.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsConfig {
+    /// Prometheus text endpoint (`GET /metrics`), e.g. "127.0.0.1:9464"; off when unset.
+    listen: Option<String>,
+    /// Control socket path for `offload status` (`--control-socket` wins).
+    control_socket: Option<PathBuf>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -110,6 +132,24 @@ fn registry(cfg: Config, authenticated: bool) -> anyhow::Result<Registry> {
     Ok(reg)
 }
 
+/// On SIGTERM/SIGINT: removes the control socket (so `offload status` does not list a dead
+/// daemon) and exits 0, as a systemd stop expects.
+fn remove_on_signal(path: PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::spawn(async move {
+        let sig = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        let _ = std::fs::remove_file(&path);
+        tracing::info!(signal = sig, "stopping");
+        std::process::exit(0);
+    });
+    Ok(())
+}
+
 /// Raises the soft open-file limit to the hard one: every peer connection, open file handle,
 /// FIFO tunnel and bridged socket is a descriptor, and the usual soft limit (1024) is far below
 /// what a HOST serving several DPUs holds.
@@ -135,6 +175,7 @@ fn raise_nofile_limit() {
 fn main() -> anyhow::Result<()> {
     transport::tune_allocator();
     tools::init_tracing("info");
+    tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     raise_nofile_limit();
     let args = Args::parse();
     let mut cfg = load_config(args.config.as_ref())?;
@@ -149,7 +190,35 @@ fn main() -> anyhow::Result<()> {
         };
         b.role.get_or_insert(side);
     }
+    let role = if args.listen.is_some() { "host" } else { "dpu" };
+    // (path, explicitly chosen): a default path another daemon holds only costs a warning.
+    let control = if args.no_control_socket {
+        None
+    } else {
+        match args
+            .control_socket
+            .clone()
+            .or_else(|| cfg.metrics.control_socket.clone())
+        {
+            Some(p) => Some((p, true)),
+            None => Some((
+                PathBuf::from(offload_metrics::control::DEFAULT_DIR)
+                    .join(format!("offloadd-{role}.sock")),
+                false,
+            )),
+        }
+    };
+    let metrics_listen = cfg.metrics.listen.take();
     let reg = registry(cfg, session_cfg.key.is_some())?;
+    offload_metrics::global().set_info(offload_metrics::DaemonInfo {
+        role: role.into(),
+        address: args
+            .listen
+            .clone()
+            .or_else(|| args.connect.clone())
+            .unwrap_or_default(),
+        services: reg.names(),
+    });
     if reg.names().is_empty() {
         tracing::warn!("no service configured: peers can connect but there is nothing to use");
     }
@@ -158,6 +227,24 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
+        if let Some((path, explicit)) = &control {
+            match offload_metrics::control::serve(path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "control socket ready (offload status)");
+                    remove_on_signal(path.clone())?;
+                }
+                Err(e) if *explicit => return Err(e.into()),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "no control socket: `offload status` cannot reach this daemon (give --control-socket PATH)"
+                ),
+            }
+        }
+        if let Some(addr) = &metrics_listen {
+            let bound = offload_metrics::serve_http(addr).await?;
+            tracing::info!(%bound, "metrics endpoint ready (GET /metrics)");
+            println!("offloadd metrics on http://{bound}/metrics");
+        }
         if let Some(addr) = &args.listen {
             let ep = tools::endpoint(args.transport.as_deref(), addr)?;
             let listener = transport::listen(&ep).await?;
@@ -169,10 +256,14 @@ fn main() -> anyhow::Result<()> {
             let ep = tools::endpoint(args.transport.as_deref(), addr)?;
             let client = Arc::new(Client::new(ep.clone(), session_cfg, reg));
             let mut backoff = Duration::from_millis(200);
+            let mut had_session = false;
             loop {
                 match client.session().await {
                     Ok(s) => {
                         backoff = Duration::from_millis(200);
+                        if std::mem::replace(&mut had_session, true) {
+                            offload_metrics::global().reconnected();
+                        }
                         println!("offloadd connected to {ep}");
                         tracing::info!(%ep, services = ?s.peer_services(), "session up");
                         let reason = s.closed().await;

@@ -89,6 +89,7 @@ fn normalize(args: impl Iterator<Item = String>) -> Vec<String> {
 
 fn main() {
     tools::init_tracing("warn");
+    tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse_from(normalize(std::env::args()));
     match run(args) {
         Ok(ok) => std::process::exit(if ok { 0 } else { 1 }),

@@ -249,6 +249,7 @@ fn sanitize_stdio() {
 
 #[cfg_attr(test, allow(dead_code))]
 fn rexec_main() -> std::convert::Infallible {
+    tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     // rexec's own variable: RUST_LOG in the caller's environment is meant for the program.
     if std::env::var_os(LOG_ENV).is_some() {

@@ -54,6 +54,7 @@ struct ConfigFile {
 }
 
 fn main() -> anyhow::Result<()> {
+    tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -1,0 +1,192 @@
+//! Packaging pieces that run without building packages: the maintainer scripts' key handling
+//! (run for real against a scratch /etc/offload: a key is created once, 0600, and never
+//! overwritten or followed through a symlink), the cargo-deb asset lists (every source exists,
+//! every binary is a workspace binary), and the man pages generated from the clap definitions.
+//! Building the .debs themselves and running each binary from a scratch root is the CI step
+//! `CHECK=1 PROFILE=debug tools/scripts/build-debs.sh` (.ci/run).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The maintainer script `role/name` with /etc/offload moved under `etc`.
+fn script(role: &str, name: &str, etc: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("packaging/deb").join(role).join(name)).unwrap();
+    let moved = text.replace("/etc/offload", &etc.join("offload").display().to_string());
+    let p = etc.join(format!("{role}-{name}"));
+    std::fs::write(&p, moved).unwrap();
+    p
+}
+
+fn run(script: &Path) -> String {
+    // No /run/systemd/system in a test sandbox normally; the scripts skip systemctl then.
+    let out = Command::new("sh")
+        .arg(script)
+        .arg("configure")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn postinst_creates_a_key_once_and_never_overwrites_one() {
+    let t = tempfile::tempdir().unwrap();
+    let etc = t.path();
+    let host = script("host", "postinst", etc);
+    let said = run(&host);
+    let psk = etc.join("offload/psk");
+    let key = std::fs::read_to_string(&psk).expect("host postinst made a key");
+    assert_eq!(key.len(), 64, "32 bytes in hex: {key:?}");
+    assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+    let mode = std::fs::metadata(&psk).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let dmode = std::fs::metadata(etc.join("offload"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dmode, 0o700);
+    assert!(said.contains("copy it to the DPU"), "{said}");
+    // The key the DPU and HOST are using (or one rotated in): a reinstall keeps it.
+    std::fs::write(&psk, "operator-key").unwrap();
+    let said = run(&host);
+    assert_eq!(std::fs::read_to_string(&psk).unwrap(), "operator-key");
+    assert!(!said.contains("created"), "{said}");
+    // A symlinked key (e.g. to a secrets mount), even dangling, is left alone.
+    std::fs::remove_file(&psk).unwrap();
+    std::os::unix::fs::symlink(etc.join("elsewhere"), &psk).unwrap();
+    run(&host);
+    assert!(std::fs::symlink_metadata(&psk)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(!etc.join("elsewhere").exists(), "followed the symlink");
+    // The DPU's postinst never makes a key (both sides must hold the HOST's).
+    let t2 = tempfile::tempdir().unwrap();
+    let dpu = script("dpu", "postinst", t2.path());
+    let said = run(&dpu);
+    assert!(t2.path().join("offload").is_dir());
+    assert!(!t2.path().join("offload/psk").exists());
+    assert!(said.contains("copy the HOST's"), "{said}");
+    // Removal scripts run cleanly and leave keys and configs.
+    for s in ["prerm", "postrm"] {
+        let p = script("host", s, etc);
+        let st = Command::new("sh").arg(&p).arg("remove").status().unwrap();
+        assert!(st.success(), "{s}");
+    }
+    assert!(std::fs::symlink_metadata(&psk).is_ok());
+}
+
+#[test]
+fn deb_assets_exist_and_name_workspace_binaries() {
+    let manifest = std::fs::read_to_string(root().join("tools/Cargo.toml")).unwrap();
+    let doc: toml::Table = toml::from_str(&manifest).unwrap();
+    let deb = doc["package"]["metadata"]["deb"].as_table().unwrap();
+    let mut lists = vec![("offload-common", deb)];
+    for (name, v) in deb["variants"].as_table().unwrap() {
+        lists.push((name.as_str(), v.as_table().unwrap()));
+    }
+    assert_eq!(lists.len(), 3, "common, host, dpu");
+    let mut dests = Vec::new();
+    for (pkg, t) in lists {
+        if let Some(dir) = t.get("maintainer-scripts").and_then(|v| v.as_str()) {
+            let d = root().join("tools").join(dir);
+            assert!(d.join("postinst").exists(), "{pkg}: {}", d.display());
+        }
+        for a in t["assets"].as_array().unwrap() {
+            let a = a.as_array().unwrap();
+            let (src, dst) = (a[0].as_str().unwrap(), a[1].as_str().unwrap());
+            dests.push(dst.to_string());
+            if let Some(bin) = src.strip_prefix("target/release/") {
+                if bin.starts_with("man/") {
+                    continue; // generated by build-debs.sh (checked below)
+                }
+                assert!(
+                    tests::bin(bin).exists(),
+                    "{pkg}: {bin} is no workspace binary"
+                );
+            } else {
+                let p = root().join("tools").join(src);
+                assert!(p.exists(), "{pkg}: asset {} missing", p.display());
+            }
+        }
+    }
+    for want in [
+        "sbin/mount.qtfs",
+        "lib/systemd/system/",
+        "usr/share/doc/offload-host/examples/",
+        "usr/share/doc/offload-dpu/examples/",
+    ] {
+        assert!(
+            dests.iter().any(|d| d == want),
+            "nothing installed to {want}"
+        );
+    }
+}
+
+#[test]
+fn man_pages_for_every_binary() {
+    let t = tempfile::tempdir().unwrap();
+    let out = Command::new(tests::bin("offload"))
+        .arg("gen-man")
+        .arg(t.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "offload gen-man: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "offload",
+        "offload-status",
+        "offload-dpu-setup",
+        "offloadd",
+        "mount.qtfs",
+        "rexec",
+        "rexec_server",
+        "offload-shim",
+        "remote_kill",
+    ] {
+        let p = t.path().join(format!("{page}.1"));
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: not roff"
+        );
+        assert!(
+            text.contains(".SH NAME") || text.contains(".SH \"NAME\""),
+            "{page}"
+        );
+    }
+    // The pages carry the options (from clap, not hand-written).
+    let d = std::fs::read_to_string(t.path().join("offloadd.1")).unwrap();
+    assert!(d.contains("control\\-socket") || d.contains("control-socket"));
+    // man renders them when it is installed.
+    if Command::new("man").arg("--version").output().is_ok() {
+        let out = Command::new("man")
+            .arg("-l")
+            .arg(t.path().join("offload-status.1"))
+            .env("MANPAGER", "cat")
+            .env("MANWIDTH", "100")
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let txt = String::from_utf8_lossy(&out.stdout);
+            assert!(txt.contains("--json"), "{txt}");
+        }
+    }
+}
