@@ -169,7 +169,7 @@ impl Service for FsService {
     async fn call(&self, session: &Session, req: Bytes) -> Result<Bytes, RemoteError> {
         let t0 = std::time::Instant::now();
         let res = SESSION.scope(session.id(), self.dispatch(&req)).await;
-        offload_metrics::fs_op(proto::op_label(&req), t0.elapsed(), res.is_ok());
+        offload_metrics::fs_op(crate::proto::op_label(&req), t0.elapsed(), res.is_ok());
         res
     }
 
