@@ -610,14 +610,6 @@ pub struct RequestRef<'a> {
     pub payload: &'a [u8],
 }
 
-/// The operation an encoded request asks for (its first byte), as metrics label it;
-/// `"invalid"` for bytes that name none.
-pub fn op_label(req: &[u8]) -> &'static str {
-    req.first()
-        .and_then(|&c| OpCode::from_u8(c))
-        .map_or("invalid", OpCode::label)
-}
-
 /// Splits an encoded request into its parts (the arguments are decoded by the dispatch).
 pub fn parse_request(bytes: &[u8]) -> Result<RequestRef<'_>, ProtoError> {
     let (&code, rest) = bytes.split_first().ok_or(ProtoError::Malformed)?;

@@ -1180,9 +1180,10 @@ impl Session {
 
 /// Handshakes in progress at once, in all and from one source (an IP address, a vsock CID).
 /// Beyond them a new connection is closed at once: half-open connections from one place cannot
-/// keep the real peer (another source) out, and cost no more than their sockets.
-const MAX_PENDING: usize = 1024;
-const MAX_PENDING_PER_SOURCE: usize = 64;
+/// keep the real peer (another source) out, and cost no more than their sockets. The per-source
+/// cap leaves room for a DPU's own bursts (100 rexec calls dialled at once, tests/exec_signals).
+const MAX_PENDING: usize = 4096;
+const MAX_PENDING_PER_SOURCE: usize = 256;
 
 /// Where a peer connects from, for [`MAX_PENDING_PER_SOURCE`]: the address without its port
 /// (`tcp:10.0.0.2:4711` → `tcp:10.0.0.2`); other kinds as named.

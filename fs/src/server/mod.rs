@@ -167,10 +167,7 @@ fn raise_nofile_limit() {
 #[async_trait]
 impl Service for FsService {
     async fn call(&self, session: &Session, req: Bytes) -> Result<Bytes, RemoteError> {
-        let t0 = std::time::Instant::now();
-        let res = SESSION.scope(session.id(), self.dispatch(&req)).await;
-        offload_metrics::fs_op(crate::proto::op_label(&req), t0.elapsed(), res.is_ok());
-        res
+        SESSION.scope(session.id(), self.dispatch(&req)).await
     }
 
     fn attached(&self, session: &Session) {
