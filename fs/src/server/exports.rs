@@ -57,20 +57,7 @@ impl FsService {
     /// refusing every symlink on the way (ELOOP) and never leaving the export; mounts on the
     /// way are entered.
     pub(crate) fn open_in_export(&self, idx: usize, rest: &Path, flags: i32) -> R<OwnedFd> {
-        let root = &self.inner.exports.get(idx).ok_or(libc::EPERM)?.path;
-        let root_c = CString::new(root.as_os_str().as_encoded_bytes()).map_err(|_| libc::EINVAL)?;
-        // SAFETY: valid C string; result checked.
-        let rfd = unsafe {
-            libc::open(
-                root_c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if rfd < 0 {
-            return Err(sys::last());
-        }
-        // SAFETY: fresh descriptor.
-        let rfd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(rfd) };
+        let rfd = open_root(&self.inner.exports.get(idx).ok_or(libc::EPERM)?.path)?;
         let rest = if rest.as_os_str().is_empty() {
             CString::new(".").map_err(|_| libc::EINVAL)?
         } else {
@@ -113,20 +100,7 @@ impl FsService {
         let root = self.inner.exports[idx].path.clone();
         let read_only = self.inner.exports[idx].read_only;
         let res = blocking(move || {
-            let root_c =
-                CString::new(root.as_os_str().as_encoded_bytes()).map_err(|_| libc::EINVAL)?;
-            // SAFETY: valid C string; result checked.
-            let rfd = unsafe {
-                libc::open(
-                    root_c.as_ptr(),
-                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                )
-            };
-            if rfd < 0 {
-                return Err(sys::last());
-            }
-            // SAFETY: fresh descriptor.
-            let rfd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(rfd) };
+            let rfd = open_root(&root)?;
             let fd = if rest.as_os_str().is_empty() {
                 rfd
             } else {
@@ -158,4 +132,22 @@ impl FsService {
             }),
         }
     }
+}
+
+/// An `O_PATH` descriptor of an export root (a HOST path from the configuration, followed as
+/// the HOST resolves it: the root itself may be a symlink or a mount).
+fn open_root(root: &Path) -> R<OwnedFd> {
+    let root_c = CString::new(root.as_os_str().as_encoded_bytes()).map_err(|_| libc::EINVAL)?;
+    // SAFETY: valid C string; result checked.
+    let rfd = unsafe {
+        libc::open(
+            root_c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if rfd < 0 {
+        return Err(sys::last());
+    }
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(rfd) })
 }
