@@ -504,11 +504,22 @@ const SI_KERNEL: i32 = 0x80;
 /// Handlers for the forwarded signals, installed before the exec starts so none is lost.
 struct Signals {
     streams: Vec<(Sig, tokio::signal::unix::Signal)>,
+    /// Our siginfo actions, removed on drop (tokio's own stay registered, as always).
+    actions: Vec<signal_hook_registry::SigId>,
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        for id in self.actions.drain(..) {
+            signal_hook_registry::unregister(id);
+        }
+    }
 }
 
 impl Signals {
     fn new(ignored: u64) -> io::Result<Self> {
         let mut streams = Vec::with_capacity(Sig::ALL.len());
+        let mut actions = Vec::with_capacity(Sig::ALL.len());
         // Every forwardable signal except SIGKILL, which cannot be caught, and those the caller
         // ignores (they stay ignored here, and the program inherits that).
         for s in Sig::ALL
@@ -519,7 +530,7 @@ impl Signals {
             // Registered first: runs before tokio's action for the same delivery, so the flag is
             // set by the time the stream below yields it.
             // SAFETY: the action only stores into an atomic (async-signal-safe).
-            unsafe {
+            let id = unsafe {
                 signal_hook_registry::register_sigaction(n, move |info: &libc::siginfo_t| {
                     if let Some(f) = FROM_KERNEL.get(n as usize) {
                         f.store(info.si_code == SI_KERNEL, Ordering::Relaxed);
@@ -527,10 +538,11 @@ impl Signals {
                 })
             }
             .map_err(io::Error::other)?;
+            actions.push(id);
             let kind = tokio::signal::unix::SignalKind::from_raw(n);
             streams.push((s, tokio::signal::unix::signal(kind)?));
         }
-        Ok(Self { streams })
+        Ok(Self { streams, actions })
     }
 
     /// The next signal, and whether the kernel sent it to the whole process group.
