@@ -350,10 +350,10 @@ impl Metrics {
 
     /// Everything at this moment, for `offload status` and the exporters.
     pub fn snapshot(&self) -> Snapshot {
-        let sessions: Vec<SessionSnapshot> = lock(&self.sessions)
-            .values()
-            .map(|s| s.snapshot())
-            .collect();
+        // Snapshotted outside the registry's lock: a session's gauges take the session's own
+        // lock, which a closing session holds while it leaves the registry.
+        let live: Vec<Arc<SessionStats>> = lock(&self.sessions).values().cloned().collect();
+        let sessions: Vec<SessionSnapshot> = live.iter().map(|s| s.snapshot()).collect();
         let live_in: u64 = sessions.iter().map(|s| s.bytes_in).sum();
         let live_out: u64 = sessions.iter().map(|s| s.bytes_out).sum();
         let b = &self.bridge;

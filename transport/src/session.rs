@@ -442,12 +442,13 @@ impl Inner {
                 return;
             }
             st.closed = Some(reason.clone());
-            self.stats.closed();
             (
                 std::mem::take(&mut st.calls),
                 std::mem::take(&mut st.streams),
             )
         };
+        // Outside the state lock (the registry's snapshot reads it through the gauges).
+        self.stats.closed();
         match &reason {
             // A peer that exits while sending (a killed rexec) is routine, not a warning.
             CloseReason::Local

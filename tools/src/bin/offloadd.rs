@@ -44,7 +44,8 @@ struct Args {
     config: Option<PathBuf>,
     /// Root-only control socket that `offload status` asks (default
     /// /run/offload/offloadd-host.sock with --listen, /run/offload/offloadd-dpu.sock with
-    /// --connect; `[metrics] control_socket` in the config also sets it).
+    /// --connect, in $OFFLOAD_CONTROL_DIR when set; `[metrics] control_socket` in the config
+    /// also sets it).
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
     /// Run without a control socket (`offload status` cannot reach this daemon).
@@ -202,7 +203,9 @@ fn main() -> anyhow::Result<()> {
         {
             Some(p) => Some((p, true)),
             None => Some((
-                PathBuf::from(offload_metrics::control::DEFAULT_DIR)
+                std::env::var_os("OFFLOAD_CONTROL_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(offload_metrics::control::DEFAULT_DIR))
                     .join(format!("offloadd-{role}.sock")),
                 false,
             )),
@@ -227,6 +230,20 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
+        // Everything that can fail to bind comes first, so a daemon that exits on an error
+        // never leaves a control socket behind (nor removes another daemon's).
+        let listener = match &args.listen {
+            Some(addr) => {
+                let ep = tools::endpoint(args.transport.as_deref(), addr)?;
+                Some(transport::listen(&ep).await?)
+            }
+            None => None,
+        };
+        if let Some(addr) = &metrics_listen {
+            let bound = offload_metrics::serve_http(addr).await?;
+            tracing::info!(%bound, "metrics endpoint ready (GET /metrics)");
+            println!("offloadd metrics on http://{bound}/metrics");
+        }
         if let Some((path, explicit)) = &control {
             match offload_metrics::control::serve(path) {
                 Ok(()) => {
@@ -240,14 +257,7 @@ fn main() -> anyhow::Result<()> {
                 ),
             }
         }
-        if let Some(addr) = &metrics_listen {
-            let bound = offload_metrics::serve_http(addr).await?;
-            tracing::info!(%bound, "metrics endpoint ready (GET /metrics)");
-            println!("offloadd metrics on http://{bound}/metrics");
-        }
-        if let Some(addr) = &args.listen {
-            let ep = tools::endpoint(args.transport.as_deref(), addr)?;
-            let listener = transport::listen(&ep).await?;
+        if let Some(listener) = listener {
             // Readiness line for scripts and tests: the bound address (port 0 resolved).
             println!("offloadd listening on {}", listener.local_endpoint());
             transport::serve(listener, session_cfg, reg).await;
