@@ -170,10 +170,9 @@ impl Inner {
             std::fs::create_dir_all(dir)?;
         }
         match std::fs::symlink_metadata(path) {
-            // Our own previous listener (e.g. before a redial): replace it without probing.
-            Ok(m) if m.file_type().is_socket() && Some(m.ino()) == old_ino => {
-                std::fs::remove_file(path)?;
-            }
+            // Our own previous listener (e.g. before a redial): the rename below replaces it
+            // atomically, so a client never finds the path missing.
+            Ok(m) if m.file_type().is_socket() && Some(m.ino()) == old_ino => {}
             Ok(m) if m.file_type().is_socket() => {
                 // Someone else's live socket is never replaced; a stale one is.
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -184,11 +183,11 @@ impl Inner {
             Ok(_) => return Err(std::io::Error::from_raw_os_error(libc::EEXIST)),
             Err(_) => {}
         }
-        let listener = UnixListener::bind(path)?;
+        let id = self.id();
+        let listener = bind_atomically(path, id)?;
         let ino = std::fs::symlink_metadata(path)
             .map(|m| m.ino())
             .unwrap_or(0);
-        let id = self.id();
         let cancel = parent.child_token();
         lock(&self.proxies).insert(
             path.to_path_buf(),
@@ -580,4 +579,29 @@ impl Service for BridgeService {
         let session = session.clone();
         tokio::spawn(inner.run_session(session));
     }
+}
+
+/// Binds and listens under a temporary name next to `path`, then renames it into place, so the
+/// socket file appears (or replaces our previous one) only once it accepts connections: a client
+/// that connects as soon as it sees the file never gets ECONNREFUSED from the bind-to-listen gap.
+/// Falls back to binding `path` directly when the temporary name would not fit in `sun_path`.
+fn bind_atomically(path: &Path, id: u64) -> Result<UnixListener, std::io::Error> {
+    let tmp = path.with_file_name(format!(
+        "{}{}.{id}",
+        crate::watch::TMP_PREFIX,
+        std::process::id()
+    ));
+    if tmp.as_os_str().len() >= 108 {
+        if std::fs::symlink_metadata(path).is_ok() {
+            std::fs::remove_file(path)?;
+        }
+        return UnixListener::bind(path);
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(listener)
 }

@@ -4,6 +4,7 @@
 
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
@@ -97,12 +98,18 @@ impl DirWatcher {
     }
 }
 
-/// Entries of `dir` whose file type satisfies `pred` (missing dir → empty).
+/// Name prefix of the bridge's own half-made listeners (bound, not yet renamed into place);
+/// never mirrored.
+pub(crate) const TMP_PREFIX: &str = ".sbtmp";
+
+/// Entries of `dir` whose file type satisfies `pred` (missing dir → empty), skipping the
+/// bridge's temporary names.
 pub(crate) fn list(dir: &Path, pred: impl Fn(&std::fs::FileType) -> bool) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     rd.filter_map(|e| e.ok())
+        .filter(|e| !e.file_name().as_bytes().starts_with(TMP_PREFIX.as_bytes()))
         .filter(|e| e.file_type().map(|t| pred(&t)).unwrap_or(false))
         .map(|e| e.path())
         .collect()

@@ -206,10 +206,21 @@ pub mod proto {
         pub working_dir: String,
         #[prost(message, repeated, tag = "6")]
         pub envs: Vec<KeyValue>,
+        #[prost(message, repeated, tag = "7")]
+        pub mounts: Vec<Mount>,
         #[prost(map = "string, string", tag = "9")]
         pub labels: HashMap<String, String>,
         #[prost(string, tag = "11")]
         pub log_path: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Mount {
+        #[prost(string, tag = "1")]
+        pub container_path: String,
+        #[prost(string, tag = "2")]
+        pub host_path: String,
+        #[prost(bool, tag = "3")]
+        pub readonly: bool,
     }
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct CreateContainerRequest {
@@ -835,6 +846,8 @@ pub struct PodSpec {
     pub call_timeout: Duration,
     /// Grace period given to `StopContainer`.
     pub stop_grace_secs: i64,
+    /// Host-path volumes: `(host path, path in the container)`, read-write.
+    pub volumes: Vec<(PathBuf, PathBuf)>,
 }
 
 impl PodSpec {
@@ -855,6 +868,7 @@ impl PodSpec {
             ],
             call_timeout: Duration::from_secs(30),
             stop_grace_secs: 2,
+            volumes: Vec::new(),
         }
     }
 }
@@ -1119,6 +1133,15 @@ where
                 key: "OECRI".into(),
                 value: "1".into(),
             }],
+            mounts: spec
+                .volumes
+                .iter()
+                .map(|(h, c)| proto::Mount {
+                    container_path: c.display().to_string(),
+                    host_path: h.display().to_string(),
+                    readonly: false,
+                })
+                .collect(),
             labels: HashMap::new(),
             log_path: if spec.log_directory.is_some() {
                 "main.log".into()

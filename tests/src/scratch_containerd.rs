@@ -59,6 +59,8 @@ pub struct ScratchOptions {
     pub namespaces: Vec<String>,
     /// Extra TOML appended to the generated config.
     pub extra_config: String,
+    /// containerd's log level (`[debug] level`).
+    pub log_level: String,
 }
 
 impl Default for ScratchOptions {
@@ -67,6 +69,7 @@ impl Default for ScratchOptions {
             cri: false,
             namespaces: vec!["oecri".into()],
             extra_config: String::new(),
+            log_level: "info".into(),
         }
     }
 }
@@ -118,12 +121,13 @@ impl ScratchContainerd {
         let mut cfg = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
              [grpc]\n  address = \"{sock}\"\n\
-             [debug]\n  level = \"info\"\n\
+             [debug]\n  level = \"{level}\"\n\
              [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{opt}\"\n",
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = socket.display(),
             opt = d.join("opt").display(),
+            level = opts.log_level,
         );
         if opts.cri {
             cfg.push_str(&crate::cri::containerd_cri_config(

@@ -38,6 +38,19 @@ fn e2e_cri_pod_lifecycle_on_separated_dpu() {
     let mut spec = PodSpec::new(lab.containerd_socket(), "oe2e-pod");
     spec.image = image::BBOX.into();
     spec.cgroup_parent = format!("{CGROUP_PARENT}/pod");
+    // A host-path volume under kubelet's pod directory (qtfs-mounted on the DPU): the CRI
+    // plugin on the DPU checks/creates the host path through qtfs, runc on the HOST binds it.
+    let vol = "/var/lib/kubelet/pods/oe2e-pod-uid/volumes/kubernetes.io~empty-dir/data";
+    std::fs::create_dir_all(lab.host_path(vol)).unwrap();
+    std::fs::write(lab.host_path(&format!("{vol}/in.txt")), "from the HOST\n").unwrap();
+    spec.volumes = vec![(vol.into(), "/data".into())];
+    spec.command = vec![
+        "sh".into(),
+        "-c".into(),
+        "cat /data/in.txt > /data/out.txt && echo written by the pod >> /data/out.txt; \
+         echo started; exec sleep 300"
+            .into(),
+    ];
     let mut shims_while_running = Vec::new();
     let report = cri::run_pod_lifecycle_blocking(&spec, |r| {
         cri::check_on_this_host(r)?;
@@ -55,6 +68,19 @@ fn e2e_cri_pod_lifecycle_on_separated_dpu() {
         "the pod's shim runs on the HOST: {shims_while_running:?}"
     );
     assert_eq!(report.exec_echo.stdout, "hi\n");
+    // The volume: the pod wrote through the bind on the HOST; the DPU sees it through qtfs.
+    let out = std::fs::read_to_string(lab.host_path(&format!("{vol}/out.txt")))
+        .unwrap_or_else(|e| panic!("the pod's file on the HOST: {e}\n{}", lab.logs()));
+    assert_eq!(out, "from the HOST\nwritten by the pod\n");
+    let seen = lab.dpu_sh(&format!("cat {vol}/out.txt"), Duration::from_secs(10));
+    assert_eq!(
+        seen.stdout,
+        out,
+        "the DPU's view through qtfs: {} {}\n{}",
+        seen.describe(),
+        seen.stderr,
+        lab.logs()
+    );
     assert_eq!(report.exec_fail.exit_code, 7, "{:?}", report.exec_fail);
     report
         .wait_processes_gone(Duration::from_secs(10))

@@ -1151,19 +1151,93 @@ impl Session {
     }
 }
 
+/// Handshakes in progress at once, in all and from one source (an IP address, a vsock CID).
+/// Beyond them a new connection is closed at once: half-open connections from one place cannot
+/// keep the real peer (another source) out, and cost no more than their sockets.
+const MAX_PENDING: usize = 1024;
+const MAX_PENDING_PER_SOURCE: usize = 64;
+
+/// Where a peer connects from, for [`MAX_PENDING_PER_SOURCE`]: the address without its port
+/// (`tcp:10.0.0.2:4711` → `tcp:10.0.0.2`); other kinds as named.
+fn source_of(peer: &str) -> &str {
+    match peer.split_once(':') {
+        Some(("tcp" | "vsock" | "rdma", _)) => peer.rsplit_once(':').map_or(peer, |(a, _)| a),
+        Some((kind, _)) => kind,
+        None => peer,
+    }
+}
+
+/// Counts the handshakes in progress, per source and in all.
+#[derive(Default)]
+struct Handshakes {
+    by_source: HashMap<String, usize>,
+    total: usize,
+}
+
+/// One admitted handshake; releases its slot when dropped.
+struct PendingSlot {
+    pending: Arc<Mutex<Handshakes>>,
+    source: String,
+}
+
+impl PendingSlot {
+    fn admit(pending: &Arc<Mutex<Handshakes>>, peer: &str) -> Option<PendingSlot> {
+        let source = source_of(peer).to_string();
+        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        let n = p.by_source.get(&source).copied().unwrap_or(0);
+        if p.total >= MAX_PENDING || n >= MAX_PENDING_PER_SOURCE {
+            return None;
+        }
+        p.total += 1;
+        p.by_source.insert(source.clone(), n + 1);
+        Some(PendingSlot {
+            pending: pending.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.total = p.total.saturating_sub(1);
+        if let Some(n) = p.by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                p.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// Accepts connections forever, running each handshake in its own task so a slow or hostile
-/// peer never delays anyone else. Failed handshakes are logged and dropped.
+/// peer never delays anyone else. Failed handshakes are logged and dropped; connections beyond
+/// the pending-handshake limits are closed unread.
 pub async fn serve(mut listener: Box<dyn Listener>, cfg: SessionConfig, registry: Registry) {
     let local = listener.local_endpoint();
     let encrypt = cfg.encrypt.for_endpoint(&local);
     tracing::info!(%local, services = ?registry.names(), encrypt, "listening");
+    let pending = Arc::new(Mutex::new(Handshakes::default()));
+    let mut refused: u64 = 0;
     loop {
         match listener.accept().await {
             Ok((conn, peer)) => {
+                let Some(slot) = PendingSlot::admit(&pending, &peer) else {
+                    refused += 1;
+                    // Once per 1 000 refusals: a flood must not flood the log too.
+                    if refused % 1000 == 1 {
+                        tracing::warn!(%peer, refused, "too many handshakes in progress; connection closed");
+                    }
+                    drop(conn);
+                    continue;
+                };
                 let cfg = cfg.clone();
                 let registry = registry.clone();
                 tokio::spawn(async move {
-                    match Session::start(conn, cfg, registry, false, peer.clone(), encrypt).await {
+                    let started =
+                        Session::start(conn, cfg, registry, false, peer.clone(), encrypt).await;
+                    drop(slot);
+                    match started {
                         Ok(s) => {
                             tracing::info!(%peer, "peer authenticated");
                             let reason = s.closed().await;
@@ -1708,4 +1782,31 @@ fn dispatch(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use super::*;
+
+    #[test]
+    fn sources_and_limits() {
+        assert_eq!(source_of("tcp:10.0.0.2:4711"), "tcp:10.0.0.2");
+        assert_eq!(source_of("tcp:[::1]:4711"), "tcp:[::1]");
+        assert_eq!(source_of("vsock:3:1024"), "vsock:3");
+        assert_eq!(source_of("unix:pid=Some(1),uid=0"), "unix");
+        let p = Arc::new(Mutex::new(Handshakes::default()));
+        let held: Vec<_> = (0..MAX_PENDING_PER_SOURCE)
+            .map(|i| PendingSlot::admit(&p, &format!("tcp:10.0.0.9:{i}")).unwrap())
+            .collect();
+        assert!(
+            PendingSlot::admit(&p, "tcp:10.0.0.9:1").is_none(),
+            "per-source cap"
+        );
+        let other = PendingSlot::admit(&p, "tcp:10.0.0.2:5").expect("another source still gets in");
+        drop(held);
+        drop(other);
+        let p = p.lock().unwrap();
+        assert_eq!(p.total, 0);
+        assert!(p.by_source.is_empty());
+    }
 }

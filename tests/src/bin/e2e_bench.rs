@@ -45,6 +45,15 @@ struct Args {
     /// Instead: `docker run --rm IMG true`, dockerd on the DPU vs dockerd on the HOST.
     #[arg(long)]
     docker: bool,
+    /// Deploy this offload-shim on the DPU instead of the build's own, e.g. the static build
+    /// (`cargo static-bins`: target/<host triple>/release/offload-shim).
+    #[arg(long, value_name = "PATH")]
+    shim: Option<std::path::PathBuf>,
+    /// Instead: one traced `ctr run --rm` on the DPU (after two warm-up runs): the log lines of
+    /// containerd, offload-shim and the HOST offloadd written during it, merged by time, with
+    /// milliseconds since the start (run with RUST_LOG=debug for the daemons' detail).
+    #[arg(long)]
+    trace: bool,
 }
 
 const NS: &str = "oe2eb";
@@ -97,6 +106,7 @@ fn bench_docker(args: &Args) -> anyhow::Result<()> {
         "e2e-bench",
         LabOptions {
             docker: true,
+            shim: args.shim.clone(),
             ..LabOptions::default()
         },
     ) else {
@@ -148,11 +158,160 @@ fn bench_docker(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Seconds since midnight UTC of the first `YYYY-MM-DDTHH:MM:SS.fff…` timestamp in `line`.
+fn line_time(line: &str) -> Option<f64> {
+    let b = line.as_bytes();
+    (0..b.len().saturating_sub(19)).find_map(|i| {
+        let t = &line.get(i..)?;
+        let ok = t.len() >= 20
+            && t.as_bytes()[4] == b'-'
+            && t.as_bytes()[10] == b'T'
+            && t.as_bytes()[13] == b':'
+            && t.as_bytes()[19] == b'.';
+        if !ok {
+            return None;
+        }
+        let h: f64 = t.get(11..13)?.parse().ok()?;
+        let m: f64 = t.get(14..16)?.parse().ok()?;
+        let frac: String = t[20..].chars().take_while(|c| c.is_ascii_digit()).collect();
+        let sec: f64 = format!("{}.{frac}", t.get(17..19)?).parse().ok()?;
+        Some(h * 3600.0 + m * 60.0 + sec)
+    })
+}
+
+/// Seconds since midnight UTC of the `date -u +%H:%M:%S.%N` lines in `out`.
+fn day_seconds(out: &str) -> Vec<f64> {
+    out.lines()
+        .filter_map(|l| {
+            let (hms, frac) = l.split_once('.')?;
+            let mut p = hms.split(':').map(|x| x.parse::<f64>().ok());
+            let (h, m, sec) = (p.next()??, p.next()??, p.next()??);
+            Some(h * 3600.0 + m * 60.0 + sec + format!("0.{frac}").parse::<f64>().ok()?)
+        })
+        .collect()
+}
+
+/// Runs `ctr` (a `ctr … run --rm …` command line) through `sh` twice to warm up and once traced,
+/// then prints the lines of `logs()` written during the traced run, merged by time.
+fn traced_run(
+    side: &str,
+    sh: &dyn Fn(&str) -> Run,
+    ctr: &dyn Fn(&str) -> String,
+    logs: &dyn Fn() -> Vec<(&'static str, String)>,
+) -> anyhow::Result<()> {
+    for i in 0..2 {
+        sh(&format!("{} >/dev/null", ctr(&format!("w{i}")))).ok("warm-up run");
+    }
+    let r = sh(&format!(
+        "date -u +%H:%M:%S.%N; {} >/dev/null; date -u +%H:%M:%S.%N",
+        ctr("traced")
+    ));
+    let stamps = day_seconds(&r.stdout);
+    anyhow::ensure!(stamps.len() == 2, "traced run: {}", r.describe());
+    let (t0, t1) = (stamps[0], stamps[1]);
+    let mut lines: Vec<(f64, &str, String)> = Vec::new();
+    let sources = logs();
+    for (name, text) in &sources {
+        for l in text.lines() {
+            if let Some(t) = line_time(l) {
+                if t >= t0 - 0.001 && t <= t1 + 0.05 {
+                    lines.push((t, name, l.chars().take(220).collect()));
+                }
+            }
+        }
+    }
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    println!(
+        "\n## traced `ctr run --rm IMG true` on the {side}: {:.1} ms\n",
+        (t1 - t0) * 1e3
+    );
+    for (t, name, l) in lines {
+        println!("{:8.1} {name:<10} {l}", (t - t0) * 1e3);
+    }
+    Ok(())
+}
+
+/// One traced `ctr run --rm` on the DPU and one on a HOST containerd, for a phase comparison.
+fn trace(lab: &Lab, dctr: &str) -> anyhow::Result<()> {
+    let tar = lab.dir().join("bbox.tar");
+    image::busybox(lab.dir(), &tar);
+    std::fs::copy(&tar, lab.dpu_root_path("/tmp/bbox.tar"))?;
+    lab.ctr(&["image", "import", "/tmp/bbox.tar"], LIMIT)
+        .ok("import on the DPU");
+    // OE2E_STRACE=FILE: a syscall summary of the DPU's containerd (all threads) during the runs.
+    let strace = std::env::var_os("OE2E_STRACE").and_then(|out| {
+        let pid = lab.containerd_pid()?;
+        Command::new("strace")
+            .args(["-f", "-T", "-e", "trace=openat,newfstatat,unlinkat,mkdirat,renameat,fdatasync,readlinkat,getdents64,statx", "-o"])
+            .arg(out)
+            .args(["-p", &pid.to_string()])
+            .spawn()
+            .ok()
+    });
+    if strace.is_some() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    traced_run(
+        "DPU",
+        &|script| lab.dpu_sh(script, RUN_LIMIT),
+        &|id| format!("{dctr} run --rm {} {id} true", image::BBOX),
+        &|| {
+            vec![
+                ("containerd", lab.dpu_log("containerd.log")),
+                ("shim", lab.dpu_log("shim.log")),
+                ("host", lab.host_log()),
+            ]
+        },
+    )?;
+    if let Some(mut st) = strace {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(st.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = st.wait();
+    }
+    let host = ScratchContainerd::start(&ScratchOptions {
+        namespaces: vec![NS.into()],
+        log_level: "debug".into(),
+        ..Default::default()
+    })?;
+    host.import(NS, &tar)?;
+    let hctr = format!("ctr --address {} -n {NS}", host.socket().display());
+    let fifo = host.fifo_dir();
+    traced_run(
+        "HOST",
+        &|script| host_sh(script),
+        &|id| {
+            format!(
+                "{hctr} run --rm --fifo-dir {} {} {id} true",
+                fifo.display(),
+                image::BBOX
+            )
+        },
+        &|| vec![("containerd", host.log())],
+    )
+}
+
 fn bench(args: &Args) -> anyhow::Result<()> {
+    let opts = || LabOptions {
+        shim: args.shim.clone(),
+        ..LabOptions::default()
+    };
     if args.docker {
         return bench_docker(args);
     }
-    let Some(lab) = Lab::start("e2e-bench", LabOptions::default()) else {
+    if args.trace {
+        let Some(lab) = Lab::start("e2e-bench", opts()) else {
+            anyhow::bail!("cannot run a lab here (see the SKIPPED line)");
+        };
+        let dctr = format!(
+            "ctr --address {} -n {}",
+            tests::e2e::CONTAINERD_SOCK,
+            tests::e2e::NS
+        );
+        return trace(&lab, &dctr);
+    }
+    let Some(lab) = Lab::start("e2e-bench", opts()) else {
         anyhow::bail!("cannot run a lab here (see the SKIPPED line)");
     };
     let host = ScratchContainerd::start(&ScratchOptions {

@@ -61,6 +61,9 @@ pub struct LabOptions {
     pub containerd_extra: String,
     /// Extra `[rootfs]` keys appended to the DPU's `dpu.toml` section.
     pub rootfs_extra: String,
+    /// The offload-shim to deploy instead of the build's (e.g. the static deploy build,
+    /// `cargo static-bins`).
+    pub shim: Option<PathBuf>,
     /// Also run dockerd 20.10 on the DPU (after containerd, its `--containerd`), chrooted in
     /// the root and supervised by `offload run` (mount forwarding): one qtfs mount of the whole
     /// `/var/lib/docker`, `[mount]` on the HOST allowing overlay2's mounts, dockerd's stdio
@@ -76,6 +79,7 @@ impl Default for LabOptions {
             cri: false,
             containerd_extra: String::new(),
             rootfs_extra: String::new(),
+            shim: None,
             docker: false,
         }
     }
@@ -562,7 +566,11 @@ impl Lab {
         ] {
             // A hard link when the build and the lab share a filesystem (debug binaries are
             // ~100 MB each: copying them cost most of a lab's start), else a copy.
-            let (src, dst) = (crate::bin(b), r.join("opt/offload/bin").join(b));
+            let src = match (&opts.shim, b) {
+                (Some(p), "offload-shim") => p.clone(),
+                _ => crate::bin(b),
+            };
+            let dst = r.join("opt/offload/bin").join(b);
             if std::fs::hard_link(&src, &dst).is_err() {
                 std::fs::copy(&src, &dst).unwrap();
             }
@@ -615,26 +623,32 @@ key_file = "/etc/offload/psk"
 
 [rootfs]
 binds = [{{ src = "/usr", ro = true }}, "/etc", "/run", "/var/log", "/opt/offload"]
-qtfs = ["/var/lib/containerd", "/run/containerd/io.containerd.runtime.v2.task"{}{}]
+qtfs = ["/var/lib/containerd", "/run/containerd/io.containerd.runtime.v2.task"{}]
 qtfs_options = "log=/var/log/oe2e/qtfs.log"
 wrappers = [{{ path = "/opt/offload/host/uname", exec = "/usr/bin/uname" }}]
 rexec = "/opt/offload/bin/rexec"
 {}
-"#,
+{}"#,
                 fifo_dirs,
+                // With the CRI plugin: its state, and kubelet's pod directories (host-path
+                // volumes live there; the CRI plugin creates missing ones on the DPU side).
                 if opts.cri {
-                    ", \"/run/containerd/io.containerd.grpc.v1.cri\""
+                    ", \"/run/containerd/io.containerd.grpc.v1.cri\", \"/var/lib/kubelet/pods\""
                 } else {
                     ""
                 },
-                // One qtfs mount for dockerd's whole data root (it binds the root onto
-                // itself non-recursively when it is not a mount point, hiding sub-mounts).
+                opts.rootfs_extra,
+                // dockerd: setup adds one qtfs mount of its data root, the cgroup v1
+                // hierarchies over the qtfs /sys and the start script running it under
+                // `offload run` (tools/src/rootfs).
                 if opts.docker {
-                    ", \"/var/lib/docker\""
+                    "[rootfs.docker]\nwrapper = \"/opt/offload/bin/offload-dockerd\"\n\
+                     args = [\"--containerd-namespace\", \"oe2e\", \"--containerd-plugins-namespace\", \
+                     \"oe2e-plugins\", \"--cgroup-parent\", \"/oe2e\", \"--bridge=none\", \
+                     \"--iptables=false\", \"--ip-masq=false\", \"--userland-proxy=false\"]\n"
                 } else {
                     ""
-                },
-                opts.rootfs_extra
+                }
             ),
         )
         .unwrap();
@@ -810,30 +824,12 @@ rexec = "/opt/offload/bin/rexec"
 }
 
 impl Lab {
-    /// dockerd on the DPU under `offload run` (see [`LabOptions::docker`]).
+    /// dockerd on the DPU through the start script `offload dpu setup` generated from
+    /// `[rootfs.docker]` (see [`LabOptions::docker`]).
     fn start_dockerd(&self) {
-        // dockerd refuses to start without a devices cgroup in its mountinfo: mount the cgroup
-        // v1 hierarchies over the HOST's /sys (qtfs) in the root, as the seed's script does
-        // (one kernel here: they are the hierarchies runc uses on the HOST).
-        run_timeout(
-            self.dpu_machine(&[
-                "sh",
-                "-c",
-                "for c in cpu cpuacct cpuset memory devices freezer blkio pids perf_event hugetlb net_cls,net_prio; do \
-                 d=/another_rootfs/sys/fs/cgroup/$c; [ -d $d ] && mount -t cgroup -o $c cgroup $d || true; done; \
-                 grep -c ' - cgroup ' /proc/self/mountinfo",
-            ]),
-            Duration::from_secs(30),
-        )
-        .ok("mounting cgroup hierarchies for dockerd");
         self.dpu_daemon(
             "dockerd",
-            "RUST_LOG=info,transport=warn exec offload run -- chroot /another_rootfs dockerd \
-             --containerd /run/containerd/containerd.sock --containerd-namespace oe2e \
-             --containerd-plugins-namespace oe2e-plugins --data-root /var/lib/docker \
-             --exec-root /run/docker -H unix:///run/docker.sock --storage-driver overlay2 \
-             --cgroup-parent /oe2e --bridge=none --iptables=false --ip-masq=false \
-             --userland-proxy=false",
+            "RUST_LOG=info,transport=warn exec /opt/offload/bin/offload-dockerd",
         );
         wait_for_file_line(
             &self.dpu_path("/var/log/oe2e/dockerd.log"),

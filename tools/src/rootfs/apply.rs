@@ -241,6 +241,8 @@ fn is_done(step: &Step, table: &[MountEntry], recorded: &[Done]) -> Result<bool,
             }
             Err(_) => false,
         },
+        // A missing controller directory is nothing to do (skipped).
+        Step::CgroupV1 { dst, .. } => !dst.is_dir() || fstype_at(dst) == Some("cgroup"),
         Step::RbindSelf(p) => {
             recorded
                 .iter()
@@ -398,6 +400,22 @@ fn perform(step: &Step, made: &mut Vec<Done>) -> Result<(), StepError> {
                 path: dst.clone(),
                 hash: fnv(&data),
             });
+        }
+        Step::CgroupV1 { controllers, dst } => {
+            if dst.is_dir() {
+                mount(
+                    Some("cgroup"),
+                    dst,
+                    Some("cgroup"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    Some(controllers.as_str()),
+                )
+                .map_err(sys(what))?;
+                made.push(Done::Mount {
+                    path: dst.clone(),
+                    detach: false,
+                });
+            }
         }
         Step::RbindSelf(p) => {
             let f = MsFlags::MS_BIND | MsFlags::MS_REC;

@@ -55,6 +55,74 @@ pub struct DpuFile {
     pub qtfs: QtfsLink,
     /// The management plane's root.
     pub rootfs: Option<RootfsConfig>,
+    /// `[bridge]` as far as setup checks it (offloadd reads the rest).
+    #[serde(default)]
+    pub bridge: BridgeView,
+}
+
+/// The keys of offloadd's `[bridge]` that `[rootfs.docker]` depends on.
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct BridgeView {
+    /// Directories whose stdio FIFOs the bridge pumps to the HOST.
+    #[serde(default)]
+    pub fifo_dirs: Vec<PathBuf>,
+}
+
+/// `[rootfs.docker]`: dockerd in the root, its mounts forwarded to the HOST by `offload run`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// dockerd's data root: one qtfs mount of it (dockerd binds a data root that is not a mount
+    /// point onto itself, hiding separate mounts below it).
+    pub data_root: PathBuf,
+    /// Extra mount.qtfs options for the data root.
+    pub data_root_options: String,
+    /// dockerd's exec root; its `containerd` subdirectory holds container stdio FIFOs, which
+    /// must be in `[bridge] fifo_dirs`.
+    pub exec_root: PathBuf,
+    /// The DPU containerd's socket (dockerd's `--containerd`).
+    pub containerd: PathBuf,
+    /// dockerd's API socket (`-H`).
+    pub host: String,
+    /// cgroup v1 controllers mounted at `/sys/fs/cgroup/<name>` in the root, over the qtfs
+    /// `/sys`, where that directory exists (dockerd wants a devices cgroup in its mountinfo).
+    pub cgroup_v1: Vec<String>,
+    /// dockerd in the root.
+    pub dockerd: PathBuf,
+    /// More dockerd arguments.
+    pub args: Vec<String>,
+    /// The generated start script on the DPU (outside the root); a unit's `ExecStart`.
+    pub wrapper: PathBuf,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            data_root: "/var/lib/docker".into(),
+            data_root_options: String::new(),
+            exec_root: "/run/docker".into(),
+            containerd: "/run/containerd/containerd.sock".into(),
+            host: "unix:///run/docker.sock".into(),
+            cgroup_v1: [
+                "cpu",
+                "cpuacct",
+                "cpuset",
+                "memory",
+                "devices",
+                "freezer",
+                "blkio",
+                "pids",
+                "perf_event",
+                "hugetlb",
+                "net_cls,net_prio",
+            ]
+            .map(String::from)
+            .to_vec(),
+            dockerd: "dockerd".into(),
+            args: Vec::new(),
+            wrapper: "/usr/local/sbin/offload-dockerd".into(),
+        }
+    }
 }
 
 /// `[qtfs]`: how mount.qtfs reaches the HOST (mount.qtfs reads the same keys).
@@ -176,6 +244,8 @@ pub struct RootfsConfig {
     pub rexec: PathBuf,
     /// Directory for the record of what setup did (teardown reads it).
     pub state_dir: PathBuf,
+    /// dockerd as a management plane too (absent: containerd only).
+    pub docker: Option<DockerConfig>,
 }
 
 impl Default for RootfsConfig {
@@ -214,6 +284,7 @@ impl Default for RootfsConfig {
             wrappers: Vec::new(),
             rexec: p("rexec"),
             state_dir: p("/run/offload"),
+            docker: None,
         }
     }
 }
@@ -337,6 +408,16 @@ impl RootfsConfig {
             });
         }
         v.extend(self.qtfs.iter().map(QtfsSpec::resolve));
+        if let Some(d) = &self.docker {
+            if !v.iter().any(|q| q.dst == d.data_root) {
+                v.push(Qtfs {
+                    src: d.data_root.clone(),
+                    dst: d.data_root.clone(),
+                    mode: QtfsMode::Data,
+                    options: d.data_root_options.clone(),
+                });
+            }
+        }
         v
     }
 
@@ -382,6 +463,38 @@ impl RootfsConfig {
             check_abs(&format!("wrappers[{i}].path"), &w.path)?;
             check_abs(&format!("wrappers[{i}].exec"), &w.exec)?;
         }
+        if let Some(d) = &self.docker {
+            check_abs("docker.data_root", &d.data_root)?;
+            check_abs("docker.exec_root", &d.exec_root)?;
+            check_abs("docker.containerd", &d.containerd)?;
+            check_abs("docker.wrapper", &d.wrapper)?;
+            if let Some(bad) = self
+                .qtfs_mounts()
+                .iter()
+                .find(|q| q.dst != d.data_root && q.dst.starts_with(&d.data_root))
+            {
+                return Err(ConfigError::Invalid {
+                    field: "docker.data_root".into(),
+                    message: format!(
+                        "{} is mounted separately below it: dockerd's self-bind of its data root \
+                         would hide that mount; mount only the data root",
+                        bad.dst.display()
+                    ),
+                });
+            }
+            for (i, c) in d.cgroup_v1.iter().enumerate() {
+                if c.is_empty()
+                    || !c
+                        .chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || "_,".contains(ch))
+                {
+                    return Err(ConfigError::Invalid {
+                        field: format!("docker.cgroup_v1[{i}]"),
+                        message: format!("{c:?} is not a cgroup v1 controller list"),
+                    });
+                }
+            }
+        }
         if self.qtfs_options.contains(char::is_whitespace) {
             return Err(ConfigError::Invalid {
                 field: "qtfs_options".into(),
@@ -417,6 +530,19 @@ impl DpuFile {
             path: path.to_path_buf(),
         })?;
         r.validate()?;
+        if let Some(d) = &r.docker {
+            let want = d.exec_root.join("containerd");
+            if !f.bridge.fifo_dirs.contains(&want) {
+                return Err(ConfigError::Invalid {
+                    field: "docker.exec_root".into(),
+                    message: format!(
+                        "dockerd's container stdio FIFOs live in {}: add it to [bridge] fifo_dirs \
+                         (here and on the HOST) or `docker run` output never arrives",
+                        want.display()
+                    ),
+                });
+            }
+        }
         Ok((f.qtfs, r))
     }
 
@@ -513,6 +639,31 @@ mod tests {
     }
 
     /// The example files shipped in tools/examples parse as each of their readers parses them.
+    #[test]
+    fn docker_needs_its_fifo_dir_and_one_data_root_mount() {
+        let e = parse("[rootfs.docker]\n").unwrap_err().to_string();
+        assert!(
+            e.contains("/run/docker/containerd") && e.contains("fifo_dirs"),
+            "{e}"
+        );
+        let ok = "[bridge]\nfifo_dirs = [\"/run/docker/containerd\"]\n[rootfs.docker]\n";
+        let (_, cfg) = parse(ok).unwrap();
+        assert!(cfg
+            .qtfs_mounts()
+            .iter()
+            .any(|q| q.dst == Path::new("/var/lib/docker")));
+        let e = parse(
+            "[bridge]\nfifo_dirs = [\"/run/docker/containerd\"]\n[rootfs]\nqtfs = [\"/var/lib/docker/image\"]\n[rootfs.docker]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("self-bind"), "{e}");
+        let e = parse(&format!("{ok}cgroup_v1 = [\"devices; rm\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cgroup_v1[0]"), "{e}");
+    }
+
     #[test]
     fn shipped_examples_parse() {
         let dpu = include_str!("../../examples/dpu.toml");

@@ -11,7 +11,7 @@ pub mod mountinfo;
 pub mod plan;
 
 pub use apply::{setup, teardown, DeployError, SetupReport, TeardownReport};
-pub use config::{ConfigError, DpuFile, QtfsLink, RootfsConfig};
+pub use config::{ConfigError, DockerConfig, DpuFile, QtfsLink, RootfsConfig};
 pub use plan::{plan, PlanError, Step, Tools};
 
 /// The tools a plan needs, looked up next to the running program (and `/sbin/mount.qtfs`).
@@ -24,5 +24,6 @@ pub fn find_tools() -> Tools {
         sbin_mount_qtfs: std::path::Path::new("/sbin/mount.qtfs").exists(),
         mount_qtfs: near("mount_qtfs").or_else(|| near("mount.qtfs")),
         offload_shim: near("offload-shim"),
+        offload: std::env::current_exe().unwrap_or_else(|_| "offload".into()),
     }
 }
