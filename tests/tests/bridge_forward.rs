@@ -110,23 +110,12 @@ async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A Unix socket at `p` that accepts connections: bind(2) creates the file before listen(2),
-/// and a connect in between is refused, so the file alone is not enough (seen under load).
-/// Checked in /proc/net/unix (flag __SO_ACCEPTCON) to avoid connecting, which the bridge
-/// would forward.
+/// A socket file at `p`. The bridge binds and listens under a temporary name and renames the
+/// socket into place, so the file appears only once it accepts connections.
 fn is_sock(p: &Path) -> bool {
-    let is_socket = std::fs::symlink_metadata(p)
+    std::fs::symlink_metadata(p)
         .map(|m| m.file_type().is_socket())
-        .unwrap_or(false);
-    if !is_socket {
-        return false;
-    }
-    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
-    let path = p.to_string_lossy();
-    table.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() >= 8 && f[7] == path && f[3] == "00010000"
-    })
+        .unwrap_or(false)
 }
 
 fn dirs(t: &tempfile::TempDir) -> (PathBuf, PathBuf) {
