@@ -233,6 +233,7 @@ impl Ephemeral {
             Opener {
                 key: open,
                 counter: 0,
+                last: 0,
             },
         ))
     }
@@ -317,6 +318,9 @@ impl Sealer {
 pub struct Opener {
     key: aead::LessSafeKey,
     counter: u64,
+    /// Wire size of the last record opened: the reader's next buffer is made this big, so a
+    /// bulk record lands in one buffer instead of being moved when its size becomes known.
+    last: usize,
 }
 
 impl std::fmt::Debug for Opener {
@@ -340,6 +344,11 @@ pub fn record_len(head: [u8; 4]) -> Result<usize, CryptoError> {
 }
 
 impl Opener {
+    /// Buffer size that holds the next record if it is as big as the last one.
+    pub fn size_hint(&self) -> usize {
+        self.last
+    }
+
     /// Opens every complete record at the front of `raw` and appends its plaintext to
     /// `plain`; an incomplete record stays in `raw` for more bytes.
     pub fn open(&mut self, raw: &mut BytesMut, plain: &mut BytesMut) -> Result<(), CryptoError> {
@@ -358,6 +367,7 @@ impl Opener {
                 .open_in_place(nonce(self.counter), aead::Aad::from(head), &mut rec[4..])
                 .map_err(|_| CryptoError::Authentication)?;
             self.counter = next;
+            self.last = 4 + len;
             if plain.is_empty() && body.len() == len - TAG_LEN {
                 // The common bulk case: hand the decrypted bytes over without copying.
                 let _ = rec.split_to(4);
@@ -386,6 +396,7 @@ fn fixed_pair() -> Option<(Sealer, Opener)> {
         Opener {
             key: key()?,
             counter: 0,
+            last: 0,
         },
     ))
 }

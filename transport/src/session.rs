@@ -1562,7 +1562,7 @@ async fn read_loop(
         }
         if let Some(open) = open.as_mut() {
             if raw.capacity() - raw.len() < 16 * 1024 {
-                raw.reserve(READ_BUF);
+                raw.reserve(READ_BUF.max(open.size_hint()));
             }
             if let Err(reason) = fill(r, &mut raw, usize::MAX, inner, &mut closed).await {
                 return match reason {
