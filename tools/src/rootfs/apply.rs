@@ -212,6 +212,12 @@ fn qtfs_at(table: &[MountEntry], src: &Path, dst: &Path) -> bool {
     })
 }
 
+/// `p` is there but unreachable: a FUSE mount whose daemon died (stat fails with ENOTCONN).
+/// The directory under it exists; the mount step after it replaces the mount.
+fn dead_mount(p: &Path) -> bool {
+    matches!(std::fs::symlink_metadata(p), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
 /// The FUSE mount at `p` lost its daemon ("Transport endpoint is not connected"). statfs
 /// always reaches the daemon (a stat may be answered from cached attributes).
 fn stale(p: &Path) -> bool {
@@ -222,7 +228,7 @@ fn stale(p: &Path) -> bool {
 fn is_done(step: &Step, table: &[MountEntry], recorded: &[Done]) -> Result<bool, StepError> {
     let fstype_at = |p: &Path| mountinfo::top_at(table, p).map(|e| e.fstype.as_str());
     Ok(match step {
-        Step::Mkdir(p) => p.is_dir(),
+        Step::Mkdir(p) => p.is_dir() || dead_mount(p),
         Step::Symlink { link, .. } => link.symlink_metadata().is_ok(),
         Step::Proc(p) => fstype_at(p) == Some("proc"),
         Step::Devtmpfs(p) => fstype_at(p) == Some("devtmpfs"),
@@ -264,7 +270,10 @@ fn perform(step: &Step, made: &mut Vec<Done>) -> Result<(), StepError> {
     let what = || step.to_string();
     match step {
         Step::Mkdir(p) => {
-            let mut missing: Vec<&Path> = p.ancestors().take_while(|a| !a.exists()).collect();
+            let mut missing: Vec<&Path> = p
+                .ancestors()
+                .take_while(|a| !a.exists() && !dead_mount(a))
+                .collect();
             missing.reverse();
             for d in missing {
                 std::fs::create_dir(d).map_err(io_err("mkdir", d))?;
