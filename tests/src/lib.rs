@@ -241,3 +241,22 @@ pub fn wait_until(what: &str, limit: std::time::Duration, mut f: impl FnMut() ->
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// A Unix socket server at `path` that echoes each connection's bytes back once the client
+/// shut down its writing side (the HOST end of a bridged socket in soak and fault tests).
+pub fn echo_unix_server(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if c.read_to_end(&mut buf).is_ok() {
+                    let _ = c.write_all(&buf);
+                }
+            });
+        }
+    });
+    Ok(())
+}

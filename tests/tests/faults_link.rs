@@ -11,7 +11,7 @@
 //!   again without a remount or a daemon restart.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -124,18 +124,7 @@ fn start_pair(d: &Path) -> Pair {
         ),
     )
     .unwrap();
-    let l = UnixListener::bind(&hsock).unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                if c.read_to_end(&mut buf).is_ok() {
-                    let _ = c.write_all(&buf);
-                }
-            });
-        }
-    });
+    tests::echo_unix_server(&hsock).unwrap();
     let offloadd = tests::bin("offloadd");
     let mut daemons = KillOnDrop(Vec::new());
     let mut h = Command::new("ip");

@@ -94,37 +94,12 @@ fn qtfs_mounts() -> Vec<QtfsMount> {
             let qtfs = f.len() >= 4
                 && (f[2] == "fuse.qtfs" || (f[2] == "fuse" && f[0].starts_with("qtfs:")));
             qtfs.then(|| QtfsMount {
-                source: unescape(f[0]),
-                target: unescape(f[1]),
+                source: offload_fs::mount::spec::unescape(f[0]),
+                target: offload_fs::mount::spec::unescape(f[1]),
                 options: f[3].to_string(),
             })
         })
         .collect()
-}
-
-/// Undoes the kernel's octal escapes (`\040` for a space) in a mounts field.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = b[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |a, c| a * 8 + u32::from(c - b'0'));
-            if let Ok(v) = u8::try_from(v) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn collect(socks: &[PathBuf]) -> Report {
@@ -345,13 +320,6 @@ fn render(r: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn unescapes_mount_fields() {
-        assert_eq!(unescape(r"/a\040b"), "/a b");
-        assert_eq!(unescape(r"/plain"), "/plain");
-        assert_eq!(unescape(r"/end\04"), r"/end\04");
-    }
 
     #[test]
     fn formats() {

@@ -207,8 +207,8 @@ pub struct MountInfo {
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space and so on). An escape above `\377`
-/// is not one (it would not fit a byte) and stays as written.
-fn unescape(s: &str) -> String {
+/// is not one (it would not fit a byte) and stays as written. Also for `/proc/*/mounts`.
+pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

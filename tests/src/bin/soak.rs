@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -182,23 +182,6 @@ fn bridge_client(sock: &Path, id: usize, stop: &AtomicBool, stats: &Stats) {
     }
 }
 
-/// Echo server on the HOST side of the bridged socket.
-fn echo_server(path: &Path) -> anyhow::Result<()> {
-    let l = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                if c.read_to_end(&mut buf).is_ok() {
-                    let _ = c.write_all(&buf);
-                }
-            });
-        }
-    });
-    Ok(())
-}
-
 struct Sample {
     t: f64,
     procs: Vec<Option<(u64, usize)>>,
@@ -235,7 +218,7 @@ fn main() -> anyhow::Result<()> {
             ds.display().to_string()
         ),
     )?;
-    echo_server(&hsock)?;
+    tests::echo_unix_server(&hsock).with_context(|| format!("bind {}", hsock.display()))?;
     let offloadd = tests::bin("offloadd");
     let mut host = Command::new(&offloadd);
     host.args(["--listen", &addr, "--key-file"])
