@@ -408,6 +408,18 @@ mod tests {
         }
     }
 
+    /// The plan as `offload dpu plan` prints it, one step per line.
+    fn lines(steps: &[Step]) -> Vec<String> {
+        steps.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Index of the step printed as `needle`; fails showing the whole plan.
+    fn position(text: &[String], needle: &str) -> usize {
+        text.iter()
+            .position(|s| s == needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in plan:\n{}", text.join("\n")))
+    }
+
     fn load(t: &str) -> (QtfsLink, RootfsConfig) {
         DpuFile::parse(Path::new("dpu.toml"), t).unwrap()
     }
@@ -426,12 +438,8 @@ mod tests {
             "#,
         );
         let steps = plan(&link, &cfg, &tools()).unwrap();
-        let text: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
-        let pos = |needle: &str| {
-            text.iter()
-                .position(|s| s == needle)
-                .unwrap_or_else(|| panic!("{needle:?} not in plan:\n{}", text.join("\n")))
-        };
+        let text = lines(&steps);
+        let pos = |needle: &str| position(&text, needle);
         let r = "/another_rootfs";
         assert_eq!(pos(&format!("mkdir -p {r}")), 0);
         let lp = pos(&format!("mount -t proc proc {r}/local_proc"));
@@ -485,12 +493,8 @@ mod tests {
             "#,
         );
         let steps = plan(&link, &cfg, &tools()).unwrap();
-        let text: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
-        let pos = |needle: &str| {
-            text.iter()
-                .position(|s| s == needle)
-                .unwrap_or_else(|| panic!("{needle:?} not in plan:\n{}", text.join("\n")))
-        };
+        let text = lines(&steps);
+        let pos = |needle: &str| position(&text, needle);
         let r = "/another_rootfs";
         let qsys = pos(&format!("/opt/offload/bin/mount_qtfs /sys {r}/sys -o addr=tcp://10.0.0.1:7000,keyfile=/etc/offload/psk,sys"));
         let data = pos(&format!("/opt/offload/bin/mount_qtfs /var/lib/docker {r}/var/lib/docker -o addr=tcp://10.0.0.1:7000,keyfile=/etc/offload/psk"));
