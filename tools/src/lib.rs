@@ -104,6 +104,30 @@ pub fn transport_config_in(path: &std::path::Path) -> anyhow::Result<Option<Tran
     }
 }
 
+/// The HOST address a DPU tool uses when none is given: `$QTFS_SERVER_ADDR`, else `[qtfs]`
+/// (`addr`, `connect`, `host_addr` or `server`, also accepted at the top level) in
+/// `/etc/offload/dpu.toml`. Shared by mount.qtfs and `offload run`; each names its own flag
+/// when this finds nothing.
+pub fn configured_host_addr() -> anyhow::Result<Option<String>> {
+    if let Ok(a) = std::env::var("QTFS_SERVER_ADDR") {
+        if !a.is_empty() {
+            return Ok(Some(a));
+        }
+    }
+    let path = std::path::Path::new("/etc/offload/dpu.toml");
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
+    let v: toml::Value =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let pick = |t: &toml::Value| -> Option<String> {
+        ["addr", "connect", "host_addr", "server"]
+            .iter()
+            .find_map(|k| t.get(k).and_then(|x| x.as_str()).map(str::to_string))
+    };
+    Ok(v.get("qtfs").and_then(pick).or_else(|| pick(&v)))
+}
+
 /// Parses `--transport T` + an address (or a full URL) into an endpoint.
 pub fn endpoint(transport: Option<&str>, addr: &str) -> anyhow::Result<Endpoint> {
     Endpoint::from_parts(transport, addr).with_context(|| format!("bad address {addr:?}"))

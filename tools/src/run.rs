@@ -339,26 +339,12 @@ async fn forward_signals(child: nix::unistd::Pid) {
     }
 }
 
-/// The HOST address from the environment or `/etc/offload/dpu.toml` (as mount.qtfs finds it).
+/// The HOST address from the environment or `/etc/offload/dpu.toml` ([`crate::configured_host_addr`]).
 fn default_addr() -> anyhow::Result<String> {
-    if let Ok(a) = std::env::var("QTFS_SERVER_ADDR") {
-        if !a.is_empty() {
-            return Ok(a);
-        }
+    match crate::configured_host_addr()? {
+        Some(a) => Ok(a),
+        None => bail!("no HOST address: pass --addr URL, set QTFS_SERVER_ADDR, or put `[qtfs] addr = \"URL\"` in /etc/offload/dpu.toml"),
     }
-    let path = Path::new("/etc/offload/dpu.toml");
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let v: toml::Value =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        if let Some(a) = v
-            .get("qtfs")
-            .and_then(|t| t.get("addr"))
-            .and_then(|x| x.as_str())
-        {
-            return Ok(a.to_string());
-        }
-    }
-    bail!("no HOST address: pass --addr URL, set QTFS_SERVER_ADDR, or put `[qtfs] addr = \"URL\"` in /etc/offload/dpu.toml")
 }
 
 /// Refuses a /proc that is not this machine's own (e.g. the HOST's procfs through qtfs when

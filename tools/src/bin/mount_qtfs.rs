@@ -175,25 +175,10 @@ fn parse_opts(src: &str, list: &[String]) -> anyhow::Result<Opts> {
 
 /// The HOST address from the environment or `/etc/offload/dpu.toml`.
 fn default_addr() -> anyhow::Result<String> {
-    if let Ok(a) = std::env::var("QTFS_SERVER_ADDR") {
-        if !a.is_empty() {
-            return Ok(a);
-        }
+    match tools::configured_host_addr()? {
+        Some(a) => Ok(a),
+        None => bail!("no HOST address: pass -o addr=URL, set QTFS_SERVER_ADDR, or put `[qtfs] addr = \"URL\"` in /etc/offload/dpu.toml"),
     }
-    let path = Path::new("/etc/offload/dpu.toml");
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let v: toml::Value =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let pick = |t: &toml::Value| -> Option<String> {
-            ["addr", "connect", "host_addr", "server"]
-                .iter()
-                .find_map(|k| t.get(k).and_then(|x| x.as_str()).map(str::to_string))
-        };
-        if let Some(a) = v.get("qtfs").and_then(pick).or_else(|| pick(&v)) {
-            return Ok(a);
-        }
-    }
-    bail!("no HOST address: pass -o addr=URL, set QTFS_SERVER_ADDR, or put `[qtfs] addr = \"URL\"` in /etc/offload/dpu.toml")
 }
 
 /// Connects, checks the source and mounts; returns the live mount and the runtime serving it.
