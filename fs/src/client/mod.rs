@@ -92,6 +92,7 @@ use transport::{CallError, Session};
 use crate::fifo;
 use crate::procview::{self, is_syn_fh, is_syn_ino, ProcView, SynNode};
 mod attr_cache;
+mod coherence;
 mod fifos;
 mod fuse;
 mod inodes;
@@ -148,6 +149,10 @@ pub struct MountOptions {
     pub write_behind: bool,
     /// Kernel readahead in KiB for this mount (0: the kernel's default, 128).
     pub readahead_kb: u32,
+    /// Cache lifetime of attributes, entries (also negative ones) and pages while the HOST
+    /// pushes its changes (see `coherence`); zero turns the change feed off, and then
+    /// `attr_timeout`/`entry_timeout` apply throughout.
+    pub coherent_ttl: Duration,
 }
 
 impl Default for MountOptions {
@@ -168,6 +173,7 @@ impl Default for MountOptions {
             threads: 4,
             write_behind: true,
             readahead_kb: 4096,
+            coherent_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -296,6 +302,10 @@ struct State {
     /// Acknowledged writes being sent again (after a lost session or a short write): until
     /// they land, no reply says whether it saw them, so no attributes are reused.
     resending: u32,
+    /// `seq` when the last HOST-side change arrived (see `coherence`).
+    feed_at: u64,
+    /// (parent, name) → inode: resolves the names the change feed reports.
+    names: HashMap<(u64, Vec<u8>), u64>,
 }
 
 struct Inner {
@@ -318,6 +328,8 @@ struct Inner {
     fifos: Fifos,
     /// proc mode's own-process view (`None` unless `proc`).
     proc_view: Option<ProcView>,
+    /// The HOST's change feed (see `coherence`).
+    feed: coherence::Feed,
 }
 
 /// The FUSE filesystem. Build with [`QtfsFs::connect`], then mount with fuser.
@@ -397,6 +409,8 @@ impl QtfsFs {
                     seq: 0,
                     removal_at: 0,
                     resending: 0,
+                    feed_at: 0,
+                    names: HashMap::new(),
                 }),
                 remount_lock: tokio::sync::Mutex::new(()),
                 rt: tokio::runtime::Handle::current(),
@@ -407,6 +421,7 @@ impl QtfsFs {
                 wb_budget: Arc::new(tokio::sync::Semaphore::new(WB_BUDGET_KIB)),
                 fifos: Fifos::default(),
                 proc_view: opts.proc_fs.then(|| ProcView::new(opts.local_proc.clone())),
+                feed: coherence::Feed::default(),
                 opts,
             }),
         })
@@ -449,15 +464,6 @@ impl Inner {
             Duration::ZERO
         } else {
             self.opts.attr_timeout
-        }
-    }
-
-    /// The attribute TTL for a node: zero for FIFOs, so every open of one asks (a hint).
-    fn ttl_for(&self, a: &Attr) -> Duration {
-        if is_fifo(a.mode) {
-            Duration::ZERO
-        } else {
-            self.ttl()
         }
     }
 
@@ -504,6 +510,9 @@ impl QtfsFs {
         // tunnels open FIFOs through it.
         let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
         let _ = self.inner.fifos.mountpoint.set(mp);
-        Ok(Mounted(fuser::Session::new(self, mountpoint, &cfg)?))
+        let inner = self.inner.clone();
+        let session = fuser::Session::new(self, mountpoint, &cfg)?;
+        inner.start_feed(session.notifier());
+        Ok(Mounted(session))
     }
 }
