@@ -590,15 +590,28 @@ fn fs_reused_attributes_match_the_host() {
         same("d/f");
         same("d");
 
-        // Default: a file the HOST creates in a directory the DPU just made is seen at once
-        // (a shim's pid file in the bundle directory containerd made).
+        // Default: a file the HOST creates in a directory the DPU just made is seen (at once
+        // without the change feed; within milliseconds with it, see fs_coherence): a shim's
+        // pid file in the bundle directory containerd made.
         fs::create_dir(mp("bundle")).unwrap();
         fs::write(hp("bundle/init.pid"), b"42").unwrap();
-        assert_eq!(fs::read(mp("bundle/init.pid")).unwrap(), b"42");
+        let t0 = std::time::Instant::now();
+        while fs::read(mp("bundle/init.pid")).ok().as_deref() != Some(&b"42"[..]) {
+            assert!(
+                t0.elapsed().as_secs() < 3,
+                "HOST-side file in a DPU-made directory not seen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
 
-        // negative_timeout (opt-in): names the mount did not make in its new directory are
+        // negative_timeout (opt-in, without the change feed): names the mount did not make in its new directory are
         // taken as absent until a listing shows otherwise; its own names are found.
-        let m2 = Mount::new(&host, &exp, &tmp.path().join("mnt2"), "negative_timeout=60");
+        let m2 = Mount::new(
+            &host,
+            &exp,
+            &tmp.path().join("mnt2"),
+            "coherent_ttl=0,negative_timeout=60",
+        );
         fs::create_dir(m2.path("unpack")).unwrap();
         fs::write(m2.path("unpack/mine"), b"m").unwrap();
         fs::write(hp("unpack/theirs"), b"t").unwrap();

@@ -333,14 +333,12 @@ impl Inner {
             Some(Msg::Ready { watching: false }) => return Ok(false),
             _ => return Err(notify::FeedError::Malformed),
         }
-        {
-            // Replies to requests sent before the feed was up get the short lifetime.
-            let mut st = self.st();
-            st.seq += 1;
-            st.feed_at = st.seq;
-        }
+        // The HOST watches from now on. What was cached before (under the short lifetimes) may
+        // have missed a change made before the watch began: drop it; replies to requests sent
+        // before now get the short lifetime.
         lock(&self.feed.unwatched).clear();
         self.feed.live.store(true, Ordering::Release);
+        self.drop_all();
         debug!("change feed up");
         loop {
             match notify::read_msg(&mut stream).await? {

@@ -31,7 +31,8 @@
 //! restarts are sent again once it is back; two *overlapping* writes caught in flight by a
 //! restart may then land in either order. Writes through FIFOs, pseudo filesystems
 //! and `O_APPEND`/`O_SYNC`/`O_DSYNC`/`O_DIRECT` handles stay synchronous. Page-cache write-back
-//! (`writeback_cache`) stays off: HOST-side writers must stay visible.
+//! (`writeback_cache`) is opt-in: in that mode the kernel trusts its own file sizes and times
+//! over the HOST's, so a file the HOST appends to would keep its old size on the DPU.
 //!
 //! # Attributes the HOST just sent (NFS's post-op attributes)
 //! The kernel drops its cached attributes after many of its own operations — a directory's
@@ -45,10 +46,24 @@
 //! operation for this. HOST-side changes thus show up after the same bound as the kernel's own
 //! attribute cache; proc/sys mounts (TTL 0) never reuse anything.
 //!
-//! `negative_timeout=S` (off by default) goes further for directories this mount made: for S
-//! seconds, names it did not make there are answered ENOENT without asking (no lookup per file
-//! when unpacking). Off by default because a HOST process creating a file in such a directory
-//! (a shim's pid file in the bundle directory containerd made) would stay invisible that long.
+//! `negative_timeout=S` goes further for directories this mount made: for S seconds, names it
+//! did not make there are answered "absent" without asking (no lookup per file when
+//! unpacking). Without the change feed (below) it is off by default, because a HOST process
+//! creating a file in such a directory (a shim's pid file in the bundle directory containerd
+//! made) would stay invisible that long; with the feed it lasts `coherent_ttl` and a HOST-side
+//! create there ends it.
+//!
+//! # Coherent caching (the HOST's change feed)
+//! Each mount subscribes to the HOST's change feed ([`crate::notify`]; `coherence` here): the
+//! HOST watches the directories the mount holds (fanotify) and reports changes it did not make
+//! for this mount; the DPU turns them into FUSE invalidations within milliseconds. While the
+//! feed is up, attributes, entries, negative entries and file pages are cached for
+//! `coherent_ttl` (60 s); without it (an unprivileged HOST daemon, a directory on a filesystem
+//! the HOST cannot watch such as overlayfs, the feed lost) the short TTLs apply, and losing the
+//! feed drops everything cached. What the feed does not promise: ordering against other
+//! channels — a HOST process that changes a file and then tells a DPU process over a bridged
+//! socket may be faster than the invalidation (a few milliseconds); and a file changed through
+//! a hard link in a directory no DPU holds is not reported.
 //!
 //! # Pseudo filesystems (`proc`, `sys`)
 //! Zero attribute/entry TTLs and direct I/O on every open, so files that report size 0 are read

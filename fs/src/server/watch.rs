@@ -117,6 +117,7 @@ impl Watcher {
         let ok = !m.bad_dev.contains(&dev) && {
             match self.try_mark(fd) {
                 Ok(key) => {
+                    tracing::trace!(node, "directory watched");
                     m.by_handle.insert(key.clone(), node);
                     m.of_node.insert(node, key);
                     true
@@ -394,6 +395,7 @@ impl FsService {
     /// start its feed (which of them cannot be watched).
     pub(super) fn subscribe(&self, sid: u64, tx: mpsc::Sender<Msg>) -> Option<Vec<Msg>> {
         let w = self.watcher()?;
+        lock(&self.inner.feeds).senders.insert(sid, tx);
         let dirs: Vec<(NodeId, Arc<OwnedFd>)> = {
             let s = self.state();
             let Some(h) = s.held.get(&sid) else {
@@ -405,7 +407,6 @@ impl FsService {
                 .map(|(id, _, fd)| (id, fd))
                 .collect()
         };
-        lock(&self.inner.feeds).senders.insert(sid, tx);
         let unwatched: Vec<NodeId> = dirs
             .iter()
             .filter(|(id, fd)| !w.mark(*id, fd.as_raw_fd()) || w.is_unwatched(*id))
@@ -453,6 +454,7 @@ impl FsService {
                 }
             }
         }
+        tracing::trace!(events = resolved.len(), overflow, "fs watch events");
         let mut batches: HashMap<u64, Vec<Change>> = HashMap::new();
         let subscribed: Vec<u64> = lock(&self.inner.feeds).senders.keys().copied().collect();
         {
