@@ -134,6 +134,7 @@ fn fault_enospc_reaches_the_dpu_writer() {
         }
         // close(2)'s error: std ignores it on drop, so close the raw fd ourselves.
         let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+        // SAFETY: `fd` came from into_raw_fd just above, so we own it and close it exactly once.
         let rc = unsafe { libc::close(fd) };
         if err.is_none() && rc != 0 {
             err = Some(("close", std::io::Error::last_os_error()));

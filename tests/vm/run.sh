@@ -27,9 +27,9 @@ cd "$repo"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
 FEATURES=tools/rdma,tests/rdma
 echo "vm: building workspace binaries and test executables (features $FEATURES)"
-cargo build --workspace --bins --features "$FEATURES" -q || { echo "vm: build failed" >&2; exit 1; }
+cargo build --locked --workspace --bins --features "$FEATURES" -q || { echo "vm: build failed" >&2; exit 1; }
 # Same command line as the workspace test run (tests/run-all.sh), so nothing is rebuilt.
-cargo test --workspace --features "$FEATURES" --no-run --message-format=json -q > "$C/build.json" \
+cargo test --locked --workspace --features "$FEATURES" --no-run --message-format=json -q > "$C/build.json" \
   || { echo "vm: test build failed" >&2; exit 1; }
 BIN_DIR=$CARGO_TARGET_DIR/debug
 
