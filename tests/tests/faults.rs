@@ -2,6 +2,7 @@
 //! (every fsync-acknowledged record survives, the mount recovers without a remount), ENOSPC on
 //! the HOST reaching the DPU writer as ENOSPC, and a bridged peer that stops reading (the
 //! sender is held back by flow control; the daemons' memory stays bounded).
+//! EIO from a failing HOST disk is in faults_eio.rs (device-mapper, in the VM tier).
 
 use std::fs;
 use std::io::{Read, Write};
