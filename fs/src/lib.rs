@@ -8,8 +8,6 @@
 //! - `procview`: proc mode's rule for the caller's own processes.
 //! - [`mount`]: mount forwarding (the `mount` service and the DPU-side translation).
 
-#![warn(missing_docs)]
-
 pub mod client;
 pub mod fifo;
 #[cfg(test)]
