@@ -254,6 +254,28 @@ impl Inner {
         self.inval(out);
     }
 
+    /// [`REFRESH_XATTR`] on `dir`: what this mount assumed about the directory's contents ends
+    /// now (it is no longer "made here, holding only our names"), and the kernel's entries
+    /// below it are dropped.
+    pub(super) fn refresh_dir(&self, dir: u64) {
+        self.foreign_change(dir);
+        let out = {
+            let mut st = self.st();
+            st.new_dirs.remove(&dir);
+            st.seq += 1;
+            st.feed_at = st.seq;
+            let mut out: Vec<Inval> = st
+                .names
+                .iter()
+                .filter(|((p, _), _)| *p == dir)
+                .map(|((p, n), _)| Inval::Entry(*p, n.clone()))
+                .collect();
+            out.push(Inval::Inode(dir, true));
+            out
+        };
+        self.inval(out);
+    }
+
     /// `dir` changed behind this mount's back: it no longer knows everything it holds.
     pub(crate) fn foreign_change(&self, dir: u64) {
         self.st().new_dirs.remove(&dir);
