@@ -390,7 +390,7 @@ enum Decision {
     /// directories (caller's paths) the mount changes on the HOST, such as an overlay's upper
     /// and work directories.
     Forward {
-        req: Request,
+        req: Box<Request>,
         dpu: String,
         refresh: Vec<String>,
     },
@@ -464,6 +464,7 @@ impl Supervisor {
                 dpu,
                 refresh,
             } => {
+                let r = *r;
                 let res = self.forward_tracked(r.clone()).await;
                 match (&res, &r) {
                     (Ok(()), Request::Mount { target, kind, .. })
@@ -685,12 +686,12 @@ impl Supervisor {
             }
         };
         Ok(Decision::Forward {
-            req: Request::Mount {
+            req: Box::new(Request::Mount {
                 version: proto::VERSION,
                 target: t.host,
                 kind,
                 flags,
-            },
+            }),
             dpu: String::from_utf8_lossy(&target).into_owned(),
             refresh,
         })
@@ -707,11 +708,11 @@ impl Supervisor {
             return Ok(Decision::Continue);
         }
         Ok(Decision::Forward {
-            req: Request::Umount {
+            req: Box::new(Request::Umount {
                 version: proto::VERSION,
                 target: t.host,
                 detach: flags & libc::MNT_DETACH != 0,
-            },
+            }),
             dpu: String::from_utf8_lossy(&target).into_owned(),
             refresh: Vec::new(),
         })
