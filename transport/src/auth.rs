@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Mutex};
 
-use hmac::{Hmac, Mac};
 use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Default key location when neither `--key-file` nor `OFFLOAD_KEY_FILE` names one.
@@ -335,4 +335,64 @@ pub fn resolve_key(
         return Ok(None);
     }
     Err(AuthError::Missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, key: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, key).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    fn bytes(k: &Key) -> Vec<Vec<u8>> {
+        k.secrets().iter().map(|s| s.bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn key_files_are_followed_across_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let psk = dir.path().join("psk");
+        let next = dir.path().join("psk.next");
+        let (old, new) = ("a".repeat(32), "b".repeat(32));
+        write(&psk, &old);
+        let key = Key::load(&psk)
+            .unwrap()
+            .accepting_files(std::slice::from_ref(&next))
+            .unwrap();
+        assert_eq!(bytes(&key), vec![old.as_bytes().to_vec()]);
+        // The next key appears: accepted after the current one.
+        write(&next, &new);
+        assert_eq!(
+            bytes(&key),
+            vec![old.as_bytes().to_vec(), new.as_bytes().to_vec()]
+        );
+        // Renamed over the key: the only key now.
+        std::fs::rename(&next, &psk).unwrap();
+        assert_eq!(bytes(&key), vec![new.as_bytes().to_vec()]);
+        assert_eq!(key.accepted(), 1);
+        // An unusable key file keeps the last good key (and is not the end of the daemon).
+        std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(bytes(&key), vec![new.as_bytes().to_vec()]);
+        // An accepted file that exists must be usable at start.
+        write(&next, "short");
+        assert!(matches!(
+            Key::load(&psk).map(|k| k.accepting_files(&[next.clone()])),
+            Err(_) | Ok(Err(_))
+        ));
+    }
+
+    #[test]
+    fn hints_verify_only_under_their_key() {
+        let a = Secret(vec![1u8; 32].into());
+        let b = Secret(vec![2u8; 32].into());
+        let tag = a.tag(&[b"ctx", b"nonce"]);
+        assert!(a.verify_prefix(&[b"ctx", b"nonce"], &tag[..16]));
+        assert!(!b.verify_prefix(&[b"ctx", b"nonce"], &tag[..16]));
+        assert!(!a.verify_prefix(&[b"ctx", b"other nonce"], &tag[..16]));
+        assert!(!a.verify_prefix(&[b"ctx", b"nonce"], &[]));
+    }
 }

@@ -360,7 +360,7 @@ impl Sealer {
 pub struct Opener {
     key: aead::LessSafeKey,
     counter: u64,
-    /// Wire size of the last record opened: the reader's next buffer is made this big, so a
+    /// Wire size of the recent big records: the reader's next buffer is made this big, so a
     /// bulk record lands in one buffer instead of being moved when its size becomes known.
     last: usize,
 }
@@ -386,7 +386,7 @@ pub fn record_len(head: [u8; 4]) -> Result<usize, CryptoError> {
 }
 
 impl Opener {
-    /// Buffer size that holds the next record if it is as big as the last one.
+    /// Buffer size that holds the next record if it is as big as the recent big ones.
     pub fn size_hint(&self) -> usize {
         self.last
     }
@@ -410,7 +410,9 @@ impl Opener {
             .open_in_place(nonce(self.counter), aead::Aad::from(head), &mut rec[4..])
             .map_err(|_| CryptoError::Authentication)?;
         self.counter = next;
-        self.last = 4 + len;
+        // Bulk records alternate with small ones (frame headers, control frames): keep the
+        // size of the recent big ones, decaying slowly.
+        self.last = (4 + len).max(self.last - self.last / 16);
         let _ = rec.split_to(4);
         rec.truncate(len - TAG_LEN);
         Ok(Some(rec))

@@ -15,9 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::{Key, Secret};
-use crate::crypto::{
-    CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer, PUBLIC_KEY_LEN,
-};
+use crate::crypto::{CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer, PUBLIC_KEY_LEN};
 use crate::endpoint::Endpoint;
 use crate::link::{self, Conn, Listener, TransportError};
 use crate::rules::{Beat, Heartbeat};
@@ -1674,7 +1672,11 @@ struct Deframer {
 impl Deframer {
     /// Bytes held that do not make a whole frame yet.
     fn held(&self) -> usize {
-        self.head.len() + self.pending.as_ref().map_or(0, |(_, p)| HEADER_LEN + p.len())
+        self.head.len()
+            + self
+                .pending
+                .as_ref()
+                .map_or(0, |(_, p)| HEADER_LEN + p.len())
     }
 
     /// Decodes every frame `rec` completes and hands each to `deliver`.
@@ -1721,6 +1723,29 @@ impl Deframer {
             self.pending = Some((header, BytesMut::new()));
         }
     }
+}
+
+/// Fuzzing entry: the frame decoder over decrypted records (what an authenticated peer
+/// controls on an encrypted session). The first byte picks the record size; whatever frames
+/// come out must be exactly the ones the bytes hold.
+#[doc(hidden)]
+pub fn fuzz_deframe(data: &[u8]) {
+    let Some((&cut, data)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(cut).max(1);
+    let mut d = Deframer::default();
+    let mut whole = 0usize;
+    for rec in data.chunks(cut) {
+        let res = d.push(BytesMut::from(rec), 1 << 16, |_, p| {
+            whole += HEADER_LEN + p.len();
+            Ok(())
+        });
+        if res.is_err() {
+            return;
+        }
+    }
+    assert_eq!(whole + d.held(), data.len());
 }
 
 /// [`read_loop`] on an encrypted session: the socket's bytes go to `raw`, each authenticated
@@ -2079,6 +2104,17 @@ mod record_tests {
     }
 
     #[test]
+    fn fuzz_deframe_runs_on_its_edge_cases() {
+        let mut f = vec![5u8];
+        f.extend_from_slice(&frame(Kind::Data, 1, b"hello"));
+        f.extend_from_slice(&frame(Kind::Eof, 1, b""));
+        f.extend_from_slice(&frame(Kind::Data, 2, &[1; 300])[..40]);
+        for data in [&b""[..], &[0u8][..], &[1, 0xff, 0xff][..], &f[..]] {
+            fuzz_deframe(data);
+        }
+    }
+
+    #[test]
     fn bulk_payload_in_its_own_record_is_not_copied() {
         // As the writer seals it: the header ends one record, the payload is the next.
         let (mut seal, mut open) = {
@@ -2122,7 +2158,11 @@ mod record_tests {
         assert_eq!(held, 0);
         assert_eq!(got.len(), 2);
         assert!(got[0].1 == body);
-        assert_eq!(got[0].1.as_ptr(), at, "the payload is the decrypted record itself");
+        assert_eq!(
+            got[0].1.as_ptr(),
+            at,
+            "the payload is the decrypted record itself"
+        );
         assert!(got[1].1.is_empty());
     }
 
@@ -2153,7 +2193,10 @@ mod record_tests {
         )
         .unwrap();
         assert!(out.iter().any(|c| c.as_ptr() == at), "owned: no copy");
-        assert!(out.iter().any(|c| c.as_ptr() == unique_at), "unique: no copy");
+        assert!(
+            out.iter().any(|c| c.as_ptr() == unique_at),
+            "unique: no copy"
+        );
         assert!(
             !out.iter().any(|c| c.as_ptr() == keep.as_ptr()),
             "shared: copied, the other holder's bytes untouched"
@@ -2169,5 +2212,71 @@ mod record_tests {
         }
         assert_eq!(lens, vec![4096, MAX_RECORD, 10, 100]);
         assert!(raw.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn acceptor_picks_the_hinted_key_else_its_first() {
+        let old = Key::from_bytes(vec![1; 32]).unwrap();
+        let both = Key::from_bytes(vec![1; 32])
+            .unwrap()
+            .accepting_bytes(vec![2; 32])
+            .unwrap()
+            .secrets();
+        let new = Key::from_bytes(vec![2; 32]).unwrap().secrets();
+        let nonce = [9u8; 32];
+        let pick =
+            |hint: Option<&HelloHint>| pick_key(&both, &nonce, hint).map(|k| k.bytes().to_vec());
+        assert_eq!(pick(None), Some(vec![1; 32]));
+        assert_eq!(pick(Some(&key_hint(&new[0], &nonce))), Some(vec![2; 32]));
+        assert_eq!(
+            pick(Some(&key_hint(&old.secrets()[0], &nonce))),
+            Some(vec![1; 32])
+        );
+        // A hint for another nonce (replayed) or another key falls back to the first key.
+        assert_eq!(
+            pick(Some(&key_hint(&new[0], &[8u8; 32]))),
+            Some(vec![1; 32])
+        );
+        let other = Key::from_bytes(vec![3; 32]).unwrap().secrets();
+        assert_eq!(pick(Some(&key_hint(&other[0], &nonce))), Some(vec![1; 32]));
+        assert!(pick_key(&[], &nonce, None).is_none());
+    }
+
+    #[test]
+    fn hello_round_trips_with_and_without_hint() {
+        let msg = HelloMsg {
+            hello: wire::Hello {
+                magic: wire::MAGIC,
+                version: wire::VERSION,
+                nonce: [4; 32],
+                services: vec!["fs".into()],
+                authenticated: true,
+            },
+            stream_window: 1,
+            max_frame: 4096,
+        };
+        let ext = HelloExt {
+            encrypt: true,
+            dh: [7; PUBLIC_KEY_LEN],
+        };
+        let hint = HelloHint {
+            key_hint: [5; HINT_LEN],
+        };
+        let with = encode_hello(&msg, Some(&ext), Some(&hint));
+        let (_, e, h) = decode_hello(Kind::Hello, &with).unwrap();
+        assert!(e.is_some());
+        assert_eq!(h.map(|h| h.key_hint), Some([5; HINT_LEN]));
+        // What a peer from before key rotation sends, and what it decodes of ours.
+        let without = encode_hello(&msg, Some(&ext), None);
+        let (_, e, h) = decode_hello(Kind::Hello, &without).unwrap();
+        assert!(e.is_some() && h.is_none());
+        assert!(with.starts_with(&without));
+        let old_view: HelloExt = postcard::from_bytes(&with[wire::encode(&msg).len()..]).unwrap();
+        assert_eq!(old_view.dh, [7; PUBLIC_KEY_LEN]);
     }
 }
