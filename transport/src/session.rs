@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::auth::{Key, Secret};
-use crate::crypto::{CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer, PUBLIC_KEY_LEN};
+use crate::crypto::{
+    self, CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer, PUBLIC_KEY_LEN,
+};
 use crate::endpoint::Endpoint;
 use crate::link::{self, Conn, Listener, TransportError};
 use crate::rules::{Beat, Heartbeat};
@@ -1774,10 +1776,35 @@ async fn read_records(
                 return reason;
             }
         }
-        if raw.capacity() - raw.len() < 16 * 1024 {
-            raw.reserve(READ_BUF.max(open.size_hint()));
-        }
-        if let Err(reason) = fill(r, &mut raw, usize::MAX, inner, &mut closed).await {
+        // Bulk records are read up to their end and no further, into a buffer of their own
+        // size: the next one then starts a fresh buffer instead of being moved out of a
+        // buffer whose front is still held as payloads. During bulk transfer (recent records
+        // big) the next header is read on its own for that.
+        let bulk = open.size_hint() >= DIRECT_READ;
+        let limit = if raw.len() >= 4 {
+            let want = match crypto::record_len([raw[0], raw[1], raw[2], raw[3]]) {
+                Ok(len) => 4 + len - raw.len(),
+                Err(e) => return CloseReason::Integrity(e.to_string()),
+            };
+            if bulk || raw.len() + want >= DIRECT_READ {
+                raw.reserve(want);
+                want
+            } else {
+                if raw.capacity() - raw.len() < 16 * 1024 {
+                    raw.reserve(READ_BUF);
+                }
+                usize::MAX
+            }
+        } else if bulk {
+            raw.reserve(4);
+            4 - raw.len()
+        } else {
+            if raw.capacity() - raw.len() < 16 * 1024 {
+                raw.reserve(READ_BUF);
+            }
+            usize::MAX
+        };
+        if let Err(reason) = fill(r, &mut raw, limit, inner, &mut closed).await {
             return match reason {
                 CloseReason::PeerClosed | CloseReason::PeerGoAway if frames.held() > 0 => {
                     CloseReason::Truncated(frames.held())

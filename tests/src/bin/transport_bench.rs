@@ -4,6 +4,10 @@
 //! encrypted, the tcp default) and Unix (clear, its default). Ends with the encrypted/clear
 //! ratio on TCP.
 //!
+//! The CPU rows count the user + system time of both processes (this client and the server
+//! child) per MB moved: on a loaded machine they vary far less than the MB/s, and when the
+//! transfer is CPU-bound their clear/encrypted ratio is the throughput ratio to expect.
+//!
 //! `cargo run --release -p tests --bin transport-bench [-- --secs 3]` prints a Markdown table
 //! (the one in docs/BENCHMARKS.md).
 
@@ -217,6 +221,8 @@ async fn client_main(secs: f64) {
     println!("|---|---|---|---|---|");
     // Session figures of the clear and the encrypted TCP runs: round trip, 64 KiB, 1 MiB.
     let mut tcp: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    // CPU seconds per MB of the session runs (client + server), clear and encrypted.
+    let mut tcp_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for (kind, encrypt) in [("tcp", false), ("tcp", true), ("unix", false)] {
         let exe = std::env::current_exe().expect("current_exe");
         let mode = if encrypt { "encrypted" } else { "clear" };
@@ -251,21 +257,34 @@ async fn client_main(secs: f64) {
             "| {link} | 64 B round trip, median µs | {r:.1} | {m:.1} | {:.2}× |",
             m / r
         );
+        let mut cpu_row = Vec::new();
         for (msg, label, fresh) in [
             (64 << 10, "64 KiB", false),
             (1 << 20, "1 MiB", false),
             (1 << 20, "1 MiB fresh", true),
         ] {
+            let c0 = cpu_secs("self") + cpu_secs(&child.id().to_string());
             let r = raw_tput(&raw_ep, msg, total, fresh).await;
+            let c1 = cpu_secs("self") + cpu_secs(&child.id().to_string());
             let m = session_tput(&s, msg, total, fresh).await;
+            let c2 = cpu_secs("self") + cpu_secs(&child.id().to_string());
             mine.push(m);
+            let per_mb = |c: f64| c * 1e6 / (total as f64 / 1e6);
+            cpu_row.push(per_mb(c2 - c1));
             println!(
                 "| {link} | throughput, {label} writes, MB/s | {r:.0} | {m:.0} | {:.0} % |",
                 m / r * 100.0
             );
+            println!(
+                "| {link} | CPU per MB, {label} writes, µs (both processes) | {:.0} | {:.0} | {:.2}× |",
+                per_mb(c1 - c0),
+                per_mb(c2 - c1),
+                (c2 - c1) / (c1 - c0)
+            );
         }
         if kind == "tcp" {
             tcp[usize::from(encrypt)] = mine;
+            tcp_cpu[usize::from(encrypt)] = cpu_row;
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -278,4 +297,29 @@ async fn client_main(secs: f64) {
         enc[2] / clear[2] * 100.0,
         enc[3] / clear[3] * 100.0
     );
+    let [clear, enc] = &tcp_cpu;
+    println!(
+        "TCP session CPU per MB (both processes), clear/encrypted, the throughput ratio when CPU-bound: 64 KiB writes {:.0} %, 1 MiB writes {:.0} %, 1 MiB fresh writes {:.0} %",
+        clear[0] / enc[0] * 100.0,
+        clear[1] / enc[1] * 100.0,
+        clear[2] / enc[2] * 100.0
+    );
+}
+
+/// User + system CPU seconds used so far by process `pid` (`"self"` for this one), from
+/// `/proc/PID/stat` (whole-process, all threads; 0 if unreadable).
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
 }
