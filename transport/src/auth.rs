@@ -48,12 +48,14 @@ enum Slot {
 }
 
 /// What identifies a file's version: a rename over it changes the inode, a rewrite the
-/// modification time or size.
+/// modification time or size, a `chmod` (fixing a refused mode) the change time and mode.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     dev: u64,
     ino: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
+    mode: u32,
     len: u64,
 }
 
@@ -64,6 +66,8 @@ impl Stamp {
             dev: meta.dev(),
             ino: meta.ino(),
             mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+            mode: meta.mode(),
             len: meta.len(),
         }
     }
@@ -377,6 +381,17 @@ mod tests {
         // An unusable key file keeps the last good key (and is not the end of the daemon).
         std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(bytes(&key), vec![new.as_bytes().to_vec()]);
+        // An accepted key file with a refused mode counts once its mode is fixed.
+        let third = "c".repeat(32);
+        std::fs::write(&next, &third).unwrap();
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(bytes(&key), vec![new.as_bytes().to_vec()]);
+        std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            bytes(&key),
+            vec![new.as_bytes().to_vec(), third.as_bytes().to_vec()]
+        );
+        std::fs::remove_file(&next).unwrap();
         // An accepted file that exists must be usable at start.
         std::fs::set_permissions(&psk, std::fs::Permissions::from_mode(0o600)).unwrap();
         write(&next, "short");
