@@ -56,19 +56,22 @@ impl Inner {
     /// Writes still in flight do not matter: the HOST applies calls in arrival order, so a
     /// reply to a request sent after a write has seen it.
     pub(super) fn fresh_attr(&self, ino: u64) -> Option<(Attr, Duration)> {
-        let ttl = self.ttl();
-        if ttl.is_zero() {
+        if self.ttl().is_zero() {
             return None;
         }
-        let st = self.st();
-        if st.resending > 0 {
-            return None;
-        }
-        let n = st.inodes.get(&ino)?;
-        let (a, at, sent) = n.attr?;
-        if sent < n.stale_at || sent < st.removal_at {
-            return None;
-        }
+        let (a, at, sent) = {
+            let st = self.st();
+            if st.resending > 0 {
+                return None;
+            }
+            let n = st.inodes.get(&ino)?;
+            let (a, at, sent) = n.attr?;
+            if sent < n.stale_at || sent < st.removal_at {
+                return None;
+            }
+            (a, at, sent)
+        };
+        let ttl = self.attr_ttl(ino, &a, sent);
         let left = ttl.checked_sub(at.elapsed())?;
         (!left.is_zero()).then_some((a, left))
     }
