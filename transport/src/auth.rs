@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use std::sync::{Arc, Mutex};
 
+use crate::sync::lock;
+
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -327,10 +329,6 @@ impl Key {
     pub fn accepted(&self) -> usize {
         self.secrets().len()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Finds the key: `key_file`, else `$OFFLOAD_KEY_FILE`, else `/etc/offload/psk`. With
