@@ -49,9 +49,9 @@ grep '"kind":\["test"\]' "$C/build.json" | grep '"package_id":"[^"]*tests[#@ ]' 
       # Suites known to take minutes under emulation (VM_LAST) go last.
       case " ${VM_LAST-exec_table fs_posix fs_restart fs_workloads} " in *" $name "*) echo "6 $name $LINKS $exe"; continue;; esac
       case $name in
-        vm_*) echo "1 $name - $exe";;
+        vm_*) echo "1 $name - $exe";; transport_*) echo "2 $name $LINKS $exe";;
         # A failing disk under the HOST export: what matters is the block layer, not the link.
-        faults_eio) echo "5 $name ${LINKS%%,*} $exe";; transport_*) echo "2 $name $LINKS $exe";;
+        faults_eio) echo "5 $name ${LINKS%%,*} $exe";;
         bridge_*) echo "3 $name $LINKS $exe";; exec_*) echo "4 $name $LINKS $exe";; *) echo "5 $name $LINKS $exe";;
       esac
     done | sort -n -k1,1 -s | cut -d' ' -f2- > "$RUN/plan"
