@@ -246,7 +246,7 @@ def run(t, n):
         sh(f"tar -xf {SRC_TAR} -C {path(t)}/untar")
         t1 = time.monotonic(); sh("sync"); t2 = time.monotonic()
         r["untar_s"].append(t1 - t0); r["untar_sync_s"].append(t2 - t0)
-        print(f"  [{t} run {i+1}/{n}] " + " ".join(f"{k}={v[-1]:.3f}" for k, v in r.items()), flush=True)
+        print(f"  [{t} run {i+1}/{n}] " + " ".join(f"{k}={v[-1]:.3f}" for k, v in r.items() if v), flush=True)
     umount(t)
     if os.path.exists(f"{back}/big"):
         os.unlink(f"{back}/big")
