@@ -91,6 +91,7 @@ use transport::{CallError, Session};
 
 use crate::fifo;
 use crate::procview::{self, is_syn_fh, is_syn_ino, ProcView, SynNode};
+mod async_ops;
 mod attr_cache;
 mod fifos;
 mod fuse;
@@ -148,6 +149,11 @@ pub struct MountOptions {
     pub write_behind: bool,
     /// Kernel readahead in KiB for this mount (0: the kernel's default, 128).
     pub readahead_kb: u32,
+    /// Asynchronous directory operations (CephFS's `nowsync`, see the module docs): creates,
+    /// mkdirs, symlinks, unlinks and setattrs in directories this mount made are answered at
+    /// once and sent in order; errors surface at close/fsync/listing. Off with `-o sync` or
+    /// `-o wsync`.
+    pub async_dirops: bool,
 }
 
 impl Default for MountOptions {
@@ -168,6 +174,7 @@ impl Default for MountOptions {
             threads: 4,
             write_behind: true,
             readahead_kb: 4096,
+            async_dirops: true,
         }
     }
 }
@@ -255,6 +262,9 @@ struct Inode {
     /// The change sequence when an operation last changed this node without the HOST saying
     /// how (a write, a truncating open, an xattr change).
     stale_at: u64,
+    /// The HOST's own id of a node made asynchronously, once it answered (`node` is then the
+    /// alias this mount chose, see `async_ops`): its later lookups find this inode.
+    real: Option<NodeId>,
 }
 
 /// A directory this mount created: empty on the HOST at `made`, and since then holding only
@@ -288,6 +298,11 @@ struct State {
     next_fh: u64,
     /// Directories made by this mount within `negative_timeout` (see [`NewDir`]).
     new_dirs: HashMap<u64, NewDir>,
+    /// Directories this mount made and knows everything in (no foreign change reported):
+    /// operations there may be asynchronous (`async_ops`).
+    excl: HashSet<u64>,
+    /// Last client-chosen id handed out (see [`proto::ALIAS_BIT`]).
+    next_alias: u64,
     /// Counts changes this mount made whose effect on attributes the HOST did not report.
     seq: u64,
     /// `seq` at the last unlink, rmdir or rename: they change link counts and ctimes of inodes
@@ -309,8 +324,12 @@ struct Inner {
     /// (inode, xattr name) known absent until the instant: `ls -l` probes ACL xattrs of every
     /// file, and the answer is almost always ENODATA. Same staleness bound as attributes.
     no_xattr: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
-    /// Inodes with acknowledged writes the HOST has not answered yet.
+    /// Inodes with acknowledged writes or asynchronous directory operations the HOST has not
+    /// answered yet (and their first failure not reported yet).
     unstable: Mutex<HashMap<u64, Arc<Unstable>>>,
+    /// Inodes whose asynchronous creation is not answered yet: re-resolving one by name after
+    /// a HOST restart waits until its creation was replayed.
+    creating: Mutex<HashMap<u64, Arc<Unstable>>>,
     /// Bytes of acknowledged writes in flight, in KiB permits: bounds the memory write-behind
     /// holds and makes writers wait when the HOST falls behind.
     wb_budget: Arc<tokio::sync::Semaphore>,
@@ -377,6 +396,7 @@ impl QtfsFs {
                 fifo: false,
                 attr: None,
                 stale_at: 0,
+                real: None,
             },
         );
         let mut by_node = HashMap::new();
@@ -394,6 +414,8 @@ impl QtfsFs {
                     handles: HashMap::new(),
                     next_fh: 1,
                     new_dirs: HashMap::new(),
+                    excl: HashSet::new(),
+                    next_alias: 0,
                     seq: 0,
                     removal_at: 0,
                     resending: 0,
@@ -404,6 +426,7 @@ impl QtfsFs {
                 gid: nix::unistd::getgid().as_raw(),
                 no_xattr: Mutex::new(HashMap::new()),
                 unstable: Mutex::new(HashMap::new()),
+                creating: Mutex::new(HashMap::new()),
                 wb_budget: Arc::new(tokio::sync::Semaphore::new(WB_BUDGET_KIB)),
                 fifos: Fifos::default(),
                 proc_view: opts.proc_fs.then(|| ProcView::new(opts.local_proc.clone())),

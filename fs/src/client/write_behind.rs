@@ -25,7 +25,7 @@ impl Unstable {
         lock(&self.state)
     }
 
-    fn finish(&self, res: R<()>) {
+    pub(super) fn finish(&self, res: R<()>) {
         let mut st = self.lock();
         st.0 -= 1;
         if let Err(e) = res {
@@ -33,6 +33,19 @@ impl Unstable {
         }
         if st.0 == 0 {
             self.idle.notify_waiters();
+        }
+    }
+
+    /// Waits until nothing is in flight, leaving a pending failure for [`Unstable::settle`].
+    pub(super) async fn settle_keep(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.lock().0 == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -74,11 +87,11 @@ impl Inner {
     }
 
     /// Counts one more acknowledged write of `ino` in flight.
-    pub(super) fn begin_write(&self, ino: u64) -> Arc<Unstable> {
+    pub(super) fn begin_write(&self, ino: u64, end: u64) -> Arc<Unstable> {
         // Called once the write is queued and before it is acknowledged: a reply to any request
         // queued before it (its attributes may already be recorded, or on their way) predates
         // the write; requests queued after it see it.
-        self.stale_attr(ino);
+        self.write_changed(ino, end);
         let mut map = self.unstable_map();
         let u = map.entry(ino).or_default().clone();
         u.lock().0 += 1;
@@ -145,7 +158,7 @@ impl Inner {
                 return res;
             }
         };
-        let unstable = self.begin_write(w.ino);
+        let unstable = self.begin_write(w.ino, w.offset + u64::from(n));
         let me = self.clone();
         self.rt
             .spawn(async move { me.collect_write(w, call, unstable, permit).await });
@@ -191,7 +204,7 @@ impl Inner {
         let permit = self.wb_budget.clone().try_acquire_many_owned(wb_kib(n));
         if let (Ok(permit), Some(session)) = (permit, self.client.current()) {
             if let Ok(call) = session.start_call("fs", body.clone()) {
-                let unstable = self.begin_write(ino);
+                let unstable = self.begin_write(ino, offset + u64::from(n));
                 self.rt
                     .spawn(async move { me.collect_write(w, call, unstable, permit).await });
                 return WriteStart::Done(Ok(n));
@@ -254,6 +267,8 @@ impl Inner {
             Err(e) => Err(e),
         };
         if let Err(e) = res {
+            // Attributes carried forward by the write are wrong now.
+            self.stale_attr(ino);
             warn!(
                 ino,
                 offset,
