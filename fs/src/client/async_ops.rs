@@ -263,7 +263,10 @@ impl Inner {
         self: &Arc<Self>,
         m: &Made,
         fh: Option<u64>,
-        make: impl Fn(NodeId) -> std::pin::Pin<Box<dyn Future<Output = R<(Entry, Option<Fh>, T)>> + Send>>,
+        make: impl Fn(
+            NodeId,
+        )
+            -> std::pin::Pin<Box<dyn Future<Output = R<(Entry, Option<Fh>, T)>> + Send>>,
     ) -> R<T> {
         let (e, sfh, v) = self
             .with(|| async {
@@ -324,7 +327,12 @@ impl Inner {
             alias: Some((m.alias, afh)),
         };
         let trackers = self.begin_ops(&[m.ino, parent], true);
-        let attr = self.st().inodes.get(&m.ino).and_then(|n| n.attr).map(|a| a.0);
+        let attr = self
+            .st()
+            .inodes
+            .get(&m.ino)
+            .and_then(|n| n.attr)
+            .map(|a| a.0);
         let m = Arc::new(m);
         let (m1, m2) = (m.clone(), m.clone());
         let name = name.to_vec();
@@ -391,7 +399,12 @@ impl Inner {
         };
         let m = self.add_made(parent, name, mode, caller, size);
         let trackers = self.begin_ops(&[m.ino, parent], true);
-        let attr = self.st().inodes.get(&m.ino).and_then(|n| n.attr).map(|a| a.0);
+        let attr = self
+            .st()
+            .inodes
+            .get(&m.ino)
+            .and_then(|n| n.attr)
+            .map(|a| a.0);
         let ino = m.ino;
         let m = Arc::new(m);
         let (m1, m2) = (m.clone(), m.clone());
@@ -551,7 +564,9 @@ impl Inner {
             return Some(reply);
         };
         let suid = libc::S_ISUID | libc::S_ISGID;
-        let mode = a.mode.map_or(base.mode, |m| (base.mode & libc::S_IFMT) | (m & 0o7777));
+        let mode = a
+            .mode
+            .map_or(base.mode, |m| (base.mode & libc::S_IFMT) | (m & 0o7777));
         let regular = base.mode & libc::S_IFMT == libc::S_IFREG;
         if mode & suid != 0 || (a.size.is_some() && !regular) || is_fifo(base.mode) {
             return Some(reply);
@@ -616,7 +631,11 @@ impl Inner {
     /// Records attributes the HOST sent for a request sent at change sequence `sent`, unless
     /// this mount changed the node since (its own view is newer).
     fn note_attr_since(&self, ino: u64, a: &Attr, sent: u64) {
-        let newer = self.st().inodes.get(&ino).is_some_and(|n| n.stale_at > sent);
+        let newer = self
+            .st()
+            .inodes
+            .get(&ino)
+            .is_some_and(|n| n.stale_at > sent);
         if !newer {
             self.note_attr(ino, a, sent);
         }

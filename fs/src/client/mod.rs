@@ -33,6 +33,30 @@
 //! and `O_APPEND`/`O_SYNC`/`O_DSYNC`/`O_DIRECT` handles stay synchronous. Page-cache write-back
 //! (`writeback_cache`) stays off: HOST-side writers must stay visible.
 //!
+//! # Directory operations (asynchronous, `-o wsync` to turn off)
+//! In the manner of CephFS's `nowsync`: in a directory this mount made (it knows everything in
+//! it; [`Inner::foreign_change`] ends that when something else changes it, and so does any
+//! failure or an EEXIST there), create, mkdir, symlink, unlink and setattr are answered to the
+//! kernel at once and queued to the HOST in order behind everything sent before. The kernel
+//! gets the inode number and attributes the node will have (the caller's ownership, the exact
+//! mode, the parent's setgid group; the parent's times now) and the new node is named on the
+//! wire by an id this mount chose, which the HOST maps per session ("Client-chosen ids" in
+//! [`crate::proto`]): writes, setattrs, lookups of children, release and forget that follow
+//! are sent behind the create without waiting for it. When the HOST answers, its own id joins
+//! the inode, so later lookups and listings give the kernel the same inode number. Writes
+//! carry a file's known size and times forward instead of asking again, so `tar`'s utimes and
+//! chmod after the data stay asynchronous.
+//!
+//! A failure is remembered on the node made or changed and on its directory, and reported like
+//! a write-behind failure: by `close` (flush waits for the file's operations in flight) and
+//! `fsync` of the file, by the next opendir (a listing) or fsync of the directory, and logged
+//! at unmount, which delivers what is still in flight; the directory is synchronous after it.
+//! After a lost session or HOST restart, operations not answered are done again under the
+//! HOST's ids (a create without `O_EXCL`/`O_TRUNC`, a mkdir or symlink that finds its name
+//! made, an unlink that finds it gone, take it as done) before anything re-resolves their
+//! nodes by name. Rename, rmdir, link and mknod stay synchronous. `-o sync` turns this off
+//! with write-behind; `-o wsync` (or `nowsync=0`) turns off only this.
+//!
 //! # Attributes the HOST just sent (NFS's post-op attributes)
 //! The kernel drops its cached attributes after many of its own operations — a directory's
 //! after every create in it, a file's before a `chown` (to recheck setuid bits) — and asks

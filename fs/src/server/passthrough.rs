@@ -265,7 +265,6 @@ impl FsService {
             parent: pattr,
         })
     }
-
 }
 
 impl HostFs for FsService {
