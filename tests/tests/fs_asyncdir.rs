@@ -459,3 +459,80 @@ fn fs_async_host_restart_delivers_acknowledged() {
         );
     }
 }
+
+/// A name made on the HOST behind the mount's back in a directory the mount made (no change
+/// notification): an asynchronous create of it is answered at once and its EEXIST comes at
+/// close; the directory is synchronous then and the HOST's file is left alone. After
+/// a synchronous point (a listing), attributes through the mount are the HOST's.
+#[test]
+fn fs_async_foreign_name_and_attributes() {
+    let test = "fs_async_foreign_name_and_attributes";
+    if !fuse_ready(test) {
+        return;
+    }
+    for kind in fs_test_links(test) {
+        let tmp = tmpdir();
+        let exp = tmp.path().join("export");
+        fs::create_dir(&exp).unwrap();
+        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        let m = Mount::new(
+            &host,
+            &exp,
+            &tmp.path().join("mnt"),
+            "negative_timeout=60,attr_timeout=30,entry_timeout=30",
+        );
+        fs::create_dir(m.path("u")).unwrap();
+        // Closing a file made after the mkdir: both are on the HOST.
+        fs::write(m.path("u/mine"), b"m").unwrap();
+        fs::write(exp.join("u/clash"), b"c").unwrap();
+        assert_eq!(
+            create_close(&m.path("u/clash")),
+            (0, libc::EEXIST),
+            "[{kind}] the open is answered at once, close reports EEXIST"
+        );
+        // The HOST's file is untouched (the mount's kernel may keep the attributes it was
+        // told for the name until they expire: nothing invalidates them yet).
+        assert_eq!(fs::read(exp.join("u/clash")).unwrap(), b"c", "[{kind}]");
+        assert_eq!(
+            create_close(&m.path("u/clash2")),
+            (0, 0),
+            "[{kind}] a new name"
+        );
+        fs::write(exp.join("u/clash3"), b"c").unwrap();
+        assert_eq!(
+            create_close(&m.path("u/clash3")),
+            (libc::EEXIST, 0),
+            "[{kind}] synchronous after the failure: the HOST's name is found"
+        );
+
+        fs::create_dir(m.path("d")).unwrap();
+        fs::write(m.path("d/f"), b"data").unwrap();
+        fs::create_dir(m.path("d/sub")).unwrap();
+        std::os::unix::fs::symlink("f", m.path("d/l")).unwrap();
+        fs::set_permissions(m.path("d/f"), fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 3);
+        let key = |m: &fs::Metadata| {
+            (
+                m.mode(),
+                m.nlink(),
+                m.uid(),
+                m.gid(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+            )
+        };
+        for rel in ["d", "d/f", "d/sub", "d/l"] {
+            let dpu = fs::symlink_metadata(m.path(rel)).unwrap();
+            let host = fs::symlink_metadata(exp.join(rel)).unwrap();
+            assert_eq!(
+                key(&dpu),
+                key(&host),
+                "[{kind}] {rel}: DPU and HOST attributes differ"
+            );
+        }
+        drop(m);
+    }
+}

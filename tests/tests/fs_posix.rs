@@ -411,6 +411,9 @@ fn suite(kind: &str) {
     assert!(out.status.success());
     let out = as_nobody("mkdir", &[mp("sticky/nd").to_str().unwrap()]);
     assert!(out.status.success());
+    // The mount made `sticky`: the mkdir there is asynchronous, and a listing is where it is
+    // known done on the HOST (as on NFS/CephFS, not when mkdir(2) returned).
+    assert!(fs::read_dir(mp("sticky")).is_ok());
     assert_eq!(fs::metadata(hp("sticky/nd")).unwrap().uid(), 65534);
 
     // setgid directory: new entries inherit the group, subdirectories the setgid bit.
@@ -520,12 +523,14 @@ fn fs_reused_attributes_match_the_host() {
         let exp = tmp.path().join("export");
         fs::create_dir(&exp).unwrap();
         let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
-        // Long TTLs, so reuse is what answers whenever it is allowed to.
+        // Long TTLs, so reuse is what answers whenever it is allowed to. Synchronous directory
+        // operations: the HOST's attributes come back with each answer (the asynchronous ones
+        // are checked after a synchronous point in fs_asyncdir).
         let m = Mount::new(
             &host,
             &exp,
             &tmp.path().join("mnt"),
-            "attr_timeout=30,entry_timeout=30",
+            "attr_timeout=30,entry_timeout=30,wsync",
         );
         let mp = |r: &str| m.path(r);
         let hp = |r: &str| exp.join(r);
@@ -597,8 +602,15 @@ fn fs_reused_attributes_match_the_host() {
         assert_eq!(fs::read(mp("bundle/init.pid")).unwrap(), b"42");
 
         // negative_timeout (opt-in): names the mount did not make in its new directory are
-        // taken as absent until a listing shows otherwise; its own names are found.
-        let m2 = Mount::new(&host, &exp, &tmp.path().join("mnt2"), "negative_timeout=60");
+        // taken as absent until a listing shows otherwise; its own names are found. (With
+        // synchronous directory operations: an asynchronous create's EEXIST comes at close,
+        // see fs_asyncdir.)
+        let m2 = Mount::new(
+            &host,
+            &exp,
+            &tmp.path().join("mnt2"),
+            "negative_timeout=60,wsync",
+        );
         fs::create_dir(m2.path("unpack")).unwrap();
         fs::write(m2.path("unpack/mine"), b"m").unwrap();
         fs::write(hp("unpack/theirs"), b"t").unwrap();

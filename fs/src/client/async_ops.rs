@@ -18,6 +18,8 @@ struct Made {
     alias: NodeId,
     parent: u64,
     name: Vec<u8>,
+    /// The change sequence when it was made.
+    sent: u64,
 }
 
 impl Inner {
@@ -67,7 +69,11 @@ impl Inner {
     fn made_attrs(st: &mut State, parent: u64, mode: u32, caller: Caller, size: u64) -> Attr {
         let now = system_to_ts(SystemTime::now());
         let seq = st.seq;
-        let pattr = st.inodes.get_mut(&parent).and_then(|n| n.attr.as_mut());
+        let pnode = st.inodes.get_mut(&parent);
+        let pattr = pnode.and_then(|n| {
+            n.local = true;
+            n.attr.as_mut()
+        });
         let (psgid, pgid, pxattrs) = match pattr {
             Some((a, at, sent)) => {
                 a.mtime = now;
@@ -126,6 +132,7 @@ impl Inner {
                 attr: Some((attr, Instant::now(), seq)),
                 stale_at: 0,
                 real: None,
+                local: true,
             },
         );
         st.by_node.insert(alias, ino);
@@ -137,6 +144,7 @@ impl Inner {
             alias,
             parent,
             name: name.to_vec(),
+            sent: seq,
         }
     }
 
@@ -228,9 +236,21 @@ impl Inner {
     /// The HOST answered the creation of `m` (or its replay): its own id joins the alias, so
     /// its later lookups find the same inode. A failure leaves the alias standing for the
     /// errno on the HOST and the recorded attributes unused.
-    fn created(&self, m: &Made, r: R<NodeId>) {
+    /// The HOST's attributes of the node and of its directory replace those worked out here
+    /// unless something since changed them (or more is in flight in the directory).
+    fn created(&self, m: &Made, r: R<(Entry, Option<Attr>)>) {
+        if let Ok((e, pattr)) = &r {
+            self.note_attr_since(m.ino, &e.attr, m.sent);
+            let alone = self
+                .unstable_map()
+                .get(&m.parent)
+                .is_some_and(|u| u.lock().0 <= 1);
+            if let (Some(pa), true) = (pattr, alone) {
+                self.note_attr_since(m.parent, pa, m.sent);
+            }
+        }
         let mut st = self.st();
-        match r {
+        match r.map(|(e, _)| e.node) {
             Ok(real) => {
                 let mut joined = false;
                 if let Some(n) = st.inodes.get_mut(&m.ino) {
@@ -244,10 +264,18 @@ impl Inner {
                 }
             }
             Err(_) => {
+                // Not made: the inode is looked up by name when used again (what holds the
+                // name on the HOST, if anything; an EEXIST's file is then seen).
                 st.seq += 1;
                 let seq = st.seq;
                 if let Some(n) = st.inodes.get_mut(&m.ino) {
                     n.stale_at = seq;
+                    if n.node == m.alias {
+                        n.epoch = 0;
+                    }
+                }
+                if st.by_node.get(&m.alias) == Some(&m.ino) {
+                    st.by_node.remove(&m.alias);
                 }
                 if let Some(d) = st.new_dirs.get_mut(&m.parent) {
                     d.names.remove(&m.name);
@@ -342,7 +370,7 @@ impl Inner {
             op,
             parent,
             trackers,
-            move |me, r| me.created(&m1, r.as_ref().map(|c| c.entry.node).map_err(|e| *e)),
+            move |me, r| me.created(&m1, r.map(|c| (c.entry, Some(c.parent)))),
             move |me| async move {
                 let flags = flags & !(libc::O_EXCL | libc::O_TRUNC);
                 let me2 = me.clone();
@@ -412,7 +440,11 @@ impl Inner {
         let target = target.map(|t| t.to_vec());
         let op_target = target.clone();
         let done = move |me: &Arc<Inner>, r: &R<proto::Made>| {
-            me.created(&m1, r.as_ref().map(|c| c.entry.node).map_err(|e| *e))
+            // A replay that found its node made has no post-op attributes (mode 0).
+            me.created(
+                &m1,
+                r.map(|c| (c.entry, (c.parent.mode != 0).then_some(c.parent))),
+            )
         };
         let replay = move |me: Arc<Inner>| async move {
             let replay_target = target.clone();
@@ -484,7 +516,7 @@ impl Inner {
         }
         let attr = attr.unwrap_or_default();
         reply.entry_with_ttls(
-            &self.ttl(),
+            &Duration::ZERO,
             &self.entry_ttl(),
             &fuse_attr(ino, &attr),
             Generation(0),
@@ -557,7 +589,7 @@ impl Inner {
         let Some((session, instance)) = self.async_target(parent) else {
             return Some(reply);
         };
-        let Some((base, _)) = self.fresh_attr(ino) else {
+        let Some((base, _, _)) = self.known_attr(ino) else {
             return Some(reply);
         };
         let (Some((node, _, _)), Some(sfh)) = (self.ready(ino), self.fh_ready(fh)) else {
@@ -591,6 +623,9 @@ impl Inner {
         self.stale_attr(ino);
         let sent = self.attr_seq();
         self.note_attr(ino, &new, sent);
+        if let Some(n) = self.st().inodes.get_mut(&ino) {
+            n.local = true;
+        }
         let trackers = self.begin_ops(&[ino, parent], false);
         let op = op::SetAttr {
             node,
@@ -624,7 +659,7 @@ impl Inner {
                 .await
             },
         );
-        reply.attr(&self.ttl(), &fuse_attr(ino, &new));
+        reply.attr(&Duration::ZERO, &fuse_attr(ino, &new));
         None
     }
 
@@ -666,6 +701,7 @@ impl Inner {
         if !(local && excl && current) {
             return;
         }
+        n.local = true;
         if let Some((a, at, sent)) = n.attr.as_mut() {
             let now = system_to_ts(SystemTime::now());
             a.size = a.size.max(end);

@@ -103,6 +103,7 @@ impl Inner {
                 }
                 n.fifo = is_fifo(e.attr.mode);
                 n.attr = Some((e.attr, Instant::now(), sent));
+                n.local = false;
                 drop(st);
                 self.note_xattrs(ino, &e.attr);
                 return ino;
@@ -123,6 +124,7 @@ impl Inner {
                 attr: Some((e.attr, Instant::now(), sent)),
                 stale_at: 0,
                 real: None,
+                local: false,
             },
         );
         st.by_node.insert(e.node, ino);

@@ -289,6 +289,9 @@ struct Inode {
     /// The HOST's own id of a node made asynchronously, once it answered (`node` is then the
     /// alias this mount chose, see `async_ops`): its later lookups find this inode.
     real: Option<NodeId>,
+    /// `attr` was worked out here (an asynchronous operation's effect), not sent by the HOST:
+    /// the kernel gets it with TTL 0 and only while an operation on the node is in flight.
+    local: bool,
 }
 
 /// A directory this mount created: empty on the HOST at `made`, and since then holding only
@@ -421,6 +424,7 @@ impl QtfsFs {
                 attr: None,
                 stale_at: 0,
                 real: None,
+                local: false,
             },
         );
         let mut by_node = HashMap::new();
