@@ -422,6 +422,8 @@ fn suite(kind: &str) {
     fs::set_permissions(mp("sg"), fs::Permissions::from_mode(0o2777)).unwrap();
     fs::write(mp("sg/file"), b"").unwrap();
     fs::create_dir(mp("sg/sub")).unwrap();
+    // A listing: the asynchronous mkdir is done on the HOST (see sticky/nd above).
+    assert!(fs::read_dir(mp("sg")).is_ok());
     assert_eq!(fs::metadata(hp("sg/file")).unwrap().gid(), 4321);
     let sub = fs::metadata(hp("sg/sub")).unwrap();
     assert_eq!(sub.gid(), 4321);
