@@ -536,3 +536,162 @@ fn fs_async_foreign_name_and_attributes() {
         drop(m);
     }
 }
+
+/// The HOST's side of client-chosen ids, spoken directly in the wire protocol over real
+/// sessions (a hostile DPU is not limited to what the mount sends): an alias names the node
+/// and handle its create made, only in the session that made it; an id without
+/// [`proto::ALIAS_BIT`] is never taken as an alias (no remapping the HOST's own ids); a failed
+/// create's alias fails with its errno; forget and release end the alias.
+#[test]
+fn fs_alias_ids_are_per_session() {
+    use bytes::Bytes;
+    use offload_fs::proto::{self, op, Caller, Operation, Status, ALIAS_BIT};
+    use transport::{Registry, Session, SessionConfig};
+
+    async fn call<O: Operation>(
+        s: &Session,
+        instance: u64,
+        o: O,
+        data: &[u8],
+    ) -> Result<O::Reply, i32> {
+        let req = proto::encode_request(instance, &o, data).unwrap();
+        let reply = s.call("fs", Bytes::from(req)).await.expect("call");
+        match proto::decode_reply::<O::Reply>(&reply).unwrap() {
+            Ok((r, _)) => Ok(r),
+            Err(Status::Errno(e)) => Err(e),
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for kind in tests::link_kinds() {
+        let tmp = tmpdir();
+        let exp = tmp.path().join("export");
+        fs::create_dir(&exp).unwrap();
+        fs::write(exp.join("taken"), b"t").unwrap();
+        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        rt.block_on(async {
+            let connect = || async {
+                let key = transport::auth::Key::load(&host.key).unwrap();
+                let ep = tests::connect_url(&host.listen).parse().unwrap();
+                Session::connect(&ep, SessionConfig::new(Some(key)), Registry::new())
+                    .await
+                    .unwrap()
+            };
+            let (a, b) = (connect().await, connect().await);
+            let mount = |s: Session| {
+                let path = exp.display().to_string();
+                async move {
+                    let m = op::Mount {
+                        version: proto::VERSION,
+                        path,
+                    };
+                    call(&s, 0, m, &[]).await.unwrap().unwrap()
+                }
+            };
+            let ma = mount(a.clone()).await;
+            let mb = mount(b.clone()).await;
+            let (inst, root) = (ma.instance, ma.root.node);
+            let (node, fh) = (ALIAS_BIT | 1, ALIAS_BIT | 2);
+            let create = |name: &str, alias: (u64, u64)| op::Create {
+                parent: root,
+                name: name.as_bytes().to_vec(),
+                mode: 0o644,
+                flags: libc::O_RDWR | libc::O_EXCL,
+                caller: Caller::default(),
+                alias: Some(alias),
+            };
+            let c = call(&a, inst, create("new", (node, fh)), &[])
+                .await
+                .unwrap();
+            // The alias names the node and the handle in this session.
+            let at = call(&a, inst, op::GetAttr { node, fh: None }, &[])
+                .await
+                .unwrap();
+            assert_eq!(at.ino, c.entry.attr.ino, "[{kind}]");
+            let n = call(&a, inst, op::Write { fh, offset: 0 }, b"via alias").await;
+            assert_eq!(n, Ok(9), "[{kind}]");
+            assert_eq!(fs::read(exp.join("new")).unwrap(), b"via alias");
+            // Not in another session.
+            let other = call(&b, mb.instance, op::GetAttr { node, fh: None }, &[]).await;
+            assert_eq!(other.unwrap_err(), libc::ESTALE, "[{kind}] other session");
+            let other = call(&b, mb.instance, op::Write { fh, offset: 0 }, b"x").await;
+            assert_eq!(other.unwrap_err(), libc::ESTALE, "[{kind}] other session");
+            // The HOST's own ids are never remapped: "aliasing" the root to a new file.
+            let c2 = call(&a, inst, create("hijack", (root, c.opened.fh)), &[]).await;
+            assert!(c2.is_ok(), "[{kind}]");
+            let rattr = call(
+                &a,
+                inst,
+                op::GetAttr {
+                    node: root,
+                    fh: None,
+                },
+                &[],
+            )
+            .await;
+            assert_eq!(
+                rattr.unwrap().mode & libc::S_IFMT,
+                libc::S_IFDIR,
+                "[{kind}]"
+            );
+            // A failed create's alias fails with its errno.
+            let bad = (ALIAS_BIT | 3, ALIAS_BIT | 4);
+            let e = call(&a, inst, create("taken", bad), &[]).await;
+            assert_eq!(e.unwrap_err(), libc::EEXIST, "[{kind}]");
+            let e = call(
+                &a,
+                inst,
+                op::GetAttr {
+                    node: bad.0,
+                    fh: None,
+                },
+                &[],
+            )
+            .await;
+            assert_eq!(
+                e.unwrap_err(),
+                libc::EEXIST,
+                "[{kind}] the alias of a failed create"
+            );
+            let e = call(
+                &a,
+                inst,
+                op::Write {
+                    fh: bad.1,
+                    offset: 0,
+                },
+                b"x",
+            )
+            .await;
+            assert_eq!(e.unwrap_err(), libc::EEXIST, "[{kind}]");
+            // Release and forget end the aliases.
+            call(
+                &a,
+                inst,
+                op::Release {
+                    fh,
+                    lock_owner: None,
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+            let e = call(&a, inst, op::Write { fh, offset: 0 }, b"x").await;
+            assert_eq!(e.unwrap_err(), libc::ESTALE, "[{kind}] after release");
+            call(
+                &a,
+                inst,
+                op::Forget {
+                    nodes: vec![(node, 1)],
+                },
+                &[],
+            )
+            .await
+            .unwrap();
+            let e = call(&a, inst, op::GetAttr { node, fh: None }, &[]).await;
+            assert_eq!(e.unwrap_err(), libc::ESTALE, "[{kind}] after forget");
+            assert_eq!(fs::read(exp.join("new")).unwrap(), b"via alias");
+        });
+    }
+}
