@@ -8,6 +8,9 @@ SECONDS_PER_TARGET="${1:-30}"
 cd "$(dirname "$0")"
 TARGETS="${TARGETS:-$(cargo +nightly fuzz list)}"
 start=$(date +%s)
+# cargo-fuzz has no --locked: fail here if fuzz/Cargo.lock no longer matches the workspace
+# crates (it must be committed updated, like the workspace's own Cargo.lock).
+cargo +nightly metadata --locked --format-version 1 >/dev/null
 cargo +nightly fuzz build -O
 echo "fuzz: build took $(( $(date +%s) - start )) s"
 work=$(mktemp -d)

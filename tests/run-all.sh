@@ -8,11 +8,11 @@ export RUST_BACKTRACE=1
 # The apt packages the tests drive (no-op when present; OFFLOAD_NO_DEPS=1 skips the check).
 .ci/deps test
 echo "== build (all binaries, rdma feature included)"
-cargo build --workspace --bins --features tools/rdma,tests/rdma
+cargo build --locked --workspace --bins --features tools/rdma,tests/rdma
 # Built just above: the tests need not each check that their binaries are fresh (tests::bin).
 export OFFLOAD_TESTS_PREBUILT=1
 echo "== workspace tests"
-cargo test --workspace --no-fail-fast --features tools/rdma,tests/rdma -- --test-threads=2
+cargo test --locked --workspace --no-fail-fast --features tools/rdma,tests/rdma -- --test-threads=2
 if [ "${SKIP_VM:-0}" = 1 ]; then
   echo "SKIPPED VM tier: SKIP_VM=1"
 else

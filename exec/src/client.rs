@@ -41,12 +41,16 @@ use crate::sys;
 /// Errors that are rexec's own (not the program's); the `rexec` tool exits 255 on them.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The exec stream could not be opened (no session, service missing, busy).
     #[error("cannot start the exec: {0}")]
     Open(CallError),
+    /// The session ended before the program's exit status arrived.
     #[error("connection to the server lost: {0}")]
     Lost(String),
+    /// The server sent something the protocol does not allow.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// Reading our stdin or writing our stdout/stderr failed.
     #[error("local I/O: {0}")]
     Local(#[from] io::Error),
 }
@@ -57,7 +61,12 @@ pub enum Outcome {
     /// The program ran and ended with this status (all its output has been written locally).
     Exited(ExitStatus),
     /// The program did not start; `code` is the shell-style code (126/127) and `message` why.
-    NotStarted { code: i32, message: String },
+    NotStarted {
+        /// 126 (refused, not executable) or 127 (not found).
+        code: i32,
+        /// Why, for stderr.
+        message: String,
+    },
 }
 
 impl Outcome {

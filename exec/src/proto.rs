@@ -34,9 +34,13 @@ pub const FRAME_HEADER: usize = 5;
 /// Terminal window size (`struct winsize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct WinSize {
+    /// Character rows.
     pub rows: u16,
+    /// Character columns.
     pub cols: u16,
+    /// Width in pixels (usually 0).
     pub xpixel: u16,
+    /// Height in pixels (usually 0).
     pub ypixel: u16,
 }
 
@@ -47,7 +51,7 @@ pub struct ExecRequest {
     pub version: u16,
     /// Client-chosen id (random), used by control calls to name this exec within the session.
     pub id: u64,
-    /// argv verbatim; argv[0] is resolved like `execvp` (PATH from `env`, relative to `cwd`).
+    /// argv verbatim; `argv[0]` is resolved like `execvp` (PATH from `env`, relative to `cwd`).
     pub argv: Vec<Vec<u8>>,
     /// Complete environment of the program (the client decides what to pass).
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
@@ -90,7 +94,9 @@ pub enum StdioKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FrameKind {
+    /// Payload is bytes the program wrote to its stdout (or the pty).
     Stdout = 1,
+    /// Payload is bytes the program wrote to its stderr.
     Stderr = 2,
     /// Payload is a postcard [`ServerEvent`].
     Event = 3,
@@ -114,7 +120,12 @@ pub enum ExitStatus {
     /// Normal exit with this code (0..=255).
     Code(i32),
     /// Killed by this signal (Linux numbering).
-    Signal { signal: i32, core_dumped: bool },
+    Signal {
+        /// Signal number.
+        signal: i32,
+        /// Whether it left a core dump.
+        core_dumped: bool,
+    },
 }
 
 impl ExitStatus {
@@ -131,27 +142,45 @@ impl ExitStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerEvent {
     /// The program runs (control calls for this id are accepted from now on).
-    Started { pid: u32 },
+    Started {
+        /// The program's pid on the server side.
+        pid: u32,
+    },
     /// The program ended; sent after all of its output. Last frame of the stream.
     Exit(ExitStatus),
     /// The program could not be started; `code` is what a shell would return (126 refused or not
     /// executable, 127 not found). Last frame of the stream.
-    Failed { code: i32, message: String },
+    Failed {
+        /// 126 or 127, as a shell would return.
+        code: i32,
+        /// Why, for the client's stderr.
+        message: String,
+    },
 }
 
 /// Signals the client forwards. Named rather than numbered so both ends map them with their own
 /// libc (the HOST and DPU may differ in architecture).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Sig {
+    /// SIGINT.
     Int,
+    /// SIGTERM.
     Term,
+    /// SIGHUP.
     Hup,
+    /// SIGQUIT.
     Quit,
+    /// SIGUSR1.
     Usr1,
+    /// SIGUSR2.
     Usr2,
+    /// SIGWINCH.
     Winch,
+    /// SIGCONT.
     Cont,
+    /// SIGTSTP (with `group`: stop like a job, see [`ControlRequest::Signal`]).
     Tstp,
+    /// SIGKILL.
     Kill,
 }
 
@@ -195,7 +224,9 @@ impl Sig {
 /// Which output of the remote program a [`ControlRequest::CloseOutput`] closes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutputFd {
+    /// The program's stdout.
     Stdout,
+    /// The program's stderr.
     Stderr,
 }
 
@@ -208,17 +239,35 @@ pub enum ControlRequest {
     /// (SIGSTOP where SIGTSTP has its default action, which the kernel would discard in the
     /// program's orphaned group; SIGTSTP where the program handles it). A later [`Sig::Cont`]
     /// resumes the whole group.
-    Signal { id: u64, sig: Sig, group: bool },
+    Signal {
+        /// The exec: its [`ExecRequest::id`].
+        id: u64,
+        /// Which signal.
+        sig: Sig,
+        /// The caller's whole process group received it.
+        group: bool,
+    },
     /// New pty window size (the kernel then sends SIGWINCH to the pty's foreground group).
-    Resize { id: u64, size: WinSize },
+    Resize {
+        /// The exec: its [`ExecRequest::id`].
+        id: u64,
+        /// The new size.
+        size: WinSize,
+    },
     /// The client's stdout/stderr went away (EPIPE): close the server's read end so the remote
     /// program gets SIGPIPE/EPIPE like it would locally.
-    CloseOutput { id: u64, fd: OutputFd },
+    CloseOutput {
+        /// The exec: its [`ExecRequest::id`].
+        id: u64,
+        /// Which output went away.
+        fd: OutputFd,
+    },
 }
 
 /// Answer to a [`ControlRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlReply {
+    /// Done.
     Ok,
     /// Answer to a group [`Sig::Tstp`]: the program was stopped (its SIGTSTP action is the
     /// default); the caller stops too. Plain `Ok` means the program handles (or ignores) SIGTSTP.
@@ -236,10 +285,13 @@ pub fn frame_header(kind: FrameKind, len: usize) -> [u8; FRAME_HEADER] {
 /// Error decoding the server→client frame stream.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
+    /// The kind byte is not a [`FrameKind`].
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
+    /// The length is above the frame limit (refused before buffering).
     #[error("frame of {0} bytes exceeds the limit")]
     TooLarge(usize),
+    /// An event frame's postcard does not decode.
     #[error("bad event frame: {0}")]
     BadEvent(String),
 }
@@ -247,8 +299,11 @@ pub enum FrameError {
 /// A decoded server→client frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
+    /// Program stdout bytes.
     Stdout(bytes::Bytes),
+    /// Program stderr bytes.
     Stderr(bytes::Bytes),
+    /// A lifecycle event.
     Event(ServerEvent),
 }
 

@@ -1,7 +1,7 @@
 //! The exec service: runs programs for the peer, streams their stdio, reports their exit.
 //!
 //! Lifecycle of one exec (one stream):
-//! 1. decode the [`ExecRequest`] header, resolve argv[0], check the allow-list, spawn the program
+//! 1. decode the [`ExecRequest`] header, resolve `argv[0]`, check the allow-list, spawn the program
 //!    in a new session (pgid = pid) with pipes or a pty → `Started`, or `Failed{126|127}`;
 //! 2. pump stdin from the stream into the program, and stdout/stderr into frames on the stream;
 //! 3. when the program exits: keep forwarding until stdout and stderr reach EOF, i.e. until every
@@ -30,6 +30,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
+use transport::sync::lock;
 use transport::{RemoteError, Service, Session, Stream, StreamReader, StreamWriter};
 
 use crate::proto::{
@@ -51,7 +52,7 @@ const CHUNK: usize = 256 * 1024 - FRAME_HEADER;
 #[serde(deny_unknown_fields)]
 pub struct ExecConfig {
     /// Executables the peer may run: exact paths, symlinks resolved (at startup for this list,
-    /// per request for argv[0]). Absent and `allow_any = false` = nothing may run.
+    /// per request for `argv[0]`). Absent and `allow_any = false` = nothing may run.
     #[serde(default)]
     pub allow: Option<Vec<PathBuf>>,
     /// Let the peer run any executable. Must be set explicitly; excludes `allow`.
@@ -74,8 +75,10 @@ const PTY_DRAIN_MAX: Duration = Duration::from_secs(2);
 /// Errors building the exec service.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    /// Both an allow-list and allow-any were configured.
     #[error("exec config: `allow` and `allow_any = true` exclude each other")]
     AllowAndAllowAny,
+    /// Allow-list entries are matched as absolute paths only.
     #[error("exec config: allow-list entry {0:?} is not an absolute path")]
     RelativeAllowEntry(PathBuf),
 }
@@ -142,11 +145,7 @@ impl ExecService {
     }
 
     fn lookup(&self, key: Key) -> Option<Arc<Running>> {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            .cloned()
+        lock(&self.running).get(&key).cloned()
     }
 
     fn control(&self, session: &Session, req: ControlRequest) -> Result<ControlReply, RemoteError> {
@@ -232,10 +231,7 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+        lock(&self.table).remove(&self.key);
     }
 }
 
@@ -345,10 +341,7 @@ impl Service for ExecService {
             group_stopped: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
         });
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, running.clone());
+        lock(&self.running).insert(key, running.clone());
         let _reg = Registration {
             table: self.running.clone(),
             key,
@@ -590,6 +583,6 @@ fn reap_later(pidfd: Arc<PidFd>) {
 impl ExecService {
     /// Number of execs currently running on all sessions.
     pub fn running_count(&self) -> usize {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
+        lock(&self.running).len()
     }
 }

@@ -19,20 +19,28 @@ const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:
 /// Why a program was not started, with the code a shell would exit with.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
+    /// A bare name not found on PATH (127).
     #[error("{0}: command not found")]
     NotFound(String),
+    /// A path that does not exist (127).
     #[error("{0}: No such file or directory")]
     NoSuchFile(String),
+    /// Resolved outside the server's allow-list (126).
     #[error("{0}: not allowed by the exec allow-list of the server")]
     NotAllowed(String),
+    /// Not an executable file (126).
     #[error("{0}: Permission denied")]
     NotExecutable(String),
+    /// The requested working directory is unusable.
     #[error("cannot change directory to {0}: {1}")]
     BadCwd(String, std::io::Error),
+    /// The requested user or group does not exist on the server.
     #[error("unknown user {0}")]
     BadUser(String),
+    /// No argv at all.
     #[error("empty command line")]
     EmptyArgv,
+    /// Another OS error while starting (fork, exec, pipes).
     #[error("{0}: {1}")]
     Os(String, std::io::Error),
 }
@@ -67,7 +75,7 @@ fn is_executable_file(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Resolves argv[0] like execvp: a name with '/' is taken relative to `cwd`; otherwise the
+/// Resolves `argv[0]` like execvp: a name with '/' is taken relative to `cwd`; otherwise the
 /// first executable regular file in PATH wins. Returns the canonical path (symlinks resolved).
 pub fn resolve(argv0: &[u8], path_env: Option<&[u8]>, cwd: &Path) -> Result<PathBuf, SpawnError> {
     if argv0.is_empty() {
@@ -102,6 +110,7 @@ pub fn resolve(argv0: &[u8], path_env: Option<&[u8]>, cwd: &Path) -> Result<Path
 
 /// A started program and the parent's ends of its stdio.
 pub struct Spawned {
+    /// The child's pid (a process group leader when the request asked for one).
     pub pid: libc::pid_t,
     /// Non-pty: (stdin write end, stdout read end, stderr read end); `None` for a descriptor the
     /// request did not want streamed ([`StdioKind::Closed`], [`StdioKind::DevFull`]).

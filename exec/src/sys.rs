@@ -299,8 +299,11 @@ pub fn kill(pid: libc::pid_t, sig: i32) -> io::Result<()> {
 /// What a process does with a signal (from `/proc/<pid>/status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SigAction {
+    /// SIG_DFL.
     Default,
+    /// SIG_IGN.
     Ignored,
+    /// A handler is installed.
     Caught,
 }
 

@@ -1,23 +1,28 @@
 #!/usr/bin/env python3
 """qtfs benchmark: local ext4 vs a qtfs mount over TCP loopback vs sshfs (FUSE over ssh to 127.0.0.1).
 
-Derived from /work/shared/containerd-lab/41-fs-bench.py (same workloads and method), with a
-"qtfs" target: a release offloadd exporting the backing dir on 127.0.0.1:$QTFS_PORT and a
-release mount_qtfs mount; "cold" unmounts it, drops caches and mounts again.
+Starts everything it measures and stops it afterwards: a release offloadd exporting the
+backing dir on 127.0.0.1:$QTFS_PORT with release mount_qtfs mounts, and (for the sshfs
+targets) a private sshd on 127.0.0.1:$SSH_PORT with its own host and client keys under
+$LAB/ssh. "cold" unmounts, drops caches and mounts again.
 
-Workloads (each repeated N times, median reported; 'cold' = caches dropped and,
-for sshfs, a fresh mount so neither the kernel nor sshfs has cached anything):
+Workloads (each repeated N times, median reported; 'cold' = caches dropped and a fresh mount,
+so neither the kernel nor the FUSE daemon has cached anything):
   write1g   dd if=/dev/zero of=big bs=1M count=1024 conv=fsync
   read1g    cold, dd if=big of=/dev/null bs=1M
   stat10k   os.stat() of 10,000 existing files by name (cold pass, then warm pass)
   ls10k     ls -l of a 10,000-entry directory (cold, then warm)
   untar     tar -xf of a ~51 MB / ~4,000-entry header tree (wall of tar; and tar+sync)
-Usage: fs/bench/fs-bench.py [-n N] [targets...]   targets: local qtfs qtfs-ttl20 sshfs sshfs-aes
-Needs /work/shared/containerd-lab/40-sshd-start.sh to have run (for sshfs targets) and
-`cargo build --release -p tools --bin offloadd --bin mount_qtfs` (binaries from $QTFS_BIN,
-default target/release).
+  notice    a change made on the HOST side (chmod of a file the mount has cached) until the
+            mount shows it, 20 samples (qtfs targets and sshfs)
+and the CPU seconds per GiB of the write and the read on the HOST side (offloadd; sshd and
+its sftp) and on the DPU side (mount_qtfs; sshfs).
+Usage: fs/bench/fs-bench.py [-n N] [targets...]
+  targets: local qtfs qtfs-nofeed qtfs-wb qtfs-ttl20 sshfs sshfs-aes
+Needs `cargo build --release -p tools --bin offloadd --bin mount_qtfs` (binaries from
+$QTFS_BIN, default target/release), and sshfs + openssh-server for the sshfs targets.
 """
-import os, sys, subprocess, time, json, statistics, shutil, argparse
+import os, sys, subprocess, time, json, statistics, shutil, argparse, atexit, signal
 
 LAB = os.environ.get("LAB", "/tmp/ctrlab")
 B = f"{LAB}/bench"
@@ -30,14 +35,20 @@ QTFS_BIN = os.environ.get("QTFS_BIN", os.path.join(os.path.dirname(os.path.abspa
 QTFS_PORT = os.environ.get("QTFS_PORT", "7790")
 QTFS_DIR = f"{B}/qtfs"
 TARGETS = {
-    # name: (backing dir, mount point or None, extra sshfs -o)
+    # name: (backing dir, mount point or None, extra -o)
     "local":     (f"{B}/local", None, None),
+    # the defaults: long cache lifetimes while the HOST pushes its changes
     "qtfs":      (f"{B}/export", f"{B}/mnt-qtfs", ""),
-    # the same with sshfs's default cache lifetime (20 s) instead of qtfs's 1 s
-    "qtfs-ttl20": (f"{B}/export", f"{B}/mnt-qtfs-ttl20", ",attr_timeout=20,entry_timeout=20"),
+    # without the change feed: 1 s lifetimes (the defaults before the feed)
+    "qtfs-nofeed": (f"{B}/export", f"{B}/mnt-qtfs-nofeed", ",coherent_ttl=0"),
+    # kernel write-back caching (opt-in)
+    "qtfs-wb":   (f"{B}/export", f"{B}/mnt-qtfs-wb", ",writeback_cache"),
+    # without the feed, with sshfs's default cache lifetime (20 s)
+    "qtfs-ttl20": (f"{B}/export", f"{B}/mnt-qtfs-ttl20", ",coherent_ttl=0,attr_timeout=20,entry_timeout=20"),
     "sshfs":     (f"{B}/export", f"{B}/mnt-sshfs", ""),
     "sshfs-aes": (f"{B}/export", f"{B}/mnt-sshfs-aes", ",Ciphers=aes128-gcm@openssh.com,Compression=no"),
 }
+STARTED = {}   # name -> Popen or pid of what this run started
 
 def sh(cmd, **kw):
     return subprocess.run(cmd, shell=True, check=True, **kw)
@@ -58,12 +69,81 @@ def qtfs_server():
         os.chmod(key, 0o600)
     with open(f"{QTFS_DIR}/host.toml", "w") as f:
         f.write(f'[fs]\nexports = [{{ path = "{B}/export" }}]\n')
-    if subprocess.run(["ss", "-tln", f"sport = :{QTFS_PORT}"], capture_output=True, text=True).stdout.count("LISTEN") == 0:
-        subprocess.Popen([f"{QTFS_BIN}/offloadd", "--listen", f"tcp://127.0.0.1:{QTFS_PORT}",
-                          "--key-file", key, "--config", f"{QTFS_DIR}/host.toml"],
-                         stdout=subprocess.DEVNULL, stderr=open(f"{QTFS_DIR}/offloadd.log", "a"))
+    if "offloadd" not in STARTED:
+        STARTED["offloadd"] = subprocess.Popen(
+            [f"{QTFS_BIN}/offloadd", "--listen", f"tcp://127.0.0.1:{QTFS_PORT}",
+             "--key-file", key, "--config", f"{QTFS_DIR}/host.toml"],
+            stdout=subprocess.DEVNULL, stderr=open(f"{QTFS_DIR}/offloadd.log", "a"))
         time.sleep(0.5)
     return key
+
+def sshd():
+    """Starts (once) a private sshd on 127.0.0.1:$SSH_PORT with its own keys."""
+    if "sshd" in STARTED:
+        return
+    os.makedirs(K, mode=0o700, exist_ok=True)
+    os.makedirs("/run/sshd", exist_ok=True)
+    for k in ("host_ed25519", "id_ed25519"):
+        if not os.path.exists(f"{K}/{k}"):
+            sh(f"ssh-keygen -q -t ed25519 -N '' -f {K}/{k}")
+    os.makedirs(f"{K}-auth", exist_ok=True)
+    os.chmod(f"{K}-auth", 0o755)
+    shutil.copy(f"{K}/id_ed25519.pub", f"{K}-auth/root")
+    with open(f"{K}/sshd_config", "w") as f:
+        f.write(f"""ListenAddress 127.0.0.1
+Port {SSH_PORT}
+HostKey {K}/host_ed25519
+PidFile {K}/sshd.pid
+AuthorizedKeysFile {K}-auth/%u
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+LogLevel ERROR
+""")
+    STARTED["sshd"] = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", f"{K}/sshd_config"])
+    time.sleep(0.5)
+
+def stop_all():
+    for t in TARGETS:
+        try:
+            umount(t)
+        except Exception:
+            pass
+    for name, p in STARTED.items():
+        p.terminate()
+        try:
+            p.wait(5)
+        except Exception:
+            p.kill()
+    STARTED.clear()
+
+def cpu_of(pids):
+    """utime+stime seconds of these processes and their threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+def sides(t):
+    """(HOST pids, DPU pids) of a FUSE target."""
+    _, mnt, _ = TARGETS[t]
+    if mnt is None:
+        return [], []
+    pg = lambda pat: [int(p) for p in subprocess.run(["pgrep", "-f", pat], capture_output=True, text=True).stdout.split()]
+    if t.startswith("qtfs"):
+        host = [STARTED["offloadd"].pid] if "offloadd" in STARTED else []
+        return host, pg(f"mount_qtfs .* {mnt}( |$)")
+    host = [int(p) for p in subprocess.run(["pgrep", "-P", str(STARTED["sshd"].pid)], capture_output=True, text=True).stdout.split()] if "sshd" in STARTED else []
+    host += [c for p in list(host) for c in pg(f"sshd: .*") if c != STARTED["sshd"].pid]
+    return sorted(set(host)), pg(f"sshfs .* {mnt}( |$)")
 
 def umount(t):
     _, mnt, _ = TARGETS[t]
@@ -80,6 +160,7 @@ def mount(t):
             key = qtfs_server()
             sh(f"{QTFS_BIN}/mount_qtfs {back} {mnt} -o addr=tcp://127.0.0.1:{QTFS_PORT},keyfile={key}{extra}")
         else:
+            sshd()
             sh(f"sshfs -o {SSH_OPTS}{extra} root@127.0.0.1:{back} {mnt}")
 
 def cold(t):
@@ -109,18 +190,49 @@ def stat_loop(d):
         os.stat(n)
     return time.monotonic() - t0
 
+def notice(t, samples=20):
+    """Median ms from a HOST-side chmod of a file the mount has cached to the mount showing it."""
+    back = TARGETS[t][0]
+    f = "notice-probe"
+    open(f"{back}/{f}", "w").close()
+    mp = f"{path(t)}/{f}"
+    took = []
+    for i in range(samples):
+        want = 0o600 if i % 2 == 0 else 0o644
+        os.stat(mp)          # cached now
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        os.chmod(f"{back}/{f}", want)
+        while os.stat(mp).st_mode & 0o777 != want:
+            if time.monotonic() - t0 > 30:
+                break
+            time.sleep(0.0005)
+        took.append((time.monotonic() - t0) * 1000)
+    os.unlink(f"{back}/{f}")
+    return statistics.median(took)
+
 def run(t, n):
     back = TARGETS[t][0]
     prepare(t)
     r = {k: [] for k in ["write1g_s", "read1g_s", "stat10k_cold_s", "stat10k_warm_s",
-                         "ls10k_cold_s", "ls10k_warm_s", "untar_s", "untar_sync_s"]}
+                         "ls10k_cold_s", "ls10k_warm_s", "untar_s", "untar_sync_s",
+                         "write_cpu_host", "write_cpu_dpu", "read_cpu_host", "read_cpu_dpu",
+                         "notice_ms"]}
     for i in range(n):
         cold(t)
         if os.path.exists(f"{back}/big"):
             os.unlink(f"{back}/big")
+        h, d = sides(t)
+        c0 = (cpu_of(h), cpu_of(d))
         r["write1g_s"].append(timed(f"dd if=/dev/zero of={path(t)}/big bs=1M count=1024 conv=fsync status=none"))
+        r["write_cpu_host"].append(cpu_of(h) - c0[0]); r["write_cpu_dpu"].append(cpu_of(d) - c0[1])
         cold(t)
+        h, d = sides(t)
+        c0 = (cpu_of(h), cpu_of(d))
         r["read1g_s"].append(timed(f"dd if={path(t)}/big of=/dev/null bs=1M status=none"))
+        r["read_cpu_host"].append(cpu_of(h) - c0[0]); r["read_cpu_dpu"].append(cpu_of(d) - c0[1])
+        if TARGETS[t][1] is not None:
+            r["notice_ms"].append(notice(t))
         cold(t)
         r["stat10k_cold_s"].append(stat_loop(f"{path(t)}/files10k"))
         r["stat10k_warm_s"].append(stat_loop(f"{path(t)}/files10k"))
@@ -145,6 +257,8 @@ def main():
     ap.add_argument("-n", type=int, default=3)
     ap.add_argument("targets", nargs="*", default=["local", "qtfs", "sshfs"])
     a = ap.parse_args()
+    atexit.register(stop_all)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     res = {}
     for t in a.targets:
         print(f"== {t}", flush=True)
@@ -162,10 +276,18 @@ def main():
             ("ls -l 10k cold s", "ls10k_cold_s", lambda s: s),
             ("ls -l 10k warm s", "ls10k_warm_s", lambda s: s),
             ("untar 51MB/4k files s", "untar_s", lambda s: s),
-            ("untar + sync s", "untar_sync_s", lambda s: s)]
+            ("untar + sync s", "untar_sync_s", lambda s: s),
+            ("write CPU s/GiB HOST side", "write_cpu_host", lambda s: s),
+            ("write CPU s/GiB DPU side", "write_cpu_dpu", lambda s: s),
+            ("read CPU s/GiB HOST side", "read_cpu_host", lambda s: s),
+            ("read CPU s/GiB DPU side", "read_cpu_dpu", lambda s: s),
+            ("HOST change seen after ms", "notice_ms", lambda s: s)]
     for label, k, f in rows:
         cells = []
         for t in res:
+            if not res[t][k]:
+                cells.append("-")
+                continue
             vals = sorted(f(x) for x in res[t][k])
             cells.append(f"{fmt(f(med(res[t][k])))} ({fmt(vals[0])}-{fmt(vals[-1])})")
         print(f"{label:27}" + "".join(f"{c:>26}" for c in cells))

@@ -817,6 +817,7 @@ impl OpenerRoot {
         }
         // SAFETY: fresh descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: libc::stat is plain old data; all-zero is a valid value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid descriptor and buffer.
         if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {

@@ -4,16 +4,16 @@
 //! - [`server`]: [`FsService`], the HOST side (exports resolved beneath their roots).
 //! - [`client`]: [`QtfsFs`], the DPU side FUSE filesystem used by `mount.qtfs`.
 //! - [`fifo`]: tunnels that join a FIFO's DPU pipe and its HOST pipe.
+//! - [`notify`]: the change feed (HOST-side changes pushed to DPU mounts).
 //! - `procview`: proc mode's rule for the caller's own processes.
 //! - [`mount`]: mount forwarding (the `mount` service and the DPU-side translation).
-
-#![warn(missing_docs)]
 
 pub mod client;
 pub mod fifo;
 #[cfg(test)]
 mod memfs;
 pub mod mount;
+pub mod notify;
 mod procview;
 pub mod proto;
 pub mod server;

@@ -47,6 +47,7 @@ pub fn openat2_beneath(
     flags: i32,
     extra: u64,
 ) -> Result<OwnedFd, Errno> {
+    // SAFETY: libc::open_how is plain old data; all-zero is a valid value (no flags, no resolve bits).
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
     how.mode = 0;
@@ -139,6 +140,7 @@ fn pseudo_dev(fd: RawFd, dev: u64) -> bool {
     }
     // SAFETY: plain-old-data out parameter, checked result.
     let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the whole call and `sfs` is a valid out buffer; the result is checked.
     if unsafe { libc::fstatfs(fd, &mut sfs) } != 0 {
         return false;
     }

@@ -491,6 +491,8 @@ pub struct Snapshot {
     pub bridge: BridgeSnapshot,
 }
 
+// Poison-tolerant access, as `transport::sync::lock` (this crate sits below transport, so it
+// keeps its own three; a panicked scrape must not stop the counters).
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

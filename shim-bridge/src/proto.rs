@@ -11,38 +11,68 @@ pub const PROTO_VERSION: u32 = 1;
 pub enum Request {
     /// Liveness/capability probe sent once per session before any rule is pushed, so sessions
     /// whose peer does not run a bridge (short `rexec` sessions) are left alone.
-    Hello { version: u32 },
+    Hello {
+        /// The sender's protocol version.
+        version: u32,
+    },
     /// "Listen at `path` on your side; forward every connection to my socket `target`."
-    AddProxy { path: String, target: String },
+    AddProxy {
+        /// Socket path to listen at, on the receiver's side.
+        path: String,
+        /// The sender's socket that connections go to.
+        target: String,
+    },
     /// Remove the proxy listener at `path` (the original went away) and close its connections.
-    RemoveProxy { path: String },
+    RemoveProxy {
+        /// The proxy listener's path on the receiver's side.
+        path: String,
+    },
     /// Deliver signal `signal` to process `pid` on the receiving side (`kill(2)` semantics, pid > 0).
-    Kill { pid: i32, signal: i32 },
+    Kill {
+        /// Target process on the receiving side (> 0).
+        pid: i32,
+        /// Signal number (`kill(2)`'s `sig`).
+        signal: i32,
+    },
     /// Make `path` (a socket in one of the receiver's watched dirs) reachable on every bridge
     /// peer now; the reply comes once every peer confirmed its listener. Used by `offload-shim`
     /// so containerd never connects before the proxy exists.
-    Expose { path: String },
+    Expose {
+        /// The socket to expose.
+        path: String,
+    },
 }
 
 /// Replies to [`Request`]s. Failures travel as `RemoteError` (code = errno where one applies).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
     /// Answer to [`Request::Hello`].
-    Hello { version: u32 },
+    Hello {
+        /// The receiver's protocol version.
+        version: u32,
+    },
     /// The request was carried out.
     Done,
     /// Answer to [`Request::Expose`]: how many bridge peers now listen on the path.
-    Exposed { peers: u32 },
+    Exposed {
+        /// Peers listening on the path.
+        peers: u32,
+    },
 }
 
 /// Header of a stream opened on service `"bridge"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StreamHeader {
     /// A forwarded Unix connection: connect to the receiver's socket `path` and pump both ways.
-    Connect { path: String },
+    Connect {
+        /// The socket to connect to, on the receiver's side.
+        path: String,
+    },
     /// A container stdio FIFO: create `path` as a FIFO on the receiver's side and pump data.
     Fifo {
+        /// FIFO path, on the receiver's side.
         path: String,
+        /// Which way the bytes flow.
         direction: FifoDirection,
     },
 }

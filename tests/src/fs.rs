@@ -68,6 +68,11 @@ pub struct Host {
 impl Host {
     /// Starts offloadd on a fresh address of link `kind` serving `exports`.
     pub fn start(kind: &str, dir: &Path, exports: &[ExportSpec]) -> Host {
+        Host::start_with(kind, dir, exports, "")
+    }
+
+    /// [`Host::start`] with more config sections (`extra` TOML, e.g. `[metrics]`).
+    pub fn start_with(kind: &str, dir: &Path, exports: &[ExportSpec], extra: &str) -> Host {
         let key = crate::write_key(dir, "fs.key");
         let listen = crate::listen_url(kind, dir);
         let mut toml = String::from("[fs]\nexports = [\n");
@@ -79,6 +84,7 @@ impl Host {
             ));
         }
         toml.push_str("]\n");
+        toml.push_str(extra);
         let config = dir.join("host.toml");
         std::fs::write(&config, toml).expect("write host.toml");
         let mut h = Host {
@@ -111,7 +117,12 @@ impl Host {
         std::thread::spawn(move || {
             let mut line = String::new();
             let mut r = BufReader::new(out);
-            let _ = r.read_line(&mut line);
+            // Other announcements (the metrics endpoint) may come first.
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false)
+                && !line.contains("listening")
+            {
+                line.clear();
+            }
             let _ = tx.send(line);
             // Keep draining so the daemon never blocks on a full pipe.
             let mut sink = String::new();

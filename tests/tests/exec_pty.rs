@@ -104,6 +104,7 @@ fn exec_tty_size_and_restore() {
         };
         // SAFETY: valid winsize on our pty master.
         assert_eq!(
+            // SAFETY: TIOCSWINSZ reads a winsize from the pointer; `ws` lives across the call and `master` is open.
             unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
             0
         );

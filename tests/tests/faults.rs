@@ -2,6 +2,7 @@
 //! (every fsync-acknowledged record survives, the mount recovers without a remount), ENOSPC on
 //! the HOST reaching the DPU writer as ENOSPC, and a bridged peer that stops reading (the
 //! sender is held back by flow control; the daemons' memory stays bounded).
+//! EIO from a failing HOST disk is in faults_eio.rs (device-mapper, in the VM tier).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -134,6 +135,7 @@ fn fault_enospc_reaches_the_dpu_writer() {
         }
         // close(2)'s error: std ignores it on drop, so close the raw fd ourselves.
         let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+        // SAFETY: `fd` came from into_raw_fd just above, so we own it and close it exactly once.
         let rc = unsafe { libc::close(fd) };
         if err.is_none() && rc != 0 {
             err = Some(("close", std::io::Error::last_os_error()));

@@ -173,7 +173,7 @@ fn fs_async_create_error_surfaces_at_close() {
 }
 
 /// An asynchronous unlink the HOST refuses (here: the file was removed on the HOST behind the
-/// mount's back, so it answers ENOENT) returns at once, and the failure comes back from the
+/// mount's back — no change feed — so it answers ENOENT) returns at once, and the failure comes back from the
 /// next listing of the directory (opendir) — or from fsync of the directory — once. With
 /// `-o wsync` the unlink itself fails.
 #[test]
@@ -184,8 +184,8 @@ fn fs_async_unlink_error_surfaces_at_listing() {
     }
     for kind in fs_test_links(test) {
         for opts in [
-            "entry_timeout=60,attr_timeout=60",
-            "entry_timeout=60,attr_timeout=60,wsync",
+            "coherent_ttl=0,entry_timeout=60,attr_timeout=60",
+            "coherent_ttl=0,entry_timeout=60,attr_timeout=60,wsync",
         ] {
             let tmp = tmpdir();
             let exp = tmp.path().join("export");
@@ -479,7 +479,8 @@ fn fs_async_foreign_name_and_attributes() {
             &host,
             &exp,
             &tmp.path().join("mnt"),
-            "negative_timeout=60,attr_timeout=30,entry_timeout=30",
+            // No change feed: the HOST's create stays unknown to the mount.
+            "coherent_ttl=0,negative_timeout=60,attr_timeout=30,entry_timeout=30",
         );
         fs::create_dir(m.path("u")).unwrap();
         // Closing a file made after the mkdir: both are on the HOST.

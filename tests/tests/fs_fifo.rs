@@ -29,6 +29,7 @@ fn cpath(p: &Path) -> CString {
 
 fn mkfifo(p: &Path) {
     assert_eq!(
+        // SAFETY: cpath gives a NUL-terminated string that lives across the call.
         unsafe { libc::mkfifo(cpath(p).as_ptr(), 0o666) },
         0,
         "mkfifo {p:?}"
@@ -36,10 +37,12 @@ fn mkfifo(p: &Path) {
 }
 
 fn open_raw(p: &Path, flags: i32) -> Result<OwnedFd, i32> {
+    // SAFETY: cpath gives a NUL-terminated string that lives across the call.
     let fd = unsafe { libc::open(cpath(p).as_ptr(), flags | libc::O_CLOEXEC) };
     if fd < 0 {
         Err(std::io::Error::last_os_error().raw_os_error().unwrap())
     } else {
+        // SAFETY: open(2) just returned this fd (>= 0); nothing else owns it.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 }
@@ -51,6 +54,7 @@ fn poll1(fd: &OwnedFd, events: i16, ms: i32) -> i16 {
         events,
         revents: 0,
     };
+    // SAFETY: `p` is one valid pollfd that lives across the call (nfds = 1).
     let rc = unsafe { libc::poll(&mut p, 1, ms) };
     if rc > 0 {
         p.revents
@@ -67,6 +71,7 @@ enum Rd {
 
 fn read_raw(fd: &OwnedFd) -> Rd {
     let mut b = vec![0u8; 65536];
+    // SAFETY: `b` is a writable buffer of `b.len()` bytes and `fd` is open.
     let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
     if n > 0 {
         b.truncate(n as usize);
@@ -449,6 +454,7 @@ fn fs_fifo_dpu_writer_host_reader() {
             }
         };
         assert_eq!(
+            // SAFETY: the buffer is a static byte string of the length passed; `w` is open.
             unsafe { libc::write(w.as_raw_fd(), b"nb".as_ptr().cast(), 2) },
             2
         );
@@ -456,6 +462,7 @@ fn fs_fifo_dpu_writer_host_reader() {
         drop(fd);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
+            // SAFETY: the buffer is a static byte string of the length passed; `w` is open.
             let rc = unsafe { libc::write(w.as_raw_fd(), b"z".as_ptr().cast(), 1) };
             if rc < 0 {
                 assert_eq!(
@@ -481,6 +488,7 @@ fn go_open(path: &Path, flags: i32) -> std::thread::JoinHandle<OwnedFd> {
     std::thread::spawn(move || {
         let p = PathBuf::from(format!("/proc/self/fd/{}", h.as_raw_fd()));
         let fd = open_raw(&p, flags).unwrap();
+        // SAFETY: fcntl on an fd this closure owns; no memory is passed.
         unsafe {
             let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
             libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
@@ -606,6 +614,7 @@ fn fs_fifo_containerd_patterns() {
         let reader = cat(&s.exp.join("stdin"));
         let fd = join_within(opener, "O_WRONLY open", Duration::from_secs(10));
         assert_eq!(
+            // SAFETY: the buffer is a static byte string of the length passed; `fd` is open.
             unsafe { libc::write(fd.as_raw_fd(), b"input\n".as_ptr().cast(), 6) },
             6
         );
@@ -662,6 +671,7 @@ fn fs_fifo_poll_large_and_unlink() {
         assert!(matches!(read_raw(&fd), Rd::Again));
         // Go registers what it opens with epoll and relies on it for Close to end a read: a
         // FUSE regular file is refused there (EPERM), a pipe is accepted.
+        // SAFETY: epoll on fds this test owns; `ev` lives across epoll_ctl and the created epoll fd is closed below.
         unsafe {
             let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
             assert!(ep >= 0);
@@ -860,6 +870,7 @@ fn fs_fifo_tunnel_protocol_direct() {
             .await
             .unwrap();
             assert_eq!(
+                // SAFETY: the buffer is a static byte string of the length passed; `w` is open.
                 unsafe { libc::write(w.as_raw_fd(), b"abc".as_ptr().cast(), 3) },
                 3
             );
@@ -1130,6 +1141,7 @@ impl Drop for PidFile {
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
         {
+            // SAFETY: kill(2) with a pid read from a pid file; no memory is passed.
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     }

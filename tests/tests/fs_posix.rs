@@ -127,6 +127,7 @@ fn suite(kind: &str) {
     fs::write(mp("b"), b"B").unwrap();
     fs::rename(mp("a"), mp("a2")).unwrap();
     assert!(!hp("a").exists() && hp("a2").exists());
+    // SAFETY: both paths are NUL-terminated CStrings that outlive the call.
     let rc = unsafe {
         libc::renameat2(
             libc::AT_FDCWD,
@@ -137,6 +138,7 @@ fn suite(kind: &str) {
         )
     };
     assert_eq!(last_errno(rc), libc::EEXIST);
+    // SAFETY: both paths are NUL-terminated CStrings that outlive the call.
     let rc = unsafe {
         libc::renameat2(
             libc::AT_FDCWD,
@@ -218,10 +220,12 @@ fn suite(kind: &str) {
     assert_eq!(fs::metadata(hp("private")).unwrap().mode() & 0o777, 0o600);
 
     // mknod: FIFO created as a real FIFO on the HOST; device nodes refused by default.
+    // SAFETY: cpath gives a NUL-terminated string that lives across the call.
     let rc = unsafe { libc::mkfifo(cpath(&mp("fifo")).as_ptr(), 0o644) };
     assert_eq!(last_errno(rc), 0);
     assert!(fs::metadata(hp("fifo")).unwrap().file_type().is_fifo());
     assert!(fs::metadata(mp("fifo")).unwrap().file_type().is_fifo());
+    // SAFETY: cpath gives a NUL-terminated string that lives across the call.
     let rc = unsafe {
         libc::mknod(
             cpath(&mp("null")).as_ptr(),
@@ -232,9 +236,13 @@ fn suite(kind: &str) {
     assert_eq!(last_errno(rc), libc::EPERM);
 
     // statfs is the HOST filesystem's.
+    // SAFETY: libc::statvfs is plain old data; all-zero is a valid value.
     let mut a: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: libc::statvfs is plain old data; all-zero is a valid value.
     let mut b: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: NUL-terminated path and a valid out buffer, both live across the call.
     assert_eq!(unsafe { libc::statvfs(cpath(&m.dir).as_ptr(), &mut a) }, 0);
+    // SAFETY: NUL-terminated path and a valid out buffer, both live across the call.
     assert_eq!(unsafe { libc::statvfs(cpath(&exp).as_ptr(), &mut b) }, 0);
     assert_eq!(a.f_blocks, b.f_blocks);
     assert_eq!(a.f_bsize, b.f_bsize);
@@ -242,22 +250,28 @@ fn suite(kind: &str) {
     // xattrs.
     let name = c"user.qtfs";
     let p = cpath(&mp("f"));
+    // SAFETY: NUL-terminated name and path; the value is a static buffer of the length passed.
     let rc = unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), b"v1".as_ptr() as _, 2, 0) };
     assert_eq!(last_errno(rc), 0);
     let mut vb = [0u8; 16];
+    // SAFETY: NUL-terminated name and path; `vb` is writable for the 16 bytes passed.
     let n = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), vb.as_mut_ptr() as _, 16) };
     assert_eq!(&vb[..n as usize], b"v1");
     let hpath = cpath(&hp("f"));
+    // SAFETY: NUL-terminated name and path; `vb` is writable for the 16 bytes passed.
     let n = unsafe { libc::getxattr(hpath.as_ptr(), name.as_ptr(), vb.as_mut_ptr() as _, 16) };
     assert_eq!(n, 2);
+    // SAFETY: a null buffer of size 0 only asks for the value's size.
     let size = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
     assert_eq!(size, 2);
     let mut lb = [0u8; 256];
+    // SAFETY: NUL-terminated path; `lb` is writable for the 256 bytes passed.
     let n = unsafe { libc::listxattr(p.as_ptr(), lb.as_mut_ptr() as _, 256) };
     assert!(n > 0);
     assert!(lb[..n as usize]
         .split(|&c| c == 0)
         .any(|s| s == b"user.qtfs"));
+    // SAFETY: NUL-terminated name and path; the value is a static buffer of the length passed.
     let rc = unsafe {
         libc::setxattr(
             p.as_ptr(),
@@ -268,8 +282,10 @@ fn suite(kind: &str) {
         )
     };
     assert_eq!(last_errno(rc), libc::EEXIST);
+    // SAFETY: NUL-terminated name and path that outlive the call.
     let rc = unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) };
     assert_eq!(last_errno(rc), 0);
+    // SAFETY: NUL-terminated name and path; `vb` is writable for the 16 bytes passed.
     let n = unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), vb.as_mut_ptr() as _, 16) };
     assert_eq!(last_errno(n as i32), libc::ENODATA);
 
@@ -282,20 +298,24 @@ fn suite(kind: &str) {
             .truncate(true)
             .open(mp("sparse"))
             .unwrap();
+        // SAFETY: fallocate on the open file `f`; no memory is passed.
         let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 65536) };
         assert_eq!(last_errno(rc), 0);
         assert_eq!(fs::metadata(hp("sparse")).unwrap().len(), 65536);
         // Unwritten (fallocated) extents count as holes on ext4: write real data.
         (&f).write_all(&[1u8; 65536]).unwrap();
         f.set_len(8 << 20).unwrap();
+        // SAFETY: lseek on the open file `f`; no memory is passed.
         let off = unsafe { libc::lseek(f.as_raw_fd(), 4 << 20, libc::SEEK_DATA) };
         assert_eq!(
             last_errno(off as i32),
             libc::ENXIO,
             "no data after the allocated head"
         );
+        // SAFETY: lseek on the open file `f`; no memory is passed.
         let hole = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
         assert!((65536..=8 << 20).contains(&hole), "hole at {hole}");
+        // SAFETY: lseek on the open file `f`; no memory is passed.
         let data = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
         assert_eq!(data, 0);
     }
@@ -315,9 +335,11 @@ fn suite(kind: &str) {
             .write(true)
             .open(mp("f"))
             .unwrap();
+        // SAFETY: libc::flock is plain old data; all-zero is a valid value.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = libc::F_WRLCK as i16;
         fl.l_whence = libc::SEEK_SET as i16;
+        // SAFETY: F_SETLK reads the flock `fl`, which lives across the call; `f` is open.
         assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
         let probe = |path: &Path| {
             Command::new("python3")
@@ -333,6 +355,7 @@ fn suite(kind: &str) {
         assert!(out.starts_with("busy"), "mount-side probe: {out}");
         let out = String::from_utf8_lossy(&probe(&hp("f")).stdout).into_owned();
         assert!(out.starts_with("busy"), "HOST-side probe: {out}");
+        // SAFETY: libc::flock is plain old data; all-zero is a valid value.
         let mut q: libc::flock = unsafe { std::mem::zeroed() };
         q.l_type = libc::F_WRLCK as i16;
         q.l_whence = libc::SEEK_SET as i16;
@@ -349,6 +372,7 @@ fn suite(kind: &str) {
             .unwrap_or(-1);
         assert_eq!(typ, libc::F_WRLCK, "F_GETLK reports the write lock");
         fl.l_type = libc::F_UNLCK as i16;
+        // SAFETY: F_SETLK reads the flock `fl`, which lives across the call; `f` is open.
         assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) }, 0);
         let out = String::from_utf8_lossy(&probe(&mp("f")).stdout).into_owned();
         assert!(out.starts_with("got"), "after unlock: {out}");
@@ -363,6 +387,7 @@ fn suite(kind: &str) {
             events: libc::POLLIN,
             revents: 0,
         };
+        // SAFETY: `pfd` is one valid pollfd that lives across the call (nfds = 1).
         assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
         assert!(pfd.revents & libc::POLLIN != 0);
     }
@@ -597,21 +622,29 @@ fn fs_reused_attributes_match_the_host() {
         same("d/f");
         same("d");
 
-        // Default: a file the HOST creates in a directory the DPU just made is seen at once
-        // (a shim's pid file in the bundle directory containerd made).
+        // Default: a file the HOST creates in a directory the DPU just made is seen (at once
+        // without the change feed; within milliseconds with it, see fs_coherence): a shim's
+        // pid file in the bundle directory containerd made.
         fs::create_dir(mp("bundle")).unwrap();
         fs::write(hp("bundle/init.pid"), b"42").unwrap();
-        assert_eq!(fs::read(mp("bundle/init.pid")).unwrap(), b"42");
+        let t0 = std::time::Instant::now();
+        while fs::read(mp("bundle/init.pid")).ok().as_deref() != Some(&b"42"[..]) {
+            assert!(
+                t0.elapsed().as_secs() < 3,
+                "HOST-side file in a DPU-made directory not seen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
 
-        // negative_timeout (opt-in): names the mount did not make in its new directory are
-        // taken as absent until a listing shows otherwise; its own names are found. (With
-        // synchronous directory operations: an asynchronous create's EEXIST comes at close,
-        // see fs_asyncdir.)
+        // negative_timeout (opt-in, without the change feed): names the mount did not make in
+        // its new directory are taken as absent until a listing shows otherwise; its own names
+        // are found. (With synchronous directory operations: an asynchronous create's EEXIST
+        // comes at close, see fs_asyncdir.)
         let m2 = Mount::new(
             &host,
             &exp,
             &tmp.path().join("mnt2"),
-            "negative_timeout=60,wsync",
+            "coherent_ttl=0,negative_timeout=60,wsync",
         );
         fs::create_dir(m2.path("unpack")).unwrap();
         fs::write(m2.path("unpack/mine"), b"m").unwrap();
@@ -684,6 +717,7 @@ fn fs_write_behind_reports_host_errors() {
         let mut acked = 0usize;
         let mut write_err = 0;
         for _ in 0..16 {
+            // SAFETY: `chunk` is readable for `chunk.len()` bytes and `fd` is open.
             let n = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
             if n < 0 {
                 write_err = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
@@ -691,6 +725,7 @@ fn fs_write_behind_reports_host_errors() {
             }
             acked += n as usize;
         }
+        // SAFETY: `fd` is owned here (into_raw_fd above) and closed exactly once.
         let rc = unsafe { libc::close(fd) };
         let close_err = last_errno(rc);
         assert!(

@@ -32,6 +32,7 @@ fn finish(mut c: Child, what: &str) -> String {
 
 fn mkfifo(p: &Path) {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated CString that lives across the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
 }
 

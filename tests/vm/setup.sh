@@ -74,7 +74,8 @@ if [ ! -f "$C/initramfs.gz" ] || [ "$(cat "$C/initramfs.stamp" 2>/dev/null)" != 
   [ -e "$R/lib" ] || true
   for t in modprobe insmod lsmod; do ln -sf ../../usr/bin/kmod "$R/usr/sbin/$t"; done
   M=$K/lib/modules/$KV
-  MODS="virtio_pci 9pnet_virtio 9p overlay fuse veth vsock_loopback vmw_vsock_virtio_transport rdma_rxe ib_uverbs rdma_ucm virtio_blk ext4"
+  # loop, dm_mod, dm_flakey: a failing HOST disk for tests/tests/faults_eio.rs.
+  MODS="virtio_pci 9pnet_virtio 9p overlay fuse veth vsock_loopback vmw_vsock_virtio_transport rdma_rxe ib_uverbs rdma_ucm virtio_blk ext4 loop dm_mod dm_flakey"
   for m in $MODS; do
     /usr/sbin/modprobe -d "$K" -S "$KV" --show-depends "$m" | awk '$1=="insmod"{print $2}' | while read -r p; do
       rel=${p#*/lib/modules/$KV/}; mkdir -p "$R/lib/modules/$KV/$(dirname "$rel")"; cp -n "$p" "$R/lib/modules/$KV/$rel"

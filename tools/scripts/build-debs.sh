@@ -16,9 +16,9 @@ PROFILE=${PROFILE:-release}
 FEATURES=${FEATURES-tools/rdma}
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 case "$PROFILE" in
-  release) DIR=release; build=(cargo build --release -p tools --bins) ;;
+  release) DIR=release; build=(cargo build --locked --release -p tools --bins) ;;
   # The test command's exact flags: the binaries it built are reused as they are.
-  debug | dev) DIR=debug; PROFILE=dev; build=(cargo build --workspace --bins) ;;
+  debug | dev) DIR=debug; PROFILE=dev; build=(cargo build --locked --workspace --bins) ;;
   *) echo "build-debs: PROFILE must be release or debug" >&2; exit 2 ;;
 esac
 if [ -n "$FEATURES" ]; then

@@ -67,19 +67,20 @@ use crate::KeyArgs;
 /// Options of `offload run`.
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// HOST offloadd address (the one serving [fs] and [mount]); default $QTFS_SERVER_ADDR,
+    /// HOST offloadd address (the one serving the fs and mount services); default $QTFS_SERVER_ADDR,
     /// then `[qtfs] addr` in /etc/offload/dpu.toml.
     #[arg(long, value_name = "ADDR")]
     pub addr: Option<String>,
     /// Link type for a bare --addr (tcp, unix, vsock, vsock-uds, rdma).
     #[arg(long, value_name = "T")]
     pub transport: Option<String>,
+    /// Key file and link policy (the same flags as every tool).
     #[command(flatten)]
     pub link: KeyArgs,
     /// Seconds to wait for the HOST's answer before failing a mount with ETIMEDOUT.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub mount_timeout: f64,
-    /// The DPU's own procfs (where the supervised processes' /proc/<pid> are). Run the
+    /// The DPU's own procfs (where the supervised processes' /proc/PID are). Run the
     /// supervisor outside the chroot, or point this at the chroot's local procfs.
     #[arg(long, value_name = "DIR", default_value = "/proc")]
     pub proc: PathBuf,

@@ -26,16 +26,32 @@ impl std::fmt::Debug for Key {
 /// Why no usable key was found.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
+    /// The key file could not be read.
     #[error("key file {path}: {source}")]
     Read {
+        /// The key file.
         path: PathBuf,
+        /// Why reading failed.
         #[source]
         source: std::io::Error,
     },
+    /// The key file is readable by group or others: refused, the key would not be secret.
     #[error("key file {path} has mode {mode:04o}: it must not be accessible by group or others (chmod 600 {path})")]
-    Permissions { path: PathBuf, mode: u32 },
+    Permissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The key is too short to resist guessing.
     #[error("key file {path} holds {len} bytes; at least {MIN_KEY_LEN} are required (e.g. `head -c 32 /dev/urandom | xxd -p -c 64 > {path}`)")]
-    TooShort { path: PathBuf, len: usize },
+    TooShort {
+        /// The key file (`<memory>` for keys from bytes).
+        path: PathBuf,
+        /// Bytes it holds.
+        len: usize,
+    },
+    /// No key configured and unauthenticated operation not allowed.
     #[error("no pre-shared key: pass --key-file, set {KEY_FILE_ENV}, or create {DEFAULT_KEY_FILE}; use --allow-unauthenticated only on a trusted test link")]
     Missing,
 }

@@ -18,6 +18,7 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client that dials `endpoint` on first use, offering `registry` to the peer.
     pub fn new(endpoint: Endpoint, cfg: SessionConfig, registry: Registry) -> Client {
         Client {
             endpoint,

@@ -48,14 +48,19 @@ const KDF_SALT: &[u8] = b"dpu-offload session keys v3";
 /// A record that cannot be accepted; always ends the session.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CryptoError {
+    /// The record length is above the limit (checked before anything is allocated).
     #[error("encrypted record of {0} bytes exceeds the limit of {max}", max = MAX_RECORD + TAG_LEN)]
     TooLarge(usize),
+    /// The record cannot even hold its tag.
     #[error("encrypted record of {0} bytes is shorter than its tag")]
     TooShort(usize),
+    /// The AES-GCM tag does not verify.
     #[error("record failed authentication (altered, replayed or reordered on the link)")]
     Authentication,
+    /// X25519 refused the peer's public key (e.g. a low-order point).
     #[error("key exchange failed (invalid peer public key)")]
     KeyExchange,
+    /// The 64-bit record counter would wrap; the session must end rather than reuse a nonce.
     #[error("no more nonces on this session")]
     Exhausted,
 }
@@ -123,14 +128,19 @@ impl EncryptPolicy {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransportConfig {
+    /// `[transport.tcp]`: links across a network (encrypted by default).
     #[serde(default)]
     pub tcp: LinkSettings,
+    /// `[transport.unix]`: local Unix sockets.
     #[serde(default)]
     pub unix: LinkSettings,
+    /// `[transport.vsock]`: host/guest vsock.
     #[serde(default)]
     pub vsock: LinkSettings,
+    /// `[transport.vsock-uds]`: hybrid vsock through a Unix socket.
     #[serde(default, rename = "vsock-uds")]
     pub vsock_uds: LinkSettings,
+    /// `[transport.rdma]`: RDMA CM links.
     #[serde(default)]
     pub rdma: LinkSettings,
 }

@@ -11,36 +11,67 @@ pub const VSOCK_CID_ANY: u32 = u32::MAX;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     /// `tcp://HOST:PORT` (HOST may be a name, an IPv4 address or a bracketed IPv6 address).
-    Tcp { host: String, port: u16 },
+    Tcp {
+        /// Name or address.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
     /// `unix:///PATH`.
-    Unix { path: PathBuf },
+    Unix {
+        /// Absolute socket path.
+        path: PathBuf,
+    },
     /// `vsock://CID:PORT`, or `vsock://any:PORT` to listen on every CID.
-    Vsock { cid: u32, port: u32 },
+    Vsock {
+        /// Context id ([`VSOCK_CID_ANY`] to listen on all).
+        cid: u32,
+        /// vsock port.
+        port: u32,
+    },
     /// `vsock-uds:///PATH:PORT`: the host end of a Firecracker/Cloud-Hypervisor "hybrid vsock".
     /// Connecting writes `CONNECT <port>\n` to the Unix socket at PATH; listening accepts
     /// guest-initiated connections on `<PATH>_<port>`.
-    VsockUds { path: PathBuf, port: u32 },
+    VsockUds {
+        /// The hypervisor's Unix socket.
+        path: PathBuf,
+        /// vsock port inside the guest.
+        port: u32,
+    },
     /// `rdma://IP:PORT` (RDMA CM over an RC queue pair).
-    Rdma { host: String, port: u16 },
+    Rdma {
+        /// IP address of an RDMA-capable interface.
+        host: String,
+        /// RDMA CM port.
+        port: u16,
+    },
 }
 
 /// A malformed endpoint; the message names what is wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EndpointError {
+    /// No `scheme://` prefix.
     #[error("endpoint {0:?}: missing scheme; expected tcp://HOST:PORT, unix:///PATH, vsock://CID:PORT, vsock-uds:///PATH:PORT or rdma://IP:PORT")]
     MissingScheme(String),
+    /// A scheme that is not one of the links.
     #[error("endpoint {0:?}: unknown scheme {1:?}; expected tcp, unix, vsock, vsock-uds or rdma")]
     UnknownScheme(String, String),
+    /// No `:PORT` where one is needed.
     #[error("endpoint {0:?}: expected HOST:PORT after the scheme")]
     MissingPort(String),
+    /// The port is not a number in range.
     #[error("endpoint {0:?}: port {1:?} is not a number in 1..=65535 (0 only to listen on an ephemeral port)")]
     BadPort(String, String),
+    /// Nothing between the scheme and the port.
     #[error("endpoint {0:?}: empty host")]
     EmptyHost(String),
+    /// A Unix socket path that is not absolute.
     #[error("endpoint {0:?}: the Unix socket path must be absolute (unix:///run/x.sock)")]
     RelativePath(String),
+    /// A vsock CID that is neither a number nor `any`.
     #[error("endpoint {0:?}: CID {1:?} is not a number or \"any\"")]
     BadCid(String, String),
+    /// A link kind name (config, CLI) that is not one of the links.
     #[error("unknown transport {0:?}; expected tcp, unix, vsock, vsock-uds or rdma")]
     UnknownTransport(String),
 }

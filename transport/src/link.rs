@@ -21,17 +21,29 @@ pub type Conn = Box<dyn AsyncConn>;
 /// Why a link could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// A socket call failed.
     #[error("{op} {endpoint}: {source}")]
     Io {
+        /// Which call (`connect`, `bind`, ...).
         op: &'static str,
+        /// The endpoint it was for.
         endpoint: String,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// The link kind is not available in this build or on this machine.
     #[error("{0}")]
     Unsupported(String),
+    /// The hypervisor's socket did not answer `CONNECT <port>` with `OK`.
     #[error("hybrid vsock {endpoint}: {reason}")]
-    HybridHandshake { endpoint: String, reason: String },
+    HybridHandshake {
+        /// The hybrid vsock endpoint.
+        endpoint: String,
+        /// What the hypervisor answered (or why nothing came).
+        reason: String,
+    },
+    /// The RDMA link failed (the text comes from [`crate::rdma`]'s error).
     #[error("rdma: {0}")]
     Rdma(String),
 }
@@ -58,7 +70,9 @@ pub trait Listener: Send {
 /// One kind of link. Implementations must not be visible to services.
 #[async_trait]
 pub trait Transport: Send + Sync {
+    /// Dials `ep` (already known to be of this kind).
     async fn connect(&self, ep: &Endpoint) -> Result<Conn, TransportError>;
+    /// Binds `ep` and returns the listener.
     async fn listen(&self, ep: &Endpoint) -> Result<Box<dyn Listener>, TransportError>;
 }
 

@@ -122,24 +122,45 @@ const WR_CTRL: u64 = 3;
 /// Why an RDMA connection could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum RdmaError {
+    /// No RDMA device (or none for the address).
     #[error("no RDMA device: {0}")]
     NoDevice(String),
+    /// A verbs or RDMA CM call failed.
     #[error("{op}: {source}")]
     Sys {
+        /// Which call.
         op: &'static str,
+        /// errno as an I/O error.
         #[source]
         source: io::Error,
     },
+    /// Another RDMA CM listener holds the address.
     #[error("{addr} is already in use by another RDMA listener")]
-    AddrInUse { addr: SocketAddr },
+    AddrInUse {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// Address or route resolution failed.
     #[error("cannot reach {addr} over RDMA: {reason}")]
-    Unreachable { addr: SocketAddr, reason: String },
+    Unreachable {
+        /// The peer's address.
+        addr: SocketAddr,
+        /// The CM event that said so.
+        reason: String,
+    },
+    /// The peer's CM rejected the connection.
     #[error("connection to {addr} refused (nothing listens there over RDMA)")]
-    Refused { addr: SocketAddr },
+    Refused {
+        /// The peer's address.
+        addr: SocketAddr,
+    },
+    /// A CM step did not complete in time (the text says which).
     #[error("timed out {0}")]
     Timeout(String),
+    /// The peer's ring metadata or immediate data broke the link rules.
     #[error("peer violated the RDMA link protocol: {0}")]
     Protocol(String),
+    /// The endpoint's host is not an IP address (RDMA CM needs one).
     #[error("bad address {0:?}: {1}")]
     Address(String, String),
 }
@@ -221,6 +242,7 @@ unsafe fn register(fd: RawFd, what: &'static str) -> Result<AsyncFd<RawFd>, Rdma
 fn set_nonblocking(fd: RawFd) -> Result<(), RdmaError> {
     // SAFETY: fcntl on an fd we own; no memory is passed.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: fcntl on an fd we own; no memory is passed.
     if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
         return Err(RdmaError::sys("fcntl(O_NONBLOCK)"));
     }
@@ -523,7 +545,7 @@ impl Res {
                 "the address is not bound to an RDMA device".into(),
             ));
         }
-        // SAFETY (whole block): each call gets valid handles created just before; failures are
+        // SAFETY: (whole block) each call gets valid handles created just before; failures are
         // null/non-zero returns with errno set, and the partial state is torn down by Drop.
         unsafe {
             self.pd = sys::ibv_alloc_pd(verbs);
@@ -705,15 +727,14 @@ struct Wakers {
 
 impl Wakers {
     fn set(slot: &Mutex<Option<Waker>>, w: &Waker) {
-        if let Ok(mut g) = slot.lock() {
-            match &*g {
-                Some(old) if old.will_wake(w) => {}
-                _ => *g = Some(w.clone()),
-            }
+        let mut g = crate::sync::lock(slot);
+        match &*g {
+            Some(old) if old.will_wake(w) => {}
+            _ => *g = Some(w.clone()),
         }
     }
     fn wake(slot: &Mutex<Option<Waker>>) {
-        let w = slot.lock().ok().and_then(|mut g| g.take());
+        let w = crate::sync::lock(slot).take();
         if let Some(w) = w {
             w.wake();
         }

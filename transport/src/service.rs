@@ -14,11 +14,14 @@ use crate::stream::Stream;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message} (code {code})")]
 pub struct RemoteError {
+    /// The service's code (≥ 0; the fs service uses errno values).
     pub code: i32,
+    /// Human-readable detail for logs.
     pub message: String,
 }
 
 impl RemoteError {
+    /// An error with `code` and a message.
     pub fn new(code: i32, message: impl Into<String>) -> Self {
         RemoteError {
             code,
@@ -64,6 +67,7 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// No services (a pure client side).
     pub fn new() -> Self {
         Self::default()
     }
@@ -79,6 +83,7 @@ impl Registry {
         self.services.insert(name.to_string(), service);
     }
 
+    /// The service registered as `name`, if any.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Service>> {
         self.services.get(name)
     }

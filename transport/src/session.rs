@@ -87,31 +87,51 @@ impl SessionConfig {
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
+    /// Reading or writing the link failed.
     #[error("handshake I/O: {0}")]
     Io(#[from] io::Error),
+    /// The peer did not finish within the handshake timeout.
     #[error("handshake not completed within {0:?}")]
     Timeout(Duration),
     /// The first bytes from the peer are not a handshake of ours (some other server answered).
     #[error("not a dpu-offload peer (its first bytes are not a dpu-offload handshake)")]
     NotOffload,
+    /// The two builds speak different protocol versions.
     #[error("peer speaks protocol version {theirs}, this side speaks {ours}")]
-    Version { ours: u16, theirs: u16 },
+    Version {
+        /// This build's [`wire::VERSION`].
+        ours: u16,
+        /// The version in the peer's Hello.
+        theirs: u16,
+    },
+    /// The acceptor refused our Auth (wrong key); its reason.
     #[error("authentication failed: the peer rejected our key ({0})")]
     Rejected(String),
+    /// The peer's tag did not verify with our key.
     #[error("authentication failed: the peer could not prove it holds the key")]
     PeerNotAuthenticated,
+    /// One side has a key and the other none.
     #[error("authentication mismatch: {0}")]
     Mismatch(String),
+    /// A handshake frame did not decode.
     #[error("malformed handshake: {0}")]
     Wire(#[from] WireError),
+    /// A frame kind that has no place in the handshake.
     #[error("unexpected {0:?} frame during the handshake")]
     Unexpected(Kind),
+    /// The connection ended before the handshake completed.
     #[error("peer closed the connection during the handshake (wrong key, or not a dpu-offload endpoint?)")]
     PeerClosed,
     /// The two ends disagree on encrypting this link: refused rather than run with less
     /// protection than either asked for.
     #[error("encryption policy mismatch: this side has encrypt = {ours}, the peer has encrypt = {theirs} for this link; set the same on both ends ([transport.<link kind>] encrypt in the config, or --encrypt)")]
-    EncryptionMismatch { ours: bool, theirs: bool },
+    EncryptionMismatch {
+        /// This side's policy for the link kind.
+        ours: bool,
+        /// The policy in the peer's Hello.
+        theirs: bool,
+    },
+    /// The key exchange or record keys could not be set up.
     #[error("encryption set-up: {0}")]
     Crypto(#[from] CryptoError),
 }
@@ -119,11 +139,15 @@ pub enum HandshakeError {
 /// Why a session could not be established.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// The link could not be connected.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The link connected but the handshake failed.
     #[error("{endpoint}: {source}")]
     Handshake {
+        /// The endpoint dialled, for the message.
         endpoint: String,
+        /// What went wrong.
         #[source]
         source: HandshakeError,
     },
@@ -132,18 +156,25 @@ pub enum SessionError {
 /// Why an established session ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CloseReason {
+    /// The link reached end of file between frames.
     #[error("peer closed the connection")]
     PeerClosed,
+    /// The peer sent GoAway and then closed.
     #[error("peer shut the session down")]
     PeerGoAway,
+    /// This side closed the session.
     #[error("closed locally")]
     Local,
+    /// No frame from the peer for this long (no Pong either).
     #[error("peer silent for {0:?} (heartbeat timeout)")]
     HeartbeatTimeout(Duration),
+    /// The peer broke a frame rule (the text says which).
     #[error("protocol violation by peer: {0}")]
     Protocol(String),
+    /// Reading or writing the link failed.
     #[error("connection error: {0}")]
     Io(String),
+    /// End of file in the middle of a frame.
     #[error("peer closed the connection inside a frame ({0} bytes pending)")]
     Truncated(usize),
     /// An encrypted record failed authentication: the link was tampered with (or corrupted).
@@ -154,16 +185,27 @@ pub enum CloseReason {
 /// Why a call or stream open failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {
+    /// The service answered with an error.
     #[error(transparent)]
     Remote(#[from] RemoteError),
+    /// The session ended before the answer came.
     #[error("session closed: {0}")]
     Closed(CloseReason),
+    /// The peer registers no service of this name.
     #[error("peer offers no service {0:?}")]
     UnknownService(String),
+    /// The peer refused the call: its limit of calls or streams in flight is reached.
     #[error("peer is overloaded (too many calls or streams in flight)")]
     Busy,
+    /// The request does not fit in one frame; nothing was sent.
     #[error("message of {len} bytes exceeds the frame limit of {max}")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// Request size.
+        len: usize,
+        /// The session's frame limit.
+        max: usize,
+    },
+    /// No answer within the call timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
 }
@@ -244,7 +286,7 @@ struct WriteSide {
 }
 
 fn lock_ws(ws: &Mutex<WriteSide>) -> std::sync::MutexGuard<'_, WriteSide> {
-    ws.lock().unwrap_or_else(|e| e.into_inner())
+    crate::sync::lock(ws)
 }
 
 /// Drops the first `n` bytes of `chunks`.
@@ -315,7 +357,7 @@ impl std::fmt::Debug for Session {
 
 impl Inner {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Queues a control frame for the writer task.
@@ -1212,7 +1254,7 @@ struct PendingSlot {
 impl PendingSlot {
     fn admit(pending: &Arc<Mutex<Handshakes>>, peer: &str) -> Option<PendingSlot> {
         let source = source_of(peer).to_string();
-        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = crate::sync::lock(pending);
         let n = p.by_source.get(&source).copied().unwrap_or(0);
         if p.total >= MAX_PENDING || n >= MAX_PENDING_PER_SOURCE {
             return None;
@@ -1228,7 +1270,7 @@ impl PendingSlot {
 
 impl Drop for PendingSlot {
     fn drop(&mut self) {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = crate::sync::lock(&self.pending);
         p.total = p.total.saturating_sub(1);
         if let Some(n) = p.by_source.get_mut(&self.source) {
             *n -= 1;

@@ -25,20 +25,35 @@ pub const HEADER_LEN: usize = 12;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
+    /// Handshake: each side's [`Hello`] (version, nonce, services, policy).
     Hello = 1,
+    /// Handshake: the dialer's [`Auth`] tag over both Hellos.
     Auth = 2,
+    /// Handshake: the acceptor's [`Welcome`] tag over both Hellos.
     Welcome = 3,
+    /// Handshake: the acceptor's [`Refuse`] reason before it closes.
     Refuse = 4,
+    /// A call: service prefix and request bytes; `id` is the call id.
     Request = 5,
+    /// A call's successful reply, matched by call id.
     Response = 6,
+    /// A call's failure ([`ErrorBody`]), matched by call id.
     Error = 7,
+    /// Opens a stream to a service; `id` is the new stream id.
     Open = 8,
+    /// Stream bytes, counted against the receiver's credit.
     Data = 9,
+    /// The sender will write no more on this stream (half close).
     Eof = 10,
+    /// The stream is aborted in both directions; the payload says why.
     Reset = 11,
+    /// The receiver consumed this many bytes (u32 LE): the sender may send as many more.
     Credit = 12,
+    /// Heartbeat probe; the peer answers with a Pong of the same id.
     Ping = 13,
+    /// Heartbeat answer to the Ping of the same id.
     Pong = 14,
+    /// The sender opens no new calls or streams; existing ones finish.
     GoAway = 15,
 }
 
@@ -69,20 +84,36 @@ impl Kind {
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// Payload length after the header (at most the session's frame limit).
     pub len: u32,
+    /// What the payload is.
     pub kind: Kind,
+    /// Call id or stream id (see the module docs); 0 for session-wide frames.
     pub id: u32,
 }
 
 /// Malformed input from the peer; always closes that one connection.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
+    /// The kind byte names no [`Kind`].
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
+    /// The header announces more than the frame limit; nothing is allocated for it.
     #[error("frame of {len} bytes exceeds the limit of {max}")]
-    TooLarge { len: u32, max: u32 },
+    TooLarge {
+        /// Announced payload length.
+        len: u32,
+        /// The local frame limit.
+        max: u32,
+    },
+    /// A control message's postcard bytes do not decode.
     #[error("undecodable {what}: {reason}")]
-    Decode { what: &'static str, reason: String },
+    Decode {
+        /// Which message was being decoded.
+        what: &'static str,
+        /// The decoder's complaint.
+        reason: String,
+    },
 }
 
 impl Header {
@@ -113,8 +144,11 @@ impl Header {
 /// First message of each side.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
+    /// Always [`MAGIC`]: anything else is not a dpu-offload peer.
     pub magic: [u8; 8],
+    /// The sender's [`VERSION`]; both must be equal.
     pub version: u16,
+    /// Fresh random bytes, so every handshake's tags differ (no replay).
     pub nonce: [u8; 32],
     /// Services this side serves to the peer.
     pub services: Vec<String>,
@@ -125,25 +159,30 @@ pub struct Hello {
 /// The dialer's proof of the key (empty when unauthenticated).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Auth {
+    /// HMAC-SHA256 with the pre-shared key over the role and both Hellos.
     pub tag: Vec<u8>,
 }
 
 /// The acceptor's proof of the key; the session is open once the dialer has checked it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Welcome {
+    /// HMAC-SHA256 with the pre-shared key over the role and both Hellos.
     pub tag: Vec<u8>,
 }
 
 /// Why the acceptor refused the handshake (sent before it closes).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Refuse {
+    /// Human-readable reason, logged by the dialer.
     pub reason: String,
 }
 
 /// An application error carried back to the caller.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorBody {
+    /// Service-defined code (an errno for fs, negative values are the session's own).
     pub code: i32,
+    /// Human-readable detail.
     pub message: String,
 }
 

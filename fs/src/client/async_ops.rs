@@ -399,7 +399,7 @@ impl Inner {
             &fuse_attr(m.ino, &attr),
             Generation(0),
             FileHandle(fh),
-            self.open_flags(false),
+            self.open_flags(m.ino, false),
         );
         None
     }

@@ -75,21 +75,24 @@ impl Inner {
     /// [`Inner::fresh_attr`]), with their remaining lifetime and whether they were worked out
     /// here.
     pub(super) fn known_attr(&self, ino: u64) -> Option<(Attr, Duration, bool)> {
-        let ttl = self.ttl();
-        if ttl.is_zero() {
+        if self.ttl().is_zero() {
             return None;
         }
-        let st = self.st();
-        if st.resending > 0 {
-            return None;
-        }
-        let n = st.inodes.get(&ino)?;
-        let (a, at, sent) = n.attr?;
-        if sent < n.stale_at || sent < st.removal_at {
-            return None;
-        }
+        let (a, at, sent, local) = {
+            let st = self.st();
+            if st.resending > 0 {
+                return None;
+            }
+            let n = st.inodes.get(&ino)?;
+            let (a, at, sent) = n.attr?;
+            if sent < n.stale_at || sent < st.removal_at {
+                return None;
+            }
+            (a, at, sent, n.local)
+        };
+        let ttl = self.attr_ttl(ino, &a, sent);
         let left = ttl.checked_sub(at.elapsed())?;
-        (!left.is_zero()).then_some((a, left, n.local))
+        (!left.is_zero()).then_some((a, left, local))
     }
 
     pub(super) fn begin_resend(&self) {

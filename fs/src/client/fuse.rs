@@ -140,7 +140,7 @@ impl QtfsFs {
         match r {
             Ok(a) => {
                 me.note_attr(ino, &a, sent);
-                reply.attr(&me.ttl_for(&a), &fuse_attr(ino, &a))
+                reply.attr(&me.attr_ttl(ino, &a, sent), &fuse_attr(ino, &a))
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -162,13 +162,29 @@ impl QtfsFs {
         let (ttl, entry_ttl) = if fifo {
             (Duration::ZERO, Duration::ZERO)
         } else {
-            (inner.ttl(), inner.entry_ttl())
+            (
+                inner.attr_ttl(ino, &e.attr, sent),
+                inner.entry_ttl_in(parent, sent),
+            )
         };
         reply.entry_with_ttls(&ttl, &entry_ttl, &fuse_attr(ino, &e.attr), Generation(0));
         if fifo && pid != 0 {
             inner.fifo_hint(ino, pid);
         }
         ino
+    }
+}
+
+impl QtfsFs {
+    /// Answers "no such entry": as a negative entry the kernel remembers while the HOST
+    /// reports changes in `parent` (a HOST-side create invalidates it), else as ENOENT.
+    pub(super) fn absent_reply(inner: &Inner, parent: u64, sent: u64, reply: ReplyEntry) {
+        let ttl = inner.negative_ttl_in(parent, sent);
+        if ttl.is_zero() {
+            return reply.error(Errno::ENOENT);
+        }
+        let none = fuse_attr(0, &Attr::default());
+        reply.entry_with_ttls(&Duration::ZERO, &ttl, &none, Generation(0));
     }
 }
 
@@ -236,11 +252,11 @@ impl Filesystem for QtfsFs {
         let Some(reply) = self.syn_lookup(req, parent, &name, reply) else {
             return;
         };
+        let sent = self.inner.attr_seq();
         if self.inner.known_absent(parent, &name) {
-            reply.error(Errno::ENOENT);
+            QtfsFs::absent_reply(&self.inner, parent, sent, reply);
             return;
         }
-        let sent = self.inner.attr_seq();
         let build = {
             let name = name.clone();
             move |p, _| op::Lookup {
@@ -253,6 +269,7 @@ impl Filesystem for QtfsFs {
                 Ok(e) => {
                     QtfsFs::entry_reply(me, parent, &name, e, sent, pid, reply);
                 }
+                Err(OpError::Errno(libc::ENOENT)) => QtfsFs::absent_reply(me, parent, sent, reply),
                 Err(e) => reply.error(errno(e)),
             });
     }
@@ -557,28 +574,17 @@ impl Filesystem for QtfsFs {
             |_r| {
                 // Keep the re-resolution names current.
                 let mut st = me.st();
-                let moved = st
-                    .inodes
-                    .iter()
-                    .find(|(_, i)| i.parent == parent && i.name == name)
-                    .map(|(k, _)| *k);
-                let other = st
-                    .inodes
-                    .iter()
-                    .find(|(_, i)| i.parent == newparent && i.name == newname)
-                    .map(|(k, _)| *k);
+                let moved = st.names.get(&(parent, name.clone())).copied();
+                let other = st.names.get(&(newparent, newname.clone())).copied();
+                if let Some(k) = other {
+                    Inner::unname(&mut st, k, newparent, &newname);
+                }
                 if let Some(k) = moved {
-                    if let Some(i) = st.inodes.get_mut(&k) {
-                        i.parent = newparent;
-                        i.name = newname.clone();
-                    }
+                    Inner::set_name(&mut st, k, newparent, &newname);
                 }
                 if flags & libc::RENAME_EXCHANGE != 0 {
                     if let Some(k) = other {
-                        if let Some(i) = st.inodes.get_mut(&k) {
-                            i.parent = parent;
-                            i.name = name.clone();
-                        }
+                        Inner::set_name(&mut st, k, parent, &name);
                     }
                 }
                 drop(st);
@@ -651,7 +657,7 @@ impl Filesystem for QtfsFs {
                     me.stale_attr(ino);
                 }
                 let fh = me.new_handle(ino, flags, false, sfh);
-                reply.opened(FileHandle(fh), me.open_flags(direct))
+                reply.opened(FileHandle(fh), me.open_flags(ino, direct))
             }
         )
     }
@@ -881,7 +887,7 @@ impl Filesystem for QtfsFs {
                 plus: true,
             },
             |entries| {
-                let ttl = me.ttl();
+                let ttl = me.entry_ttl_in(dir_ino, sent);
                 let mut leftovers: Vec<(NodeId, u64)> = Vec::new();
                 let mut full = false;
                 for DirEntry {
@@ -1182,11 +1188,11 @@ impl Filesystem for QtfsFs {
                 let ino = me.add_entry(parent, &name, &entry, sent);
                 let fh = me.new_handle(ino, flags, false, sfh);
                 reply.created(
-                    &me.entry_ttl(),
+                    &me.entry_ttl_in(parent, sent),
                     &fuse_attr(ino, &entry.attr),
                     Generation(0),
                     FileHandle(fh),
-                    me.open_flags(direct),
+                    me.open_flags(ino, direct),
                 )
             }
         )
@@ -1363,10 +1369,14 @@ impl Filesystem for QtfsFs {
 }
 
 impl Inner {
-    pub(super) fn open_flags(&self, direct: bool) -> FopenFlags {
+    /// How the kernel treats an open file of `ino`: direct I/O for pseudo files and what the
+    /// HOST asks for; cached pages kept across opens while the HOST reports writes to it.
+    pub(super) fn open_flags(&self, ino: u64, direct: bool) -> FopenFlags {
         let mut f = FopenFlags::empty();
         if direct || self.opts.pseudo() {
             f |= FopenFlags::FOPEN_DIRECT_IO;
+        } else if self.keep_cache(ino) {
+            f |= FopenFlags::FOPEN_KEEP_CACHE;
         }
         f
     }

@@ -97,13 +97,12 @@ impl Inner {
             if let Some(n) = st.inodes.get_mut(&ino) {
                 n.kernel_lookups += 1;
                 n.server_lookups += 1;
-                if ino != ROOT {
-                    n.parent = parent;
-                    n.name = name.to_vec();
-                }
                 n.fifo = is_fifo(e.attr.mode);
                 n.attr = Some((e.attr, Instant::now(), sent));
                 n.local = false;
+                if ino != ROOT {
+                    Inner::set_name(&mut st, ino, parent, name);
+                }
                 drop(st);
                 self.note_xattrs(ino, &e.attr);
                 return ino;
@@ -128,6 +127,7 @@ impl Inner {
             },
         );
         st.by_node.insert(e.node, ino);
+        Inner::set_name(&mut st, ino, parent, name);
         drop(st);
         self.note_xattrs(ino, &e.attr);
         ino
@@ -155,7 +155,11 @@ impl Inner {
                 c.stop();
             }
             st.excl.remove(&ino);
-            match st.inodes.remove(&ino) {
+            let removed = st.inodes.remove(&ino);
+            if let Some(i) = &removed {
+                Inner::unname(&mut st, ino, i.parent, &i.name);
+            }
+            match removed {
                 Some(i) if i.epoch == epoch => {
                     if st.by_node.get(&i.node) == Some(&ino) {
                         st.by_node.remove(&i.node);
@@ -259,7 +263,7 @@ impl Inner {
 
     /// Starts tracking a directory this mount just made (see [`NewDir`]).
     pub(super) fn note_new_dir(&self, ino: u64) {
-        let ttl = self.negative_ttl();
+        let ttl = self.new_dir_ttl(ino);
         if ttl.is_zero() {
             return;
         }
@@ -278,8 +282,8 @@ impl Inner {
 
     /// Records that `name` now exists in `dir`, if `dir` is a tracked new directory.
     pub(super) fn note_new_name(&self, dir: u64, name: &[u8]) {
+        let ttl = self.new_dir_ttl(dir);
         let mut st = self.st();
-        let ttl = self.negative_ttl();
         let drop_it = match st.new_dirs.get_mut(&dir) {
             None => return,
             Some(d) if d.made.elapsed() >= ttl || d.names.len() >= NEW_DIR_MAX_NAMES => true,
@@ -296,8 +300,8 @@ impl Inner {
     /// True when `dir/name` is taken not to exist: `dir` was made by this mount less than
     /// `negative_timeout` ago and `name` was never made in it.
     pub(super) fn known_absent(&self, dir: u64, name: &[u8]) -> bool {
+        let ttl = self.new_dir_ttl(dir);
         let mut st = self.st();
-        let ttl = self.negative_ttl();
         let Some(d) = st.new_dirs.get(&dir) else {
             return false;
         };

@@ -31,7 +31,8 @@
 //! restarts are sent again once it is back; two *overlapping* writes caught in flight by a
 //! restart may then land in either order. Writes through FIFOs, pseudo filesystems
 //! and `O_APPEND`/`O_SYNC`/`O_DSYNC`/`O_DIRECT` handles stay synchronous. Page-cache write-back
-//! (`writeback_cache`) stays off: HOST-side writers must stay visible.
+//! (`writeback_cache`) is opt-in: in that mode the kernel trusts its own file sizes and times
+//! over the HOST's, so a file the HOST appends to would keep its old size on the DPU.
 //!
 //! # Directory operations (asynchronous, `-o wsync` to turn off)
 //! In the manner of CephFS's `nowsync`: in a directory this mount made (it knows everything in
@@ -69,10 +70,24 @@
 //! operation for this. HOST-side changes thus show up after the same bound as the kernel's own
 //! attribute cache; proc/sys mounts (TTL 0) never reuse anything.
 //!
-//! `negative_timeout=S` (off by default) goes further for directories this mount made: for S
-//! seconds, names it did not make there are answered ENOENT without asking (no lookup per file
-//! when unpacking). Off by default because a HOST process creating a file in such a directory
-//! (a shim's pid file in the bundle directory containerd made) would stay invisible that long.
+//! `negative_timeout=S` goes further for directories this mount made: for S seconds, names it
+//! did not make there are answered "absent" without asking (no lookup per file when
+//! unpacking). Without the change feed (below) it is off by default, because a HOST process
+//! creating a file in such a directory (a shim's pid file in the bundle directory containerd
+//! made) would stay invisible that long; with the feed it lasts `coherent_ttl` and a HOST-side
+//! create there ends it.
+//!
+//! # Coherent caching (the HOST's change feed)
+//! Each mount subscribes to the HOST's change feed ([`crate::notify`]; `coherence` here): the
+//! HOST watches the directories the mount holds (fanotify) and reports changes it did not make
+//! for this mount; the DPU turns them into FUSE invalidations within milliseconds. While the
+//! feed is up, attributes, entries, negative entries and file pages are cached for
+//! `coherent_ttl` (60 s); without it (an unprivileged HOST daemon, a directory on a filesystem
+//! the HOST cannot watch such as overlayfs, the feed lost) the short TTLs apply, and losing the
+//! feed drops everything cached. What the feed does not promise: ordering against other
+//! channels — a HOST process that changes a file and then tells a DPU process over a bridged
+//! socket may be faster than the invalidation (a few milliseconds); and a file changed through
+//! a hard link in a directory no DPU holds is not reported.
 //!
 //! # Pseudo filesystems (`proc`, `sys`)
 //! Zero attribute/entry TTLs and direct I/O on every open, so files that report size 0 are read
@@ -117,6 +132,7 @@ use crate::fifo;
 use crate::procview::{self, is_syn_fh, is_syn_ino, ProcView, SynNode};
 mod async_ops;
 mod attr_cache;
+mod coherence;
 mod fifos;
 mod fuse;
 mod inodes;
@@ -178,6 +194,10 @@ pub struct MountOptions {
     /// once and sent in order; errors surface at close/fsync/listing. Off with `-o sync` or
     /// `-o wsync`.
     pub async_dirops: bool,
+    /// Cache lifetime of attributes, entries (also negative ones) and pages while the HOST
+    /// pushes its changes (see `coherence`); zero turns the change feed off, and then
+    /// `attr_timeout`/`entry_timeout` apply throughout.
+    pub coherent_ttl: Duration,
 }
 
 impl Default for MountOptions {
@@ -199,6 +219,7 @@ impl Default for MountOptions {
             write_behind: true,
             readahead_kb: 4096,
             async_dirops: true,
+            coherent_ttl: Duration::from_secs(60),
         }
     }
 }
@@ -338,6 +359,10 @@ struct State {
     /// Acknowledged writes being sent again (after a lost session or a short write): until
     /// they land, no reply says whether it saw them, so no attributes are reused.
     resending: u32,
+    /// `seq` when the last HOST-side change arrived (see `coherence`).
+    feed_at: u64,
+    /// (parent, name) → inode: resolves the names the change feed reports.
+    names: HashMap<(u64, Vec<u8>), u64>,
 }
 
 struct Inner {
@@ -364,6 +389,8 @@ struct Inner {
     fifos: Fifos,
     /// proc mode's own-process view (`None` unless `proc`).
     proc_view: Option<ProcView>,
+    /// The HOST's change feed (see `coherence`).
+    feed: coherence::Feed,
 }
 
 /// The FUSE filesystem. Build with [`QtfsFs::connect`], then mount with fuser.
@@ -447,6 +474,8 @@ impl QtfsFs {
                     seq: 0,
                     removal_at: 0,
                     resending: 0,
+                    feed_at: 0,
+                    names: HashMap::new(),
                 }),
                 remount_lock: tokio::sync::Mutex::new(()),
                 rt: tokio::runtime::Handle::current(),
@@ -458,6 +487,7 @@ impl QtfsFs {
                 wb_budget: Arc::new(tokio::sync::Semaphore::new(WB_BUDGET_KIB)),
                 fifos: Fifos::default(),
                 proc_view: opts.proc_fs.then(|| ProcView::new(opts.local_proc.clone())),
+                feed: coherence::Feed::default(),
                 opts,
             }),
         })
@@ -500,15 +530,6 @@ impl Inner {
             Duration::ZERO
         } else {
             self.opts.attr_timeout
-        }
-    }
-
-    /// The attribute TTL for a node: zero for FIFOs, so every open of one asks (a hint).
-    fn ttl_for(&self, a: &Attr) -> Duration {
-        if is_fifo(a.mode) {
-            Duration::ZERO
-        } else {
-            self.ttl()
         }
     }
 
@@ -555,6 +576,9 @@ impl QtfsFs {
         // tunnels open FIFOs through it.
         let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
         let _ = self.inner.fifos.mountpoint.set(mp);
-        Ok(Mounted(fuser::Session::new(self, mountpoint, &cfg)?))
+        let inner = self.inner.clone();
+        let session = fuser::Session::new(self, mountpoint, &cfg)?;
+        inner.start_feed(session.notifier());
+        Ok(Mounted(session))
     }
 }

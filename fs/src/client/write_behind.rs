@@ -92,6 +92,11 @@ impl Inner {
         // queued before it (its attributes may already be recorded, or on their way) predates
         // the write; requests queued after it see it.
         self.write_changed(ino, end);
+        self.count_write(ino)
+    }
+
+    /// Counts one more acknowledged write of `ino` in flight.
+    fn count_write(&self, ino: u64) -> Arc<Unstable> {
         let mut map = self.unstable_map();
         let u = map.entry(ino).or_default().clone();
         u.lock().0 += 1;
@@ -203,12 +208,24 @@ impl Inner {
         }
         let permit = self.wb_budget.clone().try_acquire_many_owned(wb_kib(n));
         if let (Ok(permit), Some(session)) = (permit, self.client.current()) {
-            if let Ok(call) = session.start_call("fs", body.clone()) {
-                let unstable = self.begin_write(ino, offset + u64::from(n));
-                self.rt
-                    .spawn(async move { me.collect_write(w, call, unstable, permit).await });
-                return WriteStart::Done(Ok(n));
-            }
+            // Counted in flight before it is sent: its answer may arrive before this returns.
+            let unstable = self.count_write(ino);
+            let rt = self.rt.clone();
+            // The answer is taken where it arrives; only a failure (a resend after a lost
+            // session, a short write) needs a task.
+            session.call_then("fs", body, move |res| {
+                if let Ok(r) = &res {
+                    if matches!(decode_reply::<u32>(r), Ok((w, _)) if w >= n) {
+                        unstable.finish(Ok(()));
+                        drop(permit);
+                        return;
+                    }
+                }
+                rt.spawn(async move { me.collect_write(w, async { res }, unstable, permit).await });
+            });
+            // Queued: replies to requests queued before it predate it.
+            self.write_changed(ino, offset + u64::from(n));
+            return WriteStart::Done(Ok(n));
         }
         WriteStart::Later(Box::pin(async move { me.write_behind(w, body).await }))
     }

@@ -1,4 +1,4 @@
-//! Pure translation from a trapped mount(2)/umount2(2) call to a [`proto::Request`]: flag
+//! Pure translation from a trapped mount(2)/umount2(2) call to a [`Request`](super::proto::Request): flag
 //! classification in the kernel's own order, option-string splitting, overlay directories, and
 //! the DPU path → HOST path mapping through a qtfs mount's mountinfo line. No I/O here, so all
 //! of it is unit tested.

@@ -31,6 +31,7 @@ use tracing::{debug, warn};
 use transport::{RemoteError, Service, Session, Stream};
 
 use crate::fifo;
+use crate::notify;
 use crate::proto::NodeId;
 use crate::sys;
 
@@ -38,6 +39,7 @@ pub mod dispatch;
 mod exports;
 mod nodes;
 mod passthrough;
+mod watch;
 
 pub use crate::proto::HostFs;
 use nodes::State;
@@ -94,6 +96,10 @@ struct Inner {
     instance: u64,
     next: AtomicU64,
     state: Mutex<State>,
+    /// The change watcher, started by the first change-feed subscription.
+    watcher: std::sync::OnceLock<Option<Arc<watch::Watcher>>>,
+    /// Change feeds of subscribed sessions.
+    feeds: Mutex<watch::Feeds>,
 }
 
 /// The `fs` service (register as `"fs"` in the HOST's registry).
@@ -122,6 +128,8 @@ impl FsService {
                 instance: sys::random_u64() | 1,
                 next: AtomicU64::new(2),
                 state: Mutex::new(State::default()),
+                watcher: std::sync::OnceLock::new(),
+                feeds: Mutex::new(watch::Feeds::default()),
             }),
         })
     }
@@ -180,8 +188,12 @@ impl Service for FsService {
         }
     }
 
-    /// FIFO tunnels (see [`crate::fifo`]): the DPU opens one stream per FIFO it uses.
-    async fn stream(&self, _session: &Session, header: Bytes, stream: Stream) {
+    /// FIFO tunnels (see [`crate::fifo`]): the DPU opens one stream per FIFO it uses; and
+    /// one change feed per mount ([`crate::notify`]).
+    async fn stream(&self, session: &Session, header: Bytes, stream: Stream) {
+        if let Some(h) = notify::decode_header(&header) {
+            return self.feed(session, h, stream).await;
+        }
         let Some(h) = fifo::decode_header(&header) else {
             stream.reset_with("unknown fs stream");
             return;
@@ -206,6 +218,49 @@ impl Service for FsService {
             Ok(()) => debug!(node = h.node, "fifo tunnel closed"),
             Err(e) => debug!(node = h.node, error = %e, "fifo tunnel ended"),
         }
+    }
+}
+
+impl FsService {
+    /// Serves one change feed until the DPU closes it or the session ends.
+    async fn feed(&self, session: &Session, h: notify::FeedHeader, mut stream: Stream) {
+        use tokio::io::AsyncReadExt;
+        if h.instance != self.inner.instance {
+            stream.reset_with("stale instance");
+            return;
+        }
+        let sid = session.id();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(watch::FEED_QUEUE);
+        let Some(first) = self.subscribe(sid, tx) else {
+            let _ = stream
+                .send(notify::frame(&notify::Msg::Ready { watching: false }))
+                .await;
+            let _ = stream.finish().await;
+            return;
+        };
+        let (mut rd, mut wr) = stream.split();
+        let mut ok = wr
+            .send(notify::frame(&notify::Msg::Ready { watching: true }))
+            .await
+            .is_ok();
+        for m in first {
+            ok = ok && wr.send(notify::frame(&m)).await.is_ok();
+        }
+        debug!(session = sid, "change feed started");
+        let mut sink = [0u8; 64];
+        while ok {
+            tokio::select! {
+                m = rx.recv() => {
+                    let Some(m) = m else { break };
+                    let m = if self.take_lost(sid) { notify::Msg::Reset } else { m };
+                    ok = wr.send(notify::frame(&m)).await.is_ok();
+                }
+                // The DPU never writes: EOF or an error ends the feed.
+                r = rd.read(&mut sink) => if !matches!(r, Ok(n) if n > 0) { break },
+            }
+        }
+        self.unsubscribe(sid);
+        debug!(session = sid, "change feed ended");
     }
 }
 

@@ -146,10 +146,11 @@ impl FsService {
             }
         }
         let id = self.id();
+        let fd = Arc::new(fd);
         s.nodes.insert(
             id,
             Node {
-                fd: Arc::new(fd),
+                fd: fd.clone(),
                 export,
                 lookups: 1,
                 key,
@@ -159,6 +160,10 @@ impl FsService {
         );
         s.by_key.insert(key, id);
         *s.held.entry(sid).or_default().entry(id).or_default() += 1;
+        drop(s);
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            self.watch_dir(id, fd.as_raw_fd());
+        }
         Entry { node: id, attr }
     }
 
@@ -180,7 +185,11 @@ impl FsService {
                 }
             }
         }
-        Self::drop_refs(&mut s, id, n_held);
+        let gone = Self::drop_refs(&mut s, id, n_held);
+        drop(s);
+        if let Some(fd) = gone {
+            self.unwatch(id, &fd);
+        }
     }
 
     /// Releases every reference a finished session still held.
@@ -191,8 +200,16 @@ impl FsService {
             return;
         };
         let n = h.len();
+        let mut gone = Vec::new();
         for (id, c) in h {
-            Self::drop_refs(&mut s, id, c);
+            if let Some(fd) = Self::drop_refs(&mut s, id, c) {
+                gone.push((id, fd));
+            }
+        }
+        drop(s);
+        self.unsubscribe(sid);
+        for (id, fd) in gone {
+            self.unwatch(id, &fd);
         }
         debug!(
             session = sid,
@@ -201,7 +218,8 @@ impl FsService {
         );
     }
 
-    fn drop_refs(s: &mut State, id: NodeId, n: u64) {
+    /// Drops `n` references; the descriptor of a node that left the table (to unmark it).
+    fn drop_refs(s: &mut State, id: NodeId, n: u64) -> Option<Arc<OwnedFd>> {
         let remove = match s.nodes.get_mut(&id) {
             Some(node) => {
                 node.lookups = node.lookups.saturating_sub(n);
@@ -212,8 +230,10 @@ impl FsService {
         if remove {
             if let Some(node) = s.nodes.remove(&id) {
                 s.by_key.remove(&node.key);
+                return Some(node.fd);
             }
         }
+        None
     }
 
     /// A mount now covers the directory `under` (device, inode): every node of that

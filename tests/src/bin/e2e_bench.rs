@@ -46,7 +46,7 @@ struct Args {
     #[arg(long)]
     docker: bool,
     /// Deploy this offload-shim on the DPU instead of the build's own, e.g. the static build
-    /// (`cargo static-bins`: target/<host triple>/release/offload-shim).
+    /// (`cargo static-bins`: `target/<host triple>/release/offload-shim`).
     #[arg(long, value_name = "PATH")]
     shim: Option<std::path::PathBuf>,
     /// Instead: one traced `ctr run --rm` on the DPU (after two warm-up runs): the log lines of

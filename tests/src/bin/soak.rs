@@ -70,7 +70,7 @@ impl Stats {
 
     fn fail(&self, what: String) {
         self.failed.fetch_add(1, Ordering::Relaxed);
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = transport::sync::lock(&self.failures);
         if f.len() < 20 {
             f.push(what);
         }
@@ -355,12 +355,7 @@ fn main() -> anyhow::Result<()> {
     println!("- failed operations: {failed}");
     if failed > 0 {
         bad.push(format!("{failed} operations failed"));
-        for f in stats
-            .failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for f in transport::sync::lock(&stats.failures).iter() {
             println!("  - {f}");
         }
     }

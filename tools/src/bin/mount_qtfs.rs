@@ -31,7 +31,11 @@ Options (-o, comma separated):
   local_proc=P        where the DPU's own procfs is mounted, as the processes using the mount
                       see it (default /local_proc)
   ro | rw             read-only / read-write mount
-  attr_timeout=S      attribute cache seconds (default 1), entry_timeout=S likewise
+  coherent_ttl=S      cache lifetime of attributes, names (also absent ones) and file pages
+                      while the HOST pushes its changes (default 60; the HOST daemon must
+                      run as root to watch); 0 = no change feed, attr_timeout applies
+  attr_timeout=S      attribute cache seconds without the change feed (default 1),
+                      entry_timeout=S likewise
   negative_timeout=S  for S seconds after this mount makes a directory, answer lookups of
                       names it did not make there ENOENT without asking the HOST
                       (default 0: off; speeds up unpacking trees, hides HOST-side creations)
@@ -144,6 +148,7 @@ fn parse_opts(src: &str, list: &[String]) -> anyhow::Result<Opts> {
             "local_proc" => m.local_proc = PathBuf::from(v),
             "ro" => m.read_only = true,
             "rw" => m.read_only = false,
+            "coherent_ttl" => m.coherent_ttl = secs(v, k)?,
             "attr_timeout" => m.attr_timeout = secs(v, k)?,
             "entry_timeout" => m.entry_timeout = secs(v, k)?,
             "negative_timeout" => m.negative_timeout = secs(v, k)?,

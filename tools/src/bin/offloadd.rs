@@ -38,8 +38,8 @@ struct Args {
     /// Link type for a bare address: tcp, unix, vsock, vsock-uds or rdma.
     #[arg(long, value_name = "T")]
     transport: Option<String>,
-    /// TOML configuration with one section per service ([fs], [mount], [exec], [bridge]) and
-    /// [metrics] (listen = "127.0.0.1:9464" for a Prometheus endpoint).
+    /// TOML configuration with one section per service (`[fs]`, `[mount]`, `[exec]`, `[bridge]`) and
+    /// `[metrics]` (listen = "127.0.0.1:9464" for a Prometheus endpoint).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Root-only control socket that `offload status` asks (default

@@ -27,7 +27,7 @@ struct Args {
     /// Connect without a key if none is configured (test setups only).
     #[arg(long)]
     allow_unauthenticated: bool,
-    /// DPU config file holding [bridge.shim].
+    /// DPU config file holding `[bridge.shim]`.
     #[arg(long, value_name = "FILE", default_value = DPU_CONFIG)]
     config: PathBuf,
     /// Signal name (TERM, SIGKILL) or number; default TERM.

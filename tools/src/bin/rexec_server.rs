@@ -31,7 +31,7 @@ struct Args {
     transport: Option<String>,
     #[command(flatten)]
     link: tools::KeyArgs,
-    /// TOML config with an [exec] section (allow-list).
+    /// TOML config with an `[exec]` section (allow-list).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Allow running any executable (no allow-list). Not with `allow` in the config.

@@ -1,7 +1,7 @@
 //! `offload dpu setup/teardown`: the management plane's root on the DPU, built from the
 //! `[rootfs]` section of `dpu.toml` (replacing the seed's mount script).
 //!
-//! [`config`] parses and validates the section, [`plan`] turns it into an ordered list of steps
+//! [`config`] parses and validates the section, [`plan`](mod@plan) turns it into an ordered list of steps
 //! (pure, unit-tested), [`apply`] performs the missing steps with a record for teardown.
 
 pub mod apply;
