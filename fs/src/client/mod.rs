@@ -36,7 +36,7 @@
 //!
 //! # Directory operations (asynchronous, `-o wsync` to turn off)
 //! In the manner of CephFS's `nowsync`: in a directory this mount made (it knows everything in
-//! it; [`Inner::foreign_change`] ends that when something else changes it, and so does any
+//! it; `Inner::foreign_change` ends that when something else changes it, and so does any
 //! failure or an EEXIST there), create, mkdir, symlink, unlink and setattr are answered to the
 //! kernel at once and queued to the HOST in order behind everything sent before. The kernel
 //! gets the inode number and attributes the node will have (the caller's ownership, the exact
