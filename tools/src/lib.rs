@@ -16,6 +16,13 @@ pub struct KeyArgs {
     /// readable by group or others.
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+    /// During a key rotation: another key file whose key is accepted from peers besides the
+    /// --key-file one (repeatable). The file may be absent; it is re-read at each handshake,
+    /// so creating, replacing or removing it needs no restart (docs/OPERATIONS.md, "Key
+    /// rotation"). This side still proves with the --key-file key unless a dialing peer's
+    /// hint names the other one.
+    #[arg(long, value_name = "FILE")]
+    pub accept_key_file: Vec<PathBuf>,
     /// Run without a key when none is configured (trusted test links only; logs a warning).
     #[arg(long)]
     pub allow_unauthenticated: bool,
@@ -46,6 +53,13 @@ impl KeyArgs {
         file: Option<&TransportConfig>,
     ) -> anyhow::Result<SessionConfig> {
         let key = transport::resolve_key(self.key_file.as_deref(), self.allow_unauthenticated)?;
+        let key = match key {
+            Some(k) => Some(k.accepting_files(&self.accept_key_file)?),
+            None if !self.accept_key_file.is_empty() => {
+                anyhow::bail!("--accept-key-file needs a key (--key-file) to go with it")
+            }
+            None => None,
+        };
         let secs = |v: f64, what: &str| -> anyhow::Result<Duration> {
             anyhow::ensure!(
                 v.is_finite() && v > 0.0,

@@ -386,8 +386,14 @@ enum Decision {
     Continue,
     /// Fail it with this errno.
     Fail(i32),
-    /// Ask the HOST; `dpu` is the caller's target, for the table and the log.
-    Forward { req: Request, dpu: String },
+    /// Ask the HOST; `dpu` is the caller's target, for the table and the log; `refresh`: other
+    /// directories (caller's paths) the mount changes on the HOST, such as an overlay's upper
+    /// and work directories.
+    Forward {
+        req: Box<Request>,
+        dpu: String,
+        refresh: Vec<String>,
+    },
 }
 
 struct Supervisor {
@@ -453,7 +459,12 @@ impl Supervisor {
                 }
             }
             Decision::Fail(e) => self.respond(req.id, Err(e)),
-            Decision::Forward { req: r, dpu } => {
+            Decision::Forward {
+                req: r,
+                dpu,
+                refresh,
+            } => {
+                let r = *r;
                 let res = self.forward_tracked(r.clone()).await;
                 match (&res, &r) {
                     (Ok(()), Request::Mount { target, kind, .. })
@@ -463,15 +474,22 @@ impl Supervisor {
                             .entry(target.clone())
                             .or_default()
                             .push(dpu.clone());
+                        refresh_qtfs_dir(&self.proc_root, req.pid, &dpu);
+                        for d in &refresh {
+                            refresh_qtfs_dir(&self.proc_root, req.pid, d);
+                        }
                     }
                     (Ok(()), Request::Umount { target, .. }) => {
-                        let mut t = self.table();
-                        if let Some(v) = t.get_mut(target) {
-                            v.pop();
-                            if v.is_empty() {
-                                t.remove(target);
+                        {
+                            let mut t = self.table();
+                            if let Some(v) = t.get_mut(target) {
+                                v.pop();
+                                if v.is_empty() {
+                                    t.remove(target);
+                                }
                             }
                         }
+                        refresh_qtfs_dir(&self.proc_root, req.pid, &dpu);
                     }
                     _ => {}
                 }
@@ -589,6 +607,7 @@ impl Supervisor {
         if t.mount_root {
             return Ok(Decision::Continue);
         }
+        let mut refresh = Vec::new();
         let kind = match op {
             MountOp::Remount { bind } => Kind::Remount { bind },
             MountOp::Bind { recursive } => {
@@ -627,6 +646,7 @@ impl Supervisor {
                 let opts = spec::split_options(&data)?;
                 if fstype == "overlay" {
                     let d = spec::overlay_dirs(opts)?;
+                    refresh.extend(d.upper.iter().chain(d.work.iter()).cloned());
                     let mut host = |p: &str| -> Result<String, i32> {
                         match self.locate(c, p.as_bytes(), true) {
                             Ok(Some(q)) => Ok(q.host),
@@ -666,13 +686,14 @@ impl Supervisor {
             }
         };
         Ok(Decision::Forward {
-            req: Request::Mount {
+            req: Box::new(Request::Mount {
                 version: proto::VERSION,
                 target: t.host,
                 kind,
                 flags,
-            },
+            }),
             dpu: String::from_utf8_lossy(&target).into_owned(),
+            refresh,
         })
     }
 
@@ -687,12 +708,13 @@ impl Supervisor {
             return Ok(Decision::Continue);
         }
         Ok(Decision::Forward {
-            req: Request::Umount {
+            req: Box::new(Request::Umount {
                 version: proto::VERSION,
                 target: t.host,
                 detach: flags & libc::MNT_DETACH != 0,
-            },
+            }),
             dpu: String::from_utf8_lossy(&target).into_owned(),
+            refresh: Vec::new(),
         })
     }
 
@@ -713,6 +735,30 @@ impl Supervisor {
             .into_iter()
             .find(|m| m.id == mnt)
             .and_then(|m| spec::qtfs_host_path(&m, canonical)))
+    }
+}
+
+/// Tells the qtfs mount holding `path` (as process `pid` sees it) that a mount now covers
+/// the directory, before the caller gets its answer: a directory the caller just made would
+/// otherwise still be taken as holding only what the caller made there
+/// ([`offload_fs::client::REFRESH_XATTR`]). Not a qtfs path: nothing to do.
+fn refresh_qtfs_dir(proc_root: &Path, pid: u32, path: &str) {
+    let Ok(c) = Caller::open(proc_root, pid) else {
+        return;
+    };
+    let Ok(fd) = c.resolve(path.as_bytes(), true) else {
+        return;
+    };
+    let link = proc_root.join(format!("self/fd/{}", fd.as_raw_fd()));
+    let Ok(link) = CString::new(link.as_os_str().as_bytes()) else {
+        return;
+    };
+    let name = c"trusted.qtfs.refresh";
+    // SAFETY: NUL-terminated path and name, a one-byte value; plain syscall whose failure
+    // (ENOTSUP on other filesystems) only means there is nothing to refresh.
+    let r = unsafe { libc::setxattr(link.as_ptr(), name.as_ptr(), c"1".as_ptr().cast(), 1, 0) };
+    if r != 0 {
+        debug!(path, error = %std::io::Error::last_os_error(), "no qtfs refresh");
     }
 }
 

@@ -29,7 +29,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use ring::{aead, agreement, hkdf, rand as ring_rand};
 use serde::Deserialize;
 
-use crate::auth::Key;
 use crate::endpoint::Endpoint;
 
 /// Most plaintext bytes in one record. Above the writer's 1 MiB batch (plus the frame that
@@ -199,12 +198,12 @@ impl Ephemeral {
     pub(crate) fn derive(
         self,
         peer_public: &[u8; PUBLIC_KEY_LEN],
-        psk: Option<&Key>,
+        psk: Option<&[u8]>,
         transcript: &[&[u8]],
         dialer: bool,
     ) -> Result<(Sealer, Opener), CryptoError> {
         let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, peer_public);
-        let psk = psk.map(Key::secret).unwrap_or_default();
+        let psk = psk.unwrap_or_default();
         let prk = agreement::agree_ephemeral(self.private, &peer, |shared| {
             // An all-zero secret means a low-order peer key: nothing secret was agreed.
             if shared.iter().all(|b| *b == 0) {
@@ -269,51 +268,94 @@ impl std::fmt::Debug for Sealer {
     }
 }
 
+/// One piece of plaintext for [`Sealer::seal_pieces`]. Each piece becomes its own record(s),
+/// so a bulk payload queued as its own piece starts a record and the reader can hand it on
+/// without copying it.
+pub enum Piece {
+    /// Bytes the caller owns: sealed where they are (no copy).
+    Owned(BytesMut),
+    /// Bytes possibly shared with others: sealed in place when this is the only reference
+    /// ([`Bytes::try_into_mut`]), else copied once into the record.
+    Shared(Bytes),
+}
+
 impl Sealer {
     /// Seals the concatenation of `chunks` into records of at most [`MAX_RECORD`] plaintext
-    /// bytes each, appended to `out` in wire form.
+    /// bytes each, appended to `out` in wire form (one copy; tests and fuzzing).
     pub fn seal<'a>(
         &mut self,
         chunks: impl IntoIterator<Item = &'a [u8]>,
         out: &mut VecDeque<Bytes>,
     ) -> Result<(), CryptoError> {
-        let chunks: Vec<&[u8]> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
-        let total: usize = chunks.iter().map(|c| c.len()).sum();
-        if total == 0 {
-            return Ok(());
+        let mut all = BytesMut::new();
+        for c in chunks {
+            all.extend_from_slice(c);
         }
-        let records = total.div_ceil(MAX_RECORD);
-        let mut buf = BytesMut::with_capacity(total + records * RECORD_OVERHEAD);
-        let mut pieces = chunks.into_iter();
-        let mut cur: &[u8] = &[];
-        let mut left = total;
-        while left > 0 {
-            let n = left.min(MAX_RECORD);
-            left -= n;
-            let len = ((n + TAG_LEN) as u32).to_le_bytes();
-            buf.put_slice(&len);
-            let start = buf.len();
-            let mut need = n;
-            while need > 0 {
-                if cur.is_empty() {
-                    cur = pieces.next().unwrap_or_default();
-                    if cur.is_empty() {
-                        break;
+        self.seal_pieces([Piece::Owned(all)], out)
+    }
+
+    /// Seals each piece into its own records (a piece above [`MAX_RECORD`] into several),
+    /// appended to `out` in wire form: the length prefixes and tags are small chunks of
+    /// their own between the ciphertexts, so owned pieces are encrypted where they lie and
+    /// written with one vectored write. Empty pieces are skipped.
+    pub fn seal_pieces(
+        &mut self,
+        pieces: impl IntoIterator<Item = Piece>,
+        out: &mut VecDeque<Bytes>,
+    ) -> Result<(), CryptoError> {
+        // Length prefixes and tags, in one small buffer: `tag(k) len(k+1)` between records.
+        let mut glue = BytesMut::with_capacity(64);
+        for piece in pieces {
+            let mut owned = match piece {
+                Piece::Owned(b) => b,
+                Piece::Shared(b) => match b.try_into_mut() {
+                    Ok(m) => m,
+                    Err(shared) => {
+                        // Copied record by record, each sealed while it is hot in the cache.
+                        let mut rest = &shared[..];
+                        while !rest.is_empty() {
+                            let n = rest.len().min(MAX_RECORD);
+                            let mut rec = BytesMut::with_capacity(n);
+                            rec.extend_from_slice(&rest[..n]);
+                            rest = &rest[n..];
+                            self.seal_one(rec, &mut glue, out)?;
+                        }
+                        continue;
                     }
-                }
-                let take = need.min(cur.len());
-                buf.put_slice(&cur[..take]);
-                cur = &cur[take..];
-                need -= take;
+                },
+            };
+            while owned.len() > MAX_RECORD {
+                let head = owned.split_to(MAX_RECORD);
+                self.seal_one(head, &mut glue, out)?;
             }
-            let nonce = self.next_nonce()?;
-            let tag = self
-                .key
-                .seal_in_place_separate_tag(nonce, aead::Aad::from(len), &mut buf[start..])
-                .map_err(|_| CryptoError::Authentication)?;
-            buf.put_slice(tag.as_ref());
+            if !owned.is_empty() {
+                self.seal_one(owned, &mut glue, out)?;
+            }
         }
-        out.push_back(buf.freeze());
+        if !glue.is_empty() {
+            out.push_back(glue.freeze());
+        }
+        Ok(())
+    }
+
+    /// Seals one record's plaintext in place; its length goes to `glue` (flushed to `out`
+    /// before the ciphertext), its tag stays in `glue` for the next flush.
+    fn seal_one(
+        &mut self,
+        mut pt: BytesMut,
+        glue: &mut BytesMut,
+        out: &mut VecDeque<Bytes>,
+    ) -> Result<(), CryptoError> {
+        let len = ((pt.len() + TAG_LEN) as u32).to_le_bytes();
+        let nonce = self.next_nonce()?;
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(nonce, aead::Aad::from(len), &mut pt[..])
+            .map_err(|_| CryptoError::Authentication)?;
+        glue.put_slice(&len);
+        out.push_back(glue.split().freeze());
+        out.push_back(pt.freeze());
+        glue.put_slice(tag.as_ref());
         Ok(())
     }
 
@@ -328,7 +370,7 @@ impl Sealer {
 pub struct Opener {
     key: aead::LessSafeKey,
     counter: u64,
-    /// Wire size of the last record opened: the reader's next buffer is made this big, so a
+    /// Wire size of the recent big records: the reader's next buffer is made this big, so a
     /// bulk record lands in one buffer instead of being moved when its size becomes known.
     last: usize,
 }
@@ -354,37 +396,46 @@ pub fn record_len(head: [u8; 4]) -> Result<usize, CryptoError> {
 }
 
 impl Opener {
-    /// Buffer size that holds the next record if it is as big as the last one.
+    /// Buffer size that holds the next record if it is as big as the recent big ones.
     pub fn size_hint(&self) -> usize {
         self.last
+    }
+
+    /// Opens the record at the front of `raw` and returns its plaintext, split off `raw`
+    /// without copying (decrypted where it lies). `None`: the record is not complete yet;
+    /// `raw` then has room reserved for all of it, so the next reads complete it.
+    pub fn open_record(&mut self, raw: &mut BytesMut) -> Result<Option<BytesMut>, CryptoError> {
+        if raw.len() < 4 {
+            return Ok(None);
+        }
+        let head = [raw[0], raw[1], raw[2], raw[3]];
+        let len = record_len(head)?;
+        if raw.len() < 4 + len {
+            raw.reserve(4 + len - raw.len());
+            return Ok(None);
+        }
+        let mut rec = raw.split_to(4 + len);
+        let next = self.counter.checked_add(1).ok_or(CryptoError::Exhausted)?;
+        self.key
+            .open_in_place(nonce(self.counter), aead::Aad::from(head), &mut rec[4..])
+            .map_err(|_| CryptoError::Authentication)?;
+        self.counter = next;
+        // Bulk records alternate with small ones (frame headers, control frames): keep the
+        // size of the recent big ones, decaying slowly.
+        self.last = (4 + len).max(self.last - self.last / 16);
+        let _ = rec.split_to(4);
+        rec.truncate(len - TAG_LEN);
+        Ok(Some(rec))
     }
 
     /// Opens every complete record at the front of `raw` and appends its plaintext to
     /// `plain`; an incomplete record stays in `raw` for more bytes.
     pub fn open(&mut self, raw: &mut BytesMut, plain: &mut BytesMut) -> Result<(), CryptoError> {
-        while raw.len() >= 4 {
-            let head = [raw[0], raw[1], raw[2], raw[3]];
-            let len = record_len(head)?;
-            if raw.len() < 4 + len {
-                // Room for the whole record, so the next reads complete it.
-                raw.reserve(4 + len - raw.len());
-                break;
-            }
-            let mut rec = raw.split_to(4 + len);
-            let next = self.counter.checked_add(1).ok_or(CryptoError::Exhausted)?;
-            let body = self
-                .key
-                .open_in_place(nonce(self.counter), aead::Aad::from(head), &mut rec[4..])
-                .map_err(|_| CryptoError::Authentication)?;
-            self.counter = next;
-            self.last = 4 + len;
-            if plain.is_empty() && body.len() == len - TAG_LEN {
-                // The common bulk case: hand the decrypted bytes over without copying.
-                let _ = rec.split_to(4);
-                rec.truncate(len - TAG_LEN);
+        while let Some(rec) = self.open_record(raw)? {
+            if plain.is_empty() {
                 *plain = rec;
             } else {
-                plain.extend_from_slice(body);
+                plain.extend_from_slice(&rec);
             }
         }
         Ok(())
@@ -453,12 +504,10 @@ mod tests {
         let a = Ephemeral::generate().unwrap();
         let b = Ephemeral::generate().unwrap();
         let (pa, pb) = (a.public(), b.public());
-        let ka = Key::from_bytes(psk_a.to_vec()).unwrap();
-        let kb = Key::from_bytes(psk_b.to_vec()).unwrap();
         let t: &[&[u8]] = &[b"hello-d", b"hello-a"];
         (
-            a.derive(&pb, Some(&ka), t, true).unwrap(),
-            b.derive(&pa, Some(&kb), t, false).unwrap(),
+            a.derive(&pb, Some(psk_a), t, true).unwrap(),
+            b.derive(&pa, Some(psk_b), t, false).unwrap(),
         )
     }
 
@@ -547,10 +596,11 @@ mod tests {
     #[test]
     fn replayed_and_reordered_records_are_refused() {
         let (mut seal, opener) = fixed();
-        let mut out = VecDeque::new();
-        seal.seal([&b"one"[..]], &mut out).unwrap();
-        seal.seal([&b"two"[..]], &mut out).unwrap();
-        let (r1, r2) = (out[0].clone(), out[1].clone());
+        let mut one = VecDeque::new();
+        seal.seal([&b"one"[..]], &mut one).unwrap();
+        let mut two = VecDeque::new();
+        seal.seal([&b"two"[..]], &mut two).unwrap();
+        let (r1, r2) = (wire(one), wire(two));
         let mut plain = BytesMut::new();
         assert_eq!(
             opener().open(&mut BytesMut::from(&r2[..]), &mut plain),

@@ -14,8 +14,10 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::auth::Key;
-use crate::crypto::{CryptoError, EncryptPolicy, Ephemeral, Opener, Sealer, PUBLIC_KEY_LEN};
+use crate::auth::{Key, Secret};
+use crate::crypto::{
+    self, CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer, PUBLIC_KEY_LEN,
+};
 use crate::endpoint::Endpoint;
 use crate::link::{self, Conn, Listener, TransportError};
 use crate::rules::{Beat, Heartbeat};
@@ -378,22 +380,27 @@ impl Inner {
             let mut ws = lock_ws(&self.ws);
             if !ws.busy && ws.queued == 0 && !ws.done {
                 let mut chunks: VecDeque<Bytes> = VecDeque::new();
-                let sealed = ws
-                    .seal
-                    .as_mut()
-                    .map(|seal| seal.seal([&f.head[..], &f.body[..]], &mut chunks).is_ok());
-                match sealed {
-                    Some(true) => {}
-                    // Out of nonces: the writer task meets the same and ends the session.
-                    Some(false) => {
+                if let Some(seal) = ws.seal.as_mut() {
+                    let Frame { mut head, body } = f;
+                    let pieces = if body.len() <= COPY_THRESHOLD {
+                        // One record for a small call.
+                        head.extend_from_slice(&body);
+                        vec![Piece::Owned(head)]
+                    } else {
+                        vec![Piece::Owned(head), Piece::Shared(body)]
+                    };
+                    if let Err(e) = seal.seal_pieces(pieces, &mut chunks) {
+                        // Out of nonces: nothing more can be sent on this session.
                         drop(ws);
-                        return self.send_ctl(f).map_err(|_| ());
+                        self.close(CloseReason::Io(e.to_string()));
+                        return Err(());
                     }
-                    None => chunks.extend(
+                } else {
+                    chunks.extend(
                         [f.head.freeze(), f.body]
                             .into_iter()
                             .filter(|b| !b.is_empty()),
-                    ),
+                    );
                 }
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                 while !chunks.is_empty() {
@@ -567,7 +574,19 @@ struct HelloExt {
     dh: [u8; PUBLIC_KEY_LEN],
 }
 
+/// The dialer's addition after [`HelloExt`] (older peers ignore it): which of the acceptor's
+/// keys to prove itself with during a key rotation.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HelloHint {
+    /// The first [`HINT_LEN`] bytes of HMAC(dialer's key, [`HINT_CONTEXT`] ‖ dialer's nonce).
+    key_hint: [u8; HINT_LEN],
+}
+
 const AUTH_CONTEXT: &[u8] = b"dpu-offload session auth v1";
+/// Domain of the key hint's HMAC (never equal to a tag's input).
+const HINT_CONTEXT: &[u8] = b"dpu-offload key hint v1";
+/// Bytes of the key hint: enough that a random one matches no key in practice.
+const HINT_LEN: usize = 16;
 
 struct Negotiated {
     peer_services: Vec<String>,
@@ -580,10 +599,14 @@ struct Negotiated {
     cipher: Option<(Sealer, Opener)>,
 }
 
+/// What a Hello carries: the base message, then (if present) the extension and the hint.
+type HelloParts = (HelloMsg, Option<HelloExt>, Option<HelloHint>);
+
 /// Decodes the peer's first handshake frame: anything but a well-formed Hello carrying our
 /// magic means the peer is not a dpu-offload endpoint. The extension is `None` when absent
-/// (an older peer, refused by the version check).
-fn decode_hello(kind: Kind, body: &[u8]) -> Result<(HelloMsg, Option<HelloExt>), HandshakeError> {
+/// (an older peer, refused by the version check), the hint when the peer sends none (an
+/// acceptor, or a dialer from before key rotation).
+fn decode_hello(kind: Kind, body: &[u8]) -> Result<HelloParts, HandshakeError> {
     if kind != Kind::Hello {
         return Err(HandshakeError::NotOffload);
     }
@@ -592,17 +615,40 @@ fn decode_hello(kind: Kind, body: &[u8]) -> Result<(HelloMsg, Option<HelloExt>),
     if theirs.hello.magic != wire::MAGIC {
         return Err(HandshakeError::NotOffload);
     }
-    let ext = postcard::from_bytes::<HelloExt>(rest).ok();
-    Ok((theirs, ext))
+    let (ext, hint) = match postcard::take_from_bytes::<HelloExt>(rest) {
+        Ok((ext, rest)) => (Some(ext), postcard::from_bytes::<HelloHint>(rest).ok()),
+        Err(_) => (None, None),
+    };
+    Ok((theirs, ext, hint))
 }
 
-/// Encodes a Hello with its extension.
-fn encode_hello(msg: &HelloMsg, ext: Option<&HelloExt>) -> Bytes {
+/// Encodes a Hello with its extension and hint (the hint only after an extension).
+fn encode_hello(msg: &HelloMsg, ext: Option<&HelloExt>, hint: Option<&HelloHint>) -> Bytes {
     let mut out = BytesMut::from(&wire::encode(msg)[..]);
     if let Some(ext) = ext {
         out.extend_from_slice(&wire::encode(ext));
+        if let Some(hint) = hint {
+            out.extend_from_slice(&wire::encode(hint));
+        }
     }
     out.freeze()
+}
+
+/// The dialer's key hint for `nonce` under `key`.
+fn key_hint(key: &Secret, nonce: &[u8]) -> HelloHint {
+    let tag = key.tag(&[HINT_CONTEXT, nonce]);
+    let mut key_hint = [0u8; HINT_LEN];
+    key_hint.copy_from_slice(&tag[..HINT_LEN]);
+    HelloHint { key_hint }
+}
+
+/// The acceptor's choice among its keys: the one the dialer's hint matches, else the first.
+fn pick_key<'a>(keys: &'a [Secret], nonce: &[u8], hint: Option<&HelloHint>) -> Option<&'a Secret> {
+    hint.and_then(|h| {
+        keys.iter()
+            .find(|k| k.verify_prefix(&[HINT_CONTEXT, nonce], &h.key_hint))
+    })
+    .or(keys.first())
 }
 
 /// Fuzzing entry: decodes `body` as the peer's Hello and returns its re-encoding (`None`:
@@ -611,7 +657,7 @@ fn encode_hello(msg: &HelloMsg, ext: Option<&HelloExt>) -> Bytes {
 pub fn fuzz_decode_hello(body: &[u8]) -> Option<Bytes> {
     decode_hello(Kind::Hello, body)
         .ok()
-        .map(|(m, ext)| encode_hello(&m, ext.as_ref()))
+        .map(|(m, ext, hint)| encode_hello(&m, ext.as_ref(), hint.as_ref()))
 }
 
 /// Fuzzing entry: runs the handshake's decoders over `data` read as the byte stream a peer
@@ -619,7 +665,9 @@ pub fn fuzz_decode_hello(body: &[u8]) -> Option<Bytes> {
 /// tags checked against a fixed key), as [`handshake`] does, without the I/O.
 #[doc(hidden)]
 pub fn fuzz_handshake(data: &[u8]) {
-    let Ok(key) = Key::from_bytes(*b"fuzzing-key-0123456789") else {
+    let Ok(key) = Key::from_bytes(*b"fuzzing-key-0123456789")
+        .and_then(|k| k.accepting_bytes(*b"fuzzing-key-next-456789"))
+    else {
         return;
     };
     let mut rest = data;
@@ -637,12 +685,17 @@ pub fn fuzz_handshake(data: &[u8]) {
         };
         rest = tail;
         let Some(theirs) = hello else {
-            let Ok((_, ext)) = decode_hello(h.kind, body) else {
+            let Ok((msg, ext, hint)) = decode_hello(h.kind, body) else {
+                return;
+            };
+            // The key the acceptor would prove with (a hint matching the second key or none).
+            let keys = key.secrets();
+            let Some(k) = pick_key(&keys, &msg.hello.nonce, hint.as_ref()) else {
                 return;
             };
             // The key exchange a well-formed Hello leads to (refused for a low-order key).
             if let (Some(ext), Ok(mine)) = (ext, Ephemeral::generate()) {
-                let _ = mine.derive(&ext.dh, Some(&key), &[body, data], false);
+                let _ = mine.derive(&ext.dh, Some(k.bytes()), &[body, data], false);
             }
             hello = Some(body);
             continue;
@@ -665,7 +718,9 @@ pub fn fuzz_handshake(data: &[u8]) {
         let Ok(tag) = tag else {
             return;
         };
-        let _ = key.verify(&[AUTH_CONTEXT, role, theirs, data], &tag);
+        for k in key.secrets() {
+            let _ = k.verify(&[AUTH_CONTEXT, role, theirs, data], &tag);
+        }
     }
 }
 
@@ -722,24 +777,29 @@ async fn handshake(
         encrypt,
         dh: eph.as_ref().map(Ephemeral::public).unwrap_or_default(),
     };
-    let mine_bytes = encode_hello(&mine, Some(&my_ext));
+    // The keys as they are for this handshake: the one to prove with first, then any other
+    // accepted during a rotation.
+    let secrets: Vec<Secret> = cfg.key.as_ref().map(Key::secrets).unwrap_or_default();
+    let my_hint = match secrets.first() {
+        Some(k) if dialer => Some(key_hint(k, &nonce)),
+        _ => None,
+    };
+    let mine_bytes = encode_hello(&mine, Some(&my_ext), my_hint.as_ref());
     let my_hello = hs_frame(Kind::Hello, mine_bytes.clone());
     if dialer {
         hs_send(conn, &[&my_hello]).await?;
     }
     let (kind, theirs_bytes) = read_hs_frame(conn).await?;
-    let (theirs, their_ext) = decode_hello(kind, &theirs_bytes)?;
+    let (theirs, their_ext, their_hint) = decode_hello(kind, &theirs_bytes)?;
     // Transcript order is (dialer hello, acceptor hello) on both sides.
     let (c_hello, s_hello): (&[u8], &[u8]) = if dialer {
         (&mine_bytes, &theirs_bytes)
     } else {
         (&theirs_bytes, &mine_bytes)
     };
-    // This side's proof for `role` (empty without a key).
-    let my_tag = |role: &[u8]| -> Vec<u8> {
-        cfg.key
-            .as_ref()
-            .map(|k| k.tag(&[AUTH_CONTEXT, role, c_hello, s_hello]).to_vec())
+    // This side's proof for `role` under `key` (empty without a key).
+    let my_tag = |key: Option<&Secret>, role: &[u8]| -> Vec<u8> {
+        key.map(|k| k.tag(&[AUTH_CONTEXT, role, c_hello, s_hello]).to_vec())
             .unwrap_or_default()
     };
     let refuse = |reason: &str| {
@@ -766,11 +826,14 @@ async fn handshake(
     };
     // The record keys, once both sides are known to agree (derived before the peer's proof
     // is checked, but used only after it).
-    let keys = |ext: &HelloExt, eph: Option<Ephemeral>| -> Result<_, HandshakeError> {
+    let keys = |ext: &HelloExt,
+                eph: Option<Ephemeral>,
+                psk: Option<&Secret>|
+     -> Result<_, HandshakeError> {
         match eph {
             Some(eph) => Ok(Some(eph.derive(
                 &ext.dh,
-                cfg.key.as_ref(),
+                psk.map(Secret::bytes),
                 &[c_hello, s_hello],
                 dialer,
             )?)),
@@ -795,18 +858,29 @@ async fn handshake(
         // The acceptor refuses a mismatch too (its Refuse follows its Hello); saying it here
         // names both settings.
         let ext = check_ext()?;
-        let tag = my_tag(b"C");
-        let auth = hs_frame(Kind::Auth, wire::encode(&wire::Auth { tag }));
+        let auth = |key: Option<&Secret>| {
+            hs_frame(
+                Kind::Auth,
+                wire::encode(&wire::Auth {
+                    tag: my_tag(key, b"C"),
+                }),
+            )
+        };
         let (kind, body) = read_hs_frame(conn).await?;
         match kind {
             Kind::Welcome => {
                 let w: wire::Welcome = wire::decode("welcome", &body)?;
-                match &cfg.key {
-                    Some(k) if !k.verify(&[AUTH_CONTEXT, b"S", c_hello, s_hello], &w.tag) => {
+                // The acceptor proved one of our keys (the hinted one if it holds it; during
+                // a rotation possibly another): that one is the session's.
+                let proved = secrets
+                    .iter()
+                    .find(|k| k.verify(&[AUTH_CONTEXT, b"S", c_hello, s_hello], &w.tag));
+                match (&cfg.key, proved) {
+                    (Some(_), None) => {
                         // Wrong key here or an impostor there: our proof tells the acceptor
                         // (its Refuse names the reason), and reveals nothing reusable (fresh
                         // nonces, role-bound). Nothing else is sent.
-                        hs_send(conn, &[&auth]).await?;
+                        hs_send(conn, &[&auth(secrets.first())]).await?;
                         return match read_hs_frame(conn).await {
                             Ok((Kind::Refuse, body)) => {
                                 let r: wire::Refuse = wire::decode("refuse", &body)?;
@@ -815,15 +889,15 @@ async fn handshake(
                             _ => Err(HandshakeError::PeerNotAuthenticated),
                         };
                     }
-                    Some(_) => {}
-                    None if theirs.hello.authenticated => {
+                    (Some(_), Some(_)) => {}
+                    (None, _) if theirs.hello.authenticated => {
                         return Err(HandshakeError::Mismatch(
                             "the peer requires a key but none is configured here".into(),
                         ))
                     }
-                    None => {}
+                    (None, _) => {}
                 }
-                Ok(negotiated(Some(auth), keys(ext, eph)?))
+                Ok(negotiated(Some(auth(proved)), keys(ext, eph, proved)?))
             }
             Kind::Refuse => {
                 let r: wire::Refuse = wire::decode("refuse", &body)?;
@@ -884,8 +958,10 @@ async fn handshake(
                 return Err(e);
             }
         };
-        let cipher = keys(ext, eph)?;
-        let tag = my_tag(b"S");
+        // The dialer's hinted key if this side holds it, else this side's first.
+        let key = pick_key(&secrets, &theirs.hello.nonce, their_hint.as_ref());
+        let cipher = keys(ext, eph, key)?;
+        let tag = my_tag(key, b"S");
         let welcome = hs_frame(Kind::Welcome, wire::encode(&wire::Welcome { tag }));
         hs_send(conn, &[&my_hello, &welcome]).await?;
         // Only the Auth is read here; frames pipelined behind it stay unread until it verified.
@@ -894,7 +970,7 @@ async fn handshake(
             return Err(HandshakeError::Unexpected(kind));
         }
         let a: wire::Auth = wire::decode("auth", &body)?;
-        if let Some(k) = &cfg.key {
+        if let Some(k) = key {
             if !k.verify(&[AUTH_CONTEXT, b"C", c_hello, s_hello], &a.tag) {
                 let _ = hs_send(conn, &[&refuse("wrong key")]).await;
                 return Err(HandshakeError::Rejected("wrong key".into()));
@@ -1352,23 +1428,44 @@ async fn write_chunks(ws: &Mutex<WriteSide>, chunks: &mut VecDeque<Bytes>) -> io
 }
 
 /// Appends a frame to the batch: small payloads are copied next to their header, large ones
-/// are queued as they are. Returns whether it was a GoAway (the last frame to write).
-fn stage(
-    f: Frame,
-    staging: &mut BytesMut,
-    chunks: &mut VecDeque<Bytes>,
-    bytes: &mut usize,
-) -> bool {
+/// are queued as they are (their own piece, so an encrypted session seals them into records
+/// of their own, in place when nobody else holds them). Returns whether it was a GoAway (the
+/// last frame to write).
+fn stage(f: Frame, staging: &mut BytesMut, pieces: &mut Vec<Piece>, bytes: &mut usize) -> bool {
     let go_away = f.head.len() >= 5 && f.head[4] == Kind::GoAway as u8;
     *bytes += f.head.len() + f.body.len();
     staging.extend_from_slice(&f.head);
     if f.body.len() <= COPY_THRESHOLD {
         staging.extend_from_slice(&f.body);
     } else {
-        chunks.push_back(staging.split().freeze());
-        chunks.push_back(f.body);
+        pieces.push(Piece::Owned(staging.split()));
+        pieces.push(Piece::Shared(f.body));
     }
     go_away
+}
+
+/// Puts `pieces` on `chunks` in wire form: sealed into records on an encrypted session, as
+/// they are otherwise.
+fn to_wire(
+    seal: Option<&mut Sealer>,
+    pieces: impl IntoIterator<Item = Piece>,
+    chunks: &mut VecDeque<Bytes>,
+) -> Result<(), CryptoError> {
+    match seal {
+        Some(seal) => seal.seal_pieces(pieces, chunks),
+        None => {
+            chunks.extend(
+                pieces
+                    .into_iter()
+                    .map(|p| match p {
+                        Piece::Owned(b) => b.freeze(),
+                        Piece::Shared(b) => b,
+                    })
+                    .filter(|b| !b.is_empty()),
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn writer_task(
@@ -1381,6 +1478,7 @@ async fn writer_task(
 ) {
     let mut staging = BytesMut::with_capacity(64 * 1024);
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut pieces: Vec<Piece> = Vec::new();
     let mut data_open = true;
     let mut go_away = false;
     if lock_ws(&ws).seal.is_some() {
@@ -1415,18 +1513,17 @@ async fn writer_task(
             }
         };
         let Some(first) = first else { break };
-        let ready = {
+        {
             // Busy from here until written; the rest of a frame a thread left goes first.
             let mut g = lock_ws(&ws);
             g.busy = true;
             g.queued -= usize::from(from_ctl);
             chunks.extend(g.front.drain(..));
-            chunks.len()
-        };
+        }
         let mut batch_bytes = 0usize;
         let mut frames = 1usize;
         let mut from_ctl = 0usize;
-        go_away |= stage(first, &mut staging, &mut chunks, &mut batch_bytes);
+        go_away |= stage(first, &mut staging, &mut pieces, &mut batch_bytes);
         while frames < MAX_BATCH_FRAMES && batch_bytes < MAX_BATCH_BYTES {
             let next = match ctl.try_recv() {
                 Ok(f) => {
@@ -1437,25 +1534,16 @@ async fn writer_task(
                 Err(_) => None,
             };
             let Some(f) = next else { break };
-            go_away |= stage(f, &mut staging, &mut chunks, &mut batch_bytes);
+            go_away |= stage(f, &mut staging, &mut pieces, &mut batch_bytes);
             frames += 1;
         }
         lock_ws(&ws).queued -= from_ctl;
         if !staging.is_empty() {
-            chunks.push_back(staging.split().freeze());
+            pieces.push(Piece::Owned(staging.split()));
         }
-        // Encrypted: the batch (everything after what was already in wire form) becomes
-        // records. The task is busy, so no direct sender seals in between.
-        let sealed = {
-            let mut g = lock_ws(&ws);
-            match g.seal.as_mut() {
-                Some(seal) => {
-                    let plain = chunks.split_off(ready);
-                    seal.seal(plain.iter().map(|b| &b[..]), &mut chunks)
-                }
-                None => Ok(()),
-            }
-        };
+        // Encrypted: the batch (after what a direct sender left, already in wire form)
+        // becomes records. The task is busy, so no direct sender seals in between.
+        let sealed = to_wire(lock_ws(&ws).seal.as_mut(), pieces.drain(..), &mut chunks);
         if let Err(e) = sealed {
             lock_ws(&ws).done = true;
             if let Some(inner) = inner.upgrade() {
@@ -1560,16 +1648,18 @@ async fn fill(
     }
 }
 
-/// Reads frames until the session ends. On an encrypted session (`open`) the socket's bytes
-/// go to `raw` and only authenticated plaintext reaches `buf`.
+/// Reads frames until the session ends. On an encrypted session ([`read_records`]) only
+/// authenticated plaintext reaches the frame decoder.
 async fn read_loop(
     r: &mut ReadHalf<Conn>,
     inner: &Arc<Inner>,
     dialer: bool,
-    mut open: Option<Opener>,
+    open: Option<Opener>,
 ) -> CloseReason {
+    if let Some(open) = open {
+        return read_records(r, inner, dialer, open).await;
+    }
     let mut buf = BytesMut::with_capacity(READ_BUF);
-    let mut raw = BytesMut::new();
     let mut closed = inner.closed_tx.subscribe();
     inner.touch();
     loop {
@@ -1584,7 +1674,7 @@ async fn read_loop(
             let payload = if buf.len() >= HEADER_LEN + len {
                 buf.advance(HEADER_LEN);
                 buf.split_to(len).freeze()
-            } else if len >= DIRECT_READ && open.is_none() {
+            } else if len >= DIRECT_READ {
                 buf.advance(HEADER_LEN);
                 let mut frame = BytesMut::with_capacity(len);
                 frame.extend_from_slice(&buf.split());
@@ -1602,28 +1692,167 @@ async fn read_loop(
                 return reason;
             }
         }
-        if let Some(open) = open.as_mut() {
-            if raw.capacity() - raw.len() < 16 * 1024 {
-                raw.reserve(READ_BUF.max(open.size_hint()));
-            }
-            if let Err(reason) = fill(r, &mut raw, usize::MAX, inner, &mut closed).await {
-                return match reason {
-                    CloseReason::PeerClosed | CloseReason::PeerGoAway if !buf.is_empty() => {
-                        CloseReason::Truncated(buf.len())
-                    }
-                    other => other,
-                };
-            }
-            if let Err(e) = open.open(&mut raw, &mut buf) {
-                return CloseReason::Integrity(e.to_string());
-            }
-            continue;
-        }
         if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(READ_BUF);
         }
         if let Err(reason) = fill(r, &mut buf, usize::MAX, inner, &mut closed).await {
             return reason;
+        }
+    }
+}
+
+/// Frames out of decrypted records. Frames are a byte stream across records; a payload that
+/// starts a record (the writer seals bulk payloads as records of their own) is handed on as
+/// a slice of that record, so bulk bytes are decrypted in the buffer they were read into and
+/// never copied again. Only a payload split over records is assembled by copying.
+#[derive(Default)]
+struct Deframer {
+    /// Bytes of a header split over records.
+    head: BytesMut,
+    /// A parsed header whose payload is incomplete, and the payload bytes so far.
+    pending: Option<(Header, BytesMut)>,
+}
+
+impl Deframer {
+    /// Bytes held that do not make a whole frame yet.
+    fn held(&self) -> usize {
+        self.head.len()
+            + self
+                .pending
+                .as_ref()
+                .map_or(0, |(_, p)| HEADER_LEN + p.len())
+    }
+
+    /// Decodes every frame `rec` completes and hands each to `deliver`.
+    fn push(
+        &mut self,
+        mut rec: BytesMut,
+        max_frame: u32,
+        mut deliver: impl FnMut(Header, Bytes) -> Result<(), CloseReason>,
+    ) -> Result<(), CloseReason> {
+        loop {
+            if let Some((h, mut acc)) = self.pending.take() {
+                let need = h.len as usize - acc.len();
+                let payload = if acc.is_empty() && rec.len() >= need {
+                    rec.split_to(need)
+                } else {
+                    let take = need.min(rec.len());
+                    if acc.capacity() < h.len as usize {
+                        acc.reserve(h.len as usize - acc.len());
+                    }
+                    acc.extend_from_slice(&rec.split_to(take));
+                    if acc.len() < h.len as usize {
+                        self.pending = Some((h, acc));
+                        return Ok(());
+                    }
+                    acc
+                };
+                deliver(h, payload.freeze())?;
+                continue;
+            }
+            let mut h = [0u8; HEADER_LEN];
+            if self.head.is_empty() && rec.len() >= HEADER_LEN {
+                h.copy_from_slice(&rec.split_to(HEADER_LEN));
+            } else {
+                let take = (HEADER_LEN - self.head.len()).min(rec.len());
+                self.head.extend_from_slice(&rec.split_to(take));
+                if self.head.len() < HEADER_LEN {
+                    return Ok(());
+                }
+                h.copy_from_slice(&self.head);
+                self.head.clear();
+            }
+            let header =
+                Header::parse(&h, max_frame).map_err(|e| CloseReason::Protocol(e.to_string()))?;
+            self.pending = Some((header, BytesMut::new()));
+        }
+    }
+}
+
+/// Fuzzing entry: the frame decoder over decrypted records (what an authenticated peer
+/// controls on an encrypted session). The first byte picks the record size; whatever frames
+/// come out must be exactly the ones the bytes hold.
+#[doc(hidden)]
+pub fn fuzz_deframe(data: &[u8]) {
+    let Some((&cut, data)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(cut).max(1);
+    let mut d = Deframer::default();
+    let mut whole = 0usize;
+    for rec in data.chunks(cut) {
+        let res = d.push(BytesMut::from(rec), 1 << 16, |_, p| {
+            whole += HEADER_LEN + p.len();
+            Ok(())
+        });
+        if res.is_err() {
+            return;
+        }
+    }
+    assert_eq!(whole + d.held(), data.len());
+}
+
+/// [`read_loop`] on an encrypted session: the socket's bytes go to `raw`, each authenticated
+/// record's plaintext to the [`Deframer`].
+async fn read_records(
+    r: &mut ReadHalf<Conn>,
+    inner: &Arc<Inner>,
+    dialer: bool,
+    mut open: Opener,
+) -> CloseReason {
+    let mut raw = BytesMut::new();
+    let mut frames = Deframer::default();
+    let mut closed = inner.closed_tx.subscribe();
+    inner.touch();
+    loop {
+        loop {
+            let rec = match open.open_record(&mut raw) {
+                Ok(Some(rec)) => rec,
+                Ok(None) => break,
+                Err(e) => return CloseReason::Integrity(e.to_string()),
+            };
+            let res = frames.push(rec, inner.cfg.max_frame, |h, payload| {
+                dispatch(inner, h, payload, dialer)
+            });
+            if let Err(reason) = res {
+                return reason;
+            }
+        }
+        // Bulk records are read up to their end and no further, into a buffer of their own
+        // size: the next one then starts a fresh buffer instead of being moved out of a
+        // buffer whose front is still held as payloads. During bulk transfer (recent records
+        // big) the next header is read on its own for that.
+        let bulk = open.size_hint() >= DIRECT_READ;
+        let limit = if raw.len() >= 4 {
+            let want = match crypto::record_len([raw[0], raw[1], raw[2], raw[3]]) {
+                Ok(len) => 4 + len - raw.len(),
+                Err(e) => return CloseReason::Integrity(e.to_string()),
+            };
+            if bulk || raw.len() + want >= DIRECT_READ {
+                raw.reserve(want);
+                want
+            } else {
+                if raw.capacity() - raw.len() < 16 * 1024 {
+                    raw.reserve(READ_BUF);
+                }
+                usize::MAX
+            }
+        } else if bulk {
+            raw.reserve(4);
+            4 - raw.len()
+        } else {
+            if raw.capacity() - raw.len() < 16 * 1024 {
+                raw.reserve(READ_BUF);
+            }
+            usize::MAX
+        };
+        if let Err(reason) = fill(r, &mut raw, limit, inner, &mut closed).await {
+            return match reason {
+                CloseReason::PeerClosed | CloseReason::PeerGoAway if frames.held() > 0 => {
+                    CloseReason::Truncated(frames.held())
+                }
+                other => other,
+            };
         }
     }
 }
@@ -1888,5 +2117,235 @@ mod pending_tests {
         let p = p.lock().unwrap();
         assert_eq!(p.total, 0);
         assert!(p.by_source.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+    use crate::crypto::MAX_RECORD;
+
+    fn frame(kind: Kind, id: u32, body: &[u8]) -> BytesMut {
+        let f = Frame::new(kind, id, &[], Bytes::copy_from_slice(body));
+        let mut out = f.head;
+        out.extend_from_slice(&f.body);
+        out
+    }
+
+    /// Runs plaintext records through a [`Deframer`] and returns the frames it delivered.
+    fn deframe(records: Vec<BytesMut>) -> (Vec<(u32, Bytes)>, usize) {
+        let mut d = Deframer::default();
+        let mut got = Vec::new();
+        for r in records {
+            d.push(r, 16 << 20, |h, p| {
+                got.push((h.id, p));
+                Ok(())
+            })
+            .unwrap();
+        }
+        (got, d.held())
+    }
+
+    #[test]
+    fn frames_across_record_boundaries() {
+        let mut stream = BytesMut::new();
+        let bodies: Vec<Vec<u8>> = (0..20u32)
+            .map(|i| vec![i as u8; (i as usize * 977) % 5000])
+            .collect();
+        for (i, b) in bodies.iter().enumerate() {
+            stream.extend_from_slice(&frame(Kind::Data, i as u32, b));
+        }
+        // Every split size, including ones that cut headers in two.
+        for cut in [1usize, 5, 12, 13, 700, 4096, stream.len()] {
+            let records: Vec<BytesMut> = stream.chunks(cut).map(BytesMut::from).collect();
+            let (got, held) = deframe(records);
+            assert_eq!(held, 0, "cut {cut}");
+            assert_eq!(got.len(), bodies.len(), "cut {cut}");
+            for ((id, p), (i, b)) in got.iter().zip(bodies.iter().enumerate()) {
+                assert_eq!(*id, i as u32);
+                assert_eq!(&p[..], &b[..], "cut {cut} frame {i}");
+            }
+        }
+        // A frame cut short stays held (the reader reports it as truncated).
+        let (got, held) = deframe(vec![BytesMut::from(&stream[..30])]);
+        assert_eq!(got.len(), 1);
+        assert_eq!(held, 30 - HEADER_LEN);
+    }
+
+    #[test]
+    fn fuzz_deframe_runs_on_its_edge_cases() {
+        let mut f = vec![5u8];
+        f.extend_from_slice(&frame(Kind::Data, 1, b"hello"));
+        f.extend_from_slice(&frame(Kind::Eof, 1, b""));
+        f.extend_from_slice(&frame(Kind::Data, 2, &[1; 300])[..40]);
+        for data in [&b""[..], &[0u8][..], &[1, 0xff, 0xff][..], &f[..]] {
+            fuzz_deframe(data);
+        }
+    }
+
+    #[test]
+    fn bulk_payload_in_its_own_record_is_not_copied() {
+        // As the writer seals it: the header ends one record, the payload is the next.
+        let (mut seal, mut open) = {
+            let a = Ephemeral::generate().unwrap();
+            let b = Ephemeral::generate().unwrap();
+            let (pa, pb) = (a.public(), b.public());
+            let (s, _) = a.derive(&pb, Some(&[5; 32]), &[], true).unwrap();
+            let (_, o) = b.derive(&pa, Some(&[5; 32]), &[], false).unwrap();
+            (s, o)
+        };
+        let body = Bytes::from(vec![7u8; 1 << 20]);
+        let mut staging = BytesMut::new();
+        let mut pieces = Vec::new();
+        let mut n = 0;
+        stage(
+            Frame::new(Kind::Data, 3, &[], body.clone()),
+            &mut staging,
+            &mut pieces,
+            &mut n,
+        );
+        stage(
+            Frame::new(Kind::Eof, 3, &[], Bytes::new()),
+            &mut staging,
+            &mut pieces,
+            &mut n,
+        );
+        pieces.push(Piece::Owned(staging.split()));
+        let mut chunks = VecDeque::new();
+        to_wire(Some(&mut seal), pieces, &mut chunks).unwrap();
+        let mut raw = BytesMut::new();
+        for c in chunks {
+            raw.extend_from_slice(&c);
+        }
+        let mut records = Vec::new();
+        while let Some(r) = open.open_record(&mut raw).unwrap() {
+            records.push(r);
+        }
+        assert_eq!(records.len(), 3, "header, payload, eof: one record each");
+        let at = records[1].as_ptr();
+        let (got, held) = deframe(records);
+        assert_eq!(held, 0);
+        assert_eq!(got.len(), 2);
+        assert!(got[0].1 == body);
+        assert_eq!(
+            got[0].1.as_ptr(),
+            at,
+            "the payload is the decrypted record itself"
+        );
+        assert!(got[1].1.is_empty());
+    }
+
+    #[test]
+    fn owned_pieces_are_sealed_in_place_and_big_ones_split() {
+        let (mut seal, mut open) = {
+            let a = Ephemeral::generate().unwrap();
+            let b = Ephemeral::generate().unwrap();
+            let (pa, pb) = (a.public(), b.public());
+            let (s, _) = a.derive(&pb, None, &[], true).unwrap();
+            let (_, o) = b.derive(&pa, None, &[], false).unwrap();
+            (s, o)
+        };
+        let owned = BytesMut::from(&vec![1u8; 4096][..]);
+        let at = owned.as_ptr();
+        let unique = Bytes::from(vec![2u8; MAX_RECORD + 10]);
+        let unique_at = unique.as_ptr();
+        let shared = Bytes::from(vec![3u8; 100]);
+        let keep = shared.clone();
+        let mut out = VecDeque::new();
+        seal.seal_pieces(
+            [
+                Piece::Owned(owned),
+                Piece::Shared(unique),
+                Piece::Shared(shared),
+            ],
+            &mut out,
+        )
+        .unwrap();
+        assert!(out.iter().any(|c| c.as_ptr() == at), "owned: no copy");
+        assert!(
+            out.iter().any(|c| c.as_ptr() == unique_at),
+            "unique: no copy"
+        );
+        assert!(
+            !out.iter().any(|c| c.as_ptr() == keep.as_ptr()),
+            "shared: copied, the other holder's bytes untouched"
+        );
+        assert_eq!(&keep[..], &[3u8; 100][..]);
+        let mut raw = BytesMut::new();
+        for c in out {
+            raw.extend_from_slice(&c);
+        }
+        let mut lens = Vec::new();
+        while let Some(r) = open.open_record(&mut raw).unwrap() {
+            lens.push(r.len());
+        }
+        assert_eq!(lens, vec![4096, MAX_RECORD, 10, 100]);
+        assert!(raw.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::*;
+
+    #[test]
+    fn acceptor_picks_the_hinted_key_else_its_first() {
+        let old = Key::from_bytes(vec![1; 32]).unwrap();
+        let both = Key::from_bytes(vec![1; 32])
+            .unwrap()
+            .accepting_bytes(vec![2; 32])
+            .unwrap()
+            .secrets();
+        let new = Key::from_bytes(vec![2; 32]).unwrap().secrets();
+        let nonce = [9u8; 32];
+        let pick =
+            |hint: Option<&HelloHint>| pick_key(&both, &nonce, hint).map(|k| k.bytes().to_vec());
+        assert_eq!(pick(None), Some(vec![1; 32]));
+        assert_eq!(pick(Some(&key_hint(&new[0], &nonce))), Some(vec![2; 32]));
+        assert_eq!(
+            pick(Some(&key_hint(&old.secrets()[0], &nonce))),
+            Some(vec![1; 32])
+        );
+        // A hint for another nonce (replayed) or another key falls back to the first key.
+        assert_eq!(
+            pick(Some(&key_hint(&new[0], &[8u8; 32]))),
+            Some(vec![1; 32])
+        );
+        let other = Key::from_bytes(vec![3; 32]).unwrap().secrets();
+        assert_eq!(pick(Some(&key_hint(&other[0], &nonce))), Some(vec![1; 32]));
+        assert!(pick_key(&[], &nonce, None).is_none());
+    }
+
+    #[test]
+    fn hello_round_trips_with_and_without_hint() {
+        let msg = HelloMsg {
+            hello: wire::Hello {
+                magic: wire::MAGIC,
+                version: wire::VERSION,
+                nonce: [4; 32],
+                services: vec!["fs".into()],
+                authenticated: true,
+            },
+            stream_window: 1,
+            max_frame: 4096,
+        };
+        let ext = HelloExt {
+            encrypt: true,
+            dh: [7; PUBLIC_KEY_LEN],
+        };
+        let hint = HelloHint {
+            key_hint: [5; HINT_LEN],
+        };
+        let with = encode_hello(&msg, Some(&ext), Some(&hint));
+        let (_, e, h) = decode_hello(Kind::Hello, &with).unwrap();
+        assert!(e.is_some());
+        assert_eq!(h.map(|h| h.key_hint), Some([5; HINT_LEN]));
+        // What a peer from before key rotation sends, and what it decodes of ours.
+        let without = encode_hello(&msg, Some(&ext), None);
+        let (_, e, h) = decode_hello(Kind::Hello, &without).unwrap();
+        assert!(e.is_some() && h.is_none());
+        assert!(with.starts_with(&without));
+        let old_view: HelloExt = postcard::from_bytes(&with[wire::encode(&msg).len()..]).unwrap();
+        assert_eq!(old_view.dh, [7; PUBLIC_KEY_LEN]);
     }
 }

@@ -216,6 +216,8 @@ impl Inner {
             st.feed_at = st.seq;
             st.removal_at = st.seq;
             st.new_dirs.clear();
+            // Changes while the feed was down are unknown: no directory is known whole.
+            st.excl.clear();
             let mut out: Vec<Inval> = st
                 .names
                 .keys()
@@ -249,6 +251,28 @@ impl Inner {
                     out.push(Inval::Inode(*ino, true));
                 }
             }
+            out
+        };
+        self.inval(out);
+    }
+
+    /// [`REFRESH_XATTR`] on `dir`: what this mount assumed about the directory's contents ends
+    /// now (it is no longer "made here, holding only our names"), and the kernel's entries
+    /// below it are dropped.
+    pub(super) fn refresh_dir(&self, dir: u64) {
+        self.foreign_change(dir);
+        let out = {
+            let mut st = self.st();
+            st.new_dirs.remove(&dir);
+            st.seq += 1;
+            st.feed_at = st.seq;
+            let mut out: Vec<Inval> = st
+                .names
+                .iter()
+                .filter(|((p, _), _)| *p == dir)
+                .map(|((p, n), _)| Inval::Entry(*p, n.clone()))
+                .collect();
+            out.push(Inval::Inode(dir, true));
             out
         };
         self.inval(out);

@@ -1022,6 +1022,13 @@ impl Filesystem for QtfsFs {
     ) {
         let ino = ino.0;
         let name = name.as_bytes().to_vec();
+        if name == crate::client::REFRESH_XATTR.as_bytes() {
+            // Not an xattr: a local tool says this directory changed on the HOST (a mount
+            // forwarded onto it). Handled before answering, so the caller's next step sees it.
+            self.inner.refresh_dir(ino);
+            reply.ok();
+            return;
+        }
         let value = value.to_vec();
         self.inner.stale_attr(ino);
         on_node!(

@@ -152,6 +152,12 @@ use crate::proto::{
     SetTime, Status, Ts,
 };
 
+/// Setting this extended attribute on a directory of a qtfs mount (root only, any value) tells
+/// the mount that the directory's contents changed on the HOST in a way no change report
+/// covers — a mount forwarded onto it (`offload run` does this after each one): the mount
+/// drops what it assumed about the directory before the call returns.
+pub const REFRESH_XATTR: &str = "trusted.qtfs.refresh";
+
 /// Options of one mount (from `mount -o ...`).
 #[derive(Debug, Clone)]
 pub struct MountOptions {

@@ -1,7 +1,12 @@
 //! Session layer vs a raw tokio socket on the same link, in one run: 64-byte round trips and
-//! one-way throughput with 64 KiB and 1 MiB messages, over TCP loopback (session in clear and
+//! one-way throughput with 64 KiB and 1 MiB messages (1 MiB also as fresh buffers, the fs
+//! write pattern), over TCP loopback (session in clear and
 //! encrypted, the tcp default) and Unix (clear, its default). Ends with the encrypted/clear
 //! ratio on TCP.
+//!
+//! The CPU rows count the user + system time of both processes (this client and the server
+//! child) per MB moved: on a loaded machine they vary far less than the MB/s, and when the
+//! transfer is CPU-bound their clear/encrypted ratio is the throughput ratio to expect.
 //!
 //! `cargo run --release -p tests --bin transport-bench [-- --secs 3]` prints a Markdown table
 //! (the one in docs/BENCHMARKS.md).
@@ -109,14 +114,20 @@ async fn session_rtt(s: &Session, n: usize) -> f64 {
 }
 
 /// MB/s (10^6 bytes) for `total` bytes sent as `msg`-sized writes, acknowledged at the end.
-async fn raw_tput(ep: &Endpoint, msg: usize, total: u64) -> f64 {
+/// `fresh`: each message is first copied into a new buffer, as [`session_tput`] does.
+async fn raw_tput(ep: &Endpoint, msg: usize, total: u64, fresh: bool) -> f64 {
     let mut c = transport::connect(ep).await.expect("connect raw");
     c.write_all(b"S").await.expect("mode");
     let buf = vec![3u8; msg];
     let t = Instant::now();
     let mut sent = 0u64;
     while sent < total {
-        c.write_all(&buf).await.expect("write");
+        if fresh {
+            let m = std::hint::black_box(buf.to_vec());
+            c.write_all(&m).await.expect("write");
+        } else {
+            c.write_all(&buf).await.expect("write");
+        }
         sent += msg as u64;
     }
     c.shutdown().await.expect("shutdown");
@@ -126,14 +137,22 @@ async fn raw_tput(ep: &Endpoint, msg: usize, total: u64) -> f64 {
     sent as f64 / t.elapsed().as_secs_f64() / 1e6
 }
 
-async fn session_tput(s: &Session, msg: usize, total: u64) -> f64 {
+/// One-way throughput on a session stream. `fresh`: every message is a new buffer the sender
+/// fills (copied from its source, as an fs write copies the FUSE data into its request), so
+/// the session holds the only reference; otherwise the same shared buffer is sent again.
+async fn session_tput(s: &Session, msg: usize, total: u64, fresh: bool) -> f64 {
     let st = s.open_stream("bench", Bytes::new()).await.expect("open");
     let (mut rd, mut wr) = st.split();
     let buf = Bytes::from(vec![3u8; msg]);
     let t = Instant::now();
     let mut sent = 0u64;
     while sent < total {
-        wr.send(buf.clone()).await.expect("send");
+        let m = if fresh {
+            Bytes::from(buf.to_vec())
+        } else {
+            buf.clone()
+        };
+        wr.send(m).await.expect("send");
         sent += msg as u64;
     }
     wr.finish().expect("finish");
@@ -202,6 +221,8 @@ async fn client_main(secs: f64) {
     println!("|---|---|---|---|---|");
     // Session figures of the clear and the encrypted TCP runs: round trip, 64 KiB, 1 MiB.
     let mut tcp: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    // CPU seconds per MB of the session runs (client + server), clear and encrypted.
+    let mut tcp_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for (kind, encrypt) in [("tcp", false), ("tcp", true), ("unix", false)] {
         let exe = std::env::current_exe().expect("current_exe");
         let mode = if encrypt { "encrypted" } else { "clear" };
@@ -236,26 +257,69 @@ async fn client_main(secs: f64) {
             "| {link} | 64 B round trip, median µs | {r:.1} | {m:.1} | {:.2}× |",
             m / r
         );
-        for (msg, label) in [(64 << 10, "64 KiB"), (1 << 20, "1 MiB")] {
-            let r = raw_tput(&raw_ep, msg, total).await;
-            let m = session_tput(&s, msg, total).await;
+        let mut cpu_row = Vec::new();
+        for (msg, label, fresh) in [
+            (64 << 10, "64 KiB", false),
+            (1 << 20, "1 MiB", false),
+            (1 << 20, "1 MiB fresh", true),
+        ] {
+            let c0 = cpu_secs("self") + cpu_secs(&child.id().to_string());
+            let r = raw_tput(&raw_ep, msg, total, fresh).await;
+            let c1 = cpu_secs("self") + cpu_secs(&child.id().to_string());
+            let m = session_tput(&s, msg, total, fresh).await;
+            let c2 = cpu_secs("self") + cpu_secs(&child.id().to_string());
             mine.push(m);
+            let per_mb = |c: f64| c * 1e6 / (total as f64 / 1e6);
+            cpu_row.push(per_mb(c2 - c1));
             println!(
                 "| {link} | throughput, {label} writes, MB/s | {r:.0} | {m:.0} | {:.0} % |",
                 m / r * 100.0
             );
+            println!(
+                "| {link} | CPU per MB, {label} writes, µs (both processes) | {:.0} | {:.0} | {:.2}× |",
+                per_mb(c1 - c0),
+                per_mb(c2 - c1),
+                (c2 - c1) / (c1 - c0)
+            );
         }
         if kind == "tcp" {
             tcp[usize::from(encrypt)] = mine;
+            tcp_cpu[usize::from(encrypt)] = cpu_row;
         }
         let _ = child.kill();
         let _ = child.wait();
     }
     let [clear, enc] = &tcp;
     println!(
-        "\nTCP session, encrypted vs clear: round trip {:.2}×, 64 KiB writes {:.0} %, 1 MiB writes {:.0} %",
+        "\nTCP session, encrypted vs clear: round trip {:.2}×, 64 KiB writes {:.0} %, 1 MiB writes {:.0} %, 1 MiB fresh writes {:.0} %",
         enc[0] / clear[0],
         enc[1] / clear[1] * 100.0,
-        enc[2] / clear[2] * 100.0
+        enc[2] / clear[2] * 100.0,
+        enc[3] / clear[3] * 100.0
     );
+    let [clear, enc] = &tcp_cpu;
+    println!(
+        "TCP session CPU per MB (both processes), clear/encrypted, the throughput ratio when CPU-bound: 64 KiB writes {:.0} %, 1 MiB writes {:.0} %, 1 MiB fresh writes {:.0} %",
+        clear[0] / enc[0] * 100.0,
+        clear[1] / enc[1] * 100.0,
+        clear[2] / enc[2] * 100.0
+    );
+}
+
+/// User + system CPU seconds used so far by process `pid` (`"self"` for this one), from
+/// `/proc/PID/stat` (whole-process, all threads; 0 if unreadable).
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
+    // stime 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
 }
