@@ -87,11 +87,12 @@ seeds = {
         b"\x40" + b"prefix" + record(0) + b"\x01\x02",
     ],
     "fs_request": [  # op code, instance, length-prefixed postcard arguments, raw payload
-        bytes([0]) + v(0) + s(v(5) + s("/srv/export")),  # Mount
+        bytes([0]) + v(0) + s(v(6) + s("/srv/export")),  # Mount
         bytes([1]) + v(1) + s(v(1) + s(b"etc")),  # Lookup
         bytes([16]) + v(7) + s(v(3) + v(4096)) + b"hello world",  # Write + payload
         bytes([15]) + v(7) + s(v(3) + v(0) + v(65536)),  # Read
-        bytes([14]) + v(7) + s(v(1) + s(b"new") + v(0o644) + z(0o101) + caller),  # Create
+        bytes([14]) + v(7) + s(v(1) + s(b"new") + v(0o644) + z(0o101) + caller
+                              + some(v((1 << 63) | 1) + v((1 << 63) | 2))),  # Create, aliased
         bytes([11]) + v(7) + s(v(1) + s(b"a") + v(2) + s(b"b") + v(1)),  # Rename
         bytes([2]) + v(7) + s(v(2) + v(5) + v(1) + v(6) + v(2)),  # Forget
     ],

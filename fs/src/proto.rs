@@ -21,6 +21,17 @@
 //! - reply: [`Status`], then on success the postcard result (length-prefixed) and the raw
 //!   payload to the end.
 //!
+//! # Client-chosen ids (asynchronous directory operations)
+//! [`op::Create`], [`op::Mkdir`] and [`op::Symlink`] may carry an `alias`: an id with
+//! [`ALIAS_BIT`] set that the client chose for the new node (and, for create, its open
+//! handle). The HOST maps it to the node and handle it made, per session, and every later
+//! request of that session may name the alias in place of the HOST's id: the client answers
+//! the kernel before the HOST's reply and sends the requests that follow in order behind the
+//! create. If the operation failed, the alias stands for its errno (every request naming it
+//! fails with it). A [`op::Forget`] of the alias (or [`op::Release`] of a handle alias) ends
+//! the mapping; the end of the session drops all of them. An alias unknown to the session
+//! (after a reconnect) is ESTALE, and the client re-resolves by name as after a restart.
+//!
 //! Bulk data is never postcard-encoded: the HOST writes a request's payload from the received
 //! frame and reads file data straight into the reply's buffer behind a small reserved head
 //! ([`OutData`]); the DPU resends a write from its kept `(arguments, payload)`.
@@ -29,7 +40,13 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Protocol version carried in [`op::Mount`]; bumped on incompatible changes.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
+
+/// Node and handle ids with this bit set are chosen by the client, not the HOST: an
+/// asynchronous create, mkdir or symlink names the new node (and handle) with an id of its own
+/// so later requests can name it before the HOST has answered (see "Client-chosen ids" in the
+/// module docs). The HOST never issues such ids itself.
+pub const ALIAS_BIT: u64 = 1 << 63;
 
 /// Largest read or write payload the server accepts in one request.
 pub const MAX_IO: u32 = 1 << 20;
@@ -390,12 +407,13 @@ fs_ops! {
     } -> Attr;
     /// A symlink's target (the payload).
     5 => ReadLink / readlink { pub node: NodeId } -> () [data_out];
-    /// Make a symlink.
+    /// Make a symlink (`alias`: a client-chosen id for it, see the module docs).
     6 => Symlink / symlink {
         pub parent: NodeId,
         #[serde(with = "serde_bytes")] pub name: Vec<u8>,
         #[serde(with = "serde_bytes")] pub target: Vec<u8>,
         pub caller: Caller,
+        pub alias: Option<NodeId>,
     } -> Made;
     /// Make a device node, FIFO or socket.
     7 => Mknod / mknod {
@@ -405,12 +423,13 @@ fs_ops! {
         pub rdev: u64,
         pub caller: Caller,
     } -> Made;
-    /// Make a directory.
+    /// Make a directory (`alias`: a client-chosen id for it, see the module docs).
     8 => Mkdir / mkdir {
         pub parent: NodeId,
         #[serde(with = "serde_bytes")] pub name: Vec<u8>,
         pub mode: u32,
         pub caller: Caller,
+        pub alias: Option<NodeId>,
     } -> Made;
     /// Remove a non-directory.
     9 => Unlink / unlink {
@@ -438,13 +457,15 @@ fs_ops! {
     } -> Made;
     /// Open a node; `flags` as open(2) (without `O_CREAT`/`O_EXCL`).
     13 => Open / open { pub node: NodeId, pub flags: i32 } -> Opened;
-    /// Create and open a regular file.
+    /// Create and open a regular file (`alias`: client-chosen ids for the node and the
+    /// handle, see the module docs).
     14 => Create / create {
         pub parent: NodeId,
         #[serde(with = "serde_bytes")] pub name: Vec<u8>,
         pub mode: u32,
         pub flags: i32,
         pub caller: Caller,
+        pub alias: Option<(NodeId, Fh)>,
     } -> Created;
     /// Read up to `size` bytes at `offset` (the payload).
     15 => Read / read { pub fh: Fh, pub offset: u64, pub size: u32 } -> () [data_out];

@@ -191,6 +191,7 @@ fn fs_escape_attempts_refused() {
                         name: b"x".to_vec(),
                         mode: 0o755,
                         caller: Caller::default(),
+                        alias: None,
                     })
                     .await;
                 assert_eq!(mk.unwrap_err(), libc::ENOTDIR);
@@ -268,6 +269,7 @@ fn fs_escape_attempts_refused() {
                     name: b"x".to_vec(),
                     mode: 0o755,
                     caller: Caller::default(),
+                    alias: None,
                 })
                 .await;
             assert_eq!(mk.unwrap_err(), libc::EROFS);

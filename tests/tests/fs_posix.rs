@@ -436,6 +436,9 @@ fn suite(kind: &str) {
     assert!(out.status.success());
     let out = as_nobody("mkdir", &[mp("sticky/nd").to_str().unwrap()]);
     assert!(out.status.success());
+    // The mount made `sticky`: the mkdir there is asynchronous, and a listing is where it is
+    // known done on the HOST (as on NFS/CephFS, not when mkdir(2) returned).
+    assert!(fs::read_dir(mp("sticky")).is_ok());
     assert_eq!(fs::metadata(hp("sticky/nd")).unwrap().uid(), 65534);
 
     // setgid directory: new entries inherit the group, subdirectories the setgid bit.
@@ -444,6 +447,8 @@ fn suite(kind: &str) {
     fs::set_permissions(mp("sg"), fs::Permissions::from_mode(0o2777)).unwrap();
     fs::write(mp("sg/file"), b"").unwrap();
     fs::create_dir(mp("sg/sub")).unwrap();
+    // A listing: the asynchronous mkdir is done on the HOST (see sticky/nd above).
+    assert!(fs::read_dir(mp("sg")).is_ok());
     assert_eq!(fs::metadata(hp("sg/file")).unwrap().gid(), 4321);
     let sub = fs::metadata(hp("sg/sub")).unwrap();
     assert_eq!(sub.gid(), 4321);
@@ -545,12 +550,14 @@ fn fs_reused_attributes_match_the_host() {
         let exp = tmp.path().join("export");
         fs::create_dir(&exp).unwrap();
         let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
-        // Long TTLs, so reuse is what answers whenever it is allowed to.
+        // Long TTLs, so reuse is what answers whenever it is allowed to. Synchronous directory
+        // operations: the HOST's attributes come back with each answer (the asynchronous ones
+        // are checked after a synchronous point in fs_asyncdir).
         let m = Mount::new(
             &host,
             &exp,
             &tmp.path().join("mnt"),
-            "attr_timeout=30,entry_timeout=30",
+            "attr_timeout=30,entry_timeout=30,wsync",
         );
         let mp = |r: &str| m.path(r);
         let hp = |r: &str| exp.join(r);
@@ -629,13 +636,15 @@ fn fs_reused_attributes_match_the_host() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
 
-        // negative_timeout (opt-in, without the change feed): names the mount did not make in its new directory are
-        // taken as absent until a listing shows otherwise; its own names are found.
+        // negative_timeout (opt-in, without the change feed): names the mount did not make in
+        // its new directory are taken as absent until a listing shows otherwise; its own names
+        // are found. (With synchronous directory operations: an asynchronous create's EEXIST
+        // comes at close, see fs_asyncdir.)
         let m2 = Mount::new(
             &host,
             &exp,
             &tmp.path().join("mnt2"),
-            "coherent_ttl=0,negative_timeout=60",
+            "coherent_ttl=0,negative_timeout=60,wsync",
         );
         fs::create_dir(m2.path("unpack")).unwrap();
         fs::write(m2.path("unpack/mine"), b"m").unwrap();

@@ -21,6 +21,7 @@ impl Inner {
     pub(super) fn note_attr(&self, ino: u64, a: &Attr, sent: u64) {
         if let Some(n) = self.st().inodes.get_mut(&ino) {
             n.attr = Some((*a, Instant::now(), sent));
+            n.local = false;
         }
         self.note_xattrs(ino, a);
     }
@@ -55,11 +56,29 @@ impl Inner {
     ///
     /// Writes still in flight do not matter: the HOST applies calls in arrival order, so a
     /// reply to a request sent after a write has seen it.
+    ///
+    /// Attributes worked out here for an asynchronous operation are handed out with TTL 0 and
+    /// only while an operation on the node is in flight; then the HOST is asked.
     pub(super) fn fresh_attr(&self, ino: u64) -> Option<(Attr, Duration)> {
+        let (a, left, local) = self.known_attr(ino)?;
+        if !local {
+            return Some((a, left));
+        }
+        let busy = self
+            .unstable_map()
+            .get(&ino)
+            .is_some_and(|u| u.lock().0 > 0);
+        busy.then_some((a, Duration::ZERO))
+    }
+
+    /// The recorded attributes of `ino` if nothing since changed them (see
+    /// [`Inner::fresh_attr`]), with their remaining lifetime and whether they were worked out
+    /// here.
+    pub(super) fn known_attr(&self, ino: u64) -> Option<(Attr, Duration, bool)> {
         if self.ttl().is_zero() {
             return None;
         }
-        let (a, at, sent) = {
+        let (a, at, sent, local) = {
             let st = self.st();
             if st.resending > 0 {
                 return None;
@@ -69,11 +88,11 @@ impl Inner {
             if sent < n.stale_at || sent < st.removal_at {
                 return None;
             }
-            (a, at, sent)
+            (a, at, sent, n.local)
         };
         let ttl = self.attr_ttl(ino, &a, sent);
         let left = ttl.checked_sub(at.elapsed())?;
-        (!left.is_zero()).then_some((a, left))
+        (!left.is_zero()).then_some((a, left, local))
     }
 
     pub(super) fn begin_resend(&self) {

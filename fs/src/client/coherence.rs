@@ -216,6 +216,8 @@ impl Inner {
             st.feed_at = st.seq;
             st.removal_at = st.seq;
             st.new_dirs.clear();
+            // Changes while the feed was down are unknown: no directory is known whole.
+            st.excl.clear();
             let mut out: Vec<Inval> = st
                 .names
                 .keys()
@@ -276,10 +278,8 @@ impl Inner {
         self.inval(out);
     }
 
-    /// `dir` changed behind this mount's back: it no longer knows everything it holds.
-    pub(crate) fn foreign_change(&self, dir: u64) {
-        self.st().new_dirs.remove(&dir);
-    }
+    // `foreign_change(dir)` (this directory changed behind the mount's back) is in
+    // `async_ops`: it also ends the mount's exclusive knowledge there.
 
     /// Starts the change feed of a live mount: the invalidation thread and the task that keeps
     /// a feed open across lost sessions and HOST restarts.

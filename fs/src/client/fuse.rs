@@ -210,8 +210,9 @@ impl Filesystem for QtfsFs {
         Ok(())
     }
 
-    /// Unmounting: acknowledged writes still in flight are delivered before the process ends
-    /// (bounded by the mount's timeout unless `hard`).
+    /// Unmounting: acknowledged writes and asynchronous directory operations still in flight
+    /// are delivered before the process ends (bounded by the mount's timeout unless `hard`);
+    /// failures not reported yet are logged.
     fn destroy(&mut self) {
         for c in self.inner.fifos.armed().values() {
             c.stop();
@@ -224,7 +225,11 @@ impl Filesystem for QtfsFs {
         let drain = async move {
             for ino in pending {
                 if let Err(e) = me.settle(ino).await {
-                    warn!(ino, error = ?e, "write failed while unmounting; data lost");
+                    warn!(
+                        ino,
+                        error = ?e,
+                        "write or directory operation failed (reported while unmounting)"
+                    );
                 }
             }
         };
@@ -337,10 +342,13 @@ impl Filesystem for QtfsFs {
             atime,
             mtime,
         };
-        self.inner
-            .request(ino, fh.map(|h| h.0), build, move |me, r| {
-                QtfsFs::attr_reply(me, ino, r, sent, reply)
-            });
+        let fh = fh.map(|h| h.0);
+        let Some(reply) = self.inner.async_setattr(ino, fh, build(0, None), reply) else {
+            return;
+        };
+        self.inner.request(ino, fh, build, move |me, r| {
+            QtfsFs::attr_reply(me, ino, r, sent, reply)
+        });
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -412,6 +420,12 @@ impl Filesystem for QtfsFs {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
         let caller = caller(req);
+        let Some(reply) = self
+            .inner
+            .async_make(parent, &name, mode, None, caller, reply)
+        else {
+            return;
+        };
         let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
@@ -425,6 +439,7 @@ impl Filesystem for QtfsFs {
                         name: name.clone(),
                         mode,
                         caller,
+                        alias: None,
                     },
                 )
                 .await
@@ -434,6 +449,7 @@ impl Filesystem for QtfsFs {
                 me.made_in(parent, &name, &pattr, sent);
                 let ino = QtfsFs::entry_reply(&me, parent, &name, e, sent, 0, reply);
                 me.note_new_dir(ino);
+                me.note_excl(ino);
             }
         )
     }
@@ -441,6 +457,9 @@ impl Filesystem for QtfsFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
+        let Some(reply) = self.inner.async_unlink(parent, &name, reply) else {
+            return;
+        };
         self.inner.stale_all_attrs();
         on_node!(
             self,
@@ -489,6 +508,12 @@ impl Filesystem for QtfsFs {
         let name = link_name.as_bytes().to_vec();
         let target = target.as_os_str().as_bytes().to_vec();
         let caller = caller(req);
+        let Some(reply) = self
+            .inner
+            .async_make(parent, &name, 0o777, Some(&target), caller, reply)
+        else {
+            return;
+        };
         let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
@@ -502,6 +527,7 @@ impl Filesystem for QtfsFs {
                         name: name.clone(),
                         target: target.clone(),
                         caller,
+                        alias: None,
                     },
                 )
                 .await
@@ -790,6 +816,8 @@ impl Filesystem for QtfsFs {
             self,
             reply,
             |me| {
+                // A listing reports what asynchronous operations here failed.
+                me.settle(ino).await?;
                 let node = me.node_of(ino).await?;
                 Ok(me.call(op::OpenDir { node }).await?.fh)
             },
@@ -952,16 +980,19 @@ impl Filesystem for QtfsFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        on_handle!(
+        spawn_reply!(
             self,
             reply,
-            me,
-            fh.0 => |sfh| op::FsyncDir { fh: sfh, datasync },
+            |me| {
+                me.settle(ino.0).await?;
+                let sfh = me.fh_of(fh.0).await?;
+                me.call(op::FsyncDir { fh: sfh, datasync }).await
+            },
             |_r| reply.ok()
         )
     }
@@ -1131,6 +1162,12 @@ impl Filesystem for QtfsFs {
         let parent = parent.0;
         let name = name.as_bytes().to_vec();
         let caller = caller(req);
+        let Some(reply) = self
+            .inner
+            .async_create(parent, &name, mode, flags, caller, reply)
+        else {
+            return;
+        };
         let sent = self.inner.attr_seq();
         spawn_reply!(
             self,
@@ -1143,6 +1180,7 @@ impl Filesystem for QtfsFs {
                     mode,
                     flags,
                     caller,
+                    alias: None,
                 })
                 .await
                 .map_err(|e| me.make_failed(parent, e))

@@ -11,6 +11,10 @@ impl Inner {
         ino: u64,
     ) -> std::pin::Pin<Box<dyn Future<Output = R<NodeId>> + Send + 'a>> {
         Box::pin(async move {
+            if self.stale_epoch(ino) {
+                // Made asynchronously and not answered yet: its creation is replayed first.
+                self.wait_created(ino).await;
+            }
             let (parent, name) = {
                 let st = self.st();
                 let n = st.inodes.get(&ino).ok_or(libc::ESTALE)?;
@@ -34,6 +38,7 @@ impl Inner {
             if let Some(n) = st.inodes.get_mut(&ino) {
                 if n.epoch != epoch {
                     n.node = e.node;
+                    n.real = None;
                     n.epoch = epoch;
                     n.server_lookups = 1;
                 } else {
@@ -47,6 +52,16 @@ impl Inner {
 
     /// The current server handle of an open file, re-opening it after a restart.
     pub(super) async fn fh_of(self: &Arc<Self>, fh: u64) -> R<Fh> {
+        let ino = {
+            let st = self.st();
+            let h = st.handles.get(&fh).ok_or(libc::EBADF)?;
+            if h.epoch == st.epoch {
+                return Ok(h.fh);
+            }
+            h.ino
+        };
+        // A create's handle is made again by the replay of the create.
+        self.wait_created(ino).await;
         let (ino, flags, dir) = {
             let st = self.st();
             let h = st.handles.get(&fh).ok_or(libc::EBADF)?;
@@ -84,6 +99,7 @@ impl Inner {
                 n.server_lookups += 1;
                 n.fifo = is_fifo(e.attr.mode);
                 n.attr = Some((e.attr, Instant::now(), sent));
+                n.local = false;
                 if ino != ROOT {
                     Inner::set_name(&mut st, ino, parent, name);
                 }
@@ -106,6 +122,8 @@ impl Inner {
                 fifo: is_fifo(e.attr.mode),
                 attr: Some((e.attr, Instant::now(), sent)),
                 stale_at: 0,
+                real: None,
+                local: false,
             },
         );
         st.by_node.insert(e.node, ino);
@@ -136,6 +154,7 @@ impl Inner {
             if let Some(c) = self.fifos.armed().get(&ino) {
                 c.stop();
             }
+            st.excl.remove(&ino);
             let removed = st.inodes.remove(&ino);
             if let Some(i) = &removed {
                 Inner::unname(&mut st, ino, i.parent, &i.name);
@@ -144,6 +163,11 @@ impl Inner {
                 Some(i) if i.epoch == epoch => {
                     if st.by_node.get(&i.node) == Some(&ino) {
                         st.by_node.remove(&i.node);
+                    }
+                    if let Some(real) = i.real {
+                        if st.by_node.get(&real) == Some(&ino) {
+                            st.by_node.remove(&real);
+                        }
                     }
                     Some((i.node, i.server_lookups))
                 }
@@ -179,6 +203,12 @@ impl Inner {
             },
         );
         id
+    }
+
+    /// True when `ino`'s HOST node is from an earlier server instance (to be re-resolved).
+    pub(super) fn stale_epoch(&self, ino: u64) -> bool {
+        let st = self.st();
+        st.inodes.get(&ino).is_some_and(|n| n.epoch != st.epoch)
     }
 
     pub(super) fn is_fifo_ino(&self, ino: u64) -> bool {
@@ -226,7 +256,7 @@ impl Inner {
     /// a name this mount did not make, so it is no longer "known to hold only ours".
     pub(super) fn make_failed(&self, dir: u64, e: OpError) -> OpError {
         if e == OpError::Errno(libc::EEXIST) {
-            self.st().new_dirs.remove(&dir);
+            self.foreign_change(dir);
         }
         e
     }

@@ -34,6 +34,30 @@
 //! (`writeback_cache`) is opt-in: in that mode the kernel trusts its own file sizes and times
 //! over the HOST's, so a file the HOST appends to would keep its old size on the DPU.
 //!
+//! # Directory operations (asynchronous, `-o wsync` to turn off)
+//! In the manner of CephFS's `nowsync`: in a directory this mount made (it knows everything in
+//! it; `Inner::foreign_change` ends that when something else changes it, and so does any
+//! failure or an EEXIST there), create, mkdir, symlink, unlink and setattr are answered to the
+//! kernel at once and queued to the HOST in order behind everything sent before. The kernel
+//! gets the inode number and attributes the node will have (the caller's ownership, the exact
+//! mode, the parent's setgid group; the parent's times now) and the new node is named on the
+//! wire by an id this mount chose, which the HOST maps per session ("Client-chosen ids" in
+//! [`crate::proto`]): writes, setattrs, lookups of children, release and forget that follow
+//! are sent behind the create without waiting for it. When the HOST answers, its own id joins
+//! the inode, so later lookups and listings give the kernel the same inode number. Writes
+//! carry a file's known size and times forward instead of asking again, so `tar`'s utimes and
+//! chmod after the data stay asynchronous.
+//!
+//! A failure is remembered on the node made or changed and on its directory, and reported like
+//! a write-behind failure: by `close` (flush waits for the file's operations in flight) and
+//! `fsync` of the file, by the next opendir (a listing) or fsync of the directory, and logged
+//! at unmount, which delivers what is still in flight; the directory is synchronous after it.
+//! After a lost session or HOST restart, operations not answered are done again under the
+//! HOST's ids (a create without `O_EXCL`/`O_TRUNC`, a mkdir or symlink that finds its name
+//! made, an unlink that finds it gone, take it as done) before anything re-resolves their
+//! nodes by name. Rename, rmdir, link and mknod stay synchronous. `-o sync` turns this off
+//! with write-behind; `-o wsync` (or `nowsync=0`) turns off only this.
+//!
 //! # Attributes the HOST just sent (NFS's post-op attributes)
 //! The kernel drops its cached attributes after many of its own operations — a directory's
 //! after every create in it, a file's before a `chown` (to recheck setuid bits) — and asks
@@ -106,6 +130,7 @@ use transport::{CallError, Session};
 
 use crate::fifo;
 use crate::procview::{self, is_syn_fh, is_syn_ino, ProcView, SynNode};
+mod async_ops;
 mod attr_cache;
 mod coherence;
 mod fifos;
@@ -170,6 +195,11 @@ pub struct MountOptions {
     pub write_behind: bool,
     /// Kernel readahead in KiB for this mount (0: the kernel's default, 128).
     pub readahead_kb: u32,
+    /// Asynchronous directory operations (CephFS's `nowsync`, see the module docs): creates,
+    /// mkdirs, symlinks, unlinks and setattrs in directories this mount made are answered at
+    /// once and sent in order; errors surface at close/fsync/listing. Off with `-o sync` or
+    /// `-o wsync`.
+    pub async_dirops: bool,
     /// Cache lifetime of attributes, entries (also negative ones) and pages while the HOST
     /// pushes its changes (see `coherence`); zero turns the change feed off, and then
     /// `attr_timeout`/`entry_timeout` apply throughout.
@@ -194,6 +224,7 @@ impl Default for MountOptions {
             threads: 4,
             write_behind: true,
             readahead_kb: 4096,
+            async_dirops: true,
             coherent_ttl: Duration::from_secs(60),
         }
     }
@@ -282,6 +313,12 @@ struct Inode {
     /// The change sequence when an operation last changed this node without the HOST saying
     /// how (a write, a truncating open, an xattr change).
     stale_at: u64,
+    /// The HOST's own id of a node made asynchronously, once it answered (`node` is then the
+    /// alias this mount chose, see `async_ops`): its later lookups find this inode.
+    real: Option<NodeId>,
+    /// `attr` was worked out here (an asynchronous operation's effect), not sent by the HOST:
+    /// the kernel gets it with TTL 0 and only while an operation on the node is in flight.
+    local: bool,
 }
 
 /// A directory this mount created: empty on the HOST at `made`, and since then holding only
@@ -315,6 +352,11 @@ struct State {
     next_fh: u64,
     /// Directories made by this mount within `negative_timeout` (see [`NewDir`]).
     new_dirs: HashMap<u64, NewDir>,
+    /// Directories this mount made and knows everything in (no foreign change reported):
+    /// operations there may be asynchronous (`async_ops`).
+    excl: HashSet<u64>,
+    /// Last client-chosen id handed out (see [`proto::ALIAS_BIT`]).
+    next_alias: u64,
     /// Counts changes this mount made whose effect on attributes the HOST did not report.
     seq: u64,
     /// `seq` at the last unlink, rmdir or rename: they change link counts and ctimes of inodes
@@ -340,8 +382,12 @@ struct Inner {
     /// (inode, xattr name) known absent until the instant: `ls -l` probes ACL xattrs of every
     /// file, and the answer is almost always ENODATA. Same staleness bound as attributes.
     no_xattr: Mutex<HashMap<(u64, Vec<u8>), Instant>>,
-    /// Inodes with acknowledged writes the HOST has not answered yet.
+    /// Inodes with acknowledged writes or asynchronous directory operations the HOST has not
+    /// answered yet (and their first failure not reported yet).
     unstable: Mutex<HashMap<u64, Arc<Unstable>>>,
+    /// Inodes whose asynchronous creation is not answered yet: re-resolving one by name after
+    /// a HOST restart waits until its creation was replayed.
+    creating: Mutex<HashMap<u64, Arc<Unstable>>>,
     /// Bytes of acknowledged writes in flight, in KiB permits: bounds the memory write-behind
     /// holds and makes writers wait when the HOST falls behind.
     wb_budget: Arc<tokio::sync::Semaphore>,
@@ -410,6 +456,8 @@ impl QtfsFs {
                 fifo: false,
                 attr: None,
                 stale_at: 0,
+                real: None,
+                local: false,
             },
         );
         let mut by_node = HashMap::new();
@@ -427,6 +475,8 @@ impl QtfsFs {
                     handles: HashMap::new(),
                     next_fh: 1,
                     new_dirs: HashMap::new(),
+                    excl: HashSet::new(),
+                    next_alias: 0,
                     seq: 0,
                     removal_at: 0,
                     resending: 0,
@@ -439,6 +489,7 @@ impl QtfsFs {
                 gid: nix::unistd::getgid().as_raw(),
                 no_xattr: Mutex::new(HashMap::new()),
                 unstable: Mutex::new(HashMap::new()),
+                creating: Mutex::new(HashMap::new()),
                 wb_budget: Arc::new(tokio::sync::Semaphore::new(WB_BUDGET_KIB)),
                 fifos: Fifos::default(),
                 proc_view: opts.proc_fs.then(|| ProcView::new(opts.local_proc.clone())),

@@ -81,6 +81,7 @@ impl Rig {
                 name: name.as_bytes().to_vec(),
                 mode: 0o755,
                 caller: Caller::default(),
+                alias: None,
             };
             let (e, pattr) = me.make(parent, mkdir).await.expect("mkdir");
             me.made_in(parent, name.as_bytes(), &pattr, sent);
@@ -103,6 +104,7 @@ impl Rig {
                     mode: 0o644,
                     flags: libc::O_RDWR,
                     caller: Caller::default(),
+                    alias: None,
                 })
                 .await
                 .expect("create");
@@ -345,6 +347,7 @@ fn negative_lookups_only_in_directories_this_mount_made() {
             name: b"f".to_vec(),
             mode: 0o755,
             caller: Caller::default(),
+            alias: None,
         };
         me.make(d, mkdir).await
     });

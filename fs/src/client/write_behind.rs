@@ -25,7 +25,7 @@ impl Unstable {
         lock(&self.state)
     }
 
-    fn finish(&self, res: R<()>) {
+    pub(super) fn finish(&self, res: R<()>) {
         let mut st = self.lock();
         st.0 -= 1;
         if let Err(e) = res {
@@ -33,6 +33,19 @@ impl Unstable {
         }
         if st.0 == 0 {
             self.idle.notify_waiters();
+        }
+    }
+
+    /// Waits until nothing is in flight, leaving a pending failure for [`Unstable::settle`].
+    pub(super) async fn settle_keep(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.lock().0 == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -74,11 +87,11 @@ impl Inner {
     }
 
     /// Counts one more acknowledged write of `ino` in flight.
-    pub(super) fn begin_write(&self, ino: u64) -> Arc<Unstable> {
+    pub(super) fn begin_write(&self, ino: u64, end: u64) -> Arc<Unstable> {
         // Called once the write is queued and before it is acknowledged: a reply to any request
         // queued before it (its attributes may already be recorded, or on their way) predates
         // the write; requests queued after it see it.
-        self.stale_attr(ino);
+        self.write_changed(ino, end);
         self.count_write(ino)
     }
 
@@ -150,7 +163,7 @@ impl Inner {
                 return res;
             }
         };
-        let unstable = self.begin_write(w.ino);
+        let unstable = self.begin_write(w.ino, w.offset + u64::from(n));
         let me = self.clone();
         self.rt
             .spawn(async move { me.collect_write(w, call, unstable, permit).await });
@@ -211,7 +224,7 @@ impl Inner {
                 rt.spawn(async move { me.collect_write(w, async { res }, unstable, permit).await });
             });
             // Queued: replies to requests queued before it predate it.
-            self.stale_attr(ino);
+            self.write_changed(ino, offset + u64::from(n));
             return WriteStart::Done(Ok(n));
         }
         WriteStart::Later(Box::pin(async move { me.write_behind(w, body).await }))
@@ -271,6 +284,8 @@ impl Inner {
             Err(e) => Err(e),
         };
         if let Err(e) = res {
+            // Attributes carried forward by the write are wrong now.
+            self.stale_attr(ino);
             warn!(
                 ino,
                 offset,

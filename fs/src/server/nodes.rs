@@ -10,7 +10,7 @@ use tracing::debug;
 
 use super::passthrough::R;
 use super::{current_session, FsService};
-use crate::proto::{Entry, Fh, NodeId};
+use crate::proto::{Entry, Errno, Fh, NodeId, ALIAS_BIT};
 use crate::sys;
 
 /// A node's identity: (export, HOST device, HOST inode).
@@ -57,11 +57,40 @@ pub(super) struct State {
     /// Lookup references per session id, released when that session ends (a mount process
     /// that exits or is unmounted never sends all its forgets).
     pub(super) held: HashMap<u64, HashMap<NodeId, u64>>,
+    /// Client-chosen ids per session (see "Client-chosen ids" in [`crate::proto`]): the node
+    /// or handle an asynchronous create made, or the errno it failed with.
+    pub(super) aliases: HashMap<u64, HashMap<u64, Result<u64, Errno>>>,
+}
+
+impl State {
+    /// The HOST id `id` stands for in session `sid`: itself, or what its alias maps to
+    /// (ESTALE for an alias the session does not know: the client re-resolves).
+    fn real(&self, sid: u64, id: u64) -> R<u64> {
+        if id & ALIAS_BIT == 0 {
+            return Ok(id);
+        }
+        match self.aliases.get(&sid).and_then(|m| m.get(&id)) {
+            Some(r) => *r,
+            None => Err(libc::ESTALE),
+        }
+    }
+
+    /// Ends alias `id` of session `sid` (a forget or release of it); the id it stood for.
+    fn unalias(&mut self, sid: u64, id: u64) -> R<u64> {
+        if id & ALIAS_BIT == 0 {
+            return Ok(id);
+        }
+        match self.aliases.get_mut(&sid).and_then(|m| m.remove(&id)) {
+            Some(r) => r,
+            None => Err(libc::ESTALE),
+        }
+    }
 }
 
 impl FsService {
     pub(super) fn node(&self, id: NodeId) -> R<(Arc<OwnedFd>, usize, u32)> {
         let st = self.state();
+        let id = st.real(current_session(), id)?;
         let n = st.nodes.get(&id).ok_or(libc::ESTALE)?;
         Ok((n.fd.clone(), n.export, n.mode))
     }
@@ -74,7 +103,31 @@ impl FsService {
     }
 
     pub(super) fn file(&self, fh: Fh) -> R<Arc<OpenFile>> {
-        self.state().files.get(&fh).cloned().ok_or(libc::EBADF)
+        let st = self.state();
+        let fh = st.real(current_session(), fh)?;
+        st.files.get(&fh).cloned().ok_or(libc::EBADF)
+    }
+
+    /// Takes the open file `fh` out of the table (release), ending its alias.
+    pub(super) fn take_file(&self, fh: Fh) -> Option<Arc<OpenFile>> {
+        let mut st = self.state();
+        let fh = st.unalias(current_session(), fh).ok()?;
+        st.files.remove(&fh)
+    }
+
+    /// Records what the client-chosen id `alias` stands for in this session: the node or
+    /// handle an operation made, or the errno it failed with. Ids without [`ALIAS_BIT`] are
+    /// the HOST's own and are never taken as aliases.
+    pub(super) fn set_alias(&self, alias: Option<u64>, to: R<u64>) {
+        let Some(alias) = alias.filter(|a| a & ALIAS_BIT != 0) else {
+            return;
+        };
+        let sid = current_session();
+        self.state()
+            .aliases
+            .entry(sid)
+            .or_default()
+            .insert(alias, to);
     }
 
     /// Registers a looked-up descriptor (deduplicated per export and HOST inode) with one
@@ -117,6 +170,9 @@ impl FsService {
     pub(super) fn forget_refs(&self, id: NodeId, n: u64) {
         let sid = current_session();
         let mut s = self.state();
+        let Ok(id) = s.unalias(sid, id) else {
+            return;
+        };
         // Only what this session holds: a client forgetting nodes of its previous session
         // (already released when that ended) must not take other mounts' references.
         let mut n_held = 0;
@@ -139,6 +195,7 @@ impl FsService {
     /// Releases every reference a finished session still held.
     pub(super) fn session_ended(&self, sid: u64) {
         let mut s = self.state();
+        s.aliases.remove(&sid);
         let Some(h) = s.held.remove(&sid) else {
             return;
         };
@@ -249,7 +306,11 @@ impl FsService {
     }
 
     pub(super) fn update_mode(&self, node: NodeId, mode: u32) {
-        if let Some(n) = self.state().nodes.get_mut(&node) {
+        let mut st = self.state();
+        let Ok(node) = st.real(current_session(), node) else {
+            return;
+        };
+        if let Some(n) = st.nodes.get_mut(&node) {
             n.mode = mode;
         }
     }

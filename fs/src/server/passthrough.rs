@@ -217,6 +217,54 @@ impl FsService {
         }
         Ok(out)
     }
+
+    /// Creates and opens a regular file (the work of [`HostFs::create`]).
+    async fn create_file(&self, a: op::Create) -> R<Created> {
+        let op::Create {
+            parent,
+            name,
+            mode,
+            flags,
+            caller,
+            ..
+        } = a;
+        let (pfd, export, pmode) = self.node(parent)?;
+        self.writable(export)?;
+        let cname = sys::component(&name)?;
+        let (fd, ofd, st, pattr) = blocking(move || {
+            let oflags = (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW;
+            let how_flags = oflags;
+            // openat2 refuses a mode with O_CREAT through our helper (mode 0), so
+            // create with openat relative to the parent O_PATH fd (single component,
+            // O_NOFOLLOW: cannot leave the directory).
+            // SAFETY: valid C string, checked result.
+            let rc = unsafe {
+                libc::openat(
+                    pfd.as_raw_fd(),
+                    cname.as_ptr(),
+                    how_flags | libc::O_CLOEXEC,
+                    (mode & 0o7777) as libc::c_uint,
+                )
+            };
+            if rc < 0 {
+                return Err(sys::last());
+            }
+            // SAFETY: fresh descriptor.
+            let ofd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(rc) };
+            let fd = sys::lookup(pfd.as_raw_fd(), &cname)?;
+            Self::fixup_new(fd.as_raw_fd(), caller, Some(mode), pmode)?;
+            let st = sys::fstat(fd.as_raw_fd())?;
+            Ok((fd, ofd, st, post_op_attr(pfd.as_raw_fd())?))
+        })
+        .await?;
+        let entry = self.register(fd, export, &st);
+        let fh = self.add_file(ofd, export, true, false);
+        Ok(Created {
+            entry,
+            opened: Opened { fh, direct: false },
+            parent: pattr,
+        })
+    }
 }
 
 impl HostFs for FsService {
@@ -327,12 +375,19 @@ impl HostFs for FsService {
             name,
             target,
             caller,
+            alias,
         } = a;
-        let target = CString::new(target).map_err(|_| libc::EINVAL)?;
-        self.create_node(parent, name, caller, None, move |d, n| {
-            sys::symlinkat(&target, d, n)
-        })
-        .await
+        let made = match CString::new(target) {
+            Ok(target) => {
+                self.create_node(parent, name, caller, None, move |d, n| {
+                    sys::symlinkat(&target, d, n)
+                })
+                .await
+            }
+            Err(_) => Err(libc::EINVAL),
+        };
+        self.set_alias(alias, made.map(|m| m.entry.node));
+        made
     }
 
     async fn mknod(&self, a: op::Mknod) -> FsResult<Made> {
@@ -365,11 +420,15 @@ impl HostFs for FsService {
             name,
             mode,
             caller,
+            alias,
         } = a;
-        self.create_node(parent, name, caller, Some(mode), move |d, n| {
-            sys::mkdirat(d, n, mode)
-        })
-        .await
+        let made = self
+            .create_node(parent, name, caller, Some(mode), move |d, n| {
+                sys::mkdirat(d, n, mode)
+            })
+            .await;
+        self.set_alias(alias, made.map(|m| m.entry.node));
+        made
     }
 
     async fn unlink(&self, a: op::Unlink) -> FsResult<()> {
@@ -447,49 +506,11 @@ impl HostFs for FsService {
     }
 
     async fn create(&self, a: op::Create) -> FsResult<Created> {
-        let op::Create {
-            parent,
-            name,
-            mode,
-            flags,
-            caller,
-        } = a;
-        let (pfd, export, pmode) = self.node(parent)?;
-        self.writable(export)?;
-        let cname = sys::component(&name)?;
-        let (fd, ofd, st, pattr) = blocking(move || {
-            let oflags = (flags & !libc::O_NOCTTY) | libc::O_CREAT | libc::O_NOFOLLOW;
-            let how_flags = oflags;
-            // openat2 refuses a mode with O_CREAT through our helper (mode 0), so
-            // create with openat relative to the parent O_PATH fd (single component,
-            // O_NOFOLLOW: cannot leave the directory).
-            // SAFETY: valid C string, checked result.
-            let rc = unsafe {
-                libc::openat(
-                    pfd.as_raw_fd(),
-                    cname.as_ptr(),
-                    how_flags | libc::O_CLOEXEC,
-                    (mode & 0o7777) as libc::c_uint,
-                )
-            };
-            if rc < 0 {
-                return Err(sys::last());
-            }
-            // SAFETY: fresh descriptor.
-            let ofd: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(rc) };
-            let fd = sys::lookup(pfd.as_raw_fd(), &cname)?;
-            Self::fixup_new(fd.as_raw_fd(), caller, Some(mode), pmode)?;
-            let st = sys::fstat(fd.as_raw_fd())?;
-            Ok((fd, ofd, st, post_op_attr(pfd.as_raw_fd())?))
-        })
-        .await?;
-        let entry = self.register(fd, export, &st);
-        let fh = self.add_file(ofd, export, true, false);
-        Ok(Created {
-            entry,
-            opened: Opened { fh, direct: false },
-            parent: pattr,
-        })
+        let alias = a.alias;
+        let made = self.create_file(a).await;
+        self.set_alias(alias.map(|a| a.0), made.map(|c| c.entry.node));
+        self.set_alias(alias.map(|a| a.1), made.map(|c| c.opened.fh));
+        made
     }
 
     /// Regular files are read straight into the reply's buffer (inline: page-cache I/O);
@@ -530,7 +551,7 @@ impl HostFs for FsService {
 
     async fn release(&self, a: op::Release) -> FsResult<()> {
         let op::Release { fh, .. } = a;
-        let f = self.state().files.remove(&fh);
+        let f = self.take_file(fh);
         if let Some(f) = f {
             // close(2) of a FIFO or device may block; never on the async workers.
             if f.blocking {

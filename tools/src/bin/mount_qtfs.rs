@@ -45,7 +45,11 @@ Options (-o, comma separated):
   threads=N           FUSE event-loop threads (default 4)
   writeback_cache     kernel write-back caching (off by default)
   sync                acknowledge a write only once the HOST wrote it (default: async, writes
-                      are acknowledged once queued in order; errors surface at close/fsync)
+                      are acknowledged once queued in order; errors surface at close/fsync),
+                      and make directory operations synchronous too (see wsync)
+  wsync, nowsync=0    answer create/mkdir/symlink/unlink/setattr only once the HOST did them
+                      (default: nowsync, in directories this mount made they are answered at
+                      once and sent in order; errors surface at close/fsync/listing)
   readahead=KB        kernel readahead for the mount (default 4096; 0 = kernel default 128)
   log=FILE            write the background process's log there
 Examples:
@@ -153,8 +157,22 @@ fn parse_opts(src: &str, list: &[String]) -> anyhow::Result<Opts> {
             "soft" => m.hard = false,
             "allow_other" => m.allow_other = true,
             "writeback_cache" => m.writeback_cache = true,
-            "sync" => m.write_behind = false,
-            "async" => m.write_behind = true,
+            "sync" => {
+                m.write_behind = false;
+                m.async_dirops = false;
+            }
+            "async" => {
+                m.write_behind = true;
+                m.async_dirops = true;
+            }
+            "wsync" => m.async_dirops = false,
+            "nowsync" => {
+                m.async_dirops = match v {
+                    "" | "1" | "true" | "on" | "yes" => true,
+                    "0" | "false" | "off" | "no" => false,
+                    _ => bail!("nowsync={v}: expected 1 or 0"),
+                }
+            }
             "readahead" => {
                 m.readahead_kb = v
                     .parse()
