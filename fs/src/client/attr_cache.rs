@@ -116,7 +116,7 @@ impl Inner {
     }
 
     pub(super) fn remember_no_xattr(&self, ino: u64, name: Vec<u8>) {
-        let ttl = self.ttl();
+        let ttl = self.xattr_ttl(ino);
         if ttl.is_zero() {
             return;
         }

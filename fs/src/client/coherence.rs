@@ -110,6 +110,21 @@ impl Inner {
         self.negative_ttl().max(pushed)
     }
 
+    /// Whether the kernel may keep `dir`'s listing (the HOST reports names changing there).
+    pub(super) fn cache_listing(&self, dir: u64) -> bool {
+        let sent = self.attr_seq();
+        self.coherent_in(dir, sent)
+    }
+
+    /// How long "no such xattr" answers for `ino` may be reused.
+    pub(super) fn xattr_ttl(&self, ino: u64) -> Duration {
+        if self.coherent_in(self.watching_dir(ino), u64::MAX) {
+            self.opts.coherent_ttl
+        } else {
+            self.ttl()
+        }
+    }
+
     /// Whether an open file of `ino` may keep its cached pages (the HOST reports writes).
     pub(super) fn keep_cache(&self, ino: u64) -> bool {
         let sent = self.attr_seq();
@@ -158,6 +173,7 @@ impl Inner {
     fn apply(&self, changes: Vec<Change>) {
         let mut out = Vec::new();
         let mut foreign = Vec::new();
+        let mut xattrs = Vec::new();
         {
             let mut st = self.st();
             st.seq += 1;
@@ -177,11 +193,15 @@ impl Inner {
                                 d.stale_at = seq;
                             }
                             out.push(Inval::Entry(dir, name));
-                            out.push(Inval::Inode(dir, false));
+                            // Its cached listing too.
+                            out.push(Inval::Inode(dir, true));
                         }
                         if let Some(child) = child {
                             if let Some(i) = st.inodes.get_mut(&child) {
                                 i.stale_at = seq;
+                            }
+                            if c.what & what::ATTR != 0 {
+                                xattrs.push(child);
                             }
                             out.push(Inval::Inode(child, c.what & what::DATA != 0));
                         }
@@ -200,6 +220,11 @@ impl Inner {
                 }
             }
         }
+        if !xattrs.is_empty() {
+            // An xattr change is an attribute change: forget the "has none" answers.
+            let mut cache = lock(&self.no_xattr);
+            cache.retain(|(i, _), _| !xattrs.contains(i));
+        }
         foreign.sort_unstable();
         foreign.dedup();
         for d in foreign {
@@ -216,6 +241,7 @@ impl Inner {
             st.feed_at = st.seq;
             st.removal_at = st.seq;
             st.new_dirs.clear();
+            lock(&self.no_xattr).clear();
             // Changes while the feed was down are unknown: no directory is known whole.
             st.excl.clear();
             let mut out: Vec<Inval> = st

@@ -823,7 +823,14 @@ impl Filesystem for QtfsFs {
             },
             |sfh| {
                 let fh = me.new_handle(ino, flags, true, sfh);
-                reply.opened(FileHandle(fh), FopenFlags::empty())
+                // While the HOST reports changes here, the kernel keeps the listing (a
+                // HOST-side change in the directory drops it).
+                let flags = if me.cache_listing(ino) {
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), flags)
             }
         )
     }
