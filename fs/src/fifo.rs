@@ -172,26 +172,17 @@ pub enum TunnelError {
 
 /// Encodes the stream header of a tunnel.
 pub fn encode_header(h: &TunnelHeader) -> Bytes {
-    let mut v = vec![STREAM_FIFO];
-    v.extend(postcard::to_allocvec(h).unwrap_or_default());
-    Bytes::from(v)
+    crate::streams::header(STREAM_FIFO, h)
 }
 
 /// Decodes a tunnel stream header.
 pub fn decode_header(b: &[u8]) -> Option<TunnelHeader> {
-    match b.split_first() {
-        Some((&STREAM_FIFO, rest)) => postcard::from_bytes(rest).ok(),
-        _ => None,
-    }
+    crate::streams::parse_header(STREAM_FIFO, b)
 }
 
 /// One message as sent on the stream: `len: u32 LE` then the postcard body.
 pub fn frame(m: &Msg) -> Bytes {
-    let body = postcard::to_allocvec(m).unwrap_or_default();
-    let mut v = Vec::with_capacity(4 + body.len());
-    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    v.extend_from_slice(&body);
-    Bytes::from(v)
+    crate::streams::frame(m)
 }
 
 /// Reads the next message (`None`: the peer finished its direction).

@@ -17,6 +17,7 @@ pub mod notify;
 mod procview;
 pub mod proto;
 pub mod server;
+mod streams;
 mod sys;
 
 pub use client::{ClientError, MountOptions, QtfsFs};

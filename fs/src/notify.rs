@@ -95,26 +95,17 @@ pub enum FeedError {
 
 /// Encodes the stream header of a feed.
 pub fn encode_header(h: &FeedHeader) -> Bytes {
-    let mut v = vec![STREAM_NOTIFY];
-    v.extend(postcard::to_allocvec(h).unwrap_or_default());
-    Bytes::from(v)
+    crate::streams::header(STREAM_NOTIFY, h)
 }
 
 /// Decodes a feed stream header (`None`: not a feed header).
 pub fn decode_header(b: &[u8]) -> Option<FeedHeader> {
-    match b.split_first() {
-        Some((&STREAM_NOTIFY, rest)) => postcard::from_bytes(rest).ok(),
-        _ => None,
-    }
+    crate::streams::parse_header(STREAM_NOTIFY, b)
 }
 
 /// One message as sent on the stream: `len: u32 LE` then the postcard body.
 pub fn frame(m: &Msg) -> Bytes {
-    let body = postcard::to_allocvec(m).unwrap_or_default();
-    let mut v = Vec::with_capacity(4 + body.len());
-    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    v.extend_from_slice(&body);
-    Bytes::from(v)
+    crate::streams::frame(m)
 }
 
 /// Reads the next message (`None`: the HOST ended the feed).
