@@ -13,7 +13,7 @@
 #   VM_LINKS=vsock,rdma   link kinds for the link-agnostic suites
 #   VM_SUITE_TIMEOUT=150  per suite run (seconds)   VM_HOSTVSOCK=0 skip the host<->guest test
 #   VM_DPU=0 skip the VM-as-DPU containerd test   VMDPU_TIMEOUT=300 its limit (seconds)
-#   VM_BUDGET=540  seconds for all guest suite runs; runs that do not fit are reported failed
+#   VM_BUDGET=780  seconds for all guest suite runs; runs that do not fit are reported failed
 #   VM_LAST="exec_table fs_posix fs_restart fs_workloads"  suites run last (minutes each under emulation)
 #   VM_SKIP="64mib large_payloads hundred_concurrent"  test-name substrings skipped in the guest (sized for native speed)
 set -uo pipefail
@@ -60,7 +60,7 @@ echo "vm: skipped inside the guest (native-size payloads, they run on the machin
 echo "vm: suites: $(awk '{print $1}' "$RUN/plan" | tr '\n' ' ')"
 cat > "$RUN/guest.sh" <<G
 #!/bin/sh
-export OFFLOAD_BIN_DIR=$BIN_DIR VM_SUITE_TIMEOUT=${VM_SUITE_TIMEOUT:-150} VM_BUDGET=${VM_BUDGET:-540} RUST_BACKTRACE=1
+export OFFLOAD_BIN_DIR=$BIN_DIR VM_SUITE_TIMEOUT=${VM_SUITE_TIMEOUT:-150} VM_BUDGET=${VM_BUDGET:-780} RUST_BACKTRACE=1
 export VM_SKIP="${VM_SKIP-64mib large_payloads hundred_concurrent}"
 exec $here/guest/suites.sh
 G
