@@ -55,6 +55,16 @@ impl ExportSpec {
     }
 }
 
+/// A temporary directory holding an empty `export/`, served read-write by a fresh HOST daemon
+/// on link `kind`: the start of most fs tests.
+pub fn host_with_export(kind: &str) -> (tempfile::TempDir, PathBuf, Host) {
+    let tmp = tmpdir();
+    let exp = tmp.path().join("export");
+    std::fs::create_dir(&exp).expect("create export dir");
+    let host = Host::start(kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+    (tmp, exp, host)
+}
+
 /// A running HOST daemon (`offloadd --listen`) with an `[fs]` section.
 pub struct Host {
     /// URL the daemon listens on.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::fs::{fs_test_links, fuse_ready, tmpdir, ExportSpec, Host, Mount};
+use tests::fs::{fs_test_links, fuse_ready, host_with_export, tmpdir, ExportSpec, Host, Mount};
 
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -187,10 +187,7 @@ fn fs_async_unlink_error_surfaces_at_listing() {
             "coherent_ttl=0,entry_timeout=60,attr_timeout=60",
             "coherent_ttl=0,entry_timeout=60,attr_timeout=60,wsync",
         ] {
-            let tmp = tmpdir();
-            let exp = tmp.path().join("export");
-            fs::create_dir(&exp).unwrap();
-            let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+            let (tmp, exp, host) = host_with_export(&kind);
             let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), opts);
             let sync = opts.ends_with("wsync");
             for (dir, by_fsync) in [("d", false), ("d2", true)] {
@@ -252,10 +249,7 @@ fn fs_async_inode_numbers_stable() {
         return;
     }
     for kind in fs_test_links(test) {
-        let tmp = tmpdir();
-        let exp = tmp.path().join("export");
-        fs::create_dir(&exp).unwrap();
-        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        let (tmp, exp, host) = host_with_export(&kind);
         let m = Mount::new(
             &host,
             &exp,
@@ -319,10 +313,7 @@ fn fs_async_operations_keep_order() {
         return;
     }
     for kind in fs_test_links(test) {
-        let tmp = tmpdir();
-        let exp = tmp.path().join("export");
-        fs::create_dir(&exp).unwrap();
-        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        let (tmp, exp, host) = host_with_export(&kind);
         let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "");
         fs::create_dir(m.path("d")).unwrap();
         for i in 0..200 {
@@ -406,10 +397,7 @@ fn fs_async_host_restart_delivers_acknowledged() {
         return;
     }
     for kind in fs_test_links(test) {
-        let tmp = tmpdir();
-        let exp = tmp.path().join("export");
-        fs::create_dir(&exp).unwrap();
-        let mut host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        let (tmp, exp, mut host) = host_with_export(&kind);
         let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "timeout=60");
         fs::create_dir(m.path("work")).unwrap();
         let script = format!(
@@ -471,10 +459,7 @@ fn fs_async_foreign_name_and_attributes() {
         return;
     }
     for kind in fs_test_links(test) {
-        let tmp = tmpdir();
-        let exp = tmp.path().join("export");
-        fs::create_dir(&exp).unwrap();
-        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        let (tmp, exp, host) = host_with_export(&kind);
         let m = Mount::new(
             &host,
             &exp,
