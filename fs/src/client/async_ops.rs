@@ -213,7 +213,9 @@ impl Inner {
                     error = ?e,
                     "asynchronous operation failed on the HOST; reported at close/fsync/listing"
                 );
-                me.foreign_change(dir);
+                // The directory is no longer known whole, and the kernel forgets the names and
+                // attributes it was given for it (a failed create's size-0 entry).
+                me.refresh_dir(dir);
             }
             for t in trackers {
                 t.finish(res);

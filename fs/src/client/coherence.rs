@@ -282,9 +282,9 @@ impl Inner {
         self.inval(out);
     }
 
-    /// [`REFRESH_XATTR`] on `dir`: what this mount assumed about the directory's contents ends
-    /// now (it is no longer "made here, holding only our names"), and the kernel's entries
-    /// below it are dropped.
+    /// [`REFRESH_XATTR`] on `dir`, or an asynchronous operation there failed: what this mount
+    /// assumed about the directory's contents ends now (it is no longer "made here, holding
+    /// only our names"), and the kernel's entries below it are dropped.
     pub(super) fn refresh_dir(&self, dir: u64) {
         self.foreign_change(dir);
         let out = {
