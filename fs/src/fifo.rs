@@ -74,7 +74,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tracing::{debug, trace};
 use transport::{Stream, StreamReader, StreamWriter};
@@ -187,26 +186,18 @@ pub fn frame(m: &Msg) -> Bytes {
 
 /// Reads the next message (`None`: the peer finished its direction).
 pub async fn read_msg(r: &mut StreamReader) -> Result<Option<Msg>, TunnelError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    match crate::streams::read_body(r, MAX_MSG).await {
+        Ok(Some(body)) => decode_msg(&body).map(Some),
+        Ok(None) => Ok(None),
+        Err(crate::streams::BodyError::Io(e)) => Err(e.into()),
+        Err(crate::streams::BodyError::TooLong) => Err(TunnelError::Malformed),
     }
-    let n = msg_len(len)?;
-    let mut buf = vec![0u8; n];
-    r.read_exact(&mut buf).await?;
-    decode_msg(&buf).map(Some)
 }
 
 /// The body length a message's prefix announces, refused above the largest message (it sizes
 /// an allocation, and the peer chose it).
 pub fn msg_len(prefix: [u8; 4]) -> Result<usize, TunnelError> {
-    let n = u32::from_le_bytes(prefix) as usize;
-    if n > MAX_MSG {
-        return Err(TunnelError::Malformed);
-    }
-    Ok(n)
+    crate::streams::body_len(prefix, MAX_MSG).ok_or(TunnelError::Malformed)
 }
 
 /// Decodes a message body (after its length prefix).

@@ -112,20 +112,12 @@ pub fn frame(m: &Msg) -> Bytes {
 pub async fn read_msg<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<Msg>, FeedError> {
-    use tokio::io::AsyncReadExt;
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
+    match crate::streams::read_body(r, MAX_MSG).await {
+        Ok(Some(body)) => decode_msg(&body).map(Some),
+        Ok(None) => Ok(None),
+        Err(crate::streams::BodyError::Io(e)) => Err(e.into()),
+        Err(crate::streams::BodyError::TooLong) => Err(FeedError::Malformed),
     }
-    let n = u32::from_le_bytes(len) as usize;
-    if n > MAX_MSG {
-        return Err(FeedError::Malformed);
-    }
-    let mut buf = vec![0u8; n];
-    r.read_exact(&mut buf).await?;
-    decode_msg(&buf).map(Some)
 }
 
 /// Decodes a message body (after its length prefix).

@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// A stream header: `kind`, then `h` in postcard.
 pub(crate) fn header<T: Serialize>(kind: u8, h: &T) -> Bytes {
@@ -27,4 +28,37 @@ pub(crate) fn frame<T: Serialize>(m: &T) -> Bytes {
     v.extend_from_slice(&(body.len() as u32).to_le_bytes());
     v.extend_from_slice(&body);
     Bytes::from(v)
+}
+
+/// Why a message body could not be read.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// The stream failed (or ended inside a message).
+    Io(std::io::Error),
+    /// The prefix announced more than the protocol's largest message.
+    TooLong,
+}
+
+/// The body length a prefix announces, if at most `max` (it sizes an allocation, and the
+/// peer chose it).
+pub(crate) fn body_len(prefix: [u8; 4], max: usize) -> Option<usize> {
+    let n = u32::from_le_bytes(prefix) as usize;
+    (n <= max).then_some(n)
+}
+
+/// Reads one message body (`None`: the peer ended the stream between messages).
+pub(crate) async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Vec<u8>>, BodyError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(BodyError::Io(e)),
+    }
+    let n = body_len(len, max).ok_or(BodyError::TooLong)?;
+    let mut buf = vec![0u8; n];
+    r.read_exact(&mut buf).await.map_err(BodyError::Io)?;
+    Ok(Some(buf))
 }

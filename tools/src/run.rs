@@ -474,10 +474,8 @@ impl Supervisor {
                             .entry(target.clone())
                             .or_default()
                             .push(dpu.clone());
-                        refresh_qtfs_dir(&self.proc_root, req.pid, &dpu);
-                        for d in &refresh {
-                            refresh_qtfs_dir(&self.proc_root, req.pid, d);
-                        }
+                        let dirs = std::iter::once(&dpu).chain(&refresh);
+                        refresh_qtfs_dirs(&self.proc_root, req.pid, dirs);
                     }
                     (Ok(()), Request::Umount { target, .. }) => {
                         {
@@ -489,7 +487,7 @@ impl Supervisor {
                                 }
                             }
                         }
-                        refresh_qtfs_dir(&self.proc_root, req.pid, &dpu);
+                        refresh_qtfs_dirs(&self.proc_root, req.pid, [&dpu]);
                     }
                     _ => {}
                 }
@@ -738,27 +736,31 @@ impl Supervisor {
     }
 }
 
-/// Tells the qtfs mount holding `path` (as process `pid` sees it) that a mount now covers
-/// the directory, before the caller gets its answer: a directory the caller just made would
-/// otherwise still be taken as holding only what the caller made there
-/// ([`offload_fs::client::REFRESH_XATTR`]). Not a qtfs path: nothing to do.
-fn refresh_qtfs_dir(proc_root: &Path, pid: u32, path: &str) {
+/// Tells the qtfs mounts holding `paths` (as process `pid` sees them) that a mount now covers
+/// or changed those directories, before the caller gets its answer: a directory the caller
+/// just made would otherwise still be taken as holding only what the caller made there
+/// ([`offload_fs::client::REFRESH_XATTR`]). A path not on qtfs: nothing to do.
+fn refresh_qtfs_dirs<'a>(proc_root: &Path, pid: u32, paths: impl IntoIterator<Item = &'a String>) {
     let Ok(c) = Caller::open(proc_root, pid) else {
         return;
     };
-    let Ok(fd) = c.resolve(path.as_bytes(), true) else {
+    let Ok(name) = CString::new(offload_fs::client::REFRESH_XATTR) else {
         return;
     };
-    let link = proc_root.join(format!("self/fd/{}", fd.as_raw_fd()));
-    let Ok(link) = CString::new(link.as_os_str().as_bytes()) else {
-        return;
-    };
-    let name = c"trusted.qtfs.refresh";
-    // SAFETY: NUL-terminated path and name, a one-byte value; plain syscall whose failure
-    // (ENOTSUP on other filesystems) only means there is nothing to refresh.
-    let r = unsafe { libc::setxattr(link.as_ptr(), name.as_ptr(), c"1".as_ptr().cast(), 1, 0) };
-    if r != 0 {
-        debug!(path, error = %std::io::Error::last_os_error(), "no qtfs refresh");
+    for path in paths {
+        let Ok(fd) = c.resolve(path.as_bytes(), true) else {
+            continue;
+        };
+        let link = proc_root.join(format!("self/fd/{}", fd.as_raw_fd()));
+        let Ok(link) = CString::new(link.as_os_str().as_bytes()) else {
+            continue;
+        };
+        // SAFETY: NUL-terminated path and name, a one-byte value; plain syscall whose failure
+        // (ENOTSUP on other filesystems) only means there is nothing to refresh.
+        let r = unsafe { libc::setxattr(link.as_ptr(), name.as_ptr(), c"1".as_ptr().cast(), 1, 0) };
+        if r != 0 {
+            debug!(path, error = %std::io::Error::last_os_error(), "no qtfs refresh");
+        }
     }
 }
 

@@ -32,6 +32,19 @@ pub(super) enum Inval {
     Inode(u64, bool),
 }
 
+/// A decision about the present rather than about a reply (no change can be newer).
+const NOW: u64 = u64::MAX;
+
+/// Which directory's watch covers what is cached.
+#[derive(Clone, Copy)]
+enum Watched {
+    /// Entries in this directory.
+    Dir(u64),
+    /// Attributes and pages of this inode: its parent's watch reports them (the root's own
+    /// watch for the root).
+    ParentOf(u64),
+}
+
 /// The feed's state shared with the FUSE side.
 #[derive(Default)]
 pub(super) struct Feed {
@@ -44,28 +57,36 @@ pub(super) struct Feed {
 }
 
 impl Inner {
-    /// Whether the long lifetime may be used for what a reply says about entries in `dir`,
-    /// for a request sent at change sequence `sent`.
-    fn coherent_in(&self, dir: u64, sent: u64) -> bool {
+    /// Whether the long lifetime may be used for what a reply says, for a request sent at
+    /// change sequence `sent` ([`NOW`] for a decision about the present): the feed is up, no
+    /// change arrived since the request left, and the HOST watches the directory `w` names.
+    fn coherent(&self, w: Watched, sent: u64) -> bool {
         if self.opts.coherent_ttl.is_zero() || self.opts.pseudo() {
             return false;
         }
         if !self.feed.live.load(Ordering::Acquire) {
             return false;
         }
-        if sent < self.st().feed_at {
-            return false;
-        }
+        let dir = {
+            let st = self.st();
+            if sent < st.feed_at {
+                return false;
+            }
+            match w {
+                Watched::Dir(d) | Watched::ParentOf(d @ ROOT) => d,
+                Watched::ParentOf(ino) => st.inodes.get(&ino).map(|i| i.parent).unwrap_or(0),
+            }
+        };
         !lock(&self.feed.unwatched).contains(&dir)
     }
 
-    /// The directory whose watch reports changes to `ino`'s attributes: its parent (the
-    /// root's own mark for the root).
-    fn watching_dir(&self, ino: u64) -> u64 {
-        if ino == ROOT {
-            return ROOT;
+    /// `coherent_ttl` when `coherent`, else `short`.
+    fn lifetime(&self, coherent: bool, short: Duration) -> Duration {
+        if coherent {
+            self.opts.coherent_ttl
+        } else {
+            short
         }
-        self.st().inodes.get(&ino).map(|i| i.parent).unwrap_or(0)
     }
 
     /// Attribute lifetime of `ino` for a reply to a request sent at `sent`.
@@ -73,62 +94,40 @@ impl Inner {
         if is_fifo(a.mode) {
             return Duration::ZERO;
         }
-        if self.coherent_in(self.watching_dir(ino), sent) {
-            self.opts.coherent_ttl
-        } else {
-            self.ttl()
-        }
+        self.lifetime(self.coherent(Watched::ParentOf(ino), sent), self.ttl())
     }
 
     /// Entry lifetime of a name in `dir` for a reply to a request sent at `sent`.
     pub(super) fn entry_ttl_in(&self, dir: u64, sent: u64) -> Duration {
-        if self.coherent_in(dir, sent) {
-            self.opts.coherent_ttl
-        } else {
-            self.entry_ttl()
-        }
+        self.lifetime(self.coherent(Watched::Dir(dir), sent), self.entry_ttl())
     }
 
     /// How long the kernel may remember that `dir/name` does not exist (zero: not at all).
     pub(super) fn negative_ttl_in(&self, dir: u64, sent: u64) -> Duration {
-        if self.coherent_in(dir, sent) {
-            self.opts.coherent_ttl
-        } else {
-            Duration::ZERO
-        }
+        self.lifetime(self.coherent(Watched::Dir(dir), sent), Duration::ZERO)
     }
 
     /// How long a directory this mount made is taken to hold only the names it made there:
     /// `negative_timeout`, or the long lifetime while the HOST reports changes in it (a
     /// HOST-side create there ends it within milliseconds).
     pub(super) fn new_dir_ttl(&self, dir: u64) -> Duration {
-        let pushed = if self.coherent_in(dir, u64::MAX) {
-            self.opts.coherent_ttl
-        } else {
-            Duration::ZERO
-        };
+        let pushed = self.lifetime(self.coherent(Watched::Dir(dir), NOW), Duration::ZERO);
         self.negative_ttl().max(pushed)
     }
 
     /// Whether the kernel may keep `dir`'s listing (the HOST reports names changing there).
     pub(super) fn cache_listing(&self, dir: u64) -> bool {
-        let sent = self.attr_seq();
-        self.coherent_in(dir, sent)
+        self.coherent(Watched::Dir(dir), NOW)
     }
 
     /// How long "no such xattr" answers for `ino` may be reused.
     pub(super) fn xattr_ttl(&self, ino: u64) -> Duration {
-        if self.coherent_in(self.watching_dir(ino), u64::MAX) {
-            self.opts.coherent_ttl
-        } else {
-            self.ttl()
-        }
+        self.lifetime(self.coherent(Watched::ParentOf(ino), NOW), self.ttl())
     }
 
     /// Whether an open file of `ino` may keep its cached pages (the HOST reports writes).
     pub(super) fn keep_cache(&self, ino: u64) -> bool {
-        let sent = self.attr_seq();
-        self.coherent_in(self.watching_dir(ino), sent)
+        self.coherent(Watched::ParentOf(ino), NOW)
     }
 
     /// Records that `ino` is now known as `parent/name` (the index the feed's names are
@@ -156,6 +155,14 @@ impl Inner {
         }
     }
 
+    /// A change arrived (or may have been missed): replies to requests sent before now get the
+    /// short lifetime. The new change sequence.
+    fn changed(st: &mut State) -> u64 {
+        st.seq += 1;
+        st.feed_at = st.seq;
+        st.seq
+    }
+
     fn inval(&self, v: Vec<Inval>) {
         if v.is_empty() {
             return;
@@ -176,9 +183,7 @@ impl Inner {
         let mut xattrs = Vec::new();
         {
             let mut st = self.st();
-            st.seq += 1;
-            let seq = st.seq;
-            st.feed_at = seq;
+            let seq = Inner::changed(&mut st);
             for c in changes {
                 let Some(&dir) = st.by_node.get(&c.dir) else {
                     continue;
@@ -187,7 +192,6 @@ impl Inner {
                     Some(name) => {
                         let child = st.names.get(&(dir, name.clone())).copied();
                         if c.what & what::NAME != 0 {
-                            st.new_dirs.remove(&dir);
                             foreign.push(dir);
                             if let Some(d) = st.inodes.get_mut(&dir) {
                                 d.stale_at = seq;
@@ -237,9 +241,7 @@ impl Inner {
     fn drop_all(&self) {
         let out = {
             let mut st = self.st();
-            st.seq += 1;
-            st.feed_at = st.seq;
-            st.removal_at = st.seq;
+            st.removal_at = Inner::changed(&mut st);
             st.new_dirs.clear();
             lock(&self.no_xattr).clear();
             // Changes while the feed was down are unknown: no directory is known whole.
@@ -268,8 +270,7 @@ impl Inner {
         lock(&self.feed.unwatched).extend(dirs.iter().copied());
         let out = {
             let mut st = self.st();
-            st.seq += 1;
-            st.feed_at = st.seq;
+            Inner::changed(&mut st);
             let mut out = Vec::new();
             for ((p, n), ino) in st.names.iter() {
                 if dirs.contains(p) {
@@ -289,9 +290,7 @@ impl Inner {
         self.foreign_change(dir);
         let out = {
             let mut st = self.st();
-            st.new_dirs.remove(&dir);
-            st.seq += 1;
-            st.feed_at = st.seq;
+            Inner::changed(&mut st);
             let mut out: Vec<Inval> = st
                 .names
                 .iter()

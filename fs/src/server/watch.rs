@@ -203,10 +203,6 @@ impl Watcher {
             )
         };
     }
-
-    fn is_unwatched(&self, node: NodeId) -> bool {
-        lock(&self.marks).unwatched.contains(&node)
-    }
 }
 
 enum MarkError {
@@ -377,18 +373,17 @@ impl FsService {
     }
 
     fn send_to_holders(&self, node: NodeId, msg: impl Fn() -> Msg) {
-        let holders: Vec<u64> = {
-            let s = self.state();
-            s.held
-                .iter()
-                .filter(|(_, h)| h.contains_key(&node))
-                .map(|(sid, _)| *sid)
-                .collect()
-        };
+        let subscribed = self.subscribed();
+        let holders = holders(&self.state(), &subscribed, node);
         let mut feeds = lock(&self.inner.feeds);
         for sid in holders {
             feeds.send(sid, msg());
         }
+    }
+
+    /// The sessions with a feed.
+    fn subscribed(&self) -> Vec<u64> {
+        lock(&self.inner.feeds).senders.keys().copied().collect()
     }
 
     /// A session subscribed: marks the directories it holds and returns the messages that
@@ -409,7 +404,7 @@ impl FsService {
         };
         let unwatched: Vec<NodeId> = dirs
             .iter()
-            .filter(|(id, fd)| !w.mark(*id, fd.as_raw_fd()) || w.is_unwatched(*id))
+            .filter(|(id, fd)| !w.mark(*id, fd.as_raw_fd()))
             .map(|(id, _)| *id)
             .collect();
         Some(if unwatched.is_empty() {
@@ -456,15 +451,11 @@ impl FsService {
         }
         tracing::trace!(events = resolved.len(), overflow, "fs watch events");
         let mut batches: HashMap<u64, Vec<Change>> = HashMap::new();
-        let subscribed: Vec<u64> = lock(&self.inner.feeds).senders.keys().copied().collect();
+        let subscribed = self.subscribed();
         {
             let s = self.state();
             for (node, name, what, ours) in resolved {
-                let holders: Vec<u64> = subscribed
-                    .iter()
-                    .filter(|sid| s.held.get(sid).is_some_and(|h| h.contains_key(&node)))
-                    .copied()
-                    .collect();
+                let holders = holders(&s, &subscribed, node);
                 // Our own change, asked for by the only session holding the directory: it
                 // knows already.
                 if ours && holders.len() <= 1 {
@@ -499,6 +490,15 @@ impl FsService {
             }
         }
     }
+}
+
+/// The sessions among `subscribed` that hold `node`.
+fn holders(s: &super::State, subscribed: &[u64], node: NodeId) -> Vec<u64> {
+    subscribed
+        .iter()
+        .filter(|sid| s.held.get(sid).is_some_and(|h| h.contains_key(&node)))
+        .copied()
+        .collect()
 }
 
 impl Feeds {
