@@ -398,7 +398,14 @@ fn fs_async_host_restart_delivers_acknowledged() {
     }
     for kind in fs_test_links(test) {
         let (tmp, exp, mut host) = host_with_export(&kind);
-        let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "timeout=60");
+        // The mount's own log: unmounting must drain, not panic.
+        let log = tmp.path().join("mount.log");
+        let m = Mount::new(
+            &host,
+            &exp,
+            &tmp.path().join("mnt"),
+            &format!("timeout=60,log={}", log.display()),
+        );
         fs::create_dir(m.path("work")).unwrap();
         let script = format!(
             "i=0; while [ ! -e {stop} ] || [ $i -lt 200 ]; do \
@@ -440,11 +447,23 @@ fn fs_async_host_restart_delivers_acknowledged() {
         while (0..n).any(missing) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
-        let lost: Vec<usize> = (0..n).filter(|&i| missing(i)).collect();
+        let lost: Vec<String> = (0..n)
+            .filter(|&i| missing(i))
+            .map(|i| {
+                let d = exp.join(format!("work/s{}", i % 7));
+                format!(
+                    "{i}: file {:?}, link {:?}",
+                    fs::read_to_string(d.join(format!("w-{i}"))),
+                    fs::read_link(d.join(format!("l-{i}")))
+                )
+            })
+            .collect();
+        let log = fs::read_to_string(&log).unwrap_or_default();
         assert!(
             lost.is_empty(),
-            "[{kind}] acknowledged but not on the HOST: {lost:?}"
+            "[{kind}] acknowledged but not on the HOST: {lost:?}\nmount log:\n{log}"
         );
+        assert!(!log.contains("panicked"), "[{kind}] mount log:\n{log}");
     }
 }
 

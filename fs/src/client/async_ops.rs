@@ -12,6 +12,14 @@
 
 use super::*;
 
+/// An asynchronous operation's bookkeeping ([`Inner::begin_ops`]), ended where its outcome
+/// arrives.
+struct InFlight {
+    trackers: Vec<Arc<Unstable>>,
+    /// Inodes kept in the table meanwhile.
+    pinned: Vec<u64>,
+}
+
 /// What an asynchronous operation made: the parts its answer and a replay need.
 struct Made {
     ino: u64,
@@ -133,6 +141,7 @@ impl Inner {
                 stale_at: 0,
                 real: None,
                 local: true,
+                pins: 0,
             },
         );
         st.by_node.insert(alias, ino);
@@ -149,9 +158,11 @@ impl Inner {
     }
 
     /// Counts one more operation in flight on each inode of `inos` (their failure is
-    /// reported by the next close, fsync or listing); `creating`: also on `inos[0]`'s
-    /// creation, which re-resolving it after a HOST restart waits for.
-    fn begin_ops(&self, inos: &[u64], creating: bool) -> Vec<Arc<Unstable>> {
+    /// reported by the next close, fsync or listing) and keeps them in the table until it is
+    /// done; `creating`: also on `inos[0]`'s creation, which re-resolving it after a HOST
+    /// restart waits for.
+    fn begin_ops(&self, inos: &[u64], creating: bool) -> InFlight {
+        self.pin(inos);
         let mut out = Vec::with_capacity(inos.len() + 1);
         {
             let mut map = self.unstable_map();
@@ -167,7 +178,17 @@ impl Inner {
             u.lock().0 += 1;
             out.push(u);
         }
-        out
+        InFlight {
+            trackers: out,
+            pinned: inos.to_vec(),
+        }
+    }
+
+    /// The inode `parent/name` names when its asynchronous creation is not answered yet.
+    pub(super) fn creating_named(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let ino = *self.st().names.get(&(parent, name.to_vec()))?;
+        let map = lock(&self.creating);
+        map.get(&ino).is_some_and(|u| u.lock().0 > 0).then_some(ino)
     }
 
     /// Waits until the asynchronous creation of `ino` (if any) is answered or replayed.
@@ -184,8 +205,8 @@ impl Inner {
 
     /// Sends `op` behind everything queued on `session` and gives its outcome to `done` where
     /// the reply arrives; after a lost session or a HOST restart, `replay` does it again on
-    /// the runtime (re-resolving by name) and `done` gets that outcome. The trackers then
-    /// record it; a failure also ends the exclusive knowledge of `dir`.
+    /// the runtime (re-resolving by name) and `done` gets that outcome. `in_flight` then
+    /// records it (and unpins); a failure also ends the exclusive knowledge of `dir`.
     #[allow(clippy::too_many_arguments)]
     fn send_async<O, D, F, Fut>(
         self: &Arc<Self>,
@@ -193,7 +214,7 @@ impl Inner {
         instance: u64,
         op: O,
         dir: u64,
-        trackers: Vec<Arc<Unstable>>,
+        in_flight: InFlight,
         done: D,
         replay: F,
     ) where
@@ -217,9 +238,10 @@ impl Inner {
                 // attributes it was given for it (a failed create's size-0 entry).
                 me.refresh_dir(dir);
             }
-            for t in trackers {
+            for t in in_flight.trackers {
                 t.finish(res);
             }
+            me.unpin(&in_flight.pinned);
         };
         let me = self.clone();
         self.call_then(session, instance, op, move |r| match r {
@@ -356,7 +378,7 @@ impl Inner {
             caller,
             alias: Some((m.alias, afh)),
         };
-        let trackers = self.begin_ops(&[m.ino, parent], true);
+        let in_flight = self.begin_ops(&[m.ino, parent], true);
         let attr = self
             .st()
             .inodes
@@ -371,7 +393,7 @@ impl Inner {
             instance,
             op,
             parent,
-            trackers,
+            in_flight,
             move |me, r| me.created(&m1, r.map(|c| (c.entry, Some(c.parent)))),
             move |me| async move {
                 let flags = flags & !(libc::O_EXCL | libc::O_TRUNC);
@@ -428,7 +450,7 @@ impl Inner {
             Some(t) => (libc::S_IFLNK | 0o777, t.len() as u64),
         };
         let m = self.add_made(parent, name, mode, caller, size);
-        let trackers = self.begin_ops(&[m.ino, parent], true);
+        let in_flight = self.begin_ops(&[m.ino, parent], true);
         let attr = self
             .st()
             .inodes
@@ -501,7 +523,7 @@ impl Inner {
                     caller,
                     alias: Some(m.alias),
                 };
-                self.send_async(&session, instance, op, parent, trackers, done, replay);
+                self.send_async(&session, instance, op, parent, in_flight, done, replay);
                 self.note_excl(ino);
                 self.note_new_dir(ino);
             }
@@ -513,7 +535,7 @@ impl Inner {
                     caller,
                     alias: Some(m.alias),
                 };
-                self.send_async(&session, instance, op, parent, trackers, done, replay);
+                self.send_async(&session, instance, op, parent, in_flight, done, replay);
             }
         }
         let attr = attr.unwrap_or_default();
@@ -542,7 +564,7 @@ impl Inner {
         };
         // Link counts and ctimes of the file change in ways the HOST does not report.
         self.stale_all_attrs();
-        let trackers = self.begin_ops(&[parent], false);
+        let in_flight = self.begin_ops(&[parent], false);
         let name = name.to_vec();
         let again = name.clone();
         self.send_async(
@@ -553,7 +575,7 @@ impl Inner {
                 name: name.clone(),
             },
             parent,
-            trackers,
+            in_flight,
             |me, _| me.stale_all_attrs(),
             move |me| async move {
                 me.with(|| async {
@@ -628,7 +650,7 @@ impl Inner {
         if let Some(n) = self.st().inodes.get_mut(&ino) {
             n.local = true;
         }
-        let trackers = self.begin_ops(&[ino, parent], false);
+        let in_flight = self.begin_ops(&[ino, parent], false);
         let op = op::SetAttr {
             node,
             fh: sfh,
@@ -639,7 +661,7 @@ impl Inner {
             instance,
             op,
             parent,
-            trackers,
+            in_flight,
             move |me, r| match r {
                 Ok(attr) => me.note_attr_since(ino, attr, sent),
                 Err(_) => me.stale_attr(ino),

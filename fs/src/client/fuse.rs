@@ -176,6 +176,31 @@ impl QtfsFs {
 }
 
 impl QtfsFs {
+    /// Looks `parent/name` up on the HOST and answers the kernel.
+    fn lookup_on_host(
+        inner: &Arc<Inner>,
+        parent: u64,
+        name: Vec<u8>,
+        pid: u32,
+        sent: u64,
+        reply: ReplyEntry,
+    ) {
+        let build = {
+            let name = name.clone();
+            move |p, _| op::Lookup {
+                parent: p,
+                name: name.clone(),
+            }
+        };
+        inner.request(parent, None, build, move |me, r| match r {
+            Ok(e) => {
+                QtfsFs::entry_reply(me, parent, &name, e, sent, pid, reply);
+            }
+            Err(OpError::Errno(libc::ENOENT)) => QtfsFs::absent_reply(me, parent, sent, reply),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
     /// Answers "no such entry": as a negative entry the kernel remembers while the HOST
     /// reports changes in `parent` (a HOST-side create invalidates it), else as ENOENT.
     pub(super) fn absent_reply(inner: &Inner, parent: u64, sent: u64, reply: ReplyEntry) {
@@ -238,7 +263,8 @@ impl Filesystem for QtfsFs {
         } else if self
             .inner
             .rt
-            .block_on(tokio::time::timeout(self.inner.opts.timeout, drain))
+            // The timer is made inside the runtime (`timeout` needs its context).
+            .block_on(async { tokio::time::timeout(self.inner.opts.timeout, drain).await })
             .is_err()
         {
             warn!("HOST unreachable while unmounting; acknowledged writes lost");
@@ -257,21 +283,17 @@ impl Filesystem for QtfsFs {
             QtfsFs::absent_reply(&self.inner, parent, sent, reply);
             return;
         }
-        let build = {
-            let name = name.clone();
-            move |p, _| op::Lookup {
-                parent: p,
-                name: name.clone(),
-            }
-        };
-        self.inner
-            .request(parent, None, build, move |me, r| match r {
-                Ok(e) => {
-                    QtfsFs::entry_reply(me, parent, &name, e, sent, pid, reply);
-                }
-                Err(OpError::Errno(libc::ENOENT)) => QtfsFs::absent_reply(me, parent, sent, reply),
-                Err(e) => reply.error(errno(e)),
+        if let Some(ino) = self.inner.creating_named(parent, &name) {
+            // Made asynchronously and not on the HOST yet (a replay after a restart, the
+            // kernel's entry dropped meanwhile): asked once it is.
+            let me = self.inner.clone();
+            self.inner.rt.spawn(async move {
+                me.wait_created(ino).await;
+                QtfsFs::lookup_on_host(&me, parent, name, pid, sent, reply);
             });
+            return;
+        }
+        QtfsFs::lookup_on_host(&self.inner, parent, name, pid, sent, reply);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {

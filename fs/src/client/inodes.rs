@@ -124,6 +124,7 @@ impl Inner {
                 stale_at: 0,
                 real: None,
                 local: false,
+                pins: 0,
             },
         );
         st.by_node.insert(e.node, ino);
@@ -140,40 +141,75 @@ impl Inner {
         }
         let release = {
             let mut st = self.st();
-            let epoch = st.epoch;
-            let gone = match st.inodes.get_mut(&ino) {
-                Some(i) => {
-                    i.kernel_lookups = i.kernel_lookups.saturating_sub(n);
-                    i.kernel_lookups == 0
-                }
-                None => false,
-            };
-            if !gone {
-                return;
+            match st.inodes.get_mut(&ino) {
+                Some(i) => i.kernel_lookups = i.kernel_lookups.saturating_sub(n),
+                None => return,
             }
-            if let Some(c) = self.fifos.armed().get(&ino) {
-                c.stop();
-            }
-            st.excl.remove(&ino);
-            let removed = st.inodes.remove(&ino);
-            if let Some(i) = &removed {
-                Inner::unname(&mut st, ino, i.parent, &i.name);
-            }
-            match removed {
-                Some(i) if i.epoch == epoch => {
-                    if st.by_node.get(&i.node) == Some(&ino) {
-                        st.by_node.remove(&i.node);
-                    }
-                    if let Some(real) = i.real {
-                        if st.by_node.get(&real) == Some(&ino) {
-                            st.by_node.remove(&real);
-                        }
-                    }
-                    Some((i.node, i.server_lookups))
-                }
-                _ => None,
-            }
+            self.release_unused(&mut st, ino)
         };
+        self.forget_node(release);
+    }
+
+    /// Keeps each inode of `inos` in the table while an asynchronous operation naming it is
+    /// in flight (see [`Inode::pins`]).
+    pub(super) fn pin(&self, inos: &[u64]) {
+        let mut st = self.st();
+        for i in inos {
+            if let Some(n) = st.inodes.get_mut(i) {
+                n.pins += 1;
+            }
+        }
+    }
+
+    /// The asynchronous operation that pinned `inos` is done: an inode the kernel forgot
+    /// meanwhile is forgotten now.
+    pub(super) fn unpin(self: &Arc<Self>, inos: &[u64]) {
+        for &ino in inos {
+            let release = {
+                let mut st = self.st();
+                match st.inodes.get_mut(&ino) {
+                    Some(n) => n.pins = n.pins.saturating_sub(1),
+                    None => continue,
+                }
+                self.release_unused(&mut st, ino)
+            };
+            self.forget_node(release);
+        }
+    }
+
+    /// Removes `ino` from the table when neither the kernel nor an operation in flight uses
+    /// it; the HOST node and lookup count to forget there, if it is of this server instance.
+    fn release_unused(&self, st: &mut State, ino: u64) -> Option<(NodeId, u64)> {
+        if ino == ROOT {
+            return None;
+        }
+        let epoch = st.epoch;
+        let i = st.inodes.get(&ino)?;
+        if i.kernel_lookups > 0 || i.pins > 0 {
+            return None;
+        }
+        if let Some(c) = self.fifos.armed().get(&ino) {
+            c.stop();
+        }
+        st.excl.remove(&ino);
+        let i = st.inodes.remove(&ino)?;
+        Inner::unname(st, ino, i.parent, &i.name);
+        if i.epoch != epoch {
+            return None;
+        }
+        if st.by_node.get(&i.node) == Some(&ino) {
+            st.by_node.remove(&i.node);
+        }
+        if let Some(real) = i.real {
+            if st.by_node.get(&real) == Some(&ino) {
+                st.by_node.remove(&real);
+            }
+        }
+        Some((i.node, i.server_lookups))
+    }
+
+    /// Tells the HOST that this mount no longer uses `node` (`count` lookups).
+    fn forget_node(self: &Arc<Self>, release: Option<(NodeId, u64)>) {
         if let Some((node, count)) = release {
             let me = self.clone();
             self.rt.spawn(async move {

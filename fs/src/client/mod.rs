@@ -319,6 +319,10 @@ struct Inode {
     /// `attr` was worked out here (an asynchronous operation's effect), not sent by the HOST:
     /// the kernel gets it with TTL 0 and only while an operation on the node is in flight.
     local: bool,
+    /// Asynchronous operations in flight that name this inode (the node they made, or the
+    /// directory they change): it stays in the table, for their replay after a HOST restart,
+    /// when the kernel forgets it first.
+    pins: u32,
 }
 
 /// A directory this mount created: empty on the HOST at `made`, and since then holding only
@@ -458,6 +462,7 @@ impl QtfsFs {
                 stale_at: 0,
                 real: None,
                 local: false,
+                pins: 0,
             },
         );
         let mut by_node = HashMap::new();

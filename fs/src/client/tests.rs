@@ -355,3 +355,24 @@ fn negative_lookups_only_in_directories_this_mount_made() {
     assert!(!r.inner.known_absent(d, b"x"));
     assert_eq!(r.lookup(d, "x"), Err(OpError::Errno(libc::ENOENT)));
 }
+
+/// The kernel may forget a directory (its entry invalidated when the change feed comes back)
+/// while an asynchronous operation in it waits to be replayed: the inode stays resolvable
+/// until that operation is done, and is forgotten then.
+#[test]
+fn an_inode_named_by_an_operation_in_flight_outlives_the_kernels_forget() {
+    let r = rig(MountOptions::default());
+    let d = r.mkdir(ROOT, "d");
+    let e = r.mkdir(ROOT, "e");
+    r.inner.pin(&[d]);
+    r.inner.forget(d, 1);
+    // Without a pin, the kernel's forget ends an inode at once.
+    r.inner.forget(e, 1);
+    assert!(!r.inner.st().inodes.contains_key(&e));
+    r.fs.restart();
+    let me = r.inner.clone();
+    let node = r.rt.block_on(async { me.with(|| me.node_of(d)).await });
+    assert!(node.is_ok(), "{node:?}");
+    r.inner.unpin(&[d]);
+    assert!(!r.inner.st().inodes.contains_key(&d));
+}
