@@ -40,6 +40,18 @@ struct Args {
     /// Fail when the HOST offloadd's peak RSS exceeds this many MiB (0 = report only).
     #[arg(long, default_value_t = 64)]
     max_host_rss_mib: u64,
+    /// Extra environment for the HOST offloadd only, KEY=VALUE (repeatable): e.g. a heap
+    /// profiler's LD_PRELOAD (docs/RELIABILITY.md, "Soak").
+    #[arg(long, value_parser = parse_env)]
+    host_env: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE` as a pair.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
 }
 
 /// Counters shared by the workers.
@@ -225,7 +237,8 @@ fn main() -> anyhow::Result<()> {
         .arg(&key)
         .arg("--config")
         .arg(d.join("host.toml"))
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .envs(args.host_env.iter().map(|(k, v)| (k, v)));
     let mut daemons = KillOnDrop(Vec::new());
     daemons.0.push(spawn_ready(host, "listening"));
     let mut dpu = Command::new(&offloadd);
