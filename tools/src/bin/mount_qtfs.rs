@@ -333,6 +333,8 @@ fn report(fd: Option<&OwnedFd>, msg: &str) {
 }
 
 fn serve(args: &Args) -> ExitCode {
+    // Before any thread: bulk buffers reused, memory kept bounded (transport::tune_allocator).
+    transport::tune_allocator();
     // SAFETY: the fd was handed to us by our parent for exactly this purpose.
     let ready = args.ready_fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
     match setup(args) {

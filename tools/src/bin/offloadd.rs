@@ -226,6 +226,10 @@ fn main() -> anyhow::Result<()> {
         tracing::warn!("no service configured: peers can connect but there is nothing to use");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
+        // The pool runs fsyncs, user-switching spawns and mount decisions, all of which end;
+        // capped so that a burst of them cannot grow the daemon by a thread stack each (the
+        // soak's slow RSS rise followed the pool's thread count, docs/RELIABILITY.md).
+        .max_blocking_threads(64)
         .enable_all()
         .build()
         .context("starting the runtime")?;
