@@ -49,8 +49,9 @@ pub struct SessionConfig {
     /// Largest call (bytes) a sending thread writes to the connection itself when nothing is
     /// queued ahead of it, instead of waking the writer task: one hand-off less per call.
     /// Bigger calls (bulk writes) go through the writer task so the caller is not held up
-    /// copying them. 0 (the default) turns it off; only for links whose writes may be tried
-    /// from any thread ([`crate::Endpoint::direct_send_ok`]).
+    /// copying them. 0 (the default) turns it off. Applies only on links whose connection
+    /// allows writes from any thread ([`crate::AsyncConn::direct_write_ok`]); on others (RDMA)
+    /// every call goes through the writer task whatever this says.
     pub direct_send: usize,
     /// Which link kinds encrypt (AES-128-GCM keyed by an ephemeral X25519 exchange inside the
     /// handshake, see [`crate::crypto`]). Both ends must agree for the link used; default: tcp
@@ -324,6 +325,8 @@ pub(crate) struct Inner {
     ws: Arc<Mutex<WriteSide>>,
     data_tx: mpsc::UnboundedSender<Frame>,
     state: Mutex<State>,
+    /// [`SessionConfig::direct_send`] where the link allows direct writes, else 0.
+    direct_send: usize,
     next_call: AtomicU32,
     next_stream: AtomicU32,
     inflight_calls: AtomicU32,
@@ -373,10 +376,10 @@ impl Inner {
         r
     }
 
-    /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] allows
+    /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] (and the link) allows
     /// and nothing is ahead of it, else queued. Err: the session is gone.
     fn send_call_frame(&self, f: Frame) -> Result<(), ()> {
-        if f.head.len() + f.body.len() <= self.cfg.direct_send {
+        if f.head.len() + f.body.len() <= self.direct_send {
             let mut ws = lock_ws(&self.ws);
             if !ws.busy && ws.queued == 0 && !ws.done {
                 let mut chunks: VecDeque<Bytes> = VecDeque::new();
@@ -1019,6 +1022,12 @@ impl Session {
         let (data_tx, data_rx) = mpsc::unbounded_channel();
         let (closed_tx, _) = watch::channel(None);
         let stats = offload_metrics::session_opened(&peer, dialer);
+        // The link says whether callers may write on it from their own threads.
+        let direct_send = if conn.direct_write_ok() {
+            cfg.direct_send
+        } else {
+            0
+        };
         let (r, w) = tokio::io::split(crate::stats::counted(conn, stats.clone()));
         let (seal, open) = neg.cipher.map_or((None, None), |(s, o)| (Some(s), Some(o)));
         let ws = Arc::new(Mutex::new(WriteSide {
@@ -1033,6 +1042,7 @@ impl Session {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             ctl_tx,
             ws: ws.clone(),
+            direct_send,
             data_tx,
             state: Mutex::new(State::default()),
             next_call: AtomicU32::new(1),
