@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod client;
 pub mod crypto;
+pub(crate) mod dispatch;
 pub mod endpoint;
 pub mod link;
 pub(crate) mod rules;

@@ -18,12 +18,13 @@ use crate::auth::{Key, Secret};
 use crate::crypto::{
     self, CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer, PUBLIC_KEY_LEN,
 };
+use crate::dispatch::{self, Admission, Delivery, Event, Opening, Rules};
 use crate::endpoint::Endpoint;
 use crate::link::{self, Conn, Listener, TransportError};
 use crate::rules::{Beat, Heartbeat};
 use crate::service::{Registry, RemoteError};
 use crate::stream::{CloseAction, Inbound, Shared, Stream};
-use crate::wire::{self, ErrorBody, Header, Kind, WireError, HEADER_LEN};
+use crate::wire::{self, Header, Kind, WireError, HEADER_LEN};
 
 /// Session tunables. The defaults suit a HOST–DPU link.
 #[derive(Debug, Clone)]
@@ -213,10 +214,6 @@ pub enum CallError {
     Timeout(Duration),
 }
 
-/// Error codes the session itself puts in Error frames (services use their own, ≥ 0).
-const CODE_UNKNOWN_SERVICE: i32 = -1;
-const CODE_BUSY: i32 = -2;
-
 /// One outgoing frame: header (+ small prefix) and a payload passed through without copying.
 struct Frame {
     head: BytesMut,
@@ -325,6 +322,8 @@ pub(crate) struct Inner {
     ws: Arc<Mutex<WriteSide>>,
     data_tx: mpsc::UnboundedSender<Frame>,
     state: Mutex<State>,
+    /// What incoming frames mean (the I/O-free core the reader executes).
+    rules: Rules,
     /// [`SessionConfig::direct_send`] where the link allows direct writes, else 0.
     direct_send: usize,
     next_call: AtomicU32,
@@ -1042,6 +1041,12 @@ impl Session {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             ctl_tx,
             ws: ws.clone(),
+            rules: Rules {
+                dialer,
+                max_streams: cfg.max_streams,
+                max_inflight_calls: cfg.max_inflight_calls,
+                max_reply: neg.peer_max_frame.min(cfg.max_frame) as usize,
+            },
             direct_send,
             data_tx,
             state: Mutex::new(State::default()),
@@ -1078,7 +1083,7 @@ impl Session {
             Arc::downgrade(&inner),
             inner.closed_tx.subscribe(),
         ));
-        tokio::spawn(reader_task(r, inner.clone(), dialer, open));
+        tokio::spawn(reader_task(r, inner.clone(), open));
         tokio::spawn(heartbeat_task(Arc::downgrade(&inner)));
         let session = Session { inner };
         for svc in session.inner.registry.all() {
@@ -1621,8 +1626,8 @@ async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
 /// Initial read buffer; frames larger than the free space grow it.
 const READ_BUF: usize = 256 * 1024;
 
-async fn reader_task(mut r: ReadHalf<Conn>, inner: Arc<Inner>, dialer: bool, open: Option<Opener>) {
-    let reason = read_loop(&mut r, &inner, dialer, open).await;
+async fn reader_task(mut r: ReadHalf<Conn>, inner: Arc<Inner>, open: Option<Opener>) {
+    let reason = read_loop(&mut r, &inner, open).await;
     inner.close(reason);
 }
 
@@ -1663,11 +1668,10 @@ async fn fill(
 async fn read_loop(
     r: &mut ReadHalf<Conn>,
     inner: &Arc<Inner>,
-    dialer: bool,
     open: Option<Opener>,
 ) -> CloseReason {
     if let Some(open) = open {
-        return read_records(r, inner, dialer, open).await;
+        return read_records(r, inner, open).await;
     }
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut closed = inner.closed_tx.subscribe();
@@ -1698,7 +1702,7 @@ async fn read_loop(
             } else {
                 break;
             };
-            if let Err(reason) = dispatch(inner, header, payload, dialer) {
+            if let Err(reason) = dispatch(inner, header, payload) {
                 return reason;
             }
         }
@@ -1804,12 +1808,7 @@ pub fn fuzz_deframe(data: &[u8]) {
 
 /// [`read_loop`] on an encrypted session: the socket's bytes go to `raw`, each authenticated
 /// record's plaintext to the [`Deframer`].
-async fn read_records(
-    r: &mut ReadHalf<Conn>,
-    inner: &Arc<Inner>,
-    dialer: bool,
-    mut open: Opener,
-) -> CloseReason {
+async fn read_records(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, mut open: Opener) -> CloseReason {
     let mut raw = BytesMut::new();
     let mut frames = Deframer::default();
     let mut closed = inner.closed_tx.subscribe();
@@ -1822,7 +1821,7 @@ async fn read_records(
                 Err(e) => return CloseReason::Integrity(e.to_string()),
             };
             let res = frames.push(rec, inner.cfg.max_frame, |h, payload| {
-                dispatch(inner, h, payload, dialer)
+                dispatch(inner, h, payload)
             });
             if let Err(reason) = res {
                 return reason;
@@ -1870,76 +1869,47 @@ async fn read_records(
 /// Fuzzing entry: the Credit frame's payload decoder.
 #[doc(hidden)]
 pub fn fuzz_u32_payload(p: &[u8]) -> Option<u32> {
-    u32_payload(p).ok()
+    dispatch::u32_payload(p).ok()
 }
 
-fn u32_payload(p: &[u8]) -> Result<u32, CloseReason> {
-    let arr: [u8; 4] = p
-        .try_into()
-        .map_err(|_| CloseReason::Protocol(format!("credit frame of {} bytes", p.len())))?;
-    Ok(u32::from_le_bytes(arr))
+/// A frame answering call `id` (see [`Rules::answer`]).
+fn answer_frame(id: u32, (kind, body): (Kind, Bytes)) -> Frame {
+    Frame::new(kind, id, &[], body)
 }
 
-fn error_frame(id: u32, code: i32, message: String) -> Frame {
-    Frame::new(
-        Kind::Error,
-        id,
-        &[],
-        wire::encode(&ErrorBody { code, message }),
-    )
-}
-
-/// The frame answering call `id` with `res`, refusing a reply the peer could not accept.
-fn reply_frame(inner: &Inner, id: u32, res: Result<Bytes, RemoteError>) -> Frame {
-    match res {
-        Ok(b) => {
-            let max = inner.peer_max_frame.min(inner.cfg.max_frame) as usize;
-            if b.len() > max {
-                error_frame(
-                    id,
-                    libc::EMSGSIZE,
-                    format!("reply of {} bytes exceeds the frame limit {max}", b.len()),
-                )
-            } else {
-                Frame::new(Kind::Response, id, &[], b)
-            }
-        }
-        Err(e) => error_frame(id, e.code, e.message),
-    }
-}
-
-fn dispatch(
-    inner: &Arc<Inner>,
-    h: Header,
-    payload: Bytes,
-    dialer: bool,
-) -> Result<(), CloseReason> {
-    let proto = |m: String| Err(CloseReason::Protocol(m));
-    match h.kind {
-        Kind::Request => {
-            let (service, body) =
-                wire::split_service(payload).map_err(|e| CloseReason::Protocol(e.to_string()))?;
-            let Some(svc) = inner.registry.get(&service).cloned() else {
-                let _ = inner.send_ctl(error_frame(h.id, CODE_UNKNOWN_SERVICE, service));
-                return Ok(());
+/// Executes what an incoming frame means ([`Rules::decode`] and the rules after it decide).
+fn dispatch(inner: &Arc<Inner>, h: Header, payload: Bytes) -> Result<(), CloseReason> {
+    match inner.rules.decode(h, payload)? {
+        Event::Request { id, service, body } => {
+            let svc = inner.registry.get(&service).cloned();
+            let running = inner.inflight_calls.fetch_add(1, Ordering::Relaxed) as usize;
+            let svc = match (
+                inner.rules.admit_call(&service, svc.is_some(), running),
+                svc,
+            ) {
+                (Admission::Run, Some(svc)) => svc,
+                (admission, _) => {
+                    inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
+                    let (code, message) = match admission {
+                        Admission::Refuse { code, message } => (code, message),
+                        // Unreachable: admitted means the service exists.
+                        Admission::Run => (dispatch::CODE_UNKNOWN_SERVICE, service),
+                    };
+                    let _ =
+                        inner.send_ctl(answer_frame(id, dispatch::error_payload(code, message)));
+                    return Ok(());
+                }
             };
-            let busy = inner.inflight_calls.fetch_add(1, Ordering::Relaxed) as usize
-                >= inner.cfg.max_inflight_calls;
-            if busy {
-                inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
-                let _ = inner.send_ctl(error_frame(h.id, CODE_BUSY, "busy".into()));
-                return Ok(());
-            }
             let session = Session {
                 inner: inner.clone(),
             };
-            let id = h.id;
             let (metrics, t0) = (offload_metrics::service(&service), Instant::now());
             let mut call = Box::pin(async move {
                 let res = svc.call(&session, body).await;
                 metrics.call_done(t0.elapsed(), res.is_ok());
                 session.inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
-                let _ = session.inner.send_ctl(reply_frame(&session.inner, id, res));
+                let answer = session.inner.rules.answer(res);
+                let _ = session.inner.send_ctl(answer_frame(id, answer));
             });
             // The handler runs up to its first wait right here, before the next frame is
             // read: a call that never waits costs no task hand-off, and such calls take
@@ -1951,59 +1921,37 @@ fn dispatch(
                 tokio::spawn(call);
             }
         }
-        Kind::Response | Kind::Error => {
-            let pending = inner.lock().calls.remove(&h.id);
-            let Some(pending) = pending else {
-                return Ok(()); // caller gave up
-            };
-            let res = if h.kind == Kind::Response {
-                Ok(payload)
-            } else {
-                let e: ErrorBody = wire::decode("error", &payload)
-                    .map_err(|e| CloseReason::Protocol(e.to_string()))?;
-                Err(match e.code {
-                    CODE_UNKNOWN_SERVICE => CallError::UnknownService(e.message),
-                    CODE_BUSY => CallError::Busy,
-                    code => CallError::Remote(RemoteError {
-                        code,
-                        message: e.message,
-                    }),
-                })
-            };
-            pending.finish(res);
-        }
-        Kind::Open => {
-            // The peer opens odd ids if it dialed, even ids if it accepted.
-            let peer_parity = if dialer { 0 } else { 1 };
-            if h.id % 2 != peer_parity {
-                return proto(format!("stream id {} has the wrong parity", h.id));
+        Event::Answer { id, answer } => {
+            let pending = inner.lock().calls.remove(&id);
+            // None: the caller gave up; the answer is dropped unread.
+            if let Some(pending) = pending {
+                pending.finish(answer.outcome()?);
             }
-            let (service, header) =
-                wire::split_service(payload).map_err(|e| CloseReason::Protocol(e.to_string()))?;
+        }
+        Event::Open {
+            id,
+            service,
+            header,
+        } => {
             let svc = inner.registry.get(&service).cloned();
-            let shared = Shared::new(
-                h.id,
-                inner.peer_window as u64,
-                inner.cfg.stream_window as u64,
-            );
+            let shared = Shared::new(id, inner.peer_window as u64, inner.cfg.stream_window as u64);
             let (tx, rx) = mpsc::unbounded_channel();
             {
                 let mut st = inner.lock();
-                if st.streams.contains_key(&h.id) {
-                    return proto(format!("stream id {} reused", h.id));
-                }
-                if svc.is_none() || st.streams.len() >= inner.cfg.max_streams {
+                let opening = inner.rules.on_open(
+                    id,
+                    st.streams.contains_key(&id),
+                    &service,
+                    svc.is_some(),
+                    st.streams.len(),
+                )?;
+                if let Opening::Refuse(why) = opening {
                     drop(st);
-                    let why = if svc.is_none() {
-                        format!("no service {service:?}")
-                    } else {
-                        "too many streams".to_string()
-                    };
-                    inner.send_reset(h.id, &why);
+                    inner.send_reset(id, &why);
                     return Ok(());
                 }
                 st.streams.insert(
-                    h.id,
+                    id,
                     StreamEntry {
                         shared: shared.clone(),
                         tx,
@@ -2021,83 +1969,53 @@ fn dispatch(
                 drop(open);
             });
         }
-        Kind::Data => {
-            let entry = inner.stream_entry(h.id);
-            // Unknown: already reset or dropped here; the peer learns from the Reset.
-            let Some((shared, tx)) = entry else {
-                return Ok(());
-            };
+        Event::Data { id, payload } => {
+            let entry = inner.stream_entry(id);
             let n = payload.len() as u64;
-            let discard = {
-                let mut st = shared.lock();
-                if st.remote_fin {
-                    return proto(format!("data after EOF on stream {}", h.id));
-                }
-                if st.reader_gone || st.reset.is_some() {
-                    true
-                } else {
-                    if let Err(e) = st.recv.on_data(n) {
-                        return proto(format!("stream {} {e}", h.id));
-                    }
-                    false
-                }
+            let delivery = {
+                let mut st = entry.as_ref().map(|(shared, _)| shared.lock());
+                dispatch::on_data(id, st.as_deref_mut(), n)?
             };
-            if discard || tx.send(Inbound::Data(payload)).is_err() {
-                if discard {
-                    inner.send_credit(h.id, n);
-                } else {
-                    shared.lock().recv.undeliverable(n);
-                    inner.send_credit(h.id, n);
+            match (delivery, entry) {
+                (Delivery::Discard, _) => inner.send_credit(id, n),
+                (Delivery::Deliver, Some((shared, tx))) => {
+                    if tx.send(Inbound::Data(payload)).is_err() {
+                        shared.lock().recv.undeliverable(n);
+                        inner.send_credit(id, n);
+                    }
                 }
+                _ => {}
             }
         }
-        Kind::Eof => {
-            let entry = inner.stream_entry(h.id);
-            let Some((shared, tx)) = entry else {
+        Event::Eof { id } => {
+            let Some((shared, tx)) = inner.stream_entry(id) else {
                 return Ok(());
             };
-            let remove = {
-                let mut st = shared.lock();
-                st.remote_fin = true;
-                st.reader_gone && st.writer_gone
-            };
+            let remove = dispatch::on_eof(&mut shared.lock());
             let _ = tx.send(Inbound::Eof);
             if remove {
-                inner.lock().streams.remove(&h.id);
+                inner.lock().streams.remove(&id);
             }
         }
-        Kind::Reset => {
-            let reason = String::from_utf8_lossy(&payload).into_owned();
-            let entry = inner.lock().streams.remove(&h.id);
+        Event::Reset { id, reason } => {
+            let entry = inner.lock().streams.remove(&id);
             if let Some(e) = entry {
                 e.shared.set_reset(&reason);
                 let _ = e.tx.send(Inbound::Reset(reason));
             }
         }
-        Kind::Credit => {
-            let n = u32_payload(&payload)?;
-            let shared = inner.lock().streams.get(&h.id).map(|e| e.shared.clone());
+        Event::Grant { id, n } => {
+            let shared = inner.lock().streams.get(&id).map(|e| e.shared.clone());
             if let Some(s) = shared {
                 s.add_credit(n as u64);
             }
         }
-        Kind::Ping => {
-            let _ = inner.send_ctl(Frame::new(Kind::Pong, h.id, &[], Bytes::new()));
+        Event::SendPong(seq) => {
+            let _ = inner.send_ctl(Frame::new(Kind::Pong, seq, &[], Bytes::new()));
         }
-        Kind::Pong => inner.stats.pong(h.id),
-        Kind::GoAway => {
+        Event::Pong(seq) => inner.stats.pong(seq),
+        Event::GoAway => {
             inner.lock().going_away = true;
-        }
-        // The acceptor refuses a dialer's Auth after the dialer already started the session
-        // (it only does so on a wrong key, which the dialer normally detects first).
-        Kind::Refuse if dialer => {
-            let why = wire::decode::<wire::Refuse>("refuse", &payload)
-                .map(|r| r.reason)
-                .unwrap_or_else(|e| e.to_string());
-            return proto(format!("the peer refused the session: {why}"));
-        }
-        Kind::Hello | Kind::Auth | Kind::Welcome | Kind::Refuse => {
-            return proto(format!("{:?} frame after the handshake", h.kind));
         }
     }
     Ok(())
