@@ -10,6 +10,7 @@ pub mod client;
 pub mod crypto;
 pub(crate) mod dispatch;
 pub mod endpoint;
+pub(crate) mod handshake;
 pub mod link;
 pub(crate) mod rules;
 pub mod service;

@@ -14,12 +14,11 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::auth::{Key, Secret};
-use crate::crypto::{
-    self, CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer, PUBLIC_KEY_LEN,
-};
+use crate::auth::Key;
+use crate::crypto::{self, CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer};
 use crate::dispatch::{self, Admission, Delivery, Event, Opening, Rules};
 use crate::endpoint::Endpoint;
+use crate::handshake::{self, Handshake, Negotiated, Next, Params};
 use crate::link::{self, Conn, Listener, TransportError};
 use crate::rules::{Beat, Heartbeat};
 use crate::service::{Registry, RemoteError};
@@ -522,17 +521,6 @@ impl Inner {
     }
 }
 
-/// Builds a handshake frame.
-fn hs_frame(kind: Kind, body: Bytes) -> BytesMut {
-    let f = Frame::new(kind, 0, &[], body);
-    let mut out = f.head;
-    out.extend_from_slice(&f.body);
-    out
-}
-
-/// Largest handshake message; a Hello lists a few service names.
-const MAX_HANDSHAKE_FRAME: u32 = 16 * 1024;
-
 async fn read_hs_frame<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<(Kind, Vec<u8>), HandshakeError> {
@@ -544,8 +532,7 @@ async fn read_hs_frame<R: tokio::io::AsyncRead + Unpin>(
         }
         Err(e) => return Err(e.into()),
     }
-    // Anything but a frame header of ours at this point means another protocol answered.
-    let h = Header::parse(&h, MAX_HANDSHAKE_FRAME).map_err(|_| HandshakeError::NotOffload)?;
+    let h = handshake::parse_header(&h)?;
     let mut body = vec![0u8; h.len as usize];
     match r.read_exact(&mut body).await {
         Ok(_) => {}
@@ -557,197 +544,16 @@ async fn read_hs_frame<R: tokio::io::AsyncRead + Unpin>(
     Ok((h.kind, body))
 }
 
-/// Extended Hello: the base message plus the limits the peer must respect.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct HelloMsg {
-    hello: wire::Hello,
-    stream_window: u32,
-    max_frame: u32,
-}
+/// Fuzzing entries of the handshake core, where the fuzz targets have always found them.
+pub use crate::handshake::{fuzz_decode_hello, fuzz_handshake};
 
-/// Version 3's addition to the Hello, encoded right after [`HelloMsg`] so that a version 2
-/// peer still decodes the Hello and reports the version mismatch by name (postcard ignores
-/// trailing bytes).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct HelloExt {
-    /// Whether this side encrypts the session (its policy for this link kind).
-    encrypt: bool,
-    /// This side's ephemeral X25519 public key (zeros when not encrypting).
-    dh: [u8; PUBLIC_KEY_LEN],
-}
-
-/// The dialer's addition after [`HelloExt`] (older peers ignore it): which of the acceptor's
-/// keys to prove itself with during a key rotation.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct HelloHint {
-    /// The first [`HINT_LEN`] bytes of HMAC(dialer's key, [`HINT_CONTEXT`] ‖ dialer's nonce).
-    key_hint: [u8; HINT_LEN],
-}
-
-const AUTH_CONTEXT: &[u8] = b"dpu-offload session auth v1";
-/// Domain of the key hint's HMAC (never equal to a tag's input).
-const HINT_CONTEXT: &[u8] = b"dpu-offload key hint v1";
-/// Bytes of the key hint: enough that a random one matches no key in practice.
-const HINT_LEN: usize = 16;
-
-struct Negotiated {
-    peer_services: Vec<String>,
-    peer_window: u32,
-    peer_max_frame: u32,
-    /// Dialer only: its Auth frame, written by the session's writer ahead of the first frames
-    /// (one write, no extra round trip).
-    auth: Option<BytesMut>,
-    /// The record keys of an encrypted session.
-    cipher: Option<(Sealer, Opener)>,
-}
-
-/// What a Hello carries: the base message, then (if present) the extension and the hint.
-type HelloParts = (HelloMsg, Option<HelloExt>, Option<HelloHint>);
-
-/// Decodes the peer's first handshake frame: anything but a well-formed Hello carrying our
-/// magic means the peer is not a dpu-offload endpoint. The extension is `None` when absent
-/// (an older peer, refused by the version check), the hint when the peer sends none (an
-/// acceptor, or a dialer from before key rotation).
-fn decode_hello(kind: Kind, body: &[u8]) -> Result<HelloParts, HandshakeError> {
-    if kind != Kind::Hello {
-        return Err(HandshakeError::NotOffload);
-    }
-    let (theirs, rest): (HelloMsg, _) =
-        postcard::take_from_bytes(body).map_err(|_| HandshakeError::NotOffload)?;
-    if theirs.hello.magic != wire::MAGIC {
-        return Err(HandshakeError::NotOffload);
-    }
-    let (ext, hint) = match postcard::take_from_bytes::<HelloExt>(rest) {
-        Ok((ext, rest)) => (Some(ext), postcard::from_bytes::<HelloHint>(rest).ok()),
-        Err(_) => (None, None),
-    };
-    Ok((theirs, ext, hint))
-}
-
-/// Encodes a Hello with its extension and hint (the hint only after an extension).
-fn encode_hello(msg: &HelloMsg, ext: Option<&HelloExt>, hint: Option<&HelloHint>) -> Bytes {
-    let mut out = BytesMut::from(&wire::encode(msg)[..]);
-    if let Some(ext) = ext {
-        out.extend_from_slice(&wire::encode(ext));
-        if let Some(hint) = hint {
-            out.extend_from_slice(&wire::encode(hint));
-        }
-    }
-    out.freeze()
-}
-
-/// The dialer's key hint for `nonce` under `key`.
-fn key_hint(key: &Secret, nonce: &[u8]) -> HelloHint {
-    let tag = key.tag(&[HINT_CONTEXT, nonce]);
-    let mut key_hint = [0u8; HINT_LEN];
-    key_hint.copy_from_slice(&tag[..HINT_LEN]);
-    HelloHint { key_hint }
-}
-
-/// The acceptor's choice among its keys: the one the dialer's hint matches, else the first.
-fn pick_key<'a>(keys: &'a [Secret], nonce: &[u8], hint: Option<&HelloHint>) -> Option<&'a Secret> {
-    hint.and_then(|h| {
-        keys.iter()
-            .find(|k| k.verify_prefix(&[HINT_CONTEXT, nonce], &h.key_hint))
-    })
-    .or(keys.first())
-}
-
-/// Fuzzing entry: decodes `body` as the peer's Hello and returns its re-encoding (`None`:
-/// refused). Decoding the re-encoding must give the same bytes again.
-#[doc(hidden)]
-pub fn fuzz_decode_hello(body: &[u8]) -> Option<Bytes> {
-    decode_hello(Kind::Hello, body)
-        .ok()
-        .map(|(m, ext, hint)| encode_hello(&m, ext.as_ref(), hint.as_ref()))
-}
-
-/// Fuzzing entry: runs the handshake's decoders over `data` read as the byte stream a peer
-/// sends before it is authenticated (header limits, Hello, then Welcome/Auth/Refuse with their
-/// tags checked against a fixed key), as [`handshake`] does, without the I/O.
-#[doc(hidden)]
-pub fn fuzz_handshake(data: &[u8]) {
-    let Ok(key) = Key::from_bytes(*b"fuzzing-key-0123456789")
-        .and_then(|k| k.accepting_bytes(*b"fuzzing-key-next-456789"))
-    else {
-        return;
-    };
-    let mut rest = data;
-    let mut hello: Option<&[u8]> = None;
-    while rest.len() >= HEADER_LEN {
-        let (head, tail) = rest.split_at(HEADER_LEN);
-        let Ok(head) = <&[u8; HEADER_LEN]>::try_from(head) else {
-            return;
-        };
-        let Ok(h) = Header::parse(head, MAX_HANDSHAKE_FRAME) else {
-            return;
-        };
-        let Some((body, tail)) = tail.split_at_checked(h.len as usize) else {
-            return;
-        };
-        rest = tail;
-        let Some(theirs) = hello else {
-            let Ok((msg, ext, hint)) = decode_hello(h.kind, body) else {
-                return;
-            };
-            // The key the acceptor would prove with (a hint matching the second key or none).
-            let keys = key.secrets();
-            let Some(k) = pick_key(&keys, &msg.hello.nonce, hint.as_ref()) else {
-                return;
-            };
-            // The key exchange a well-formed Hello leads to (refused for a low-order key).
-            if let (Some(ext), Ok(mine)) = (ext, Ephemeral::generate()) {
-                let _ = mine.derive(&ext.dh, Some(k.bytes()), &[body, data], false);
-            }
-            hello = Some(body);
-            continue;
-        };
-        let (role, tag): (&[u8], _) = match h.kind {
-            Kind::Welcome => (
-                b"S",
-                wire::decode::<wire::Welcome>("welcome", body).map(|w| w.tag),
-            ),
-            Kind::Auth => (
-                b"C",
-                wire::decode::<wire::Auth>("auth", body).map(|a| a.tag),
-            ),
-            Kind::Refuse => {
-                let _ = wire::decode::<wire::Refuse>("refuse", body);
-                continue;
-            }
-            _ => return,
-        };
-        let Ok(tag) = tag else {
-            return;
-        };
-        for k in key.secrets() {
-            let _ = k.verify(&[AUTH_CONTEXT, role, theirs, data], &tag);
-        }
-    }
-}
-
-/// Writes handshake frames in one write and flushes.
-async fn hs_send(conn: &mut Conn, frames: &[&[u8]]) -> io::Result<()> {
-    let all = frames.concat();
-    conn.write_all(&all).await?;
+/// Writes handshake frames (one buffer, one write) and flushes.
+async fn hs_send(conn: &mut Conn, frames: &[u8]) -> io::Result<()> {
+    conn.write_all(frames).await?;
     conn.flush().await
 }
 
-/// The handshake. The acceptor proves the key first, so the dialer knows who it talks to
-/// before it sends anything but its Hello, and can send its own proof together with its first
-/// frames: 1 round trip instead of 2.
-///
-/// ```text
-/// dialer                               acceptor
-///   Hello_d                  ──▶
-///                            ◀──  Hello_a, Welcome{S tag} | Refuse
-///   Auth{C tag}, frames…     ──▶  (verified before any frame is read)
-///                            ◀──  Refuse (wrong key only)
-/// ```
-///
-/// Both Hellos carry an ephemeral X25519 key and the side's encryption policy for the link;
-/// the tags cover both Hellos, so the exchange is authenticated by the pre-shared key. When
-/// encrypting, everything after Welcome (acceptor) and Auth (dialer) is sealed records.
+/// The handshake ([`crate::handshake`] decides; this reads its frames and writes its answers).
 async fn handshake(
     conn: &mut Conn,
     cfg: &SessionConfig,
@@ -759,226 +565,49 @@ async fn handshake(
     // set-up (ChaCha, CPU feature probing) costs more than the one getrandom(2) call.
     let mut nonce = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let mine = HelloMsg {
-        hello: wire::Hello {
-            magic: wire::MAGIC,
-            version: wire::VERSION,
-            nonce,
-            services: registry.names(),
-            authenticated: cfg.key.is_some(),
-        },
-        stream_window: cfg.stream_window,
-        max_frame: cfg.max_frame,
-    };
     let eph = if encrypt {
         Some(Ephemeral::generate()?)
     } else {
         None
     };
-    let my_ext = HelloExt {
+    let params = Params {
+        dialer,
         encrypt,
-        dh: eph.as_ref().map(Ephemeral::public).unwrap_or_default(),
+        secrets: cfg.key.as_ref().map(Key::secrets).unwrap_or_default(),
+        services: registry.names(),
+        stream_window: cfg.stream_window,
+        max_frame: cfg.max_frame,
     };
-    // The keys as they are for this handshake: the one to prove with first, then any other
-    // accepted during a rotation.
-    let secrets: Vec<Secret> = cfg.key.as_ref().map(Key::secrets).unwrap_or_default();
-    let my_hint = match secrets.first() {
-        Some(k) if dialer => Some(key_hint(k, &nonce)),
-        _ => None,
-    };
-    let mine_bytes = encode_hello(&mine, Some(&my_ext), my_hint.as_ref());
-    let my_hello = hs_frame(Kind::Hello, mine_bytes.clone());
-    if dialer {
-        hs_send(conn, &[&my_hello]).await?;
+    let (mut hs, first) = Handshake::new(params, nonce, eph);
+    if !first.is_empty() {
+        hs_send(conn, &first).await?;
     }
-    let (kind, theirs_bytes) = read_hs_frame(conn).await?;
-    let (theirs, their_ext, their_hint) = decode_hello(kind, &theirs_bytes)?;
-    // Transcript order is (dialer hello, acceptor hello) on both sides.
-    let (c_hello, s_hello): (&[u8], &[u8]) = if dialer {
-        (&mine_bytes, &theirs_bytes)
-    } else {
-        (&theirs_bytes, &mine_bytes)
-    };
-    // This side's proof for `role` under `key` (empty without a key).
-    let my_tag = |key: Option<&Secret>, role: &[u8]| -> Vec<u8> {
-        key.map(|k| k.tag(&[AUTH_CONTEXT, role, c_hello, s_hello]).to_vec())
-            .unwrap_or_default()
-    };
-    let refuse = |reason: &str| {
-        hs_frame(
-            Kind::Refuse,
-            wire::encode(&wire::Refuse {
-                reason: reason.into(),
-            }),
-        )
-    };
-    // Checked after the version (a version 2 peer sends no extension).
-    let check_ext = || -> Result<&HelloExt, HandshakeError> {
-        let ext = their_ext.as_ref().ok_or(WireError::Decode {
-            what: "hello",
-            reason: "no encryption parameters".into(),
-        })?;
-        if ext.encrypt != encrypt {
-            return Err(HandshakeError::EncryptionMismatch {
-                ours: encrypt,
-                theirs: ext.encrypt,
-            });
-        }
-        Ok(ext)
-    };
-    // The record keys, once both sides are known to agree (derived before the peer's proof
-    // is checked, but used only after it).
-    let keys = |ext: &HelloExt,
-                eph: Option<Ephemeral>,
-                psk: Option<&Secret>|
-     -> Result<_, HandshakeError> {
-        match eph {
-            Some(eph) => Ok(Some(eph.derive(
-                &ext.dh,
-                psk.map(Secret::bytes),
-                &[c_hello, s_hello],
-                dialer,
-            )?)),
-            None => Ok(None),
-        }
-    };
-    let negotiated = |auth, cipher| Negotiated {
-        peer_services: theirs.hello.services.clone(),
-        peer_window: theirs.stream_window.max(1),
-        peer_max_frame: theirs.max_frame.max(4096),
-        auth,
-        cipher,
-    };
-
-    if dialer {
-        if theirs.hello.version != wire::VERSION {
-            return Err(HandshakeError::Version {
-                ours: wire::VERSION,
-                theirs: theirs.hello.version,
-            });
-        }
-        // The acceptor refuses a mismatch too (its Refuse follows its Hello); saying it here
-        // names both settings.
-        let ext = check_ext()?;
-        let auth = |key: Option<&Secret>| {
-            hs_frame(
-                Kind::Auth,
-                wire::encode(&wire::Auth {
-                    tag: my_tag(key, b"C"),
-                }),
-            )
+    loop {
+        let (kind, body) = match read_hs_frame(conn).await {
+            Ok(f) => f,
+            Err(e) => return Err(hs.on_read_error(e)),
         };
-        let (kind, body) = read_hs_frame(conn).await?;
-        match kind {
-            Kind::Welcome => {
-                let w: wire::Welcome = wire::decode("welcome", &body)?;
-                // The acceptor proved one of our keys (the hinted one if it holds it; during
-                // a rotation possibly another): that one is the session's.
-                let proved = secrets
-                    .iter()
-                    .find(|k| k.verify(&[AUTH_CONTEXT, b"S", c_hello, s_hello], &w.tag));
-                match (&cfg.key, proved) {
-                    (Some(_), None) => {
-                        // Wrong key here or an impostor there: our proof tells the acceptor
-                        // (its Refuse names the reason), and reveals nothing reusable (fresh
-                        // nonces, role-bound). Nothing else is sent.
-                        hs_send(conn, &[&auth(secrets.first())]).await?;
-                        return match read_hs_frame(conn).await {
-                            Ok((Kind::Refuse, body)) => {
-                                let r: wire::Refuse = wire::decode("refuse", &body)?;
-                                Err(HandshakeError::Rejected(r.reason))
-                            }
-                            _ => Err(HandshakeError::PeerNotAuthenticated),
-                        };
-                    }
-                    (Some(_), Some(_)) => {}
-                    (None, _) if theirs.hello.authenticated => {
-                        return Err(HandshakeError::Mismatch(
-                            "the peer requires a key but none is configured here".into(),
-                        ))
-                    }
-                    (None, _) => {}
+        let out = hs.on_frame(kind, &body);
+        match out.next {
+            Next::More => {
+                if !out.send.is_empty() {
+                    hs_send(conn, &out.send).await?;
                 }
-                Ok(negotiated(Some(auth(proved)), keys(ext, eph, proved)?))
             }
-            Kind::Refuse => {
-                let r: wire::Refuse = wire::decode("refuse", &body)?;
-                Err(HandshakeError::Rejected(r.reason))
+            Next::Done(negotiated) => {
+                if !out.send.is_empty() {
+                    hs_send(conn, &out.send).await?;
+                }
+                return Ok(negotiated);
             }
-            other => Err(HandshakeError::Unexpected(other)),
-        }
-    } else {
-        if theirs.hello.version != wire::VERSION {
-            let _ = hs_send(
-                conn,
-                &[
-                    &my_hello,
-                    &refuse(&format!(
-                        "unsupported protocol version {}; this side speaks {}",
-                        theirs.hello.version,
-                        wire::VERSION
-                    )),
-                ],
-            )
-            .await;
-            return Err(HandshakeError::Version {
-                ours: wire::VERSION,
-                theirs: theirs.hello.version,
-            });
-        }
-        match &cfg.key {
-            Some(_) if !theirs.hello.authenticated => {
-                let _ = hs_send(
-                    conn,
-                    &[&my_hello, &refuse("this server requires a pre-shared key")],
-                )
-                .await;
-                return Err(HandshakeError::Mismatch("peer has no key".into()));
-            }
-            None if theirs.hello.authenticated => {
-                let _ = hs_send(
-                    conn,
-                    &[&my_hello, &refuse("this server runs unauthenticated but the client holds a key; refusing to downgrade")],
-                )
-                .await;
-                return Err(HandshakeError::Mismatch(
-                    "peer holds a key, this side runs unauthenticated".into(),
-                ));
-            }
-            _ => {}
-        }
-        let ext = match check_ext() {
-            Ok(ext) => ext,
-            Err(e) => {
-                let why = match &e {
-                    HandshakeError::EncryptionMismatch { ours, theirs } => format!(
-                        "encryption policy mismatch: the server has encrypt = {ours} for this link, the client encrypt = {theirs}"
-                    ),
-                    other => other.to_string(),
-                };
-                let _ = hs_send(conn, &[&my_hello, &refuse(&why)]).await;
+            Next::Failed(e) => {
+                // The Refuse tells the peer why; it may be gone already.
+                if !out.send.is_empty() {
+                    let _ = hs_send(conn, &out.send).await;
+                }
                 return Err(e);
             }
-        };
-        // The dialer's hinted key if this side holds it, else this side's first.
-        let key = pick_key(&secrets, &theirs.hello.nonce, their_hint.as_ref());
-        let cipher = keys(ext, eph, key)?;
-        let tag = my_tag(key, b"S");
-        let welcome = hs_frame(Kind::Welcome, wire::encode(&wire::Welcome { tag }));
-        hs_send(conn, &[&my_hello, &welcome]).await?;
-        // Only the Auth is read here; frames pipelined behind it stay unread until it verified.
-        let (kind, body) = read_hs_frame(conn).await?;
-        if kind != Kind::Auth {
-            return Err(HandshakeError::Unexpected(kind));
         }
-        let a: wire::Auth = wire::decode("auth", &body)?;
-        if let Some(k) = key {
-            if !k.verify(&[AUTH_CONTEXT, b"C", c_hello, s_hello], &a.tag) {
-                let _ = hs_send(conn, &[&refuse("wrong key")]).await;
-                return Err(HandshakeError::Rejected("wrong key".into()));
-            }
-        }
-        Ok(negotiated(None, cipher))
     }
 }
 
@@ -2209,71 +1838,5 @@ mod record_tests {
         }
         assert_eq!(lens, vec![4096, MAX_RECORD, 10, 100]);
         assert!(raw.is_empty());
-    }
-}
-
-#[cfg(test)]
-mod hint_tests {
-    use super::*;
-
-    #[test]
-    fn acceptor_picks_the_hinted_key_else_its_first() {
-        let old = Key::from_bytes(vec![1; 32]).unwrap();
-        let both = Key::from_bytes(vec![1; 32])
-            .unwrap()
-            .accepting_bytes(vec![2; 32])
-            .unwrap()
-            .secrets();
-        let new = Key::from_bytes(vec![2; 32]).unwrap().secrets();
-        let nonce = [9u8; 32];
-        let pick =
-            |hint: Option<&HelloHint>| pick_key(&both, &nonce, hint).map(|k| k.bytes().to_vec());
-        assert_eq!(pick(None), Some(vec![1; 32]));
-        assert_eq!(pick(Some(&key_hint(&new[0], &nonce))), Some(vec![2; 32]));
-        assert_eq!(
-            pick(Some(&key_hint(&old.secrets()[0], &nonce))),
-            Some(vec![1; 32])
-        );
-        // A hint for another nonce (replayed) or another key falls back to the first key.
-        assert_eq!(
-            pick(Some(&key_hint(&new[0], &[8u8; 32]))),
-            Some(vec![1; 32])
-        );
-        let other = Key::from_bytes(vec![3; 32]).unwrap().secrets();
-        assert_eq!(pick(Some(&key_hint(&other[0], &nonce))), Some(vec![1; 32]));
-        assert!(pick_key(&[], &nonce, None).is_none());
-    }
-
-    #[test]
-    fn hello_round_trips_with_and_without_hint() {
-        let msg = HelloMsg {
-            hello: wire::Hello {
-                magic: wire::MAGIC,
-                version: wire::VERSION,
-                nonce: [4; 32],
-                services: vec!["fs".into()],
-                authenticated: true,
-            },
-            stream_window: 1,
-            max_frame: 4096,
-        };
-        let ext = HelloExt {
-            encrypt: true,
-            dh: [7; PUBLIC_KEY_LEN],
-        };
-        let hint = HelloHint {
-            key_hint: [5; HINT_LEN],
-        };
-        let with = encode_hello(&msg, Some(&ext), Some(&hint));
-        let (_, e, h) = decode_hello(Kind::Hello, &with).unwrap();
-        assert!(e.is_some());
-        assert_eq!(h.map(|h| h.key_hint), Some([5; HINT_LEN]));
-        // What a peer from before key rotation sends, and what it decodes of ours.
-        let without = encode_hello(&msg, Some(&ext), None);
-        let (_, e, h) = decode_hello(Kind::Hello, &without).unwrap();
-        assert!(e.is_some() && h.is_none());
-        assert!(with.starts_with(&without));
-        let old_view: HelloExt = postcard::from_bytes(&with[wire::encode(&msg).len()..]).unwrap();
-        assert_eq!(old_view.dh, [7; PUBLIC_KEY_LEN]);
     }
 }
