@@ -189,6 +189,8 @@ struct Peer {
     ext: HelloExt,
 }
 
+// One per handshake, moved a handful of times: not worth boxing.
+#[allow(clippy::large_enum_variant)]
 enum State {
     /// Waiting for the peer's Hello.
     Hello,
@@ -208,6 +210,8 @@ enum State {
 }
 
 /// What the driver does after feeding a frame.
+// Done (the record keys) is returned once per handshake: not worth boxing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Next {
     /// Write [`Output::send`], then read and feed the next frame.
     More,
@@ -665,6 +669,7 @@ mod tests {
     }
 
     /// How one side ended.
+    #[allow(clippy::large_enum_variant)]
     enum End {
         Done(Negotiated),
         Failed(HandshakeError),

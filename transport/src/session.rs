@@ -1605,15 +1605,20 @@ fn dispatch(inner: &Arc<Inner>, h: Header, payload: Bytes) -> Result<(), CloseRe
                 let mut st = entry.as_ref().map(|(shared, _)| shared.lock());
                 dispatch::on_data(id, st.as_deref_mut(), n)?
             };
-            match (delivery, entry) {
-                (Delivery::Discard, _) => inner.send_credit(id, n),
+            // Bytes nobody will read go back to the peer as credit at once.
+            let credit_back = match (delivery, entry) {
+                (Delivery::Discard, _) => true,
                 (Delivery::Deliver, Some((shared, tx))) => {
-                    if tx.send(Inbound::Data(payload)).is_err() {
+                    let lost = tx.send(Inbound::Data(payload)).is_err();
+                    if lost {
                         shared.lock().recv.undeliverable(n);
-                        inner.send_credit(id, n);
                     }
+                    lost
                 }
-                _ => {}
+                _ => false,
+            };
+            if credit_back {
+                inner.send_credit(id, n);
             }
         }
         Event::Eof { id } => {
