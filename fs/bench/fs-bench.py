@@ -18,9 +18,10 @@ so neither the kernel nor the FUSE daemon has cached anything):
 and the CPU seconds per GiB of the write and the read on the HOST side (offloadd; sshd and
 its sftp) and on the DPU side (mount_qtfs; sshfs).
 Usage: fs/bench/fs-bench.py [-n N] [targets...]
-  targets: local qtfs qtfs-nofeed qtfs-wb qtfs-ttl20 sshfs sshfs-aes
+  targets: local qtfs qtfs-nofeed qtfs-wb qtfs-ttl20 sshfs sshfs-aes bindfs
 Needs `cargo build --release -p tools --bin offloadd --bin mount_qtfs` (binaries from
-$QTFS_BIN, default target/release), and sshfs + openssh-server for the sshfs targets.
+$QTFS_BIN, default target/release), sshfs + openssh-server for the sshfs targets, bindfs for bindfs (a local FUSE passthrough:
+what FUSE itself costs here, with no network and no HOST daemon).
 """
 import os, sys, subprocess, time, json, statistics, shutil, argparse, atexit, signal
 
@@ -46,6 +47,9 @@ TARGETS = {
     # without the feed, with sshfs's default cache lifetime (20 s)
     "qtfs-ttl20": (f"{B}/export", f"{B}/mnt-qtfs-ttl20", ",coherent_ttl=0,attr_timeout=20,entry_timeout=20"),
     "sshfs":     (f"{B}/export", f"{B}/mnt-sshfs", ""),
+    # a local FUSE passthrough (libfuse, no network, no second daemon): the floor of any FUSE
+    # design on this machine
+    "bindfs":    (f"{B}/export", f"{B}/mnt-bindfs", ""),
     "sshfs-aes": (f"{B}/export", f"{B}/mnt-sshfs-aes", ",Ciphers=aes128-gcm@openssh.com,Compression=no"),
 }
 STARTED = {}   # name -> Popen or pid of what this run started
@@ -141,6 +145,8 @@ def sides(t):
     if t.startswith("qtfs"):
         host = [STARTED["offloadd"].pid] if "offloadd" in STARTED else []
         return host, pg(f"mount_qtfs .* {mnt}( |$)")
+    if t == "bindfs":
+        return [], pg(f"bindfs .* {mnt}( |$)")
     host = [int(p) for p in subprocess.run(["pgrep", "-P", str(STARTED["sshd"].pid)], capture_output=True, text=True).stdout.split()] if "sshd" in STARTED else []
     host += [c for p in list(host) for c in pg(f"sshd: .*") if c != STARTED["sshd"].pid]
     return sorted(set(host)), pg(f"sshfs .* {mnt}( |$)")
@@ -148,7 +154,7 @@ def sides(t):
 def umount(t):
     _, mnt, _ = TARGETS[t]
     if mnt and is_mounted(mnt):
-        sh(f"umount {mnt}" if t.startswith("qtfs") else f"fusermount3 -u {mnt}")
+        sh(f"umount {mnt}" if t.startswith("qtfs") or t == "bindfs" else f"fusermount3 -u {mnt}")
 
 def mount(t):
     back, mnt, extra = TARGETS[t]
@@ -159,6 +165,8 @@ def mount(t):
         if t.startswith("qtfs"):
             key = qtfs_server()
             sh(f"{QTFS_BIN}/mount_qtfs {back} {mnt} -o addr=tcp://127.0.0.1:{QTFS_PORT},keyfile={key}{extra}")
+        elif t == "bindfs":
+            sh(f"bindfs {back} {mnt}")
         else:
             sshd()
             sh(f"sshfs -o {SSH_OPTS}{extra} root@127.0.0.1:{back} {mnt}")
