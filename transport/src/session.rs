@@ -1,5 +1,11 @@
 //! The session: handshake, then calls and streams multiplexed over one connection, with
 //! heartbeats and limits. Written once; every service and every link uses it.
+//!
+//! This module is the tokio driver: it owns the connection, the reader, writer and heartbeat
+//! tasks, the call and stream tables and the channels. What the protocol means is decided by
+//! I/O-free cores it feeds: [`crate::handshake`] (the handshake per role), [`crate::dispatch`]
+//! (what each incoming frame asks for, and which frames break the rules) and [`crate::rules`]
+//! (heartbeat timing, stream credit windows).
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -374,8 +380,8 @@ impl Inner {
         r
     }
 
-    /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] (and the link) allows
-    /// and nothing is ahead of it, else queued. Err: the session is gone.
+    /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] and the
+    /// link allow and nothing is ahead of it, else queued. Err: the session is gone.
     fn send_call_frame(&self, f: Frame) -> Result<(), ()> {
         if f.head.len() + f.body.len() <= self.direct_send {
             let mut ws = lock_ws(&self.ws);
