@@ -3,9 +3,9 @@
 //!
 //! This module is the tokio driver: it owns the connection, the reader, writer and heartbeat
 //! tasks, the call and stream tables and the channels. What the protocol means is decided by
-//! I/O-free cores it feeds: [`crate::handshake`] (the handshake per role), [`crate::dispatch`]
-//! (what each incoming frame asks for, and which frames break the rules) and [`crate::rules`]
-//! (heartbeat timing, stream credit windows).
+//! I/O-free cores it feeds, each unit-tested without sockets or sleeps: `handshake.rs` (the
+//! handshake per role), `dispatch.rs` (what each incoming frame asks for, and which frames
+//! break the rules) and `rules.rs` (heartbeat timing, stream credit windows).
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
