@@ -158,13 +158,6 @@ impl FromStr for Endpoint {
 }
 
 impl Endpoint {
-    /// Whether a thread outside the runtime may try a write on this link's connection
-    /// ([`crate::SessionConfig::direct_send`]): true for socket links; RDMA queue pairs are
-    /// driven by the runtime only.
-    pub fn direct_send_ok(&self) -> bool {
-        !matches!(self, Endpoint::Rdma { .. })
-    }
-
     /// Builds an endpoint from `--transport T` plus an address; a full URL in `addr` is accepted
     /// as is (and must agree with `transport` when both are given).
     pub fn from_parts(transport: Option<&str>, addr: &str) -> Result<Endpoint, EndpointError> {

@@ -8,7 +8,9 @@
 pub mod auth;
 pub mod client;
 pub mod crypto;
+pub(crate) mod dispatch;
 pub mod endpoint;
+pub(crate) mod handshake;
 pub mod link;
 pub(crate) mod rules;
 pub mod service;

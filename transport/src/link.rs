@@ -12,8 +12,41 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use crate::endpoint::Endpoint;
 
 /// A connected, reliable, ordered byte stream.
-pub trait AsyncConn: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AsyncConn for T {}
+pub trait AsyncConn: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// Whether a thread outside the runtime may try a write on this connection itself (a
+    /// non-blocking `poll_write` with a no-op waker), so a session can let callers write their
+    /// own calls ([`crate::SessionConfig::direct_send`]). True for kernel sockets, whose
+    /// writes are plain system calls; false for links driven by the runtime only (an RDMA
+    /// queue pair's send path and completions belong to its task). The link answers, so the
+    /// session never asks which endpoint kind it runs on.
+    fn direct_write_ok(&self) -> bool;
+}
+
+impl AsyncConn for TcpStream {
+    fn direct_write_ok(&self) -> bool {
+        true
+    }
+}
+
+impl AsyncConn for UnixStream {
+    fn direct_write_ok(&self) -> bool {
+        true
+    }
+}
+
+impl AsyncConn for tokio_vsock::VsockStream {
+    fn direct_write_ok(&self) -> bool {
+        true
+    }
+}
+
+/// A connection wrapped in another boxed connection (byte counters, test relays) keeps the
+/// inner link's answer.
+impl AsyncConn for Conn {
+    fn direct_write_ok(&self) -> bool {
+        (**self).direct_write_ok()
+    }
+}
 
 /// A boxed connection of any link kind.
 pub type Conn = Box<dyn AsyncConn>;

@@ -1409,6 +1409,14 @@ impl AsyncWrite for RdmaStream {
     }
 }
 
+/// The queue pair's send path (slots, credits, completions) is driven by the runtime only: a
+/// session does not let callers write on it from their own threads.
+impl crate::link::AsyncConn for RdmaStream {
+    fn direct_write_ok(&self) -> bool {
+        false
+    }
+}
+
 impl Drop for RdmaStream {
     fn drop(&mut self) {
         // Give posted writes a moment to be acknowledged before the disconnect flushes them, so a

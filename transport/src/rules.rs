@@ -3,9 +3,9 @@
 //! model). The tokio driver in [`crate::session`] and [`crate::stream`] owns the sockets, tasks
 //! and locks; the rules live here so they can be tested on virtual time without any of them.
 //!
-//! What is here so far: [`Heartbeat`] (when to ping, when the peer is dead), [`RecvWindow`]
-//! and [`SendWindow`] (a stream's flow control). Frame dispatch and the handshake still live in
-//! the session module.
+//! Here: [`Heartbeat`] (when to ping, when the peer is dead), [`RecvWindow`] and
+//! [`SendWindow`] (a stream's flow control). What an incoming frame means is decided in
+//! [`crate::dispatch`], the same way.
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,11 @@
 //! The session: handshake, then calls and streams multiplexed over one connection, with
 //! heartbeats and limits. Written once; every service and every link uses it.
+//!
+//! This module is the tokio driver: it owns the connection, the reader, writer and heartbeat
+//! tasks, the call and stream tables and the channels. What the protocol means is decided by
+//! I/O-free cores it feeds, each unit-tested without sockets or sleeps: `handshake.rs` (the
+//! handshake per role), `dispatch.rs` (what each incoming frame asks for, and which frames
+//! break the rules) and `rules.rs` (heartbeat timing, stream credit windows).
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -14,16 +20,16 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::auth::{Key, Secret};
-use crate::crypto::{
-    self, CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer, PUBLIC_KEY_LEN,
-};
+use crate::auth::Key;
+use crate::crypto::{self, CryptoError, EncryptPolicy, Ephemeral, Opener, Piece, Sealer};
+use crate::dispatch::{self, Admission, Delivery, Event, Opening, Rules};
 use crate::endpoint::Endpoint;
+use crate::handshake::{self, Handshake, Negotiated, Next, Params};
 use crate::link::{self, Conn, Listener, TransportError};
 use crate::rules::{Beat, Heartbeat};
 use crate::service::{Registry, RemoteError};
 use crate::stream::{CloseAction, Inbound, Shared, Stream};
-use crate::wire::{self, ErrorBody, Header, Kind, WireError, HEADER_LEN};
+use crate::wire::{self, Header, Kind, WireError, HEADER_LEN};
 
 /// Session tunables. The defaults suit a HOST–DPU link.
 #[derive(Debug, Clone)]
@@ -49,8 +55,9 @@ pub struct SessionConfig {
     /// Largest call (bytes) a sending thread writes to the connection itself when nothing is
     /// queued ahead of it, instead of waking the writer task: one hand-off less per call.
     /// Bigger calls (bulk writes) go through the writer task so the caller is not held up
-    /// copying them. 0 (the default) turns it off; only for links whose writes may be tried
-    /// from any thread ([`crate::Endpoint::direct_send_ok`]).
+    /// copying them. 0 (the default) turns it off. Applies only on links whose connection
+    /// allows writes from any thread ([`crate::AsyncConn::direct_write_ok`]); on others (RDMA)
+    /// every call goes through the writer task whatever this says.
     pub direct_send: usize,
     /// Which link kinds encrypt (AES-128-GCM keyed by an ephemeral X25519 exchange inside the
     /// handshake, see [`crate::crypto`]). Both ends must agree for the link used; default: tcp
@@ -212,10 +219,6 @@ pub enum CallError {
     Timeout(Duration),
 }
 
-/// Error codes the session itself puts in Error frames (services use their own, ≥ 0).
-const CODE_UNKNOWN_SERVICE: i32 = -1;
-const CODE_BUSY: i32 = -2;
-
 /// One outgoing frame: header (+ small prefix) and a payload passed through without copying.
 struct Frame {
     head: BytesMut,
@@ -324,6 +327,10 @@ pub(crate) struct Inner {
     ws: Arc<Mutex<WriteSide>>,
     data_tx: mpsc::UnboundedSender<Frame>,
     state: Mutex<State>,
+    /// What incoming frames mean (the I/O-free core the reader executes).
+    rules: Rules,
+    /// [`SessionConfig::direct_send`] where the link allows direct writes, else 0.
+    direct_send: usize,
     next_call: AtomicU32,
     next_stream: AtomicU32,
     inflight_calls: AtomicU32,
@@ -373,10 +380,10 @@ impl Inner {
         r
     }
 
-    /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] allows
-    /// and nothing is ahead of it, else queued. Err: the session is gone.
+    /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] and the
+    /// link allow and nothing is ahead of it, else queued. Err: the session is gone.
     fn send_call_frame(&self, f: Frame) -> Result<(), ()> {
-        if f.head.len() + f.body.len() <= self.cfg.direct_send {
+        if f.head.len() + f.body.len() <= self.direct_send {
             let mut ws = lock_ws(&self.ws);
             if !ws.busy && ws.queued == 0 && !ws.done {
                 let mut chunks: VecDeque<Bytes> = VecDeque::new();
@@ -520,17 +527,6 @@ impl Inner {
     }
 }
 
-/// Builds a handshake frame.
-fn hs_frame(kind: Kind, body: Bytes) -> BytesMut {
-    let f = Frame::new(kind, 0, &[], body);
-    let mut out = f.head;
-    out.extend_from_slice(&f.body);
-    out
-}
-
-/// Largest handshake message; a Hello lists a few service names.
-const MAX_HANDSHAKE_FRAME: u32 = 16 * 1024;
-
 async fn read_hs_frame<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<(Kind, Vec<u8>), HandshakeError> {
@@ -542,8 +538,7 @@ async fn read_hs_frame<R: tokio::io::AsyncRead + Unpin>(
         }
         Err(e) => return Err(e.into()),
     }
-    // Anything but a frame header of ours at this point means another protocol answered.
-    let h = Header::parse(&h, MAX_HANDSHAKE_FRAME).map_err(|_| HandshakeError::NotOffload)?;
+    let h = handshake::parse_header(&h)?;
     let mut body = vec![0u8; h.len as usize];
     match r.read_exact(&mut body).await {
         Ok(_) => {}
@@ -555,197 +550,16 @@ async fn read_hs_frame<R: tokio::io::AsyncRead + Unpin>(
     Ok((h.kind, body))
 }
 
-/// Extended Hello: the base message plus the limits the peer must respect.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct HelloMsg {
-    hello: wire::Hello,
-    stream_window: u32,
-    max_frame: u32,
-}
+/// Fuzzing entries of the handshake core, where the fuzz targets have always found them.
+pub use crate::handshake::{fuzz_decode_hello, fuzz_handshake};
 
-/// Version 3's addition to the Hello, encoded right after [`HelloMsg`] so that a version 2
-/// peer still decodes the Hello and reports the version mismatch by name (postcard ignores
-/// trailing bytes).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct HelloExt {
-    /// Whether this side encrypts the session (its policy for this link kind).
-    encrypt: bool,
-    /// This side's ephemeral X25519 public key (zeros when not encrypting).
-    dh: [u8; PUBLIC_KEY_LEN],
-}
-
-/// The dialer's addition after [`HelloExt`] (older peers ignore it): which of the acceptor's
-/// keys to prove itself with during a key rotation.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct HelloHint {
-    /// The first [`HINT_LEN`] bytes of HMAC(dialer's key, [`HINT_CONTEXT`] ‖ dialer's nonce).
-    key_hint: [u8; HINT_LEN],
-}
-
-const AUTH_CONTEXT: &[u8] = b"dpu-offload session auth v1";
-/// Domain of the key hint's HMAC (never equal to a tag's input).
-const HINT_CONTEXT: &[u8] = b"dpu-offload key hint v1";
-/// Bytes of the key hint: enough that a random one matches no key in practice.
-const HINT_LEN: usize = 16;
-
-struct Negotiated {
-    peer_services: Vec<String>,
-    peer_window: u32,
-    peer_max_frame: u32,
-    /// Dialer only: its Auth frame, written by the session's writer ahead of the first frames
-    /// (one write, no extra round trip).
-    auth: Option<BytesMut>,
-    /// The record keys of an encrypted session.
-    cipher: Option<(Sealer, Opener)>,
-}
-
-/// What a Hello carries: the base message, then (if present) the extension and the hint.
-type HelloParts = (HelloMsg, Option<HelloExt>, Option<HelloHint>);
-
-/// Decodes the peer's first handshake frame: anything but a well-formed Hello carrying our
-/// magic means the peer is not a dpu-offload endpoint. The extension is `None` when absent
-/// (an older peer, refused by the version check), the hint when the peer sends none (an
-/// acceptor, or a dialer from before key rotation).
-fn decode_hello(kind: Kind, body: &[u8]) -> Result<HelloParts, HandshakeError> {
-    if kind != Kind::Hello {
-        return Err(HandshakeError::NotOffload);
-    }
-    let (theirs, rest): (HelloMsg, _) =
-        postcard::take_from_bytes(body).map_err(|_| HandshakeError::NotOffload)?;
-    if theirs.hello.magic != wire::MAGIC {
-        return Err(HandshakeError::NotOffload);
-    }
-    let (ext, hint) = match postcard::take_from_bytes::<HelloExt>(rest) {
-        Ok((ext, rest)) => (Some(ext), postcard::from_bytes::<HelloHint>(rest).ok()),
-        Err(_) => (None, None),
-    };
-    Ok((theirs, ext, hint))
-}
-
-/// Encodes a Hello with its extension and hint (the hint only after an extension).
-fn encode_hello(msg: &HelloMsg, ext: Option<&HelloExt>, hint: Option<&HelloHint>) -> Bytes {
-    let mut out = BytesMut::from(&wire::encode(msg)[..]);
-    if let Some(ext) = ext {
-        out.extend_from_slice(&wire::encode(ext));
-        if let Some(hint) = hint {
-            out.extend_from_slice(&wire::encode(hint));
-        }
-    }
-    out.freeze()
-}
-
-/// The dialer's key hint for `nonce` under `key`.
-fn key_hint(key: &Secret, nonce: &[u8]) -> HelloHint {
-    let tag = key.tag(&[HINT_CONTEXT, nonce]);
-    let mut key_hint = [0u8; HINT_LEN];
-    key_hint.copy_from_slice(&tag[..HINT_LEN]);
-    HelloHint { key_hint }
-}
-
-/// The acceptor's choice among its keys: the one the dialer's hint matches, else the first.
-fn pick_key<'a>(keys: &'a [Secret], nonce: &[u8], hint: Option<&HelloHint>) -> Option<&'a Secret> {
-    hint.and_then(|h| {
-        keys.iter()
-            .find(|k| k.verify_prefix(&[HINT_CONTEXT, nonce], &h.key_hint))
-    })
-    .or(keys.first())
-}
-
-/// Fuzzing entry: decodes `body` as the peer's Hello and returns its re-encoding (`None`:
-/// refused). Decoding the re-encoding must give the same bytes again.
-#[doc(hidden)]
-pub fn fuzz_decode_hello(body: &[u8]) -> Option<Bytes> {
-    decode_hello(Kind::Hello, body)
-        .ok()
-        .map(|(m, ext, hint)| encode_hello(&m, ext.as_ref(), hint.as_ref()))
-}
-
-/// Fuzzing entry: runs the handshake's decoders over `data` read as the byte stream a peer
-/// sends before it is authenticated (header limits, Hello, then Welcome/Auth/Refuse with their
-/// tags checked against a fixed key), as [`handshake`] does, without the I/O.
-#[doc(hidden)]
-pub fn fuzz_handshake(data: &[u8]) {
-    let Ok(key) = Key::from_bytes(*b"fuzzing-key-0123456789")
-        .and_then(|k| k.accepting_bytes(*b"fuzzing-key-next-456789"))
-    else {
-        return;
-    };
-    let mut rest = data;
-    let mut hello: Option<&[u8]> = None;
-    while rest.len() >= HEADER_LEN {
-        let (head, tail) = rest.split_at(HEADER_LEN);
-        let Ok(head) = <&[u8; HEADER_LEN]>::try_from(head) else {
-            return;
-        };
-        let Ok(h) = Header::parse(head, MAX_HANDSHAKE_FRAME) else {
-            return;
-        };
-        let Some((body, tail)) = tail.split_at_checked(h.len as usize) else {
-            return;
-        };
-        rest = tail;
-        let Some(theirs) = hello else {
-            let Ok((msg, ext, hint)) = decode_hello(h.kind, body) else {
-                return;
-            };
-            // The key the acceptor would prove with (a hint matching the second key or none).
-            let keys = key.secrets();
-            let Some(k) = pick_key(&keys, &msg.hello.nonce, hint.as_ref()) else {
-                return;
-            };
-            // The key exchange a well-formed Hello leads to (refused for a low-order key).
-            if let (Some(ext), Ok(mine)) = (ext, Ephemeral::generate()) {
-                let _ = mine.derive(&ext.dh, Some(k.bytes()), &[body, data], false);
-            }
-            hello = Some(body);
-            continue;
-        };
-        let (role, tag): (&[u8], _) = match h.kind {
-            Kind::Welcome => (
-                b"S",
-                wire::decode::<wire::Welcome>("welcome", body).map(|w| w.tag),
-            ),
-            Kind::Auth => (
-                b"C",
-                wire::decode::<wire::Auth>("auth", body).map(|a| a.tag),
-            ),
-            Kind::Refuse => {
-                let _ = wire::decode::<wire::Refuse>("refuse", body);
-                continue;
-            }
-            _ => return,
-        };
-        let Ok(tag) = tag else {
-            return;
-        };
-        for k in key.secrets() {
-            let _ = k.verify(&[AUTH_CONTEXT, role, theirs, data], &tag);
-        }
-    }
-}
-
-/// Writes handshake frames in one write and flushes.
-async fn hs_send(conn: &mut Conn, frames: &[&[u8]]) -> io::Result<()> {
-    let all = frames.concat();
-    conn.write_all(&all).await?;
+/// Writes handshake frames (one buffer, one write) and flushes.
+async fn hs_send(conn: &mut Conn, frames: &[u8]) -> io::Result<()> {
+    conn.write_all(frames).await?;
     conn.flush().await
 }
 
-/// The handshake. The acceptor proves the key first, so the dialer knows who it talks to
-/// before it sends anything but its Hello, and can send its own proof together with its first
-/// frames: 1 round trip instead of 2.
-///
-/// ```text
-/// dialer                               acceptor
-///   Hello_d                  ──▶
-///                            ◀──  Hello_a, Welcome{S tag} | Refuse
-///   Auth{C tag}, frames…     ──▶  (verified before any frame is read)
-///                            ◀──  Refuse (wrong key only)
-/// ```
-///
-/// Both Hellos carry an ephemeral X25519 key and the side's encryption policy for the link;
-/// the tags cover both Hellos, so the exchange is authenticated by the pre-shared key. When
-/// encrypting, everything after Welcome (acceptor) and Auth (dialer) is sealed records.
+/// The handshake ([`crate::handshake`] decides; this reads its frames and writes its answers).
 async fn handshake(
     conn: &mut Conn,
     cfg: &SessionConfig,
@@ -757,226 +571,49 @@ async fn handshake(
     // set-up (ChaCha, CPU feature probing) costs more than the one getrandom(2) call.
     let mut nonce = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let mine = HelloMsg {
-        hello: wire::Hello {
-            magic: wire::MAGIC,
-            version: wire::VERSION,
-            nonce,
-            services: registry.names(),
-            authenticated: cfg.key.is_some(),
-        },
-        stream_window: cfg.stream_window,
-        max_frame: cfg.max_frame,
-    };
     let eph = if encrypt {
         Some(Ephemeral::generate()?)
     } else {
         None
     };
-    let my_ext = HelloExt {
+    let params = Params {
+        dialer,
         encrypt,
-        dh: eph.as_ref().map(Ephemeral::public).unwrap_or_default(),
+        secrets: cfg.key.as_ref().map(Key::secrets).unwrap_or_default(),
+        services: registry.names(),
+        stream_window: cfg.stream_window,
+        max_frame: cfg.max_frame,
     };
-    // The keys as they are for this handshake: the one to prove with first, then any other
-    // accepted during a rotation.
-    let secrets: Vec<Secret> = cfg.key.as_ref().map(Key::secrets).unwrap_or_default();
-    let my_hint = match secrets.first() {
-        Some(k) if dialer => Some(key_hint(k, &nonce)),
-        _ => None,
-    };
-    let mine_bytes = encode_hello(&mine, Some(&my_ext), my_hint.as_ref());
-    let my_hello = hs_frame(Kind::Hello, mine_bytes.clone());
-    if dialer {
-        hs_send(conn, &[&my_hello]).await?;
+    let (mut hs, first) = Handshake::new(params, nonce, eph);
+    if !first.is_empty() {
+        hs_send(conn, &first).await?;
     }
-    let (kind, theirs_bytes) = read_hs_frame(conn).await?;
-    let (theirs, their_ext, their_hint) = decode_hello(kind, &theirs_bytes)?;
-    // Transcript order is (dialer hello, acceptor hello) on both sides.
-    let (c_hello, s_hello): (&[u8], &[u8]) = if dialer {
-        (&mine_bytes, &theirs_bytes)
-    } else {
-        (&theirs_bytes, &mine_bytes)
-    };
-    // This side's proof for `role` under `key` (empty without a key).
-    let my_tag = |key: Option<&Secret>, role: &[u8]| -> Vec<u8> {
-        key.map(|k| k.tag(&[AUTH_CONTEXT, role, c_hello, s_hello]).to_vec())
-            .unwrap_or_default()
-    };
-    let refuse = |reason: &str| {
-        hs_frame(
-            Kind::Refuse,
-            wire::encode(&wire::Refuse {
-                reason: reason.into(),
-            }),
-        )
-    };
-    // Checked after the version (a version 2 peer sends no extension).
-    let check_ext = || -> Result<&HelloExt, HandshakeError> {
-        let ext = their_ext.as_ref().ok_or(WireError::Decode {
-            what: "hello",
-            reason: "no encryption parameters".into(),
-        })?;
-        if ext.encrypt != encrypt {
-            return Err(HandshakeError::EncryptionMismatch {
-                ours: encrypt,
-                theirs: ext.encrypt,
-            });
-        }
-        Ok(ext)
-    };
-    // The record keys, once both sides are known to agree (derived before the peer's proof
-    // is checked, but used only after it).
-    let keys = |ext: &HelloExt,
-                eph: Option<Ephemeral>,
-                psk: Option<&Secret>|
-     -> Result<_, HandshakeError> {
-        match eph {
-            Some(eph) => Ok(Some(eph.derive(
-                &ext.dh,
-                psk.map(Secret::bytes),
-                &[c_hello, s_hello],
-                dialer,
-            )?)),
-            None => Ok(None),
-        }
-    };
-    let negotiated = |auth, cipher| Negotiated {
-        peer_services: theirs.hello.services.clone(),
-        peer_window: theirs.stream_window.max(1),
-        peer_max_frame: theirs.max_frame.max(4096),
-        auth,
-        cipher,
-    };
-
-    if dialer {
-        if theirs.hello.version != wire::VERSION {
-            return Err(HandshakeError::Version {
-                ours: wire::VERSION,
-                theirs: theirs.hello.version,
-            });
-        }
-        // The acceptor refuses a mismatch too (its Refuse follows its Hello); saying it here
-        // names both settings.
-        let ext = check_ext()?;
-        let auth = |key: Option<&Secret>| {
-            hs_frame(
-                Kind::Auth,
-                wire::encode(&wire::Auth {
-                    tag: my_tag(key, b"C"),
-                }),
-            )
+    loop {
+        let (kind, body) = match read_hs_frame(conn).await {
+            Ok(f) => f,
+            Err(e) => return Err(hs.on_read_error(e)),
         };
-        let (kind, body) = read_hs_frame(conn).await?;
-        match kind {
-            Kind::Welcome => {
-                let w: wire::Welcome = wire::decode("welcome", &body)?;
-                // The acceptor proved one of our keys (the hinted one if it holds it; during
-                // a rotation possibly another): that one is the session's.
-                let proved = secrets
-                    .iter()
-                    .find(|k| k.verify(&[AUTH_CONTEXT, b"S", c_hello, s_hello], &w.tag));
-                match (&cfg.key, proved) {
-                    (Some(_), None) => {
-                        // Wrong key here or an impostor there: our proof tells the acceptor
-                        // (its Refuse names the reason), and reveals nothing reusable (fresh
-                        // nonces, role-bound). Nothing else is sent.
-                        hs_send(conn, &[&auth(secrets.first())]).await?;
-                        return match read_hs_frame(conn).await {
-                            Ok((Kind::Refuse, body)) => {
-                                let r: wire::Refuse = wire::decode("refuse", &body)?;
-                                Err(HandshakeError::Rejected(r.reason))
-                            }
-                            _ => Err(HandshakeError::PeerNotAuthenticated),
-                        };
-                    }
-                    (Some(_), Some(_)) => {}
-                    (None, _) if theirs.hello.authenticated => {
-                        return Err(HandshakeError::Mismatch(
-                            "the peer requires a key but none is configured here".into(),
-                        ))
-                    }
-                    (None, _) => {}
+        let out = hs.on_frame(kind, &body);
+        match out.next {
+            Next::More => {
+                if !out.send.is_empty() {
+                    hs_send(conn, &out.send).await?;
                 }
-                Ok(negotiated(Some(auth(proved)), keys(ext, eph, proved)?))
             }
-            Kind::Refuse => {
-                let r: wire::Refuse = wire::decode("refuse", &body)?;
-                Err(HandshakeError::Rejected(r.reason))
+            Next::Done(negotiated) => {
+                if !out.send.is_empty() {
+                    hs_send(conn, &out.send).await?;
+                }
+                return Ok(negotiated);
             }
-            other => Err(HandshakeError::Unexpected(other)),
-        }
-    } else {
-        if theirs.hello.version != wire::VERSION {
-            let _ = hs_send(
-                conn,
-                &[
-                    &my_hello,
-                    &refuse(&format!(
-                        "unsupported protocol version {}; this side speaks {}",
-                        theirs.hello.version,
-                        wire::VERSION
-                    )),
-                ],
-            )
-            .await;
-            return Err(HandshakeError::Version {
-                ours: wire::VERSION,
-                theirs: theirs.hello.version,
-            });
-        }
-        match &cfg.key {
-            Some(_) if !theirs.hello.authenticated => {
-                let _ = hs_send(
-                    conn,
-                    &[&my_hello, &refuse("this server requires a pre-shared key")],
-                )
-                .await;
-                return Err(HandshakeError::Mismatch("peer has no key".into()));
-            }
-            None if theirs.hello.authenticated => {
-                let _ = hs_send(
-                    conn,
-                    &[&my_hello, &refuse("this server runs unauthenticated but the client holds a key; refusing to downgrade")],
-                )
-                .await;
-                return Err(HandshakeError::Mismatch(
-                    "peer holds a key, this side runs unauthenticated".into(),
-                ));
-            }
-            _ => {}
-        }
-        let ext = match check_ext() {
-            Ok(ext) => ext,
-            Err(e) => {
-                let why = match &e {
-                    HandshakeError::EncryptionMismatch { ours, theirs } => format!(
-                        "encryption policy mismatch: the server has encrypt = {ours} for this link, the client encrypt = {theirs}"
-                    ),
-                    other => other.to_string(),
-                };
-                let _ = hs_send(conn, &[&my_hello, &refuse(&why)]).await;
+            Next::Failed(e) => {
+                // The Refuse tells the peer why; it may be gone already.
+                if !out.send.is_empty() {
+                    let _ = hs_send(conn, &out.send).await;
+                }
                 return Err(e);
             }
-        };
-        // The dialer's hinted key if this side holds it, else this side's first.
-        let key = pick_key(&secrets, &theirs.hello.nonce, their_hint.as_ref());
-        let cipher = keys(ext, eph, key)?;
-        let tag = my_tag(key, b"S");
-        let welcome = hs_frame(Kind::Welcome, wire::encode(&wire::Welcome { tag }));
-        hs_send(conn, &[&my_hello, &welcome]).await?;
-        // Only the Auth is read here; frames pipelined behind it stay unread until it verified.
-        let (kind, body) = read_hs_frame(conn).await?;
-        if kind != Kind::Auth {
-            return Err(HandshakeError::Unexpected(kind));
         }
-        let a: wire::Auth = wire::decode("auth", &body)?;
-        if let Some(k) = key {
-            if !k.verify(&[AUTH_CONTEXT, b"C", c_hello, s_hello], &a.tag) {
-                let _ = hs_send(conn, &[&refuse("wrong key")]).await;
-                return Err(HandshakeError::Rejected("wrong key".into()));
-            }
-        }
-        Ok(negotiated(None, cipher))
     }
 }
 
@@ -1019,6 +656,12 @@ impl Session {
         let (data_tx, data_rx) = mpsc::unbounded_channel();
         let (closed_tx, _) = watch::channel(None);
         let stats = offload_metrics::session_opened(&peer, dialer);
+        // The link says whether callers may write on it from their own threads.
+        let direct_send = if conn.direct_write_ok() {
+            cfg.direct_send
+        } else {
+            0
+        };
         let (r, w) = tokio::io::split(crate::stats::counted(conn, stats.clone()));
         let (seal, open) = neg.cipher.map_or((None, None), |(s, o)| (Some(s), Some(o)));
         let ws = Arc::new(Mutex::new(WriteSide {
@@ -1033,6 +676,13 @@ impl Session {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             ctl_tx,
             ws: ws.clone(),
+            rules: Rules {
+                dialer,
+                max_streams: cfg.max_streams,
+                max_inflight_calls: cfg.max_inflight_calls,
+                max_reply: neg.peer_max_frame.min(cfg.max_frame) as usize,
+            },
+            direct_send,
             data_tx,
             state: Mutex::new(State::default()),
             next_call: AtomicU32::new(1),
@@ -1068,7 +718,7 @@ impl Session {
             Arc::downgrade(&inner),
             inner.closed_tx.subscribe(),
         ));
-        tokio::spawn(reader_task(r, inner.clone(), dialer, open));
+        tokio::spawn(reader_task(r, inner.clone(), open));
         tokio::spawn(heartbeat_task(Arc::downgrade(&inner)));
         let session = Session { inner };
         for svc in session.inner.registry.all() {
@@ -1611,8 +1261,8 @@ async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
 /// Initial read buffer; frames larger than the free space grow it.
 const READ_BUF: usize = 256 * 1024;
 
-async fn reader_task(mut r: ReadHalf<Conn>, inner: Arc<Inner>, dialer: bool, open: Option<Opener>) {
-    let reason = read_loop(&mut r, &inner, dialer, open).await;
+async fn reader_task(mut r: ReadHalf<Conn>, inner: Arc<Inner>, open: Option<Opener>) {
+    let reason = read_loop(&mut r, &inner, open).await;
     inner.close(reason);
 }
 
@@ -1653,11 +1303,10 @@ async fn fill(
 async fn read_loop(
     r: &mut ReadHalf<Conn>,
     inner: &Arc<Inner>,
-    dialer: bool,
     open: Option<Opener>,
 ) -> CloseReason {
     if let Some(open) = open {
-        return read_records(r, inner, dialer, open).await;
+        return read_records(r, inner, open).await;
     }
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let mut closed = inner.closed_tx.subscribe();
@@ -1688,7 +1337,7 @@ async fn read_loop(
             } else {
                 break;
             };
-            if let Err(reason) = dispatch(inner, header, payload, dialer) {
+            if let Err(reason) = dispatch(inner, header, payload) {
                 return reason;
             }
         }
@@ -1794,12 +1443,7 @@ pub fn fuzz_deframe(data: &[u8]) {
 
 /// [`read_loop`] on an encrypted session: the socket's bytes go to `raw`, each authenticated
 /// record's plaintext to the [`Deframer`].
-async fn read_records(
-    r: &mut ReadHalf<Conn>,
-    inner: &Arc<Inner>,
-    dialer: bool,
-    mut open: Opener,
-) -> CloseReason {
+async fn read_records(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, mut open: Opener) -> CloseReason {
     let mut raw = BytesMut::new();
     let mut frames = Deframer::default();
     let mut closed = inner.closed_tx.subscribe();
@@ -1812,7 +1456,7 @@ async fn read_records(
                 Err(e) => return CloseReason::Integrity(e.to_string()),
             };
             let res = frames.push(rec, inner.cfg.max_frame, |h, payload| {
-                dispatch(inner, h, payload, dialer)
+                dispatch(inner, h, payload)
             });
             if let Err(reason) = res {
                 return reason;
@@ -1860,76 +1504,47 @@ async fn read_records(
 /// Fuzzing entry: the Credit frame's payload decoder.
 #[doc(hidden)]
 pub fn fuzz_u32_payload(p: &[u8]) -> Option<u32> {
-    u32_payload(p).ok()
+    dispatch::u32_payload(p).ok()
 }
 
-fn u32_payload(p: &[u8]) -> Result<u32, CloseReason> {
-    let arr: [u8; 4] = p
-        .try_into()
-        .map_err(|_| CloseReason::Protocol(format!("credit frame of {} bytes", p.len())))?;
-    Ok(u32::from_le_bytes(arr))
+/// A frame answering call `id` (see [`Rules::answer`]).
+fn answer_frame(id: u32, (kind, body): (Kind, Bytes)) -> Frame {
+    Frame::new(kind, id, &[], body)
 }
 
-fn error_frame(id: u32, code: i32, message: String) -> Frame {
-    Frame::new(
-        Kind::Error,
-        id,
-        &[],
-        wire::encode(&ErrorBody { code, message }),
-    )
-}
-
-/// The frame answering call `id` with `res`, refusing a reply the peer could not accept.
-fn reply_frame(inner: &Inner, id: u32, res: Result<Bytes, RemoteError>) -> Frame {
-    match res {
-        Ok(b) => {
-            let max = inner.peer_max_frame.min(inner.cfg.max_frame) as usize;
-            if b.len() > max {
-                error_frame(
-                    id,
-                    libc::EMSGSIZE,
-                    format!("reply of {} bytes exceeds the frame limit {max}", b.len()),
-                )
-            } else {
-                Frame::new(Kind::Response, id, &[], b)
-            }
-        }
-        Err(e) => error_frame(id, e.code, e.message),
-    }
-}
-
-fn dispatch(
-    inner: &Arc<Inner>,
-    h: Header,
-    payload: Bytes,
-    dialer: bool,
-) -> Result<(), CloseReason> {
-    let proto = |m: String| Err(CloseReason::Protocol(m));
-    match h.kind {
-        Kind::Request => {
-            let (service, body) =
-                wire::split_service(payload).map_err(|e| CloseReason::Protocol(e.to_string()))?;
-            let Some(svc) = inner.registry.get(&service).cloned() else {
-                let _ = inner.send_ctl(error_frame(h.id, CODE_UNKNOWN_SERVICE, service));
-                return Ok(());
+/// Executes what an incoming frame means ([`Rules::decode`] and the rules after it decide).
+fn dispatch(inner: &Arc<Inner>, h: Header, payload: Bytes) -> Result<(), CloseReason> {
+    match inner.rules.decode(h, payload)? {
+        Event::Request { id, service, body } => {
+            let svc = inner.registry.get(&service).cloned();
+            let running = inner.inflight_calls.fetch_add(1, Ordering::Relaxed) as usize;
+            let svc = match (
+                inner.rules.admit_call(&service, svc.is_some(), running),
+                svc,
+            ) {
+                (Admission::Run, Some(svc)) => svc,
+                (admission, _) => {
+                    inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
+                    let (code, message) = match admission {
+                        Admission::Refuse { code, message } => (code, message),
+                        // Unreachable: admitted means the service exists.
+                        Admission::Run => (dispatch::CODE_UNKNOWN_SERVICE, service),
+                    };
+                    let _ =
+                        inner.send_ctl(answer_frame(id, dispatch::error_payload(code, message)));
+                    return Ok(());
+                }
             };
-            let busy = inner.inflight_calls.fetch_add(1, Ordering::Relaxed) as usize
-                >= inner.cfg.max_inflight_calls;
-            if busy {
-                inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
-                let _ = inner.send_ctl(error_frame(h.id, CODE_BUSY, "busy".into()));
-                return Ok(());
-            }
             let session = Session {
                 inner: inner.clone(),
             };
-            let id = h.id;
             let (metrics, t0) = (offload_metrics::service(&service), Instant::now());
             let mut call = Box::pin(async move {
                 let res = svc.call(&session, body).await;
                 metrics.call_done(t0.elapsed(), res.is_ok());
                 session.inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
-                let _ = session.inner.send_ctl(reply_frame(&session.inner, id, res));
+                let answer = session.inner.rules.answer(res);
+                let _ = session.inner.send_ctl(answer_frame(id, answer));
             });
             // The handler runs up to its first wait right here, before the next frame is
             // read: a call that never waits costs no task hand-off, and such calls take
@@ -1941,59 +1556,37 @@ fn dispatch(
                 tokio::spawn(call);
             }
         }
-        Kind::Response | Kind::Error => {
-            let pending = inner.lock().calls.remove(&h.id);
-            let Some(pending) = pending else {
-                return Ok(()); // caller gave up
-            };
-            let res = if h.kind == Kind::Response {
-                Ok(payload)
-            } else {
-                let e: ErrorBody = wire::decode("error", &payload)
-                    .map_err(|e| CloseReason::Protocol(e.to_string()))?;
-                Err(match e.code {
-                    CODE_UNKNOWN_SERVICE => CallError::UnknownService(e.message),
-                    CODE_BUSY => CallError::Busy,
-                    code => CallError::Remote(RemoteError {
-                        code,
-                        message: e.message,
-                    }),
-                })
-            };
-            pending.finish(res);
-        }
-        Kind::Open => {
-            // The peer opens odd ids if it dialed, even ids if it accepted.
-            let peer_parity = if dialer { 0 } else { 1 };
-            if h.id % 2 != peer_parity {
-                return proto(format!("stream id {} has the wrong parity", h.id));
+        Event::Answer { id, answer } => {
+            let pending = inner.lock().calls.remove(&id);
+            // None: the caller gave up; the answer is dropped unread.
+            if let Some(pending) = pending {
+                pending.finish(answer.outcome()?);
             }
-            let (service, header) =
-                wire::split_service(payload).map_err(|e| CloseReason::Protocol(e.to_string()))?;
+        }
+        Event::Open {
+            id,
+            service,
+            header,
+        } => {
             let svc = inner.registry.get(&service).cloned();
-            let shared = Shared::new(
-                h.id,
-                inner.peer_window as u64,
-                inner.cfg.stream_window as u64,
-            );
+            let shared = Shared::new(id, inner.peer_window as u64, inner.cfg.stream_window as u64);
             let (tx, rx) = mpsc::unbounded_channel();
             {
                 let mut st = inner.lock();
-                if st.streams.contains_key(&h.id) {
-                    return proto(format!("stream id {} reused", h.id));
-                }
-                if svc.is_none() || st.streams.len() >= inner.cfg.max_streams {
+                let opening = inner.rules.on_open(
+                    id,
+                    st.streams.contains_key(&id),
+                    &service,
+                    svc.is_some(),
+                    st.streams.len(),
+                )?;
+                if let Opening::Refuse(why) = opening {
                     drop(st);
-                    let why = if svc.is_none() {
-                        format!("no service {service:?}")
-                    } else {
-                        "too many streams".to_string()
-                    };
-                    inner.send_reset(h.id, &why);
+                    inner.send_reset(id, &why);
                     return Ok(());
                 }
                 st.streams.insert(
-                    h.id,
+                    id,
                     StreamEntry {
                         shared: shared.clone(),
                         tx,
@@ -2011,83 +1604,58 @@ fn dispatch(
                 drop(open);
             });
         }
-        Kind::Data => {
-            let entry = inner.stream_entry(h.id);
-            // Unknown: already reset or dropped here; the peer learns from the Reset.
-            let Some((shared, tx)) = entry else {
-                return Ok(());
-            };
+        Event::Data { id, payload } => {
+            let entry = inner.stream_entry(id);
             let n = payload.len() as u64;
-            let discard = {
-                let mut st = shared.lock();
-                if st.remote_fin {
-                    return proto(format!("data after EOF on stream {}", h.id));
-                }
-                if st.reader_gone || st.reset.is_some() {
-                    true
-                } else {
-                    if let Err(e) = st.recv.on_data(n) {
-                        return proto(format!("stream {} {e}", h.id));
-                    }
-                    false
-                }
+            let delivery = {
+                let mut st = entry.as_ref().map(|(shared, _)| shared.lock());
+                dispatch::on_data(id, st.as_deref_mut(), n)?
             };
-            if discard || tx.send(Inbound::Data(payload)).is_err() {
-                if discard {
-                    inner.send_credit(h.id, n);
-                } else {
-                    shared.lock().recv.undeliverable(n);
-                    inner.send_credit(h.id, n);
+            // Bytes nobody will read go back to the peer as credit at once.
+            let credit_back = match (delivery, entry) {
+                (Delivery::Discard, _) => true,
+                (Delivery::Deliver, Some((shared, tx))) => {
+                    let lost = tx.send(Inbound::Data(payload)).is_err();
+                    if lost {
+                        shared.lock().recv.undeliverable(n);
+                    }
+                    lost
                 }
+                _ => false,
+            };
+            if credit_back {
+                inner.send_credit(id, n);
             }
         }
-        Kind::Eof => {
-            let entry = inner.stream_entry(h.id);
-            let Some((shared, tx)) = entry else {
+        Event::Eof { id } => {
+            let Some((shared, tx)) = inner.stream_entry(id) else {
                 return Ok(());
             };
-            let remove = {
-                let mut st = shared.lock();
-                st.remote_fin = true;
-                st.reader_gone && st.writer_gone
-            };
+            let remove = dispatch::on_eof(&mut shared.lock());
             let _ = tx.send(Inbound::Eof);
             if remove {
-                inner.lock().streams.remove(&h.id);
+                inner.lock().streams.remove(&id);
             }
         }
-        Kind::Reset => {
-            let reason = String::from_utf8_lossy(&payload).into_owned();
-            let entry = inner.lock().streams.remove(&h.id);
+        Event::Reset { id, reason } => {
+            let entry = inner.lock().streams.remove(&id);
             if let Some(e) = entry {
                 e.shared.set_reset(&reason);
                 let _ = e.tx.send(Inbound::Reset(reason));
             }
         }
-        Kind::Credit => {
-            let n = u32_payload(&payload)?;
-            let shared = inner.lock().streams.get(&h.id).map(|e| e.shared.clone());
+        Event::Grant { id, n } => {
+            let shared = inner.lock().streams.get(&id).map(|e| e.shared.clone());
             if let Some(s) = shared {
                 s.add_credit(n as u64);
             }
         }
-        Kind::Ping => {
-            let _ = inner.send_ctl(Frame::new(Kind::Pong, h.id, &[], Bytes::new()));
+        Event::SendPong(seq) => {
+            let _ = inner.send_ctl(Frame::new(Kind::Pong, seq, &[], Bytes::new()));
         }
-        Kind::Pong => inner.stats.pong(h.id),
-        Kind::GoAway => {
+        Event::Pong(seq) => inner.stats.pong(seq),
+        Event::GoAway => {
             inner.lock().going_away = true;
-        }
-        // The acceptor refuses a dialer's Auth after the dialer already started the session
-        // (it only does so on a wrong key, which the dialer normally detects first).
-        Kind::Refuse if dialer => {
-            let why = wire::decode::<wire::Refuse>("refuse", &payload)
-                .map(|r| r.reason)
-                .unwrap_or_else(|e| e.to_string());
-            return proto(format!("the peer refused the session: {why}"));
-        }
-        Kind::Hello | Kind::Auth | Kind::Welcome | Kind::Refuse => {
-            return proto(format!("{:?} frame after the handshake", h.kind));
         }
     }
     Ok(())
@@ -2281,71 +1849,5 @@ mod record_tests {
         }
         assert_eq!(lens, vec![4096, MAX_RECORD, 10, 100]);
         assert!(raw.is_empty());
-    }
-}
-
-#[cfg(test)]
-mod hint_tests {
-    use super::*;
-
-    #[test]
-    fn acceptor_picks_the_hinted_key_else_its_first() {
-        let old = Key::from_bytes(vec![1; 32]).unwrap();
-        let both = Key::from_bytes(vec![1; 32])
-            .unwrap()
-            .accepting_bytes(vec![2; 32])
-            .unwrap()
-            .secrets();
-        let new = Key::from_bytes(vec![2; 32]).unwrap().secrets();
-        let nonce = [9u8; 32];
-        let pick =
-            |hint: Option<&HelloHint>| pick_key(&both, &nonce, hint).map(|k| k.bytes().to_vec());
-        assert_eq!(pick(None), Some(vec![1; 32]));
-        assert_eq!(pick(Some(&key_hint(&new[0], &nonce))), Some(vec![2; 32]));
-        assert_eq!(
-            pick(Some(&key_hint(&old.secrets()[0], &nonce))),
-            Some(vec![1; 32])
-        );
-        // A hint for another nonce (replayed) or another key falls back to the first key.
-        assert_eq!(
-            pick(Some(&key_hint(&new[0], &[8u8; 32]))),
-            Some(vec![1; 32])
-        );
-        let other = Key::from_bytes(vec![3; 32]).unwrap().secrets();
-        assert_eq!(pick(Some(&key_hint(&other[0], &nonce))), Some(vec![1; 32]));
-        assert!(pick_key(&[], &nonce, None).is_none());
-    }
-
-    #[test]
-    fn hello_round_trips_with_and_without_hint() {
-        let msg = HelloMsg {
-            hello: wire::Hello {
-                magic: wire::MAGIC,
-                version: wire::VERSION,
-                nonce: [4; 32],
-                services: vec!["fs".into()],
-                authenticated: true,
-            },
-            stream_window: 1,
-            max_frame: 4096,
-        };
-        let ext = HelloExt {
-            encrypt: true,
-            dh: [7; PUBLIC_KEY_LEN],
-        };
-        let hint = HelloHint {
-            key_hint: [5; HINT_LEN],
-        };
-        let with = encode_hello(&msg, Some(&ext), Some(&hint));
-        let (_, e, h) = decode_hello(Kind::Hello, &with).unwrap();
-        assert!(e.is_some());
-        assert_eq!(h.map(|h| h.key_hint), Some([5; HINT_LEN]));
-        // What a peer from before key rotation sends, and what it decodes of ours.
-        let without = encode_hello(&msg, Some(&ext), None);
-        let (_, e, h) = decode_hello(Kind::Hello, &without).unwrap();
-        assert!(e.is_some() && h.is_none());
-        assert!(with.starts_with(&without));
-        let old_view: HelloExt = postcard::from_bytes(&with[wire::encode(&msg).len()..]).unwrap();
-        assert_eq!(old_view.dh, [7; PUBLIC_KEY_LEN]);
     }
 }

@@ -36,6 +36,12 @@ impl AsyncRead for Counted {
     }
 }
 
+impl crate::link::AsyncConn for Counted {
+    fn direct_write_ok(&self) -> bool {
+        self.conn.direct_write_ok()
+    }
+}
+
 impl AsyncWrite for Counted {
     fn poll_write(
         mut self: Pin<&mut Self>,

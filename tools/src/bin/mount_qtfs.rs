@@ -214,9 +214,10 @@ fn setup(args: &Args) -> anyhow::Result<(offload_fs::client::Mounted, tokio::run
     let ep = tools::endpoint(o.transport.as_deref(), &addr)?;
     let key = transport::resolve_key(o.keyfile.as_deref(), o.allow_unauthenticated)?;
     // FUSE threads send their requests (up to 64 KiB) themselves when nothing is queued
-    // ahead: one hand-off less per request (docs/BENCHMARKS.md, fs).
+    // ahead: one hand-off less per request (docs/BENCHMARKS.md, fs). Links that allow no
+    // writes from other threads (RDMA) ignore it.
     let cfg = transport::SessionConfig {
-        direct_send: if ep.direct_send_ok() { 64 << 10 } else { 0 },
+        direct_send: 64 << 10,
         encrypt: tools::encrypt_policy(tools::dpu_transport_config()?.as_ref(), o.encrypt),
         ..transport::SessionConfig::new(key)
     };
