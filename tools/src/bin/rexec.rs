@@ -97,6 +97,44 @@ mod big_blocks {
             // SAFETY: `ptr` was allocated by System with the class size (see `alloc`).
             unsafe { System.dealloc(ptr, Layout::from_size_align_unchecked(size, layout.align())) }
         }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            if class(layout).is_none() {
+                // SAFETY: forwarding the caller's valid layout (calloc: fresh pages need no memset).
+                return unsafe { System.alloc_zeroed(layout) };
+            }
+            // SAFETY: as `alloc`; the block (possibly reused) is zeroed over the requested size.
+            unsafe {
+                let p = self.alloc(layout);
+                if !p.is_null() {
+                    std::ptr::write_bytes(p, 0, layout.size());
+                }
+                p
+            }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: the caller guarantees `new_size` with `layout.align()` is a valid layout.
+            let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+            match (class(layout), class(new)) {
+                // SAFETY: neither block is cached: musl's realloc (in place where it can).
+                (None, None) => unsafe { System.realloc(ptr, layout, new_size) },
+                // Within one class the block already has room.
+                (Some((a, _)), Some((b, _))) if a == b => ptr,
+                _ => {
+                    // SAFETY: a fresh block for `new`, the overlap copied, the old one freed
+                    // with its own layout (GlobalAlloc's default realloc, done here).
+                    unsafe {
+                        let p = self.alloc(new);
+                        if !p.is_null() {
+                            std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                            self.dealloc(ptr, layout);
+                        }
+                        p
+                    }
+                }
+            }
+        }
     }
 }
 
