@@ -333,15 +333,9 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
 /// then the client.
 #[cfg(not(test))]
 #[no_mangle]
-pub extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc::c_int {
-    let args = (0..usize::try_from(argc).unwrap_or(0))
-        // SAFETY: the C runtime passes `argc` valid, NUL-terminated strings in `argv`.
-        .map(|i| unsafe { *argv.add(i) })
-        .take_while(|p| !p.is_null())
-        // SAFETY: each pointer is a NUL-terminated string that lives for the whole process.
-        .map(|p| OsString::from_vec(unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes().to_vec()))
-        .collect();
-    let _ = ARGV.set(args);
+extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc::c_int {
+    // SAFETY: the C runtime's argc/argv, as `command_line` requires.
+    let _ = ARGV.set(unsafe { command_line(argc, argv) });
     // What fds 0–2 are, before closed ones become /dev/null: a closed stdout is reproduced for
     // the program (and so is /dev/full).
     let _ = CALLER_STDIO.set(client::stdio_kinds());
@@ -360,6 +354,21 @@ pub extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> l
         Ok(never) => match never {},
         Err(_) => std::process::exit(EXIT_REXEC_ERROR),
     }
+}
+
+/// The arguments as `OsString`s.
+///
+/// # Safety
+/// `argv` must hold `argc` valid NUL-terminated strings (what the C runtime passes to `main`).
+#[cfg(not(test))]
+unsafe fn command_line(argc: libc::c_int, argv: *const *const libc::c_char) -> Vec<OsString> {
+    (0..usize::try_from(argc).unwrap_or(0))
+        // SAFETY: `i` < argc, so within the array (the caller's contract).
+        .map(|i| unsafe { *argv.add(i) })
+        .take_while(|p| !p.is_null())
+        // SAFETY: each pointer is a NUL-terminated string that lives for the whole process.
+        .map(|p| OsString::from_vec(unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes().to_vec()))
+        .collect()
 }
 
 /// Opens /dev/null on any of fds 0–2 that is closed, as std's start-up does, so that the
