@@ -2,12 +2,13 @@
 # rexec benchmark: remote-exec latency and stdout streaming, rexec vs ssh, in one run.
 #
 #   cargo build --release -p tools --bin rexec --bin rexec_server
-#   cargo rexec-static                    # the deployed build of rexec (or rexec-static-nopie;
-#                                         # .cargo/config.toml)
+#   cargo rexec-musl                      # the deployed build of rexec (static musl; or
+#                                         # rexec-static / rexec-static-nopie, glibc; .cargo/config.toml)
 #   exec/benches/exec-bench.sh            # RUNS=200 (latency runs), STREAM_RUNS=3, BIN=target/release
 #
-# REXEC = the rexec measured (default: the static build if present, else $BIN/rexec); when it is
-# not $BIN/rexec, the dynamic $BIN/rexec is measured too (one more row).
+# REXEC = the rexec measured (default: the static musl build if present, else the static glibc
+# build, else $BIN/rexec); every other build present (static glibc, dynamic $BIN/rexec) is
+# measured too, one more row each.
 #
 # Measures (hyperfine -N, median):
 #   local fork/exec of /bin/true | rexec /bin/true over TCP loopback (and a Unix socket) |
@@ -36,8 +37,9 @@ trap cleanup EXIT
 for t in hyperfine /usr/sbin/sshd ssh python3; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
 [ -x "$BIN/rexec" ] && [ -x "$BIN/rexec_server" ] || { echo "build first: cargo build --release -p tools --bin rexec --bin rexec_server (BIN=$BIN)" >&2; exit 1; }
 STATIC=$(dirname "$BIN")/$(rustc --print host-tuple 2>/dev/null || echo none)/release/rexec
+MUSL=$(dirname "$BIN")/$(uname -m)-unknown-linux-musl/release/rexec
 if [ -z "${REXEC:-}" ]; then
-  if [ -x "$STATIC" ]; then REXEC=$STATIC; else REXEC=$BIN/rexec; fi
+  if [ -x "$MUSL" ]; then REXEC=$MUSL; elif [ -x "$STATIC" ]; then REXEC=$STATIC; else REXEC=$BIN/rexec; fi
 fi
 [ -x "$REXEC" ] || { echo "REXEC=$REXEC is not executable" >&2; exit 1; }
 
@@ -104,7 +106,8 @@ hf() { local name=$1 runs=$2; shift 2; local f=$W/hf-$RANDOM.json
   hyperfine -N --warmup 3 --runs "$runs" --export-json "$f" "$@" >/dev/null 2>&1 || { echo "| $name | FAILED |"; return; }
   summ "$f" "$name"; }
 
-linkage() { case "$(file -L "$1")" in *static-pie*) echo static-pie;; *statically*) echo static non-PIE;; *) echo dynamic;; esac; }
+linkage() { local libc=glibc; case "$1" in *-musl/*) libc=musl;; esac
+  case "$(file -L "$1")" in *static-pie*) echo "$libc static-pie";; *statically*) echo "$libc static non-PIE";; *) echo "$libc dynamic";; esac; }
 echo "# rexec benchmark $(date -u +%FT%TZ) on $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# rexec: $REXEC ($(linkage "$REXEC"))"
 echo
@@ -115,9 +118,11 @@ echo "|---|---|---|---|---|"
 hf "local fork/exec /bin/true" "$RUNS" "/bin/true"
 (export CMD_NET_ADDR=tcp://127.0.0.1:$RPORT
  hf "rexec /bin/true (TCP loopback)" "$RUNS" "$REXEC /bin/true"
- if [ "$REXEC" != "$BIN/rexec" ]; then
-   hf "rexec /bin/true (TCP, $(linkage "$BIN/rexec") build)" "$RUNS" "$BIN/rexec /bin/true"
- fi)
+ for other in "$STATIC" "$BIN/rexec"; do
+   if [ -x "$other" ] && [ "$REXEC" != "$other" ]; then
+     hf "rexec /bin/true (TCP, $(linkage "$other") build)" "$RUNS" "$other /bin/true"
+   fi
+ done)
 (export CMD_NET_ADDR=unix://$W/rexec.sock
  hf "rexec /bin/true (Unix socket)" "$RUNS" "$REXEC /bin/true")
 hf "ssh true (ControlMaster reuse)" "$RUNS" "$SSH -o ControlMaster=no -o ControlPath=$W/cm lab true"
@@ -135,4 +140,7 @@ PY
 }
 hfs "local head -c 1GiB /dev/zero" "head -c 1073741824 /dev/zero"
 hfs "rexec head -c 1GiB /dev/zero (TCP loopback)" "$REXEC --addr tcp://127.0.0.1:$RPORT head -c 1073741824 /dev/zero"
+if [ -x "$STATIC" ] && [ "$REXEC" != "$STATIC" ]; then
+  hfs "rexec 1GiB (TCP, $(linkage "$STATIC") build)" "$STATIC --addr tcp://127.0.0.1:$RPORT head -c 1073741824 /dev/zero"
+fi
 hfs "ssh head -c 1GiB /dev/zero (ControlMaster)" "$SSH -o ControlMaster=no -o ControlPath=$W/cm lab head -c 1073741824 /dev/zero"

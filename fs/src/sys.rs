@@ -144,13 +144,16 @@ fn pseudo_dev(fd: RawFd, dev: u64) -> bool {
     if unsafe { libc::fstatfs(fd, &mut sfs) } != 0 {
         return false;
     }
-    let pseudo = matches!(
-        sfs.f_type,
-        libc::PROC_SUPER_MAGIC
-            | libc::SYSFS_MAGIC
-            | libc::CGROUP_SUPER_MAGIC
-            | libc::CGROUP2_SUPER_MAGIC
-    );
+    // Compared as u64: `f_type` is signed in glibc's struct and unsigned in musl's (the static
+    // musl build of rexec compiles this crate too).
+    let pseudo = [
+        libc::PROC_SUPER_MAGIC,
+        libc::SYSFS_MAGIC,
+        libc::CGROUP_SUPER_MAGIC,
+        libc::CGROUP2_SUPER_MAGIC,
+    ]
+    .iter()
+    .any(|&m| m as u64 == sfs.f_type as u64);
     let mut map = lock();
     if map.len() >= 1024 {
         map.clear();

@@ -1,6 +1,7 @@
 //! Pieces shared by the dpu-offload binaries: link and key options, logging set-up, and the
-//! `offload run` mount-forwarding supervisor ([`run`]).
+//! `offload run` mount-forwarding supervisor ([`run`]; feature `seccomp`, on by default).
 
+#[cfg(feature = "seccomp")]
 pub mod run;
 
 use std::path::PathBuf;

@@ -27,6 +27,7 @@ enum Cmd {
     Dpu(tools::rootfs::cli::DpuCmd),
     /// Run CMD (and all it starts) with mount(2)/umount2(2) on qtfs paths carried out by the
     /// HOST; other mounts run locally. Exits with CMD's status.
+    #[cfg(feature = "seccomp")]
     Run(tools::run::RunArgs),
     /// Show what the local daemons' links and services are doing: sessions (peer, transport,
     /// uptime, reconnects, round trip, bytes), per-service and per-fs-op counts, errors and
@@ -78,6 +79,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "seccomp")]
         Cmd::Run(a) => {
             tools::init_tracing("info");
             match tools::run::run(a) {

@@ -20,6 +20,124 @@ use offload_exec::client::{self, Outcome, RunOptions};
 use offload_exec::proto::{ExecRequest, ExitStatus, VERSION};
 use transport::{Endpoint, Registry, Session};
 
+/// In the static musl build (`cargo rexec-musl`): musl's malloc maps every block above 128 KiB
+/// and unmaps it when freed, so streaming output (a 256 KiB read buffer per chunk) paid an
+/// mmap, 64 page faults and an munmap per chunk. [`big_blocks::Cached`] keeps a few freed big
+/// blocks for reuse. glibc builds keep glibc's allocator unchanged.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: big_blocks::Cached = big_blocks::Cached;
+
+#[cfg(target_env = "musl")]
+mod big_blocks {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::ptr::null_mut;
+    use std::sync::atomic::{AtomicPtr, Ordering};
+
+    /// Blocks from 64 KiB (2^16) up to 16 MiB (2^24) are rounded up to a power of two and
+    /// cached; smaller and larger ones go straight to musl.
+    const MIN_SHIFT: u32 = 16;
+    const MAX_SHIFT: u32 = 24;
+    const CLASSES: usize = (MAX_SHIFT - MIN_SHIFT + 1) as usize;
+    /// Freed blocks kept per size class (at most ~4 × 16 MiB + … in the worst case, in practice
+    /// a few 256/512 KiB read buffers).
+    const SLOTS: usize = 4;
+    /// musl's malloc alignment; blocks with a stricter alignment are not cached.
+    const MAX_ALIGN: usize = 16;
+
+    static FREE: [[AtomicPtr<u8>; SLOTS]; CLASSES] =
+        [const { [const { AtomicPtr::new(null_mut()) }; SLOTS] }; CLASSES];
+
+    /// Size class of a layout, if cached.
+    fn class(layout: Layout) -> Option<(usize, usize)> {
+        let size = layout.size();
+        if layout.align() > MAX_ALIGN || size < (1 << MIN_SHIFT) || size > (1 << MAX_SHIFT) {
+            return None;
+        }
+        let shift = size.next_power_of_two().trailing_zeros();
+        Some(((shift - MIN_SHIFT) as usize, 1 << shift))
+    }
+
+    /// The system allocator with a small lock-free cache of freed big blocks.
+    pub struct Cached;
+
+    // SAFETY: every block handed out comes from `System` with a size ≥ the request (its class
+    // size) and alignment ≤ MAX_ALIGN, which musl's malloc guarantees; a cached block is taken
+    // by exactly one `swap`, so no block is handed out twice; `dealloc` gives a block back with
+    // the class size it was allocated with.
+    unsafe impl GlobalAlloc for Cached {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let Some((c, size)) = class(layout) else {
+                // SAFETY: forwarding the caller's valid layout.
+                return unsafe { System.alloc(layout) };
+            };
+            for slot in &FREE[c] {
+                let p = slot.swap(null_mut(), Ordering::Acquire);
+                if !p.is_null() {
+                    return p;
+                }
+            }
+            // SAFETY: `size` ≥ layout.size() and a power of two ≥ the alignment: a valid layout.
+            unsafe { System.alloc(Layout::from_size_align_unchecked(size, layout.align())) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            let Some((c, size)) = class(layout) else {
+                // SAFETY: `ptr` came from `System.alloc(layout)` above.
+                return unsafe { System.dealloc(ptr, layout) };
+            };
+            for slot in &FREE[c] {
+                if slot
+                    .compare_exchange(null_mut(), ptr, Ordering::Release, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return;
+                }
+            }
+            // SAFETY: `ptr` was allocated by System with the class size (see `alloc`).
+            unsafe { System.dealloc(ptr, Layout::from_size_align_unchecked(size, layout.align())) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            if class(layout).is_none() {
+                // SAFETY: forwarding the caller's valid layout (calloc: fresh pages need no memset).
+                return unsafe { System.alloc_zeroed(layout) };
+            }
+            // SAFETY: as `alloc`; the block (possibly reused) is zeroed over the requested size.
+            unsafe {
+                let p = self.alloc(layout);
+                if !p.is_null() {
+                    std::ptr::write_bytes(p, 0, layout.size());
+                }
+                p
+            }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            // SAFETY: the caller guarantees `new_size` with `layout.align()` is a valid layout.
+            let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+            match (class(layout), class(new)) {
+                // SAFETY: neither block is cached: musl's realloc (in place where it can).
+                (None, None) => unsafe { System.realloc(ptr, layout, new_size) },
+                // Within one class the block already has room.
+                (Some((a, _)), Some((b, _))) if a == b => ptr,
+                _ => {
+                    // SAFETY: a fresh block for `new`, the overlap copied, the old one freed
+                    // with its own layout (GlobalAlloc's default realloc, done here).
+                    unsafe {
+                        let p = self.alloc(new);
+                        if !p.is_null() {
+                            std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                            self.dealloc(ptr, layout);
+                        }
+                        p
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Exit code for rexec's own errors (distinct from the program's usual range, like ssh).
 const EXIT_REXEC_ERROR: i32 = 255;
 
@@ -30,6 +148,11 @@ static CALLER_IGNORED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 /// `client::stdio_kinds`.
 static CALLER_STDIO: std::sync::OnceLock<[offload_exec::proto::StdioKind; 3]> =
     std::sync::OnceLock::new();
+
+/// The command line, from the C `main`'s argv: `std::env::args()` is empty under `#![no_main]`
+/// on musl (glibc hands argv to std's initialiser, musl does not), and rexec-musl is the fast
+/// build (.cargo/config.toml).
+static ARGV: std::sync::OnceLock<Vec<OsString>> = std::sync::OnceLock::new();
 
 /// Environment variable with rexec's log filter (tracing `EnvFilter` syntax).
 const LOG_ENV: &str = "REXEC_LOG";
@@ -210,7 +333,9 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
 /// then the client.
 #[cfg(not(test))]
 #[no_mangle]
-pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc::c_int {
+    // SAFETY: the C runtime's argc/argv, as `command_line` requires.
+    let _ = ARGV.set(unsafe { command_line(argc, argv) });
     // What fds 0–2 are, before closed ones become /dev/null: a closed stdout is reproduced for
     // the program (and so is /dev/full).
     let _ = CALLER_STDIO.set(client::stdio_kinds());
@@ -229,6 +354,21 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
         Ok(never) => match never {},
         Err(_) => std::process::exit(EXIT_REXEC_ERROR),
     }
+}
+
+/// The arguments as `OsString`s.
+///
+/// # Safety
+/// `argv` must hold `argc` valid NUL-terminated strings (what the C runtime passes to `main`).
+#[cfg(not(test))]
+unsafe fn command_line(argc: libc::c_int, argv: *const *const libc::c_char) -> Vec<OsString> {
+    (0..usize::try_from(argc).unwrap_or(0))
+        // SAFETY: `i` < argc, so within the array (the caller's contract).
+        .map(|i| unsafe { *argv.add(i) })
+        .take_while(|p| !p.is_null())
+        // SAFETY: each pointer is a NUL-terminated string that lives for the whole process.
+        .map(|p| OsString::from_vec(unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes().to_vec()))
+        .collect()
 }
 
 /// Opens /dev/null on any of fds 0–2 that is closed, as std's start-up does, so that the
@@ -250,7 +390,10 @@ fn sanitize_stdio() {
 #[cfg_attr(test, allow(dead_code))]
 fn rexec_main() -> std::convert::Infallible {
     tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
-    let args = Args::parse();
+    let args = match ARGV.get() {
+        Some(argv) => Args::parse_from(argv),
+        None => Args::parse(),
+    };
     // rexec's own variable: RUST_LOG in the caller's environment is meant for the program.
     if std::env::var_os(LOG_ENV).is_some() {
         let _ = tracing_subscriber::fmt()
