@@ -87,7 +87,7 @@ seeds = {
         b"\x40" + b"prefix" + record(0) + b"\x01\x02",
     ],
     "fs_request": [  # op code, instance, length-prefixed postcard arguments, raw payload
-        bytes([0]) + v(0) + s(v(6) + s("/srv/export")),  # Mount
+        bytes([0]) + v(0) + s(v(7) + s("/srv/export")),  # Mount
         bytes([1]) + v(1) + s(v(1) + s(b"etc")),  # Lookup
         bytes([16]) + v(7) + s(v(3) + v(4096)) + b"hello world",  # Write + payload
         bytes([15]) + v(7) + s(v(3) + v(0) + v(65536)),  # Read

@@ -353,6 +353,29 @@ impl HostFs for MemFs {
         Ok(n as u32)
     }
 
+    async fn append(&self, a: op::Append, data: &[u8]) -> FsResult<crate::proto::Appended> {
+        let mut st = self.count(OpCode::Append);
+        st.clock += 1;
+        let now = st.clock;
+        let f = st.file(a.fh)?;
+        let len = data.len();
+        if let Some(e) = a.end {
+            let e = e as usize;
+            if len > 0 && f.data.len() == e + len && f.data[e..] == *data {
+                return Ok(crate::proto::Appended {
+                    written: len as u32,
+                    end: f.data.len() as u64,
+                });
+            }
+        }
+        f.data.extend_from_slice(data);
+        f.mtime = now;
+        Ok(crate::proto::Appended {
+            written: len as u32,
+            end: f.data.len() as u64,
+        })
+    }
+
     async fn flush(&self, _a: op::Flush) -> FsResult<()> {
         Ok(())
     }

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Protocol version carried in [`op::Mount`]; bumped on incompatible changes.
-pub const VERSION: u32 = 6;
+pub const VERSION: u32 = 7;
 
 /// Node and handle ids with this bit set are chosen by the client, not the HOST: an
 /// asynchronous create, mkdir or symlink names the new node (and handle) with an id of its own
@@ -185,6 +185,16 @@ pub struct Refusal {
     pub errno: Errno,
     /// The server's explanation.
     pub message: String,
+}
+
+/// What an append did: the bytes written and where the file ends after them (the `end` of a
+/// resend of the next append through the same handle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// Bytes written.
+    pub written: u32,
+    /// The file's size right after the append.
+    pub end: u64,
 }
 
 /// An opened file or directory.
@@ -539,6 +549,12 @@ fs_ops! {
     } -> ();
     /// poll(2) events ready; `wait_ms` > 0 waits up to that long for one of them.
     34 => Poll / poll { pub fh: Fh, pub events: u32, pub wait_ms: u32 } -> u32;
+    /// Append the payload to a file opened with `O_APPEND`. `end`, on a resend after a lost
+    /// session only: where the file ended before the first attempt. A file that already holds
+    /// exactly this payload at `end` and ends right after it got the first attempt, and is
+    /// left alone: an append is not idempotent, and a HOST that died between doing it and
+    /// answering must not get it twice.
+    35 => Append / append { pub fh: Fh, pub end: Option<u64> } -> crate::proto::Appended [data_in];
 }
 
 /// Encoding or decoding failed (a peer bug or version mismatch, never a panic).

@@ -236,6 +236,7 @@ impl Inner {
                 dir,
                 fh,
                 epoch,
+                append_end: None,
             },
         );
         id

@@ -344,6 +344,9 @@ struct Handle {
     dir: bool,
     fh: Fh,
     epoch: u64,
+    /// `O_APPEND` handles: where the file ended after the last append through this handle
+    /// (the HOST's answer), what a resend of the next one names (`op::Append`).
+    append_end: Option<u64>,
 }
 
 struct State {

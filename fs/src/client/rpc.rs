@@ -29,13 +29,41 @@ impl Inner {
         Ok(decode_reply::<O::Reply>(&reply)?.0)
     }
 
+    /// [`Inner::call_with`] for an operation that must not simply be sent twice: `again` is
+    /// what goes out instead of `op` once the session was lost with `op` unanswered (see
+    /// [`op::Append`]).
+    pub(super) async fn call_once<O: DataIn>(
+        &self,
+        op: O,
+        again: O,
+        payload: &[u8],
+    ) -> R<O::Reply> {
+        let args = EncodedArgs::new(&op).map_err(|_| OpError::Protocol)?;
+        let again = EncodedArgs::new(&again).map_err(|_| OpError::Protocol)?;
+        let reply = self.send_then(&args, Some(&again), payload).await?;
+        Ok(decode_reply::<O::Reply>(&reply)?.0)
+    }
+
     /// Sends encoded arguments and a payload; the reply as received.
     pub(super) async fn send(&self, args: &EncodedArgs, payload: &[u8]) -> R<Bytes> {
+        self.send_then(args, None, payload).await
+    }
+
+    /// [`Inner::send`]; after a lost session the request is sent again as `again` (the same
+    /// request when `None`).
+    async fn send_then(
+        &self,
+        args: &EncodedArgs,
+        again: Option<&EncodedArgs>,
+        payload: &[u8],
+    ) -> R<Bytes> {
         let instance = self.st().instance;
-        let body = args
-            .request(instance, payload)
-            .map_err(|_| OpError::Protocol)?;
-        let body = Bytes::from(body);
+        let encode = |a: &EncodedArgs| {
+            a.request(instance, payload)
+                .map(Bytes::from)
+                .map_err(|_| OpError::Protocol)
+        };
+        let mut body = encode(args)?;
         let start = Instant::now();
         let deadline = if self.opts.hard {
             None
@@ -64,6 +92,9 @@ impl Inner {
                 Err(CallError::Remote(e)) => return Err(OpError::Errno(e.code)),
                 Err(CallError::Closed(reason)) => {
                     debug!(%reason, "session lost; redialing");
+                    if let Some(a) = again {
+                        body = encode(a)?;
+                    }
                     self.client.invalidate().await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

@@ -376,3 +376,40 @@ fn an_inode_named_by_an_operation_in_flight_outlives_the_kernels_forget() {
     r.inner.unpin(&[d]);
     assert!(!r.inner.st().inodes.contains_key(&d));
 }
+
+/// Appends through an `O_APPEND` handle go as `Append`; a resend of one that landed (its
+/// answer lost with the session, the HOST then restarted) names the end the file had before
+/// it, and the HOST does not write it twice — while a different payload at that end, or the
+/// same one after another writer's bytes, is appended.
+#[test]
+fn an_append_resent_after_it_landed_is_not_written_twice() {
+    let r = rig(MountOptions::default());
+    let (_, fh) = r.create(ROOT, "log");
+    let me = r.inner.clone();
+    let sfh = me.st().handles.get(&fh).map(|h| h.fh).expect("handle");
+    if let Some(h) = me.st().handles.get_mut(&fh) {
+        h.flags |= libc::O_APPEND;
+    }
+    let write = |data: &[u8]| r.rt.block_on(me.write_sync(fh, 0, data));
+    assert_eq!(write(b"one\n"), Ok(4));
+    assert_eq!(write(b"two\n"), Ok(4));
+    assert_eq!(r.fs.content(&["log"]).as_deref(), Some(&b"one\ntwo\n"[..]));
+    // The handle knows where the file ends: what a resend of the next append would name.
+    let end = me.st().handles.get(&fh).and_then(|h| h.append_end);
+    assert_eq!(end, Some(8));
+    let append = |end: Option<u64>, data: &[u8]| {
+        r.rt.block_on(me.call_with(op::Append { fh: sfh, end }, data))
+    };
+    // "two\n" landed at 4: its resend is answered without writing again.
+    let a = append(Some(4), b"two\n").expect("resend");
+    assert_eq!((a.written, a.end), (4, 8));
+    assert_eq!(r.fs.content(&["log"]).as_deref(), Some(&b"one\ntwo\n"[..]));
+    // Not what is there: the first attempt did not land, so this one appends.
+    assert_eq!(append(Some(4), b"2\n").map(|a| a.end), Ok(10));
+    assert_eq!(append(Some(10), b"x\n").map(|a| a.end), Ok(12));
+    assert_eq!(
+        r.fs.content(&["log"]).as_deref(),
+        Some(&b"one\ntwo\n2\nx\n"[..])
+    );
+    assert!(r.fs.calls(OpCode::Append) >= 5);
+}

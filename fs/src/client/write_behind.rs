@@ -130,11 +130,56 @@ impl Inner {
 
     /// One write through handle `fh`, answered by the HOST.
     pub(super) async fn write_sync(self: &Arc<Self>, fh: u64, offset: u64, data: &[u8]) -> R<u32> {
+        if let Some(known) = self.append_handle(fh) {
+            return self.append(fh, known, data).await;
+        }
         self.with(|| async {
             let sfh = self.fh_of(fh).await?;
             self.call_with(op::Write { fh: sfh, offset }, data).await
         })
         .await
+    }
+
+    /// For a handle opened with `O_APPEND` (and no kernel write-back, whose writes carry the
+    /// kernel's own offsets): where the file ended after the last append through it, if known.
+    fn append_handle(&self, fh: u64) -> Option<Option<u64>> {
+        // Pseudo files (`>> cgroup.procs`) take writes as they come, wherever they land.
+        if self.opts.writeback_cache || self.opts.pseudo() {
+            return None;
+        }
+        let st = self.st();
+        let h = st.handles.get(&fh)?;
+        (h.flags & libc::O_APPEND != 0 && !h.dir).then_some(h.append_end)
+    }
+
+    /// An append, exactly once across a lost session or a HOST restart while the file has
+    /// one writer: a resend names where the file ended before the first attempt
+    /// (`known`, from the previous append's answer), and the HOST does not write again when
+    /// that attempt landed ([`op::Append`]). Without a known end (the first append through a
+    /// handle) a resend may append twice, as any retried write to an appending file does.
+    async fn append(self: &Arc<Self>, fh: u64, known: Option<u64>, data: &[u8]) -> R<u32> {
+        let sent = std::sync::atomic::AtomicBool::new(false);
+        let r = self
+            .with(|| async {
+                let sfh = self.fh_of(fh).await?;
+                // After a HOST restart the whole call is made again: a resend too.
+                let first = !sent.swap(true, std::sync::atomic::Ordering::Relaxed);
+                let again = op::Append {
+                    fh: sfh,
+                    end: known,
+                };
+                let op = op::Append {
+                    fh: sfh,
+                    end: if first { None } else { known },
+                };
+                self.call_once(op, again, data).await
+            })
+            .await;
+        let mut st = self.st();
+        if let Some(h) = st.handles.get_mut(&fh) {
+            h.append_end = r.as_ref().ok().map(|a| a.end);
+        }
+        r.map(|a| a.written)
     }
 
     /// Write-behind: queues the write to the HOST, acknowledges it, then collects the answer.

@@ -542,6 +542,44 @@ impl HostFs for FsService {
         Ok(n as u32)
     }
 
+    /// Appends through the handle's `O_APPEND` descriptor; a resend whose first attempt landed
+    /// (see [`op::Append`]) is answered without writing again.
+    async fn append(&self, a: op::Append, data: &[u8]) -> FsResult<proto::Appended> {
+        let op::Append { fh, end } = a;
+        let f = self.file(fh)?;
+        self.writable(f.export)?;
+        if !f.seekable {
+            let data = data.to_vec();
+            let n = dedicated(move || sys::pwrite(f.fd.as_raw_fd(), 0, &data, false)).await?;
+            return Ok(proto::Appended {
+                written: n as u32,
+                end: 0,
+            });
+        }
+        let fd = f.fd.as_raw_fd();
+        let len = data.len() as u64;
+        if let Some(e) = end {
+            let size = sys::fstat(fd)?.st_size as u64;
+            if len > 0 && size == e.saturating_add(len) {
+                let mut there = Vec::new();
+                sys::pread_append(fd, e, len as u32, &mut there)?;
+                if there == data {
+                    return Ok(proto::Appended {
+                        written: len as u32,
+                        end: size,
+                    });
+                }
+            }
+        }
+        // The descriptor is O_APPEND: the kernel appends whatever the offset says.
+        let n = sys::pwrite(fd, 0, data, true)?;
+        let end = sys::fstat(fd)?.st_size as u64;
+        Ok(proto::Appended {
+            written: n as u32,
+            end,
+        })
+    }
+
     async fn flush(&self, a: op::Flush) -> FsResult<()> {
         let op::Flush { fh, .. } = a;
         // Data is written through on every write; nothing is buffered here.
