@@ -183,6 +183,32 @@ impl Drop for Host {
     }
 }
 
+/// Runs `script` (`sh -c`, stdout piped) while the HOST daemon is killed 300 ms in, kept down
+/// for `down` and restarted; `after` later creates `stop`, which the script polls to end. Its
+/// output once it ended. The workload runs in its own process, as on a real DPU, where the
+/// HOST daemon is not a child of a process blocked on the mount.
+pub fn workload_across_restart(
+    host: &mut Host,
+    script: &str,
+    stop: &Path,
+    down: Duration,
+    after: Duration,
+) -> Output {
+    let worker = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn sh");
+    std::thread::sleep(Duration::from_millis(300));
+    host.kill();
+    std::thread::sleep(down);
+    host.restart();
+    std::thread::sleep(after);
+    std::fs::write(stop, b"").expect("create the stop file");
+    worker.wait_with_output().expect("wait for the workload")
+}
+
 /// A live qtfs mount; lazily unmounted on drop.
 pub struct Mount {
     /// Mount point.

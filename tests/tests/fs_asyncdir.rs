@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::fs::{fs_test_links, fuse_ready, host_with_export, tmpdir, ExportSpec, Host, Mount};
+use tests::fs::{
+    fs_test_links, fuse_ready, host_with_export, tmpdir, workload_across_restart, ExportSpec, Host,
+    Mount,
+};
 
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -416,19 +419,13 @@ fn fs_async_host_restart_delivers_acknowledged() {
             stop = tmp.path().join("stop").display(),
             dir = m.path("work").display()
         );
-        let worker = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        host.kill();
-        std::thread::sleep(Duration::from_millis(600));
-        host.restart();
-        std::thread::sleep(Duration::from_millis(500));
-        fs::write(tmp.path().join("stop"), b"").unwrap();
-        let out = worker.wait_with_output().unwrap();
+        let out = workload_across_restart(
+            &mut host,
+            &script,
+            &tmp.path().join("stop"),
+            Duration::from_millis(600),
+            Duration::from_millis(500),
+        );
         assert!(
             out.status.success(),
             "[{kind}] workload failed: {}",

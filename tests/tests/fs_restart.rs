@@ -6,7 +6,9 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
 
-use tests::fs::{fs_test_links, fuse_ready, tmpdir, ExportSpec, Host, Mount};
+use tests::fs::{
+    fs_test_links, fuse_ready, tmpdir, workload_across_restart, ExportSpec, Host, Mount,
+};
 
 #[test]
 fn fs_host_restart_under_workload() {
@@ -31,8 +33,7 @@ fn fs_host_restart_under_workload() {
         let dir_inode_path = m.path("deep/er/dir");
         assert!(dir_inode_path.is_dir());
 
-        // A workload running across the restart, in its own process (as on a real DPU, where
-        // the HOST daemon is not a child of a process blocked on the mount).
+        // A workload running across the restart (its own process: `workload_across_restart`).
         let script = format!(
             "i=0; while [ ! -e {stop} ] || [ $i -lt 20 ]; do \
                printf 'payload %s' $i > {dir}/w-$i || exit 1; \
@@ -41,19 +42,13 @@ fn fs_host_restart_under_workload() {
             stop = tmp.path().join("stop").display(),
             dir = m.path("deep/er/dir").display()
         );
-        let worker = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        host.kill();
-        std::thread::sleep(Duration::from_millis(800));
-        host.restart();
-        std::thread::sleep(Duration::from_millis(700));
-        fs::write(tmp.path().join("stop"), b"").unwrap();
-        let out = worker.wait_with_output().unwrap();
+        let out = workload_across_restart(
+            &mut host,
+            &script,
+            &tmp.path().join("stop"),
+            Duration::from_millis(800),
+            Duration::from_millis(700),
+        );
         assert!(out.status.success(), "workload failed: {}", out.status);
         let n: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         assert!(n >= 20);

@@ -28,6 +28,8 @@ struct Made {
     name: Vec<u8>,
     /// The change sequence when it was made.
     sent: u64,
+    /// The attributes the kernel is told until the HOST's own arrive.
+    attr: Attr,
 }
 
 impl Inner {
@@ -154,6 +156,7 @@ impl Inner {
             parent,
             name: name.to_vec(),
             sent: seq,
+            attr,
         }
     }
 
@@ -379,12 +382,6 @@ impl Inner {
             alias: Some((m.alias, afh)),
         };
         let in_flight = self.begin_ops(&[m.ino, parent], true);
-        let attr = self
-            .st()
-            .inodes
-            .get(&m.ino)
-            .and_then(|n| n.attr)
-            .map(|a| a.0);
         let m = Arc::new(m);
         let (m1, m2) = (m.clone(), m.clone());
         let name = name.to_vec();
@@ -417,10 +414,9 @@ impl Inner {
                 .await
             },
         );
-        let attr = attr.unwrap_or_default();
         reply.created(
             &self.entry_ttl(),
-            &fuse_attr(m.ino, &attr),
+            &fuse_attr(m.ino, &m.attr),
             Generation(0),
             FileHandle(fh),
             self.open_flags(m.ino, false),
@@ -451,12 +447,6 @@ impl Inner {
         };
         let m = self.add_made(parent, name, mode, caller, size);
         let in_flight = self.begin_ops(&[m.ino, parent], true);
-        let attr = self
-            .st()
-            .inodes
-            .get(&m.ino)
-            .and_then(|n| n.attr)
-            .map(|a| a.0);
         let ino = m.ino;
         let m = Arc::new(m);
         let (m1, m2) = (m.clone(), m.clone());
@@ -538,11 +528,10 @@ impl Inner {
                 self.send_async(&session, instance, op, parent, in_flight, done, replay);
             }
         }
-        let attr = attr.unwrap_or_default();
         reply.entry_with_ttls(
             &Duration::ZERO,
             &self.entry_ttl(),
-            &fuse_attr(ino, &attr),
+            &fuse_attr(ino, &m.attr),
             Generation(0),
         );
         None
