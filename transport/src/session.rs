@@ -178,6 +178,10 @@ pub enum CloseReason {
     /// The peer sent GoAway and then closed.
     #[error("peer shut the session down")]
     PeerGoAway,
+    /// The peer's end reset the connection (it exited with bytes of ours still unread, or its
+    /// machine dropped the connection).
+    #[error("peer reset the connection")]
+    PeerReset,
     /// This side closed the session.
     #[error("closed locally")]
     Local,
@@ -608,11 +612,16 @@ impl Inner {
         // Outside the state lock (the registry's snapshot reads it through the gauges).
         self.stats.closed();
         match &reason {
-            // A peer that exits while sending (a killed rexec) is routine, not a warning.
+            // A peer that exits while sending (a killed rexec) is routine, not a warning; so is
+            // one that exits with our last frames unread (its kernel resets the connection),
+            // unless work was still in flight.
             CloseReason::Local
             | CloseReason::PeerClosed
             | CloseReason::PeerGoAway
             | CloseReason::Truncated(_) => {
+                tracing::debug!(peer = %self.peer, %reason, "session closed")
+            }
+            CloseReason::PeerReset if calls.is_empty() && streams.is_empty() => {
                 tracing::debug!(peer = %self.peer, %reason, "session closed")
             }
             _ => tracing::warn!(peer = %self.peer, %reason, "session closed"),
@@ -1423,6 +1432,7 @@ async fn fill(
             inner.touch();
             Ok(())
         }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Err(CloseReason::PeerReset),
         Err(e) => Err(CloseReason::Io(e.to_string())),
     }
 }
