@@ -12,7 +12,6 @@ pub(crate) mod dispatch;
 pub mod endpoint;
 pub(crate) mod handshake;
 pub mod link;
-/// The RDMA link; connections need the `rdma` feature, its ring rules are always built.
 pub mod rdma;
 /// Pure decoding of the RDMA link's ring description and immediate data (no verbs needed).
 #[doc(hidden)]

@@ -66,6 +66,7 @@ pub const SLOT_SIZE: usize = 32 * 1024;
 /// Receive-ring slots per direction (at most 128 so the mod-256 credit counters stay unambiguous).
 pub const SLOTS: u32 = 32;
 /// Receive work requests reserved for control messages.
+#[cfg(feature = "rdma")]
 const CTRL: u32 = 8;
 /// Bound on connection establishment (peer accepts, or the CM gives up).
 #[cfg(feature = "rdma")]
