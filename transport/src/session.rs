@@ -1552,6 +1552,9 @@ impl Deframer {
                     acc.extend_from_slice(&rec.split_to(take));
                     if acc.len() < h.len as usize {
                         self.pending = Some((h, acc));
+                        // All of it taken: let go of the record's buffer (the reader reuses
+                        // its read buffer only when nothing else holds it).
+                        *rec = BytesMut::new();
                         return Ok(None);
                     }
                     acc
@@ -1565,6 +1568,7 @@ impl Deframer {
                 let take = (HEADER_LEN - self.head.len()).min(rec.len());
                 self.head.extend_from_slice(&rec.split_to(take));
                 if self.head.len() < HEADER_LEN {
+                    *rec = BytesMut::new();
                     return Ok(None);
                 }
                 h.copy_from_slice(&self.head);
