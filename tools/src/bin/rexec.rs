@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use offload_exec::client::{self, Outcome, RunOptions};
+use offload_exec::mux;
 use offload_exec::proto::{ExecRequest, ExitStatus, VERSION};
 use transport::{Endpoint, Registry, Session};
 
@@ -159,7 +160,12 @@ const LOG_ENV: &str = "REXEC_LOG";
 
 /// rexec's own configuration: read here, never passed to the program (the program would
 /// otherwise see, and a nested rexec would reuse, the caller's link settings).
-const OWN_ENV: [&[u8]; 2] = [b"CMD_NET_ADDR", b"OFFLOAD_KEY_FILE"];
+const OWN_ENV: [&[u8]; 4] = [
+    b"CMD_NET_ADDR",
+    b"OFFLOAD_KEY_FILE",
+    b"REXEC_CONTROL",
+    b"REXEC_CONTROL_DIR",
+];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -174,6 +180,9 @@ and 255 on rexec's own errors (unreachable server, wrong key, connection lost)."
     after_help = "Options end at the first non-option argument: `rexec ls -la` runs `ls -la`; \
 `rexec -- -cmd` runs a program whose name starts with '-'. Usage errors exit 2.\n\
 rexec's own logging: REXEC_LOG=debug (RUST_LOG is left to the program).\n\
+With a rexec_mux running for the same address and key file, rexec runs the program over the \
+mux's session (no handshake of its own); REXEC_CONTROL=PATH names the mux socket, \
+REXEC_CONTROL=none always connects directly. Without an answering mux rexec connects itself.\n\
 Example: CMD_NET_ADDR=tcp://10.0.0.1:7000 rexec --key-file /etc/offload/psk uname -a"
 )]
 struct Args {
@@ -329,6 +338,54 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
+/// The mux socket to try: `$REXEC_CONTROL` (`none` or empty: none), else the default path for
+/// this address and key file (`offload_exec::mux::default_control_path`).
+fn control_path(args: &Args) -> Option<PathBuf> {
+    match std::env::var_os(mux::CONTROL_ENV) {
+        Some(v) if v.is_empty() || v == "none" => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => {
+            let ep = Endpoint::from_parts(args.transport.as_deref(), &args.addr).ok()?;
+            let key = mux::key_file_path(args.link.key_file.as_deref());
+            Some(mux::default_control_path(&ep.to_string(), &key))
+        }
+    }
+}
+
+/// Reports how the exec ended (as `-v` asks, or rexec's own error) and returns the exit code;
+/// dies of the program's signal instead where it was killed by one.
+fn finish(args: &Args, outcome: anyhow::Result<Outcome>) -> i32 {
+    match outcome {
+        Ok(Outcome::Exited(st)) => {
+            if args.verbose {
+                match st {
+                    ExitStatus::Code(c) => eprintln!("rexec: remote program exited with code {c}"),
+                    ExitStatus::Signal {
+                        signal,
+                        core_dumped,
+                    } => eprintln!(
+                        "rexec: remote program killed by signal {signal} ({}){}",
+                        signal_name(signal),
+                        if core_dumped { ", core dumped" } else { "" },
+                    ),
+                }
+            }
+            if let ExitStatus::Signal { signal, .. } = st {
+                die_of_signal(signal);
+            }
+            st.shell_code()
+        }
+        Ok(Outcome::NotStarted { code, message }) => {
+            eprintln!("rexec: {message}");
+            code
+        }
+        Err(e) => {
+            eprintln!("rexec: {e:#}");
+            EXIT_REXEC_ERROR
+        }
+    }
+}
+
 /// The C entry point (see `#![no_main]`): what std's start-up would have done that matters here,
 /// then the client.
 #[cfg(not(test))]
@@ -440,6 +497,39 @@ fn rexec_main() -> std::convert::Infallible {
         sig_ignored: CALLER_IGNORED.load(std::sync::atomic::Ordering::Relaxed),
         stdio: CALLER_STDIO.get().copied().unwrap_or_default(),
     };
+    // A mux for this address (and key) runs the exec over its session: no handshake here.
+    if let Some(path) = control_path(&args) {
+        let raw = if args.tty {
+            client::RawMode::enter()
+        } else {
+            None
+        };
+        let attempt = mux::client::try_run(
+            &path,
+            mux::client::Call {
+                req: &req,
+                tty: args.tty && raw.is_some(),
+                stdin: !client::stdin_is_empty(),
+            },
+        );
+        drop(raw);
+        match attempt {
+            mux::client::Attempt::Ran(ended) => {
+                tracing::debug!(mux = %path.display(), "ran through the rexec mux");
+                let outcome = match ended {
+                    mux::Ended::Exited(st) => Ok(Outcome::Exited(st)),
+                    mux::Ended::NotStarted { code, message } => {
+                        Ok(Outcome::NotStarted { code, message })
+                    }
+                    mux::Ended::Error(e) => Err(anyhow::anyhow!(e)),
+                };
+                std::process::exit(finish(&args, outcome));
+            }
+            mux::client::Attempt::Fallback(why) => {
+                tracing::debug!(%why, "no rexec mux: connecting directly");
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -450,35 +540,7 @@ fn rexec_main() -> std::convert::Infallible {
             std::process::exit(EXIT_REXEC_ERROR);
         }
     };
-    let code = match rt.block_on(run(&args, req)) {
-        Ok(Outcome::Exited(st)) => {
-            if args.verbose {
-                match st {
-                    ExitStatus::Code(c) => eprintln!("rexec: remote program exited with code {c}"),
-                    ExitStatus::Signal {
-                        signal,
-                        core_dumped,
-                    } => eprintln!(
-                        "rexec: remote program killed by signal {signal} ({}){}",
-                        signal_name(signal),
-                        if core_dumped { ", core dumped" } else { "" },
-                    ),
-                }
-            }
-            if let ExitStatus::Signal { signal, .. } = st {
-                die_of_signal(signal);
-            }
-            st.shell_code()
-        }
-        Ok(Outcome::NotStarted { code, message }) => {
-            eprintln!("rexec: {message}");
-            code
-        }
-        Err(e) => {
-            eprintln!("rexec: {e:#}");
-            EXIT_REXEC_ERROR
-        }
-    };
+    let code = finish(&args, rt.block_on(run(&args, req)));
     // exit() skips waiting for the stdin reader thread (blocked in read(2)); all output was
     // written by client::run before it returned, and the terminal mode was restored above.
     std::process::exit(code);
