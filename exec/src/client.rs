@@ -287,7 +287,14 @@ pub async fn run_with(
     let (started_tx, started_rx) = watch::channel(false);
     let sig_task = {
         let session = session.clone();
-        tokio::spawn(forward(signals, session, id, started_rx.clone(), opts.tty, events))
+        tokio::spawn(forward(
+            signals,
+            session,
+            id,
+            started_rx.clone(),
+            opts.tty,
+            events,
+        ))
     };
     // A stdout/stderr pipe whose reader is gone: tell the server before the program writes.
     let streamed = |fd: usize| req_stdio[fd] == StdioKind::Stream && !opts.tty;
@@ -673,7 +680,6 @@ impl Signals {
             .is_some_and(|f| f.swap(false, Ordering::Relaxed));
         (sig, group)
     }
-
 }
 
 /// Where forwarded signals come from.

@@ -399,7 +399,10 @@ mod tests {
         let c = default_control_path("tcp://127.0.0.1:1", Path::new("/k2"));
         assert_ne!(a, b);
         assert_ne!(a, c);
-        assert_eq!(a, default_control_path("tcp://127.0.0.1:1", Path::new("/k")));
+        assert_eq!(
+            a,
+            default_control_path("tcp://127.0.0.1:1", Path::new("/k"))
+        );
     }
 
     #[test]

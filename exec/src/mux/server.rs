@@ -77,15 +77,21 @@ async fn send(wr: &mut tokio::net::unix::OwnedWriteHalf, msg: &MuxMsg) -> Result
 async fn handle(sock: UnixStream, sessions: Arc<dyn SessionSource>) -> Result<(), MuxError> {
     let uid = peer_uid(sock.as_raw_fd())?;
     let mut buf = Vec::new();
-    if !uid_allowed(uid) {
-        warn!(uid, "rexec connection from another user refused");
-        let (_, mut wr) = sock.into_split();
-        return send(&mut wr, &MuxMsg::Unavailable(format!("uid {uid} not allowed"))).await;
-    }
+    // The Hello is read (and its descriptors closed unused) even from a refused caller: a
+    // socket closed with unread data would reset, and the caller would not learn why.
     let Some((hello, fds)) = read_hello(&sock, &mut buf).await? else {
         return Ok(());
     };
     let (mut rd, mut wr) = sock.into_split();
+    if !uid_allowed(uid) {
+        warn!(uid, "rexec connection from another user refused");
+        drop(fds);
+        return send(
+            &mut wr,
+            &MuxMsg::Unavailable(format!("uid {uid} not allowed")),
+        )
+        .await;
+    }
     let ClientMsg::Hello {
         version,
         req,
