@@ -175,11 +175,14 @@ pub fn default_control_path(addr: &str, key_file: &Path) -> PathBuf {
 
 /// The key file a link with `explicit` (`--key-file`) uses, for [`default_control_path`]:
 /// `explicit`, else `$OFFLOAD_KEY_FILE`, else `/etc/offload/psk` (as the transport resolves it).
+/// A relative path is made absolute against the working directory (lexically: no symlinks
+/// resolved), so `--key-file psk` and `--key-file $PWD/psk` name the same mux.
 pub fn key_file_path(explicit: Option<&Path>) -> PathBuf {
-    explicit
+    let p = explicit
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os(transport::auth::KEY_FILE_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(transport::auth::DEFAULT_KEY_FILE))
+        .unwrap_or_else(|| PathBuf::from(transport::auth::DEFAULT_KEY_FILE));
+    std::path::absolute(&p).unwrap_or(p)
 }
 
 /// The directory of the default mux sockets (see [`default_control_path`]).
