@@ -100,7 +100,7 @@ mod big_blocks {
     /// Size class of a layout, if cached.
     fn class(layout: Layout) -> Option<(usize, usize)> {
         let size = layout.size();
-        if layout.align() > MAX_ALIGN || size < (1 << MIN_SHIFT) || size > (1 << MAX_SHIFT) {
+        if layout.align() > MAX_ALIGN || !((1 << MIN_SHIFT)..=(1 << MAX_SHIFT)).contains(&size) {
             return None;
         }
         let shift = size.next_power_of_two().trailing_zeros();
