@@ -18,6 +18,9 @@ use crate::client::{
 };
 use crate::proto::Sig;
 
+/// How long a connected rexec may take to send its request (rexec sends it at once).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long an exec whose rexec died may take to end after the kill before the mux lets go.
 const KILL_GRACE: Duration = Duration::from_secs(10);
 
@@ -79,7 +82,15 @@ async fn handle(sock: UnixStream, sessions: Arc<dyn SessionSource>) -> Result<()
     let mut buf = Vec::new();
     // The Hello is read (and its descriptors closed unused) even from a refused caller: a
     // socket closed with unread data would reset, and the caller would not learn why.
-    let Some((hello, fds)) = read_hello(&sock, &mut buf).await? else {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&sock, &mut buf)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(MuxError::Protocol(format!(
+                "no request within {HELLO_TIMEOUT:?}"
+            )))
+        }
+    };
+    let Some((hello, fds)) = hello else {
         return Ok(());
     };
     let (mut rd, mut wr) = sock.into_split();
