@@ -71,7 +71,7 @@ seeds = {
         struct.pack("<I", 1 << 20) + header(12, struct.pack("<I", 65536), 3),
         struct.pack("<I", 16) + header(4, s("wrong key")),
     ],
-    "handshake": [
+    "handshake": [  # role byte (bit 0 dialer, bit 1 encrypt) is prefixed below, all four
         header(1, hello_msg(["fs", "exec", "bridge"], True)) + header(3, s(bytes(32))),
         header(1, hello_msg([], False)) + header(2, s(b"")),
         header(1, hello_msg(["fs"], True)) + header(4, s("wrong key")),
@@ -138,6 +138,7 @@ seeds = {
         struct.pack("<IHHIIIQ", 0x52445055, 1, 128, 65536, 128, 1, 0),
     ],
 }
+seeds["handshake"] = [bytes([role]) + h for h in seeds["handshake"] for role in range(4)]
 
 for target, items in seeds.items():
     d = os.path.join(ROOT, target)

@@ -12,7 +12,7 @@ use transport::{
     CallError, Endpoint, Key, Registry, RemoteError, Service, Session, SessionConfig, Stream,
 };
 
-/// Echoes calls; streams: echoes everything back, then finishes. Header "sink" reads and
+/// Echoes calls (a call "big" is answered with [`BIG`] bytes); streams: echoes everything back, then finishes. Header "sink" reads and
 /// discards; header "stall" never reads; header "hash" replies with the sha256 of all input.
 /// Every session it is attached to is reported on `sessions` (to call back the other way).
 struct Echo {
@@ -24,6 +24,9 @@ impl Service for Echo {
     async fn call(&self, _s: &Session, req: Bytes) -> Result<Bytes, RemoteError> {
         if &req[..] == b"fail" {
             return Err(RemoteError::new(42, "asked to fail"));
+        }
+        if &req[..] == b"big" {
+            return Ok(Bytes::from(vec![1u8; BIG]));
         }
         if req.starts_with(b"sleep") {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -68,6 +71,9 @@ impl Service for Echo {
         let _ = self.sessions.send(session.clone());
     }
 }
+
+/// Size of the answer to a call "big".
+const BIG: usize = 256 << 10;
 
 fn echo_registry() -> (Registry, mpsc::UnboundedReceiver<Session>) {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -582,6 +588,128 @@ async fn direct_sends_from_plain_threads_stay_in_order() {
             c.call("echo", Bytes::from_static(b"after")).await.unwrap(),
             Bytes::from_static(b"after")
         );
+    })
+    .await;
+}
+
+/// This process's resident set in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A peer that keeps sending calls but never reads their answers (a proxy between it and the
+/// server stops forwarding the server's bytes): the server stops reading once
+/// `max_unread_answers` are queued, so its memory stays bounded however many calls the peer
+/// sends (unbounded, the 4 000 calls below queue 1 GiB of answers); it drops the peer after the
+/// heartbeat timeout as not reading, and serves another client meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_its_answers_is_paused_then_dropped() {
+    for_each_link(|kind| async move {
+        let mut srv = server(
+            &kind,
+            SessionConfig {
+                max_unread_answers: 4 << 20,
+                ..cfg()
+            },
+        )
+        .await;
+        // The proxy: the peer's bytes always go to the server; the server's go back until
+        // `stop`, then stay unread.
+        let dir = tempfile::tempdir().unwrap();
+        let url = tests::listen_url(&kind, dir.path());
+        let mut proxy = transport::listen(&url.parse().unwrap()).await.unwrap();
+        let proxy_ep: Endpoint = tests::connect_url(&proxy.local_endpoint().to_string())
+            .parse()
+            .unwrap();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let target = srv.ep.clone();
+        tokio::spawn(async move {
+            let (c, _) = proxy.accept().await.unwrap();
+            let s = transport::connect(&target).await.unwrap();
+            let (mut cr, mut cw) = tokio::io::split(c);
+            let (mut sr, mut sw) = tokio::io::split(s);
+            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                tokio::select! {
+                    _ = async { let _ = stopped.wait_for(|s| *s).await; } => break,
+                    n = sr.read(&mut buf) => match n {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    },
+                }
+            }
+            // Both connections stay open, the server's side unread.
+            std::future::pending::<()>().await;
+            drop((sr, cw));
+        });
+        // The peer does not give up on its own (long heartbeat timeout).
+        let peer = Session::connect(
+            &proxy_ep,
+            SessionConfig {
+                heartbeat_timeout: Duration::from_secs(600),
+                ..cfg()
+            },
+            Registry::new(),
+        )
+        .await
+        .unwrap();
+        let on_server = srv.sessions.recv().await.unwrap();
+        assert_eq!(
+            peer.call("echo", Bytes::from_static(b"big"))
+                .await
+                .unwrap()
+                .len(),
+            BIG
+        );
+        let base = rss_kib();
+        stop.send(true).unwrap();
+        let mut waiting = Vec::new();
+        for _ in 0..4000 {
+            waiting.push(peer.start_call("echo", Bytes::from_static(b"big")).unwrap());
+        }
+        // Meanwhile another client is served, and the server's memory is sampled.
+        let (other, _) = client(&srv.ep).await;
+        let t0 = Instant::now();
+        let mut peak = base;
+        let reason = loop {
+            assert_eq!(
+                &other.call("echo", Bytes::from_static(b"hi")).await.unwrap()[..],
+                b"hi"
+            );
+            peak = peak.max(rss_kib());
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(50), on_server.closed()).await
+            {
+                break r;
+            }
+            assert!(
+                t0.elapsed() < heartbeat_timeout() * 10,
+                "[{kind}] the server kept a peer that reads nothing"
+            );
+        };
+        let grown_mib = peak.saturating_sub(base) / 1024;
+        eprintln!(
+            "[{kind}] dropped after {:?}: {reason}; RSS grew {grown_mib} MiB",
+            t0.elapsed()
+        );
+        assert!(
+            matches!(reason, transport::CloseReason::PeerNotReading(_)),
+            "[{kind}] {reason}"
+        );
+        assert!(
+            grown_mib < 256,
+            "[{kind}] RSS grew {grown_mib} MiB while the peer read nothing"
+        );
+        drop(waiting);
     })
     .await;
 }

@@ -12,6 +12,10 @@ pub(crate) mod dispatch;
 pub mod endpoint;
 pub(crate) mod handshake;
 pub mod link;
+pub mod rdma;
+/// Pure decoding of the RDMA link's ring description and immediate data (no verbs needed).
+#[doc(hidden)]
+pub mod rdma_meta;
 pub(crate) mod rules;
 pub mod service;
 pub mod session;
@@ -19,12 +23,6 @@ mod stats;
 pub mod stream;
 pub mod sync;
 pub mod wire;
-// RDMA
-#[cfg(feature = "rdma")]
-pub mod rdma;
-/// Pure decoding of the RDMA link's ring description and immediate data (no verbs needed).
-#[doc(hidden)]
-pub mod rdma_meta;
 
 pub use auth::{resolve_key, AuthError, Key};
 pub use client::Client;

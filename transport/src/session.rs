@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,12 @@ pub struct SessionConfig {
     pub max_streams: usize,
     /// Most incoming calls being handled at once per session.
     pub max_inflight_calls: usize,
+    /// Most bytes of answers to the peer's calls queued and not yet written to the link. Above
+    /// it the session stops reading the peer's frames until half of it is written: a peer that
+    /// sends calls but does not read their answers (a bug, or a hostile client) is slowed to
+    /// the link's pace instead of growing this side's memory, and one that stays so for the
+    /// heartbeat timeout is dropped ([`CloseReason::PeerNotReading`]).
+    pub max_unread_answers: usize,
     /// Per-stream receive window in bytes.
     pub stream_window: u32,
     /// Optional deadline for each call (the heartbeat already bounds calls to a dead peer).
@@ -75,6 +81,7 @@ impl Default for SessionConfig {
             max_frame: 16 << 20,
             max_streams: 4096,
             max_inflight_calls: 8192,
+            max_unread_answers: 32 << 20,
             stream_window: 4 << 20,
             call_timeout: None,
             direct_send: 0,
@@ -171,12 +178,22 @@ pub enum CloseReason {
     /// The peer sent GoAway and then closed.
     #[error("peer shut the session down")]
     PeerGoAway,
+    /// The peer's end reset the connection (it exited with bytes of ours still unread, or its
+    /// machine dropped the connection).
+    #[error("peer reset the connection")]
+    PeerReset,
     /// This side closed the session.
     #[error("closed locally")]
     Local,
     /// No frame from the peer for this long (no Pong either).
     #[error("peer silent for {0:?} (heartbeat timeout)")]
     HeartbeatTimeout(Duration),
+    /// The peer did not read this side's answers to its calls for this long
+    /// ([`SessionConfig::max_unread_answers`] stayed exceeded; reading was paused meanwhile).
+    #[error(
+        "peer stopped reading its answers for {0:?} (more than the unread-answer limit queued)"
+    )]
+    PeerNotReading(Duration),
     /// The peer broke a frame rule (the text says which).
     #[error("protocol violation by peer: {0}")]
     Protocol(String),
@@ -223,6 +240,8 @@ pub enum CallError {
 struct Frame {
     head: BytesMut,
     body: Bytes,
+    /// An answer to the peer's call, counted in [`OutBudget`] until written.
+    answer: bool,
 }
 
 impl Frame {
@@ -231,6 +250,7 @@ impl Frame {
         Frame {
             head: BytesMut::new(),
             body: Bytes::new(),
+            answer: false,
         }
     }
 
@@ -243,7 +263,40 @@ impl Frame {
         }
         .put(&mut head);
         head.extend_from_slice(prefix);
-        Frame { head, body }
+        Frame {
+            head,
+            body,
+            answer: false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+}
+
+/// Bytes of answers queued for the writer and not yet written ([`SessionConfig::max_unread_answers`]).
+#[derive(Default)]
+struct OutBudget {
+    bytes: AtomicUsize,
+    /// Woken each time the writer wrote answers.
+    written: tokio::sync::Notify,
+}
+
+impl OutBudget {
+    fn queued(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        if n > 0 {
+            self.bytes.fetch_sub(n, Ordering::Relaxed);
+            self.written.notify_waiters();
+        }
     }
 }
 
@@ -344,6 +397,10 @@ pub(crate) struct Inner {
     last_seen_ms: AtomicU64,
     /// Set by [`Session::expect_silence`]: no heartbeat timeout while set.
     silence_ok: AtomicBool,
+    /// Answers queued and not yet written.
+    out: Arc<OutBudget>,
+    /// The reader waits for the peer to read its answers ([`SessionConfig::max_unread_answers`]).
+    reading_paused: AtomicBool,
     closed_tx: watch::Sender<Option<CloseReason>>,
     /// This session in the metrics registry (`offload status`): bytes, round trips.
     stats: Arc<offload_metrics::SessionStats>,
@@ -380,6 +437,55 @@ impl Inner {
         r
     }
 
+    /// Queues the answer to the peer's call `id`, counted until written.
+    fn send_answer(&self, id: u32, (kind, body): (Kind, Bytes)) {
+        let mut f = Frame::new(kind, id, &[], body);
+        f.answer = true;
+        let n = f.len();
+        self.out.add(n);
+        if self.send_ctl(f).is_err() {
+            self.out.sub(n);
+        }
+    }
+
+    /// Waits, when more than [`SessionConfig::max_unread_answers`] bytes of answers are
+    /// queued, until the writer got them down to half of it: the peer's next frames stay
+    /// unread meanwhile (its link fills up and its writes block). The peer counts as alive
+    /// while it reads; one that reads nothing is dropped by the heartbeat.
+    async fn room_for_answers(
+        &self,
+        closed: &mut watch::Receiver<Option<CloseReason>>,
+    ) -> Result<(), CloseReason> {
+        let max = self.cfg.max_unread_answers;
+        if self.out.queued() <= max {
+            return Ok(());
+        }
+        tracing::debug!(peer = %self.peer, queued = self.out.queued(), "peer is not reading its answers: pausing reads");
+        self.reading_paused.store(true, Ordering::Relaxed);
+        let mut last = self.out.queued();
+        let res = loop {
+            let written = self.out.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            let now = self.out.queued();
+            if now < last {
+                // The peer is reading: alive, however slowly.
+                self.touch();
+                last = now;
+            }
+            if now <= max / 2 {
+                break Ok(());
+            }
+            tokio::select! {
+                _ = written => {}
+                _ = closed.wait_for(|c| c.is_some()) => break Err(CloseReason::Local),
+            }
+        };
+        self.reading_paused.store(false, Ordering::Relaxed);
+        self.touch();
+        res
+    }
+
     /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] and the
     /// link allow and nothing is ahead of it, else queued. Err: the session is gone.
     fn send_call_frame(&self, f: Frame) -> Result<(), ()> {
@@ -388,7 +494,7 @@ impl Inner {
             if !ws.busy && ws.queued == 0 && !ws.done {
                 let mut chunks: VecDeque<Bytes> = VecDeque::new();
                 if let Some(seal) = ws.seal.as_mut() {
-                    let Frame { mut head, body } = f;
+                    let Frame { mut head, body, .. } = f;
                     let pieces = if body.len() <= COPY_THRESHOLD {
                         // One record for a small call.
                         head.extend_from_slice(&body);
@@ -506,11 +612,16 @@ impl Inner {
         // Outside the state lock (the registry's snapshot reads it through the gauges).
         self.stats.closed();
         match &reason {
-            // A peer that exits while sending (a killed rexec) is routine, not a warning.
+            // A peer that exits while sending (a killed rexec) is routine, not a warning; so is
+            // one that exits with our last frames unread (its kernel resets the connection),
+            // unless work was still in flight.
             CloseReason::Local
             | CloseReason::PeerClosed
             | CloseReason::PeerGoAway
             | CloseReason::Truncated(_) => {
+                tracing::debug!(peer = %self.peer, %reason, "session closed")
+            }
+            CloseReason::PeerReset if calls.is_empty() && streams.is_empty() => {
                 tracing::debug!(peer = %self.peer, %reason, "session closed")
             }
             _ => tracing::warn!(peer = %self.peer, %reason, "session closed"),
@@ -672,6 +783,7 @@ impl Session {
             done: false,
             seal,
         }));
+        let out = Arc::new(OutBudget::default());
         let inner = Arc::new(Inner {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             ctl_tx,
@@ -697,6 +809,8 @@ impl Session {
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             silence_ok: AtomicBool::new(false),
+            out: out.clone(),
+            reading_paused: AtomicBool::new(false),
             closed_tx,
             stats,
         });
@@ -712,9 +826,11 @@ impl Session {
             neg.auth.map(|head| Frame {
                 head,
                 body: Bytes::new(),
+                answer: false,
             }),
             ctl_rx,
             data_rx,
+            out,
             Arc::downgrade(&inner),
             inner.closed_tx.subscribe(),
         ));
@@ -1080,10 +1196,19 @@ async fn write_chunks(ws: &Mutex<WriteSide>, chunks: &mut VecDeque<Bytes>) -> io
 /// Appends a frame to the batch: small payloads are copied next to their header, large ones
 /// are queued as they are (their own piece, so an encrypted session seals them into records
 /// of their own, in place when nobody else holds them). Returns whether it was a GoAway (the
-/// last frame to write).
-fn stage(f: Frame, staging: &mut BytesMut, pieces: &mut Vec<Piece>, bytes: &mut usize) -> bool {
+/// last frame to write). `answers` counts the bytes of answers to the peer's calls.
+fn stage(
+    f: Frame,
+    staging: &mut BytesMut,
+    pieces: &mut Vec<Piece>,
+    bytes: &mut usize,
+    answers: &mut usize,
+) -> bool {
     let go_away = f.head.len() >= 5 && f.head[4] == Kind::GoAway as u8;
-    *bytes += f.head.len() + f.body.len();
+    *bytes += f.len();
+    if f.answer {
+        *answers += f.len();
+    }
     staging.extend_from_slice(&f.head);
     if f.body.len() <= COPY_THRESHOLD {
         staging.extend_from_slice(&f.body);
@@ -1123,6 +1248,7 @@ async fn writer_task(
     mut lead: Option<Frame>,
     mut ctl: mpsc::UnboundedReceiver<Frame>,
     mut data: mpsc::UnboundedReceiver<Frame>,
+    out: Arc<OutBudget>,
     inner: std::sync::Weak<Inner>,
     mut closed: watch::Receiver<Option<CloseReason>>,
 ) {
@@ -1171,9 +1297,16 @@ async fn writer_task(
             chunks.extend(g.front.drain(..));
         }
         let mut batch_bytes = 0usize;
+        let mut answers = 0usize;
         let mut frames = 1usize;
         let mut from_ctl = 0usize;
-        go_away |= stage(first, &mut staging, &mut pieces, &mut batch_bytes);
+        go_away |= stage(
+            first,
+            &mut staging,
+            &mut pieces,
+            &mut batch_bytes,
+            &mut answers,
+        );
         while frames < MAX_BATCH_FRAMES && batch_bytes < MAX_BATCH_BYTES {
             let next = match ctl.try_recv() {
                 Ok(f) => {
@@ -1184,7 +1317,7 @@ async fn writer_task(
                 Err(_) => None,
             };
             let Some(f) = next else { break };
-            go_away |= stage(f, &mut staging, &mut pieces, &mut batch_bytes);
+            go_away |= stage(f, &mut staging, &mut pieces, &mut batch_bytes, &mut answers);
             frames += 1;
         }
         lock_ws(&ws).queued -= from_ctl;
@@ -1208,6 +1341,7 @@ async fn writer_task(
             }
             return;
         }
+        out.sub(answers);
         if go_away {
             break;
         }
@@ -1251,7 +1385,11 @@ async fn heartbeat_task(inner: std::sync::Weak<Inner>) {
                 let _ = i.send_ctl(Frame::new(Kind::Ping, seq, &[], Bytes::new()));
             }
             Beat::Dead(silent) => {
-                i.close(CloseReason::HeartbeatTimeout(silent));
+                i.close(if i.reading_paused.load(Ordering::Relaxed) {
+                    CloseReason::PeerNotReading(silent)
+                } else {
+                    CloseReason::HeartbeatTimeout(silent)
+                });
                 return;
             }
         }
@@ -1294,6 +1432,7 @@ async fn fill(
             inner.touch();
             Ok(())
         }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Err(CloseReason::PeerReset),
         Err(e) => Err(CloseReason::Io(e.to_string())),
     }
 }
@@ -1337,6 +1476,9 @@ async fn read_loop(
             } else {
                 break;
             };
+            if let Err(reason) = inner.room_for_answers(&mut closed).await {
+                return reason;
+            }
             if let Err(reason) = dispatch(inner, header, payload) {
                 return reason;
             }
@@ -1360,6 +1502,8 @@ struct Deframer {
     head: BytesMut,
     /// A parsed header whose payload is incomplete, and the payload bytes so far.
     pending: Option<(Header, BytesMut)>,
+    /// What is left of the last record fed.
+    rec: BytesMut,
 }
 
 impl Deframer {
@@ -1375,10 +1519,26 @@ impl Deframer {
     /// Decodes every frame `rec` completes and hands each to `deliver`.
     fn push(
         &mut self,
-        mut rec: BytesMut,
+        rec: BytesMut,
         max_frame: u32,
         mut deliver: impl FnMut(Header, Bytes) -> Result<(), CloseReason>,
     ) -> Result<(), CloseReason> {
+        self.feed(rec);
+        while let Some((h, payload)) = self.next_frame(max_frame)? {
+            deliver(h, payload)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the next record's plaintext; call once [`Deframer::next_frame`] gave `None`.
+    fn feed(&mut self, rec: BytesMut) {
+        debug_assert!(self.rec.is_empty());
+        self.rec = rec;
+    }
+
+    /// The next frame the bytes fed so far complete, if any.
+    fn next_frame(&mut self, max_frame: u32) -> Result<Option<(Header, Bytes)>, CloseReason> {
+        let rec = &mut self.rec;
         loop {
             if let Some((h, mut acc)) = self.pending.take() {
                 let need = h.len as usize - acc.len();
@@ -1392,12 +1552,14 @@ impl Deframer {
                     acc.extend_from_slice(&rec.split_to(take));
                     if acc.len() < h.len as usize {
                         self.pending = Some((h, acc));
-                        return Ok(());
+                        // All of it taken: let go of the record's buffer (the reader reuses
+                        // its read buffer only when nothing else holds it).
+                        *rec = BytesMut::new();
+                        return Ok(None);
                     }
                     acc
                 };
-                deliver(h, payload.freeze())?;
-                continue;
+                return Ok(Some((h, payload.freeze())));
             }
             let mut h = [0u8; HEADER_LEN];
             if self.head.is_empty() && rec.len() >= HEADER_LEN {
@@ -1406,7 +1568,8 @@ impl Deframer {
                 let take = (HEADER_LEN - self.head.len()).min(rec.len());
                 self.head.extend_from_slice(&rec.split_to(take));
                 if self.head.len() < HEADER_LEN {
-                    return Ok(());
+                    *rec = BytesMut::new();
+                    return Ok(None);
                 }
                 h.copy_from_slice(&self.head);
                 self.head.clear();
@@ -1455,11 +1618,19 @@ async fn read_records(r: &mut ReadHalf<Conn>, inner: &Arc<Inner>, mut open: Open
                 Ok(None) => break,
                 Err(e) => return CloseReason::Integrity(e.to_string()),
             };
-            let res = frames.push(rec, inner.cfg.max_frame, |h, payload| {
-                dispatch(inner, h, payload)
-            });
-            if let Err(reason) = res {
-                return reason;
+            frames.feed(rec);
+            loop {
+                let (h, payload) = match frames.next_frame(inner.cfg.max_frame) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(reason) => return reason,
+                };
+                if let Err(reason) = inner.room_for_answers(&mut closed).await {
+                    return reason;
+                }
+                if let Err(reason) = dispatch(inner, h, payload) {
+                    return reason;
+                }
             }
         }
         // Bulk records are read up to their end and no further, into a buffer of their own
@@ -1507,11 +1678,6 @@ pub fn fuzz_u32_payload(p: &[u8]) -> Option<u32> {
     dispatch::u32_payload(p).ok()
 }
 
-/// A frame answering call `id` (see [`Rules::answer`]).
-fn answer_frame(id: u32, (kind, body): (Kind, Bytes)) -> Frame {
-    Frame::new(kind, id, &[], body)
-}
-
 /// Executes what an incoming frame means ([`Rules::decode`] and the rules after it decide).
 fn dispatch(inner: &Arc<Inner>, h: Header, payload: Bytes) -> Result<(), CloseReason> {
     match inner.rules.decode(h, payload)? {
@@ -1530,8 +1696,7 @@ fn dispatch(inner: &Arc<Inner>, h: Header, payload: Bytes) -> Result<(), CloseRe
                         // Unreachable: admitted means the service exists.
                         Admission::Run => (dispatch::CODE_UNKNOWN_SERVICE, service),
                     };
-                    let _ =
-                        inner.send_ctl(answer_frame(id, dispatch::error_payload(code, message)));
+                    inner.send_answer(id, dispatch::error_payload(code, message));
                     return Ok(());
                 }
             };
@@ -1544,7 +1709,7 @@ fn dispatch(inner: &Arc<Inner>, h: Header, payload: Bytes) -> Result<(), CloseRe
                 metrics.call_done(t0.elapsed(), res.is_ok());
                 session.inner.inflight_calls.fetch_sub(1, Ordering::Relaxed);
                 let answer = session.inner.rules.answer(res);
-                let _ = session.inner.send_ctl(answer_frame(id, answer));
+                session.inner.send_answer(id, answer);
             });
             // The handler runs up to its first wait right here, before the next frame is
             // read: a call that never waits costs no task hand-off, and such calls take
@@ -1771,12 +1936,14 @@ mod record_tests {
             &mut staging,
             &mut pieces,
             &mut n,
+            &mut 0,
         );
         stage(
             Frame::new(Kind::Eof, 3, &[], Bytes::new()),
             &mut staging,
             &mut pieces,
             &mut n,
+            &mut 0,
         );
         pieces.push(Piece::Owned(staging.split()));
         let mut chunks = VecDeque::new();
