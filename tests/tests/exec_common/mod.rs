@@ -42,8 +42,10 @@ impl std::fmt::Display for Setup {
     }
 }
 
-/// Every link kind directly, and the first one (tcp by default, the deployed link) through a
-/// mux: the behaviours checked must hold both ways.
+/// Every link kind directly, and tcp (the deployed link, when among the kinds) through a mux:
+/// the behaviours checked must hold both ways. The mux is the caller's side only (its session
+/// is the same code over every link), so it runs once, on the machine's tier; the VM tier
+/// (vsock, rdma under emulation, a time budget per suite) keeps its runs as they were.
 pub fn setups() -> Vec<Setup> {
     let kinds = tests::link_kinds();
     let mut v: Vec<Setup> = kinds
@@ -53,13 +55,19 @@ pub fn setups() -> Vec<Setup> {
             mux: false,
         })
         .collect();
-    if let Some(k) = kinds.first() {
+    if mux_tier() {
         v.push(Setup {
-            kind: k.clone(),
+            kind: "tcp".into(),
             mux: true,
         });
     }
     v
+}
+
+/// True where the exec tests also run through a mux: on the machine's tier (tcp among the
+/// link kinds), see [`setups`].
+pub fn mux_tier() -> bool {
+    tests::link_kinds().iter().any(|k| k == "tcp")
 }
 
 /// An address nothing listens on: in mux mode rexec gets it as `CMD_NET_ADDR`, so a call that
