@@ -1,7 +1,7 @@
 #!/bin/bash
 # rexec benchmark: remote-exec latency and stdout streaming, rexec vs ssh, in one run.
 #
-#   cargo build --release -p tools --bin rexec --bin rexec_server
+#   cargo build --release -p tools --bin rexec --bin rexec_server --bin rexec_mux
 #   cargo rexec-musl                      # the deployed build of rexec (static musl; or
 #                                         # rexec-static / rexec-static-nopie, glibc; .cargo/config.toml)
 #   exec/benches/exec-bench.sh            # RUNS=200 (latency runs), STREAM_RUNS=3, BIN=target/release
@@ -12,8 +12,10 @@
 #
 # Measures (hyperfine -N, median):
 #   local fork/exec of /bin/true | rexec /bin/true over TCP loopback (and a Unix socket) |
+#   rexec /bin/true through a rexec_mux (started and stopped here) holding one TCP session |
 #   ssh to a private loopback sshd, fresh connection | ssh reusing a ControlMaster;
-#   and 1 GiB of stdout (`head -c 1GiB /dev/zero`, output discarded) through rexec vs ssh (ControlMaster).
+#   and 1 GiB of stdout (`head -c 1GiB /dev/zero`, output discarded) through rexec (direct and
+#   via the mux) vs ssh (ControlMaster). Rows other than the mux's set REXEC_CONTROL=none.
 # Needs root, hyperfine, openssh-server/client. sshd listens on 127.0.0.1 only and is stopped at the
 # end; ssh logs in as a throw-away user with /bin/sh (root's bash rc files would otherwise be
 # part of every ssh row), removed at the end.
@@ -35,7 +37,7 @@ cleanup() {
 }
 trap cleanup EXIT
 for t in hyperfine /usr/sbin/sshd ssh python3; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
-[ -x "$BIN/rexec" ] && [ -x "$BIN/rexec_server" ] || { echo "build first: cargo build --release -p tools --bin rexec --bin rexec_server (BIN=$BIN)" >&2; exit 1; }
+[ -x "$BIN/rexec" ] && [ -x "$BIN/rexec_server" ] && [ -x "$BIN/rexec_mux" ] || { echo "build first: cargo build --release -p tools --bin rexec --bin rexec_server --bin rexec_mux (BIN=$BIN)" >&2; exit 1; }
 STATIC=$(dirname "$BIN")/$(rustc --print host-tuple 2>/dev/null || echo none)/release/rexec
 MUSL=$(dirname "$BIN")/$(uname -m)-unknown-linux-musl/release/rexec
 if [ -z "${REXEC:-}" ]; then
@@ -51,6 +53,12 @@ RPORT=$(free_port)
 CMD_NET_ADDR=tcp://127.0.0.1:$RPORT RUST_LOG=warn "$BIN/rexec_server" --key-file "$W/psk" --allow-any 2>"$W/rexec_server.log" & PIDS+=($!)
 CMD_NET_ADDR=unix://$W/rexec.sock RUST_LOG=warn "$BIN/rexec_server" --key-file "$W/psk" --allow-any 2>>"$W/rexec_server.log" & PIDS+=($!)
 export OFFLOAD_KEY_FILE=$W/psk
+# Every row connects directly unless it names the mux (a mux of the machine's own is ignored).
+export REXEC_CONTROL=none
+# The mux: one session to the TCP server, its socket private under $W/mux.
+MUX_SOCK=$W/mux/rexec.sock
+CMD_NET_ADDR=tcp://127.0.0.1:$RPORT RUST_LOG=warn "$BIN/rexec_mux" --key-file "$W/psk" --control-path "$MUX_SOCK" 2>"$W/rexec_mux.log" & PIDS+=($!)
+for i in $(seq 100); do [ -S "$MUX_SOCK" ] && break; sleep 0.05; done
 for i in $(seq 100); do
   CMD_NET_ADDR=tcp://127.0.0.1:$RPORT "$REXEC" /bin/true 2>/dev/null && CMD_NET_ADDR=unix://$W/rexec.sock "$REXEC" /bin/true 2>/dev/null && break
   sleep 0.05
@@ -125,6 +133,8 @@ hf "local fork/exec /bin/true" "$RUNS" "/bin/true"
  done)
 (export CMD_NET_ADDR=unix://$W/rexec.sock
  hf "rexec /bin/true (Unix socket)" "$RUNS" "$REXEC /bin/true")
+(export CMD_NET_ADDR=tcp://127.0.0.1:$RPORT REXEC_CONTROL=$MUX_SOCK
+ hf "rexec /bin/true (via rexec_mux, TCP session)" "$RUNS" "$REXEC /bin/true")
 hf "ssh true (ControlMaster reuse)" "$RUNS" "$SSH -o ControlMaster=no -o ControlPath=$W/cm lab true"
 hf "ssh true (fresh connection)" 100 "$SSH -o ControlMaster=no -o ControlPath=none lab true"
 echo
@@ -143,4 +153,6 @@ hfs "rexec head -c 1GiB /dev/zero (TCP loopback)" "$REXEC --addr tcp://127.0.0.1
 if [ -x "$STATIC" ] && [ "$REXEC" != "$STATIC" ]; then
   hfs "rexec 1GiB (TCP, $(linkage "$STATIC") build)" "$STATIC --addr tcp://127.0.0.1:$RPORT head -c 1073741824 /dev/zero"
 fi
+(export REXEC_CONTROL=$MUX_SOCK
+ hfs "rexec head -c 1GiB /dev/zero (via rexec_mux)" "$REXEC --addr tcp://127.0.0.1:$RPORT head -c 1073741824 /dev/zero")
 hfs "ssh head -c 1GiB /dev/zero (ControlMaster)" "$SSH -o ControlMaster=no -o ControlPath=$W/cm lab head -c 1073741824 /dev/zero"

@@ -167,23 +167,111 @@ pub async fn run(
     req: ExecRequest,
     opts: RunOptions,
 ) -> Result<Outcome, ClientError> {
+    let stdin = if stdin_is_empty() {
+        StdinSource::Empty
+    } else {
+        StdinSource::Process
+    };
+    let io = LocalIo {
+        stdout: 1,
+        stderr: 2,
+        stdin,
+        control: None,
+        events: None,
+    };
+    run_with(session, req, opts, io).await
+}
+
+/// Where the local side of an exec lives: this process's stdio and signals ([`run`]), or
+/// descriptors and control messages handed over by another process (the rexec mux, which
+/// runs execs for local `rexec` processes over its one session).
+pub struct LocalIo {
+    /// Descriptor the program's stdout is written to (borrowed: open until [`run_with`] returns).
+    pub stdout: RawFd,
+    /// Descriptor the program's stderr is written to (borrowed, like `stdout`).
+    pub stderr: RawFd,
+    /// Where the program's stdin comes from.
+    pub stdin: StdinSource,
+    /// `None`: this process's signals are caught and forwarded (see [`run`]). `Some`: control
+    /// comes from this channel instead (the caller decides about terminal mode and orphaned
+    /// process groups, and turns SIGWINCH into [`LocalControl::Resize`] itself).
+    pub control: Option<mpsc::UnboundedReceiver<LocalControl>>,
+    /// Told about [`LocalEvent`]s; with `control`, a job stop is reported here instead of
+    /// stopping this process.
+    pub events: Option<mpsc::UnboundedSender<LocalEvent>>,
+}
+
+/// Source of the program's stdin for [`LocalIo`].
+pub enum StdinSource {
+    /// Empty: EOF right away (stdin closed or `/dev/null`).
+    Empty,
+    /// This process's fd 0 (read in a thread; see the module docs).
+    Process,
+    /// This descriptor, read in a thread until EOF and then closed.
+    Fd(std::os::fd::OwnedFd),
+}
+
+/// A control message for a running exec, from whoever holds the caller's signals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalControl {
+    /// Forward this signal; `group`: the caller's whole process group got it.
+    Signal {
+        /// Which signal.
+        sig: Sig,
+        /// Sent by the kernel to the caller's whole process group.
+        group: bool,
+    },
+    /// The caller's terminal has this size now (with a remote pty).
+    Resize(WinSize),
+}
+
+/// Progress of an exec that [`run_with`] reports through [`LocalIo::events`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalEvent {
+    /// The exec stream is open: the server has the request (stdin may flow from now on).
+    Opened,
+    /// A job stop ([`Sig::Tstp`] from the caller's group) stopped the program: the caller
+    /// should stop itself the same way.
+    Stopped,
+}
+
+/// [`run`] with the local side described by `io`.
+pub async fn run_with(
+    session: &Session,
+    req: ExecRequest,
+    opts: RunOptions,
+    io: LocalIo,
+) -> Result<Outcome, ClientError> {
     let id = req.id;
     let req_stdio = req.stdio;
-    let signals = Signals::new(opts.ignored)?;
+    let LocalIo {
+        stdout,
+        stderr,
+        stdin,
+        control,
+        events,
+    } = io;
+    let signals = match control {
+        None => SignalSource::Process(Signals::new(opts.ignored)?),
+        Some(rx) => SignalSource::Channel(rx),
+    };
     let stream = session
         .open_stream(SERVICE, encode_request(&req))
         .await
         .map_err(ClientError::Open)?;
+    if let Some(ev) = &events {
+        let _ = ev.send(LocalEvent::Opened);
+    }
     let (mut rd, mut wr) = stream.split();
 
     // stdin: thread → channel → stream. EOF → half-close.
-    let stdin_task = if stdin_is_empty() {
+    let stdin_task = if let StdinSource::Empty = stdin {
         // EOF right away: no thread, no task, and the Eof leaves in the same write as the request.
         let _ = wr.finish();
         None
     } else {
         let (in_tx, mut in_rx) = mpsc::channel::<Bytes>(4);
-        spawn_stdin_reader(in_tx)?;
+        spawn_stdin_reader(stdin, in_tx)?;
         Some(tokio::spawn(async move {
             while let Some(b) = in_rx.recv().await {
                 if wr.send(b).await.is_err() {
@@ -199,19 +287,27 @@ pub async fn run(
     let (started_tx, started_rx) = watch::channel(false);
     let sig_task = {
         let session = session.clone();
-        tokio::spawn(signals.forward(session, id, started_rx.clone(), opts.tty))
+        tokio::spawn(forward(
+            signals,
+            session,
+            id,
+            started_rx.clone(),
+            opts.tty,
+            events,
+        ))
     };
     // A stdout/stderr pipe whose reader is gone: tell the server before the program writes.
     let streamed = |fd: usize| req_stdio[fd] == StdioKind::Stream && !opts.tty;
     let (gone_tx, mut gone_rx) = mpsc::unbounded_channel::<RawFd>();
+    let targets = [-1, stdout, stderr];
     let watchers: Vec<_> = [1, 2]
         .into_iter()
         .filter(|&fd| streamed(fd as usize))
-        .filter_map(|fd| watch_reader_gone(fd, gone_tx.clone()))
+        .filter_map(|fd| watch_reader_gone(fd, targets[fd as usize], gone_tx.clone()))
         .collect();
     drop(gone_tx);
 
-    let mut out = Output::new();
+    let mut out = Output::new(targets);
     let mut dec = FrameDecoder::default();
     let mut reported = [false; 3];
     let mut watching = !watchers.is_empty();
@@ -312,24 +408,29 @@ impl std::os::fd::AsRawFd for Borrowed {
     }
 }
 
-/// Watches output `fd` if it is a pipe: epoll reports an error on a pipe's write end once it
-/// has no reader left (also right away if it has none now). Sends `fd` on `tx` then.
+/// Watches output descriptor `target` (the program's `fd`) if it is a pipe: epoll reports an
+/// error on a pipe's write end once it has no reader left (also right away if it has none now).
+/// Sends `fd` on `tx` then.
 fn watch_reader_gone(
     fd: RawFd,
+    target: RawFd,
     tx: mpsc::UnboundedSender<RawFd>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     // SAFETY: fstat into a valid struct.
     let is_pipe = unsafe {
         let mut st: libc::stat = std::mem::zeroed();
-        libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
+        libc::fstat(target, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO
     };
     if !is_pipe {
         return None;
     }
-    // SAFETY: fds 1 and 2 stay open (and the same) for the whole run; the task owning the
-    // registration is aborted before `run` returns.
+    // SAFETY: the output descriptors stay open (and the same) for the whole run (LocalIo's
+    // contract); the task owning the registration is aborted before `run_with` returns.
     let afd = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(Borrowed(fd), tokio::io::Interest::ERROR)
+        tokio::io::unix::AsyncFd::register_with_interest(
+            Borrowed(target),
+            tokio::io::Interest::ERROR,
+        )
     }
     .ok()?;
     Some(tokio::spawn(async move {
@@ -343,7 +444,7 @@ fn watch_reader_gone(
 }
 
 /// True if fd 0 is closed or is /dev/null: stdin is at EOF and needs no reader thread.
-fn stdin_is_empty() -> bool {
+pub fn stdin_is_empty() -> bool {
     // SAFETY: fstat into a valid struct.
     unsafe {
         let mut st: libc::stat = std::mem::zeroed();
@@ -354,11 +455,16 @@ fn stdin_is_empty() -> bool {
     }
 }
 
-/// Reads fd 0 in a thread (blocking reads; works for files, pipes and terminals alike).
-fn spawn_stdin_reader(tx: mpsc::Sender<Bytes>) -> io::Result<()> {
+/// Reads fd 0 (or the given descriptor) in a thread (blocking reads; works for files, pipes and
+/// terminals alike).
+fn spawn_stdin_reader(src: StdinSource, tx: mpsc::Sender<Bytes>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("rexec-stdin".into())
         .spawn(move || {
+            let (fd, _owned) = match src {
+                StdinSource::Fd(o) => (std::os::fd::AsRawFd::as_raw_fd(&o), Some(o)),
+                _ => (0, None),
+            };
             // rexec reads its stdin ahead of the program. From a terminal while rexec is a
             // background job (`rexec … &`, or continued in the background after ^Z), that read
             // would stop rexec with SIGTTIN although the program may never read: with SIGTTIN
@@ -374,13 +480,13 @@ fn spawn_stdin_reader(tx: mpsc::Sender<Bytes>) -> io::Result<()> {
             let mut buf = vec![0u8; 256 * 1024];
             loop {
                 // SAFETY: reading into a valid buffer.
-                let n = unsafe { libc::read(0, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+                let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
                 if n < 0 {
                     let e = io::Error::last_os_error();
                     if e.kind() == io::ErrorKind::Interrupted {
                         continue;
                     }
-                    if e.raw_os_error() == Some(libc::EIO) && background_on_tty() {
+                    if fd == 0 && e.raw_os_error() == Some(libc::EIO) && background_on_tty() {
                         std::thread::sleep(std::time::Duration::from_millis(50));
                         continue;
                     }
@@ -411,6 +517,8 @@ fn background_on_tty() -> bool {
 
 /// Writes stdout/stderr chunks in order from a thread, started on first output.
 struct Output {
+    /// Where the program's fd N is written (index 1 and 2).
+    targets: [RawFd; 3],
     tx: Option<mpsc::Sender<(RawFd, Bytes)>>,
     broken: mpsc::UnboundedReceiver<RawFd>,
     broken_tx: Option<mpsc::UnboundedSender<RawFd>>,
@@ -419,9 +527,10 @@ struct Output {
 }
 
 impl Output {
-    fn new() -> Self {
+    fn new(targets: [RawFd; 3]) -> Self {
         let (broken_tx, broken) = mpsc::unbounded_channel();
         Self {
+            targets,
             tx: None,
             broken,
             broken_tx: Some(broken_tx),
@@ -439,6 +548,7 @@ impl Output {
         if self.tx.is_none() {
             let (tx, mut rx) = mpsc::channel::<(RawFd, Bytes)>(8);
             let broken_tx = self.broken_tx.take()?;
+            let targets = self.targets;
             match std::thread::Builder::new()
                 .name("rexec-out".into())
                 .spawn(move || {
@@ -448,7 +558,7 @@ impl Output {
                         if dead[i] {
                             continue;
                         }
-                        if write_all_blocking(fd, &data).is_err() {
+                        if write_all_blocking(targets[i], &data).is_err() {
                             dead[i] = true;
                             let _ = broken_tx.send(fd);
                         }
@@ -570,37 +680,82 @@ impl Signals {
             .is_some_and(|f| f.swap(false, Ordering::Relaxed));
         (sig, group)
     }
+}
 
-    async fn forward(
-        mut self,
-        session: Session,
-        id: u64,
-        mut started: watch::Receiver<bool>,
-        tty: bool,
-    ) {
-        let mut queued: Vec<(Sig, bool)> = Vec::new();
-        loop {
-            tokio::select! {
-                sig = self.next() => {
-                    if !*started.borrow() {
-                        queued.push(sig);
-                        continue;
-                    }
-                    deliver(&session, id, sig, tty).await;
+/// Where forwarded signals come from.
+enum SignalSource {
+    /// This process's own (handlers installed).
+    Process(Signals),
+    /// Another process's, as control messages.
+    Channel(mpsc::UnboundedReceiver<LocalControl>),
+}
+
+impl SignalSource {
+    /// The next control message; `None` once the channel is closed.
+    async fn next(&mut self) -> Option<LocalControl> {
+        match self {
+            SignalSource::Process(s) => {
+                let (sig, group) = s.next().await;
+                Some(LocalControl::Signal { sig, group })
+            }
+            SignalSource::Channel(rx) => rx.recv().await,
+        }
+    }
+}
+
+async fn forward(
+    mut source: SignalSource,
+    session: Session,
+    id: u64,
+    mut started: watch::Receiver<bool>,
+    tty: bool,
+    events: Option<mpsc::UnboundedSender<LocalEvent>>,
+) {
+    let own = matches!(source, SignalSource::Process(_));
+    let mut queued: Vec<LocalControl> = Vec::new();
+    loop {
+        tokio::select! {
+            msg = source.next() => {
+                let Some(msg) = msg else {
+                    // The caller is gone; the exec ends through its own path.
+                    std::future::pending::<()>().await;
+                    return;
+                };
+                if !*started.borrow() {
+                    queued.push(msg);
+                    continue;
                 }
-                r = started.changed(), if !*started.borrow() => {
-                    if r.is_err() { return; }
-                    for sig in queued.drain(..) {
-                        deliver(&session, id, sig, tty).await;
-                    }
+                deliver(&session, id, msg, tty, own, events.as_ref()).await;
+            }
+            r = started.changed(), if !*started.borrow() => {
+                if r.is_err() { return; }
+                for msg in queued.drain(..) {
+                    deliver(&session, id, msg, tty, own, events.as_ref()).await;
                 }
             }
         }
     }
 }
 
-async fn deliver(session: &Session, id: u64, (sig, group): (Sig, bool), tty: bool) {
-    if tty && sig == Sig::Winch {
+/// Delivers one control message. `own`: the signals are this process's (terminal mode, the
+/// orphaned-group rule and the stop are handled here); else the caller handled those and a
+/// job stop is reported through `events`.
+async fn deliver(
+    session: &Session,
+    id: u64,
+    msg: LocalControl,
+    tty: bool,
+    own: bool,
+    events: Option<&mpsc::UnboundedSender<LocalEvent>>,
+) {
+    let (sig, group) = match msg {
+        LocalControl::Resize(size) => {
+            let _ = control(session, ControlRequest::Resize { id, size }).await;
+            return;
+        }
+        LocalControl::Signal { sig, group } => (sig, group),
+    };
+    if own && tty && sig == Sig::Winch {
         if let Some(size) = local_winsize() {
             let _ = control(session, ControlRequest::Resize { id, size }).await;
         }
@@ -610,12 +765,18 @@ async fn deliver(session: &Session, id: u64, (sig, group): (Sig, bool), tty: boo
         // With -t the terminal's ^Z is a byte for the remote terminal; a SIGTSTP sent to rexec
         // does not stop anything. Without -t: a local program in an orphaned process group
         // would not stop (the kernel discards SIGTSTP there), so neither does the remote one.
-        if tty || pgrp_orphaned() {
+        if own && (tty || pgrp_orphaned()) {
             debug!("SIGTSTP not forwarded (terminal mode or orphaned process group)");
             return;
         }
         let reply = control(session, ControlRequest::Signal { id, sig, group }).await;
         if reply == Some(ControlReply::Stopped) {
+            if !own {
+                if let Some(ev) = events {
+                    let _ = ev.send(LocalEvent::Stopped);
+                }
+                return;
+            }
             // The program stopped: stop like it would have, by SIGTSTP (a job-control shell
             // reports "Stopped"); SIGCONT resumes us and is forwarded, resuming it. Neither
             // side hears heartbeats meanwhile.
@@ -646,7 +807,7 @@ fn stop_self() {
 
 /// Is this process's group orphaned (POSIX: no member has a parent in another group of the same
 /// session)? The kernel's rule for discarding SIGTSTP, checked through /proc on the rare SIGTSTP.
-fn pgrp_orphaned() -> bool {
+pub fn pgrp_orphaned() -> bool {
     // (pid, ppid, pgrp, session) from /proc/<pid>/stat.
     fn stat(pid: &str) -> Option<(i32, i32, i32, i32)> {
         let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

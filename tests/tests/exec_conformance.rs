@@ -20,7 +20,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use exec_common::Server;
+use exec_common::{Mux, Server};
 
 /// One row of the table.
 struct Case {
@@ -96,7 +96,7 @@ const CASES: &[Case] = &[
     // logging does not follow the caller's RUST_LOG.
     same(
         "rexec's own variables are not forwarded",
-        "exec $RUN sh -c 'env | grep -c -e ^CMD_NET_ADDR= -e ^OFFLOAD_KEY_FILE=; exit 0'",
+        "exec $RUN sh -c 'env | grep -c -e ^CMD_NET_ADDR= -e ^OFFLOAD_KEY_FILE= -e ^REXEC_CONTROL; exit 0'",
     ),
     same(
         "RUST_LOG belongs to the program",
@@ -290,6 +290,7 @@ fn collect(mut cmd: Command, dir: &std::path::Path, run: &str, env: &[(&str, &st
         .env("RUN", run)
         .env_remove("CMD_NET_ADDR")
         .env_remove("OFFLOAD_KEY_FILE")
+        .env_remove("REXEC_CONTROL")
         .env_remove("RUST_LOG")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
@@ -368,37 +369,55 @@ fn conformance_with(
     link_args: &[&str],
 ) {
     tests::init_tracing();
-    let server = Server::start_with("tcp", link_args);
+    let mut server = Server::start_with("tcp", link_args);
     let mut rexec = tests::bin("rexec").to_str().expect("utf8 path").to_string();
     for a in link_args {
         rexec.push(' ');
         rexec.push_str(a);
     }
     let rexec = rexec.as_str();
-    let key = server.key.to_str().expect("utf8 path").to_string();
-    let remote_env = [
-        ("CMD_NET_ADDR", server.url.as_str()),
-        ("OFFLOAD_KEY_FILE", key.as_str()),
-    ];
+    let locals: Vec<Run> = cases.iter().map(|c| runner(c.script, "", &[])).collect();
     let mut failures = Vec::new();
-    for c in cases {
-        let l = runner(c.script, "", &[]);
-        let r = runner(c.script, rexec, &remote_env);
-        match (c.expect_differs, l == r) {
-            (None, true) | (Some(_), false) => println!(
-                "{}: ok{} (local {:?})",
-                c.name,
-                c.expect_differs
-                    .map(|w| format!(", still differs as known: {w}"))
-                    .unwrap_or_default(),
-                l
-            ),
-            (None, false) => failures.push(format!("{}:\n  local  {l:?}\n  remote {r:?}", c.name)),
-            (Some(why), true) => failures.push(format!(
-                "{}: marked as a known difference ({why}) but now matches local ({l:?}): \
-                 remove the marker",
-                c.name
-            )),
+    // Directly, then through a rexec_mux (whose callers get a dead direct address: a call
+    // that did not go through the mux fails); the mux pass on the machine's tier only
+    // (exec_common::setups).
+    for via_mux in [false, true] {
+        if via_mux && !exec_common::mux_tier() {
+            println!("conformance via rexec_mux: not on this tier (no tcp among the link kinds)");
+            continue;
+        }
+        if via_mux {
+            server.mux = Some(Mux::start(
+                &server.url,
+                &server.key,
+                server.dir.path(),
+                link_args,
+            ));
+        }
+        let mode = if via_mux { "via rexec_mux" } else { "direct" };
+        let env = server.rexec_env();
+        let remote_env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        for (c, l) in cases.iter().zip(&locals) {
+            let r = runner(c.script, rexec, &remote_env);
+            match (c.expect_differs, *l == r) {
+                (None, true) | (Some(_), false) => println!(
+                    "[{mode}] {}: ok{} (local {:?})",
+                    c.name,
+                    c.expect_differs
+                        .map(|w| format!(", still differs as known: {w}"))
+                        .unwrap_or_default(),
+                    l
+                ),
+                (None, false) => failures.push(format!(
+                    "[{mode}] {}:\n  local  {l:?}\n  remote {r:?}",
+                    c.name
+                )),
+                (Some(why), true) => failures.push(format!(
+                    "[{mode}] {}: marked as a known difference ({why}) but now matches local \
+                     ({l:?}): remove the marker",
+                    c.name
+                )),
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

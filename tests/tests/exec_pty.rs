@@ -39,8 +39,8 @@ fn termios(fd: &OwnedFd) -> libc::termios {
 #[test]
 fn exec_tty_size_and_restore() {
     tests::init_tracing();
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         let (master, slave) = open_pty(33, 101);
         let before = termios(&slave);
         let script = "tty; stty size; read l; stty size; echo \"line=$l\"; exit 5";

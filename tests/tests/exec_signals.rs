@@ -19,8 +19,8 @@ fn send(child: &std::process::Child, sig: i32) {
 #[test]
 fn exec_forwards_term_and_usr1() {
     tests::init_tracing();
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         for pgroup in [false, true] {
             let ready = server.dir.path().join(format!("ready-{pgroup}"));
             let script = format!(
@@ -65,8 +65,8 @@ fn exec_forwards_term_and_usr1() {
 #[test]
 fn exec_client_sigkill_kills_remote_group() {
     tests::init_tracing();
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         let pidfile = server.dir.path().join("pids");
         // The main process and a background child of it (same process group).
         let script = format!("sleep 1000 & echo $$ $! > {}; wait", pidfile.display());
@@ -104,8 +104,8 @@ fn exec_client_sigkill_kills_remote_group() {
 #[test]
 fn exec_hundred_concurrent() {
     tests::init_tracing();
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         let children: Vec<_> = (0..100)
             .map(|i| {
                 server
@@ -143,8 +143,8 @@ fn exec_hundred_concurrent() {
 #[test]
 fn exec_seed_style_wrapper_script() {
     tests::init_tracing();
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         let wrapper = server.dir.path().join("sh-wrapper");
         std::fs::write(
             &wrapper,
@@ -169,8 +169,7 @@ fn exec_seed_style_wrapper_script() {
         let run = |prog: &std::path::Path| {
             let mut c = Command::new(prog);
             c.args(args)
-                .env("CMD_NET_ADDR", &server.url)
-                .env("OFFLOAD_KEY_FILE", &server.key)
+                .envs(server.rexec_env())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
@@ -225,18 +224,21 @@ fn exec_errors_exit_255_with_one_line() {
         .expect("run");
     one_line_255(&out, "unreachable server");
 
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
-        let wrong = tests::write_key(dir.path(), "wrong");
-        let out = run_with_stdin(
-            {
-                let mut c = server.rexec(&["true"]);
-                c.env("OFFLOAD_KEY_FILE", &wrong);
-                c
-            },
-            None,
-        );
-        one_line_255(&out, &format!("[{kind}] wrong key"));
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
+        if !kind.mux {
+            // (Through a mux rexec reads no key: the mux's is the one that counts.)
+            let wrong = tests::write_key(dir.path(), "wrong");
+            let out = run_with_stdin(
+                {
+                    let mut c = server.rexec(&["true"]);
+                    c.env("OFFLOAD_KEY_FILE", &wrong);
+                    c
+                },
+                None,
+            );
+            one_line_255(&out, &format!("[{kind}] wrong key"));
+        }
 
         // The daemon dies mid-run.
         let mut server = server;
@@ -261,8 +263,8 @@ fn exec_errors_exit_255_with_one_line() {
 #[test]
 fn exec_background_child_output_is_waited_for() {
     tests::init_tracing();
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         let started = Instant::now();
         let out = run_with_stdin(
             server.rexec(&[
@@ -308,8 +310,8 @@ fn exec_background_child_output_is_waited_for() {
 #[test]
 fn exec_client_death_kills_background_holders() {
     tests::init_tracing();
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         let pidfile = server.dir.path().join("bgpid");
         let script = format!("sleep 1000 & echo $! > {}; exit 0", pidfile.display());
         let mut child = server

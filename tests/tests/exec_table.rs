@@ -95,8 +95,8 @@ fn exec_matches_local_run() {
     tests::init_tracing();
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = cases(dir.path());
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         for c in &cases {
             let l = local(c);
             let r = remote(&server, c);
@@ -128,8 +128,8 @@ fn exec_matches_local_run() {
 #[test]
 fn exec_refused_and_missing_binaries() {
     tests::init_tracing();
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         // /usr/bin/id exists but is not in the allow-list.
         let r = run_with_stdin(server.rexec(&["id"]), None);
         assert_eq!(
@@ -176,8 +176,8 @@ fn exec_refused_and_missing_binaries() {
 #[test]
 fn exec_env_options() {
     tests::init_tracing();
-    for kind in tests::link_kinds() {
-        let server = Server::start(&kind);
+    for kind in exec_common::setups() {
+        let server = Server::start_setup(&kind);
         let mut cmd = server.rexec(&[
             "--env-clear",
             "--env-keep",

@@ -158,6 +158,7 @@ fn man_pages_for_every_binary() {
         "mount.qtfs",
         "rexec",
         "rexec_server",
+        "rexec_mux",
         "offload-shim",
         "remote_kill",
     ] {

@@ -13,10 +13,11 @@ fn units_dir() -> PathBuf {
         .join("packaging/systemd")
 }
 
-const UNITS: [&str; 3] = [
+const UNITS: [&str; 4] = [
     "offloadd-host.service",
     "offloadd-dpu.service",
     "offload-dpu-setup.service",
+    "rexec-mux.service",
 ];
 
 /// `/usr/bin/NAME` → this build's binary, in every Exec line.
@@ -25,7 +26,7 @@ fn retarget(text: &str) -> String {
     for line in text.lines() {
         let mut l = line.to_string();
         if l.starts_with("Exec") {
-            for name in ["offloadd", "offload"] {
+            for name in ["offloadd", "offload", "rexec_mux"] {
                 let from = format!("=/usr/bin/{name} ");
                 if l.contains(&from) {
                     l = l.replace(&from, &format!("={} ", tests::bin(name).display()));

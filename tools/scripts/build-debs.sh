@@ -66,7 +66,8 @@ if [ "${CHECK:-0}" = 1 ]; then
     "$b" --version
   done
   for f in /lib/systemd/system/offloadd-host.service /lib/systemd/system/offloadd-dpu.service \
-           /lib/systemd/system/offload-dpu-setup.service /usr/share/man/man1/offloadd.1.gz \
+           /lib/systemd/system/offload-dpu-setup.service /lib/systemd/system/rexec-mux.service \
+           /usr/share/man/man1/offloadd.1.gz \
            /usr/share/doc/offload-host/examples/host.toml /usr/share/doc/offload-dpu/examples/dpu.toml; do
     [ -f "$root$f" ] || { echo "build-debs: $f missing from the packages" >&2; exit 1; }
   done

@@ -11,11 +11,12 @@ use anyhow::Context;
 pub const ENV: &str = "OFFLOAD_GEN_MAN_DIR";
 
 /// The binaries that get a page, by file name (`mount_qtfs`'s page is `mount.qtfs.1`).
-pub const BINARIES: [&str; 6] = [
+pub const BINARIES: [&str; 7] = [
     "offloadd",
     "mount_qtfs",
     "rexec",
     "rexec_server",
+    "rexec_mux",
     "offload-shim",
     "remote_kill",
 ];

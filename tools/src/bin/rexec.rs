@@ -17,6 +17,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use offload_exec::client::{self, Outcome, RunOptions};
+use offload_exec::mux;
 use offload_exec::proto::{ExecRequest, ExitStatus, VERSION};
 use transport::{Endpoint, Registry, Session};
 
@@ -31,8 +32,56 @@ static ALLOC: big_blocks::Cached = big_blocks::Cached;
 #[cfg(target_env = "musl")]
 mod big_blocks {
     use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::UnsafeCell;
     use std::ptr::null_mut;
-    use std::sync::atomic::{AtomicPtr, Ordering};
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+    /// Start-up arena: small blocks are carved from this zeroed static buffer by a bump pointer
+    /// and never reused (freeing one is a no-op). rexec's start (argument parsing, the
+    /// environment, the request) made ~30 small allocations that musl's malloc served with 19
+    /// `mmap` and 13 `munmap` calls; from the arena they cost nothing but the first touch of
+    /// each page. Once it is used up, small blocks go to musl as before.
+    const ARENA: usize = 256 * 1024;
+
+    #[repr(C, align(4096))]
+    struct Arena(UnsafeCell<[u8; ARENA]>);
+
+    // SAFETY: the buffer is only handed out in disjoint pieces (one compare-exchange on
+    // `ARENA_NEXT` per piece), never read or written here.
+    unsafe impl Sync for Arena {}
+
+    static ARENA_BUF: Arena = Arena(UnsafeCell::new([0; ARENA]));
+    static ARENA_NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    fn arena_base() -> usize {
+        ARENA_BUF.0.get() as usize
+    }
+
+    /// True if `p` was handed out by the arena.
+    fn in_arena(p: *mut u8) -> bool {
+        let a = p as usize;
+        a >= arena_base() && a < arena_base() + ARENA
+    }
+
+    /// A fresh (still zeroed) piece of the arena, or null when it does not fit.
+    fn arena_alloc(layout: Layout) -> *mut u8 {
+        let base = arena_base();
+        let mut cur = ARENA_NEXT.load(Ordering::Relaxed);
+        loop {
+            // Alignment is a power of two ≤ the buffer's 4096 (checked by the caller).
+            let start = (base + cur + layout.align() - 1) & !(layout.align() - 1);
+            let Some(end) = (start - base).checked_add(layout.size().max(1)) else {
+                return null_mut();
+            };
+            if end > ARENA {
+                return null_mut();
+            }
+            match ARENA_NEXT.compare_exchange_weak(cur, end, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return start as *mut u8,
+                Err(c) => cur = c,
+            }
+        }
+    }
 
     /// Blocks from 64 KiB (2^16) up to 16 MiB (2^24) are rounded up to a power of two and
     /// cached; smaller and larger ones go straight to musl.
@@ -51,7 +100,7 @@ mod big_blocks {
     /// Size class of a layout, if cached.
     fn class(layout: Layout) -> Option<(usize, usize)> {
         let size = layout.size();
-        if layout.align() > MAX_ALIGN || size < (1 << MIN_SHIFT) || size > (1 << MAX_SHIFT) {
+        if layout.align() > MAX_ALIGN || !((1 << MIN_SHIFT)..=(1 << MAX_SHIFT)).contains(&size) {
             return None;
         }
         let shift = size.next_power_of_two().trailing_zeros();
@@ -62,12 +111,19 @@ mod big_blocks {
     pub struct Cached;
 
     // SAFETY: every block handed out comes from `System` with a size ≥ the request (its class
-    // size) and alignment ≤ MAX_ALIGN, which musl's malloc guarantees; a cached block is taken
-    // by exactly one `swap`, so no block is handed out twice; `dealloc` gives a block back with
-    // the class size it was allocated with.
+    // size) and alignment ≤ MAX_ALIGN, which musl's malloc guarantees, or is a disjoint piece
+    // of the arena (aligned as asked, never handed out twice, never passed to `System`); a
+    // cached block is taken by exactly one `swap`, so no block is handed out twice; `dealloc`
+    // gives a block back with the class size it was allocated with.
     unsafe impl GlobalAlloc for Cached {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             let Some((c, size)) = class(layout) else {
+                if layout.align() <= 4096 {
+                    let p = arena_alloc(layout);
+                    if !p.is_null() {
+                        return p;
+                    }
+                }
                 // SAFETY: forwarding the caller's valid layout.
                 return unsafe { System.alloc(layout) };
             };
@@ -82,6 +138,9 @@ mod big_blocks {
         }
 
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if in_arena(ptr) {
+                return;
+            }
             let Some((c, size)) = class(layout) else {
                 // SAFETY: `ptr` came from `System.alloc(layout)` above.
                 return unsafe { System.dealloc(ptr, layout) };
@@ -99,6 +158,13 @@ mod big_blocks {
         }
 
         unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            if class(layout).is_none() && layout.align() <= 4096 {
+                // Arena pieces are never reused: still zero.
+                let p = arena_alloc(layout);
+                if !p.is_null() {
+                    return p;
+                }
+            }
             if class(layout).is_none() {
                 // SAFETY: forwarding the caller's valid layout (calloc: fresh pages need no memset).
                 return unsafe { System.alloc_zeroed(layout) };
@@ -116,6 +182,20 @@ mod big_blocks {
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             // SAFETY: the caller guarantees `new_size` with `layout.align()` is a valid layout.
             let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+            if in_arena(ptr) {
+                if new_size <= layout.size() {
+                    return ptr;
+                }
+                // SAFETY: a fresh block for `new`, the old contents copied; the arena piece
+                // is simply left behind.
+                unsafe {
+                    let p = self.alloc(new);
+                    if !p.is_null() {
+                        std::ptr::copy_nonoverlapping(ptr, p, layout.size());
+                    }
+                    return p;
+                }
+            }
             match (class(layout), class(new)) {
                 // SAFETY: neither block is cached: musl's realloc (in place where it can).
                 (None, None) => unsafe { System.realloc(ptr, layout, new_size) },
@@ -159,7 +239,12 @@ const LOG_ENV: &str = "REXEC_LOG";
 
 /// rexec's own configuration: read here, never passed to the program (the program would
 /// otherwise see, and a nested rexec would reuse, the caller's link settings).
-const OWN_ENV: [&[u8]; 2] = [b"CMD_NET_ADDR", b"OFFLOAD_KEY_FILE"];
+const OWN_ENV: [&[u8]; 4] = [
+    b"CMD_NET_ADDR",
+    b"OFFLOAD_KEY_FILE",
+    b"REXEC_CONTROL",
+    b"REXEC_CONTROL_DIR",
+];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -174,6 +259,9 @@ and 255 on rexec's own errors (unreachable server, wrong key, connection lost)."
     after_help = "Options end at the first non-option argument: `rexec ls -la` runs `ls -la`; \
 `rexec -- -cmd` runs a program whose name starts with '-'. Usage errors exit 2.\n\
 rexec's own logging: REXEC_LOG=debug (RUST_LOG is left to the program).\n\
+With a rexec_mux running for the same address and key file, rexec runs the program over the \
+mux's session (no handshake of its own); REXEC_CONTROL=PATH names the mux socket, \
+REXEC_CONTROL=none always connects directly. Without an answering mux rexec connects itself.\n\
 Example: CMD_NET_ADDR=tcp://10.0.0.1:7000 rexec --key-file /etc/offload/psk uname -a"
 )]
 struct Args {
@@ -329,6 +417,54 @@ async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
+/// The mux socket to try: `$REXEC_CONTROL` (`none` or empty: none), else the default path for
+/// this address and key file (`offload_exec::mux::default_control_path`).
+fn control_path(args: &Args) -> Option<PathBuf> {
+    match std::env::var_os(mux::CONTROL_ENV) {
+        Some(v) if v.is_empty() || v == "none" => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => {
+            let ep = Endpoint::from_parts(args.transport.as_deref(), &args.addr).ok()?;
+            let key = mux::key_file_path(args.link.key_file.as_deref());
+            Some(mux::default_control_path(&ep.to_string(), &key))
+        }
+    }
+}
+
+/// Reports how the exec ended (as `-v` asks, or rexec's own error) and returns the exit code;
+/// dies of the program's signal instead where it was killed by one.
+fn finish(args: &Args, outcome: anyhow::Result<Outcome>) -> i32 {
+    match outcome {
+        Ok(Outcome::Exited(st)) => {
+            if args.verbose {
+                match st {
+                    ExitStatus::Code(c) => eprintln!("rexec: remote program exited with code {c}"),
+                    ExitStatus::Signal {
+                        signal,
+                        core_dumped,
+                    } => eprintln!(
+                        "rexec: remote program killed by signal {signal} ({}){}",
+                        signal_name(signal),
+                        if core_dumped { ", core dumped" } else { "" },
+                    ),
+                }
+            }
+            if let ExitStatus::Signal { signal, .. } = st {
+                die_of_signal(signal);
+            }
+            st.shell_code()
+        }
+        Ok(Outcome::NotStarted { code, message }) => {
+            eprintln!("rexec: {message}");
+            code
+        }
+        Err(e) => {
+            eprintln!("rexec: {e:#}");
+            EXIT_REXEC_ERROR
+        }
+    }
+}
+
 /// The C entry point (see `#![no_main]`): what std's start-up would have done that matters here,
 /// then the client.
 #[cfg(not(test))]
@@ -440,6 +576,39 @@ fn rexec_main() -> std::convert::Infallible {
         sig_ignored: CALLER_IGNORED.load(std::sync::atomic::Ordering::Relaxed),
         stdio: CALLER_STDIO.get().copied().unwrap_or_default(),
     };
+    // A mux for this address (and key) runs the exec over its session: no handshake here.
+    if let Some(path) = control_path(&args) {
+        let raw = if args.tty {
+            client::RawMode::enter()
+        } else {
+            None
+        };
+        let attempt = mux::client::try_run(
+            &path,
+            mux::client::Call {
+                req: &req,
+                tty: args.tty && raw.is_some(),
+                stdin: !client::stdin_is_empty(),
+            },
+        );
+        drop(raw);
+        match attempt {
+            mux::client::Attempt::Ran(ended) => {
+                tracing::debug!(mux = %path.display(), "ran through the rexec mux");
+                let outcome = match ended {
+                    mux::Ended::Exited(st) => Ok(Outcome::Exited(st)),
+                    mux::Ended::NotStarted { code, message } => {
+                        Ok(Outcome::NotStarted { code, message })
+                    }
+                    mux::Ended::Error(e) => Err(anyhow::anyhow!(e)),
+                };
+                std::process::exit(finish(&args, outcome));
+            }
+            mux::client::Attempt::Fallback(why) => {
+                tracing::debug!(%why, "no rexec mux: connecting directly");
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -450,35 +619,7 @@ fn rexec_main() -> std::convert::Infallible {
             std::process::exit(EXIT_REXEC_ERROR);
         }
     };
-    let code = match rt.block_on(run(&args, req)) {
-        Ok(Outcome::Exited(st)) => {
-            if args.verbose {
-                match st {
-                    ExitStatus::Code(c) => eprintln!("rexec: remote program exited with code {c}"),
-                    ExitStatus::Signal {
-                        signal,
-                        core_dumped,
-                    } => eprintln!(
-                        "rexec: remote program killed by signal {signal} ({}){}",
-                        signal_name(signal),
-                        if core_dumped { ", core dumped" } else { "" },
-                    ),
-                }
-            }
-            if let ExitStatus::Signal { signal, .. } = st {
-                die_of_signal(signal);
-            }
-            st.shell_code()
-        }
-        Ok(Outcome::NotStarted { code, message }) => {
-            eprintln!("rexec: {message}");
-            code
-        }
-        Err(e) => {
-            eprintln!("rexec: {e:#}");
-            EXIT_REXEC_ERROR
-        }
-    };
+    let code = finish(&args, rt.block_on(run(&args, req)));
     // exit() skips waiting for the stdin reader thread (blocked in read(2)); all output was
     // written by client::run before it returned, and the terminal mode was restored above.
     std::process::exit(code);
