@@ -155,6 +155,53 @@ fn fault_enospc_reaches_the_dpu_writer() {
     }
 }
 
+/// A write that fails on the HOST after it was acknowledged is reported to the writer even
+/// when a child process execs in between: the child's implicit close of the inherited
+/// descriptor reaches the mount as a close of the same open file, and used to take the
+/// failure, so the writer's own fsync and close then reported success for data that was never
+/// written. The HOST export is a 1 MiB tmpfs filled from the HOST side to 8 KiB short, so the
+/// one 64 KiB write through qtfs fails behind the writer's back.
+#[test]
+fn fault_enospc_is_not_swallowed_by_a_child_that_execs() {
+    for kind in fs_test_links("fault_enospc_is_not_swallowed_by_a_child_that_execs") {
+        let tmp = tmpdir();
+        let exp = tmp.path().join("small");
+        fs::create_dir_all(&exp).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&exp)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        struct Umount(std::path::PathBuf);
+        impl Drop for Umount {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+        let _u = Umount(exp.clone());
+        fs::write(exp.join("filler"), vec![1u8; (1 << 20) - (8 << 10)]).unwrap();
+        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "");
+        let mut f = fs::File::create(m.path("big")).unwrap();
+        // Acknowledged once queued; the HOST's ENOSPC comes back behind the writer.
+        f.write_all(&[0x5au8; 64 << 10]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // Children that exec close the inherited descriptor (it is O_CLOEXEC) ...
+        for _ in 0..3 {
+            assert!(Command::new("/bin/true").status().unwrap().success());
+        }
+        // ... and the writer is told all the same.
+        let e = f.sync_all().expect_err(&format!(
+            "[{kind}] fsync after a failed write reported success"
+        ));
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "[{kind}] fsync: {e}");
+        eprintln!("[{kind}] ENOSPC reported at fsync after 3 children exec'd");
+        drop(f);
+        drop(m);
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

@@ -738,15 +738,17 @@ impl Filesystem for QtfsFs {
         }
     }
 
-    /// Waits for the inode's acknowledged writes still in flight and reports the first that
-    /// failed (close(2) returns it, as on NFS). Nothing else is buffered here, so with no write
-    /// in flight it is answered at once and close (also the implicit close of O_CLOEXEC files at
-    /// exec) never waits for the HOST during an outage.
+    /// Waits for the inode's acknowledged writes still in flight and reports a failure this
+    /// open file was not told of (close(2) returns it, as on NFS), without taking it: the flush
+    /// may come from a child's implicit close of an inherited descriptor at exec, and the
+    /// writer's own close or fsync must still see it (see `Unstable`). Nothing else is
+    /// buffered here, so with no write in flight it is answered at once and close never waits
+    /// for the HOST during an outage.
     fn flush(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
@@ -757,7 +759,7 @@ impl Filesystem for QtfsFs {
         }
         let me = self.inner.clone();
         self.inner.rt.spawn(async move {
-            match me.settle(ino).await {
+            match me.settle_handle(ino, fh.0, false).await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             }
@@ -779,12 +781,13 @@ impl Filesystem for QtfsFs {
         };
         let me = self.inner.clone();
         self.inner.rt.spawn(async move {
-            // Writes still in flight need the handle (re-opened after a HOST restart).
-            if let Err(e) = me.settle(ino.0).await {
-                warn!(
+            // Writes still in flight need the handle (re-opened after a HOST restart). A failure
+            // was reported by the close before this (flush), unless it came later.
+            if let Err(e) = me.settle_handle(ino.0, fh.0, true).await {
+                debug!(
                     ino = ino.0,
                     error = ?e,
-                    "write failure after the last close; data lost"
+                    "write failure reported at the last close"
                 );
             }
             let h = me.st().handles.remove(&fh.0);
@@ -816,7 +819,7 @@ impl Filesystem for QtfsFs {
             self,
             reply,
             |me| {
-                me.settle(ino.0).await?;
+                me.settle_handle(ino.0, fh.0, true).await?;
                 let sfh = me.fh_of(fh.0).await?;
                 me.call(op::Fsync { fh: sfh, datasync }).await
             },

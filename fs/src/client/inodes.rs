@@ -224,6 +224,8 @@ impl Inner {
     }
 
     pub(super) fn new_handle(&self, ino: u64, flags: i32, dir: bool, fh: Fh) -> u64 {
+        // Failures of writes before this open are not this handle's to report.
+        let err_seen = self.write_failures(ino);
         let mut st = self.st();
         let id = st.next_fh;
         st.next_fh += 1;
@@ -237,6 +239,7 @@ impl Inner {
                 fh,
                 epoch,
                 append_end: None,
+                err_seen,
             },
         );
         id

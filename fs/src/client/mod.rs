@@ -347,6 +347,10 @@ struct Handle {
     /// `O_APPEND` handles: where the file ended after the last append through this handle
     /// (the HOST's answer), what a resend of the next one names (`op::Append`).
     append_end: Option<u64>,
+    /// The inode's write-failure count this handle has been told of ([`Unstable`]): a failure
+    /// is reported through each open file (at `close`, again at every `close` until an
+    /// `fsync` or a write takes it), never to another open of the file.
+    err_seen: u64,
 }
 
 struct State {

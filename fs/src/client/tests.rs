@@ -136,6 +136,16 @@ impl Rig {
         self.rt.block_on(self.inner.settle(ino))
     }
 
+    /// What a close of open file `fh` reports (FUSE FLUSH).
+    fn close(&self, ino: u64, fh: u64) -> R<()> {
+        self.rt.block_on(self.inner.settle_handle(ino, fh, false))
+    }
+
+    /// What an fsync of open file `fh` reports before it asks the HOST.
+    fn fsync(&self, ino: u64, fh: u64) -> R<()> {
+        self.rt.block_on(self.inner.settle_handle(ino, fh, true))
+    }
+
     /// Starts a write as FUSE WRITE does; its outcome once known.
     fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> R<u32> {
         match self.inner.start_write(ino, fh, offset, data) {
@@ -212,25 +222,43 @@ fn inodes_and_handles_are_re_resolved_after_a_host_restart() {
 }
 
 #[test]
-fn write_behind_failures_are_reported_once_by_the_next_write_flush_or_fsync() {
+fn write_behind_failures_are_reported_to_each_open_file_by_its_next_write_close_or_fsync() {
+    let enospc = Err(OpError::Errno(libc::ENOSPC));
     let r = rig(MountOptions::default());
     let (f, fh) = r.create(ROOT, "f");
     r.fs.fail_writes(Some((libc::ENOSPC, 0)));
-    // Acknowledged at once (behind); the failure comes with the next flush ...
+    // Acknowledged at once (behind); every close of the open file reports the failure (a
+    // child's implicit close of an inherited descriptor at exec is one, and must not swallow
+    // it) ...
     assert_eq!(r.write(f, fh, 0, b"abc"), Ok(3));
-    assert_eq!(r.settle(f), Err(OpError::Errno(libc::ENOSPC)));
-    // ... once.
-    assert_eq!(r.settle(f), Ok(()));
-    // Or with the next write, which is then refused.
+    assert_eq!(r.close(f, fh), enospc);
+    assert_eq!(r.close(f, fh), enospc);
+    // ... until an fsync reports it, once.
+    assert_eq!(r.fsync(f, fh), enospc);
+    assert_eq!(r.fsync(f, fh), Ok(()));
+    assert_eq!(r.close(f, fh), Ok(()));
+    // Or the next write, which is then refused.
     assert_eq!(r.write(f, fh, 0, b"abc"), Ok(3));
     r.drain(f);
     assert_eq!(r.write(f, fh, 0, b"def"), Err(OpError::Errno(libc::ENOSPC)));
-    assert_eq!(r.settle(f), Ok(()), "reported by the write already");
+    assert_eq!(r.fsync(f, fh), Ok(()), "reported by the write already");
+
+    // Another open of the file is not told of failures from before it was opened, but of
+    // those while it is open, on its own account.
+    let sfh = r.inner.st().handles[&fh].fh;
+    let fh2 = r.inner.new_handle(f, libc::O_WRONLY, false, sfh);
+    assert_eq!(r.close(f, fh2), Ok(()));
+    assert_eq!(r.write(f, fh, 0, b"x"), Ok(1));
+    r.drain(f);
+    assert_eq!(r.close(f, fh2), enospc);
+    assert_eq!(r.fsync(f, fh), enospc);
+    assert_eq!(r.fsync(f, fh2), enospc);
+    assert_eq!(r.fsync(f, fh2), Ok(()));
 
     // A short write: the rest is sent again and says why.
     r.fs.fail_writes(Some((libc::ENOSPC, 2)));
     assert_eq!(r.write(f, fh, 0, b"123456"), Ok(6));
-    assert_eq!(r.settle(f), Err(OpError::Errno(libc::ENOSPC)));
+    assert_eq!(r.fsync(f, fh), enospc);
     assert_eq!(r.fs.content(&["f"]).as_deref(), Some(&b"1234"[..]));
 
     // A HOST restart under an acknowledged write: it is sent again from its kept payload
@@ -238,7 +266,7 @@ fn write_behind_failures_are_reported_once_by_the_next_write_flush_or_fsync() {
     r.fs.fail_writes(None);
     r.fs.restart();
     assert_eq!(r.write(f, fh, 0, b"after restart"), Ok(13));
-    assert_eq!(r.settle(f), Ok(()));
+    assert_eq!(r.fsync(f, fh), Ok(()));
     assert_eq!(r.fs.content(&["f"]).as_deref(), Some(&b"after restart"[..]));
 }
 

@@ -13,15 +13,24 @@ pub(super) fn wb_kib(n: u32) -> u32 {
 }
 
 /// Acknowledged writes of one inode still on their way to the HOST.
+///
+/// Failures are reported per open file, like the kernel's `errseq_t` for local files: each
+/// counts once in the inode's failure count, and each handle remembers how many it was told
+/// of ([`Handle::err_seen`]). A close reports a failure the handle was not told of without
+/// taking it (so every close of that open file does, as on NFS), an `fsync` or a later write
+/// reports it and takes it for that handle. So the implicit close of an inherited descriptor
+/// in a child that execs (FUSE sends it as a flush of the same open file) cannot swallow the
+/// failure the writer's own `fsync` or `close` must see, and another open of the file never
+/// sees it. Directory operations take failures per inode ([`Unstable::settle`]).
 #[derive(Default)]
 pub(super) struct Unstable {
-    /// (writes in flight, first failure not yet reported to the application)
-    pub(super) state: Mutex<(usize, Option<OpError>)>,
+    /// (writes in flight, first failure not yet taken, failures so far)
+    pub(super) state: Mutex<(usize, Option<OpError>, u64)>,
     pub(super) idle: tokio::sync::Notify,
 }
 
 impl Unstable {
-    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<OpError>)> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, (usize, Option<OpError>, u64)> {
         lock(&self.state)
     }
 
@@ -30,6 +39,7 @@ impl Unstable {
         st.0 -= 1;
         if let Err(e) = res {
             st.1.get_or_insert(e);
+            st.2 += 1;
         }
         if st.0 == 0 {
             self.idle.notify_waiters();
@@ -103,12 +113,21 @@ impl Inner {
         u
     }
 
-    /// A failure of an acknowledged write of `ino` not reported yet (cleared by taking it).
-    pub(super) fn take_write_error(&self, ino: u64) -> Option<OpError> {
-        let map = self.unstable_map();
-        let u = map.get(&ino)?;
-        let e = u.lock().1.take();
-        e
+    /// A failure of an acknowledged write of `ino` that handle `fh` was not told of yet; it
+    /// is told now (a write reports it, see [`Unstable`]).
+    pub(super) fn take_write_error(&self, ino: u64, fh: u64) -> Option<OpError> {
+        let (err, failures) = {
+            let map = self.unstable_map();
+            let st = map.get(&ino)?.lock();
+            (st.1, st.2)
+        };
+        let mut st = self.st();
+        let h = st.handles.get_mut(&fh)?;
+        if failures <= h.err_seen {
+            return None;
+        }
+        h.err_seen = failures;
+        Some(err.unwrap_or(OpError::Errno(libc::EIO)))
     }
 
     /// Waits for the acknowledged writes of `ino`; returns the first one that failed.
@@ -117,11 +136,50 @@ impl Inner {
             return Ok(());
         };
         let res = u.settle().await;
+        self.forget_settled(ino);
+        res
+    }
+
+    /// Drops `ino`'s record once nothing is in flight and no failure is kept.
+    fn forget_settled(&self, ino: u64) {
         let mut map = self.unstable_map();
-        if map.get(&ino).is_some_and(|u| *u.lock() == (0, None)) {
+        if map
+            .get(&ino)
+            // A record with past failures stays: handles count them (`Handle::err_seen`).
+            .is_some_and(|u| matches!(*u.lock(), (0, None, 0)))
+        {
             map.remove(&ino);
         }
-        res
+    }
+
+    /// How many acknowledged writes of `ino` failed so far (what a new handle starts from).
+    pub(super) fn write_failures(&self, ino: u64) -> u64 {
+        self.unstable_map().get(&ino).map_or(0, |u| u.lock().2)
+    }
+
+    /// Waits for the acknowledged writes of `ino`, then reports a failure handle `fh` was not
+    /// told of yet; `take`: and marks it told (fsync, release), else leaves it for the next
+    /// close of the same open file too (flush). See [`Unstable`].
+    pub(super) async fn settle_handle(&self, ino: u64, fh: u64, take: bool) -> R<()> {
+        let Some(u) = self.unstable_map().get(&ino).cloned() else {
+            return Ok(());
+        };
+        u.settle_keep().await;
+        let (err, failures) = {
+            let st = u.lock();
+            (st.1, st.2)
+        };
+        let mut st = self.st();
+        let Some(h) = st.handles.get_mut(&fh) else {
+            return Ok(());
+        };
+        if failures <= h.err_seen {
+            return Ok(());
+        }
+        if take {
+            h.err_seen = failures;
+        }
+        Err(err.unwrap_or(OpError::Errno(libc::EIO)))
     }
 
     pub(super) fn has_unstable(&self, ino: u64) -> bool {
@@ -191,7 +249,7 @@ impl Inner {
         let Ok(permit) = self.wb_budget.clone().acquire_many_owned(wb_kib(n)).await else {
             return Err(OpError::Errno(libc::EIO));
         };
-        if let Some(e) = self.take_write_error(w.ino) {
+        if let Some(e) = self.take_write_error(w.ino, w.fh) {
             return Err(e);
         }
         let session = self
@@ -248,7 +306,7 @@ impl Inner {
             offset,
             data: body.slice(body.len() - data.len()..),
         };
-        if let Some(e) = self.take_write_error(ino) {
+        if let Some(e) = self.take_write_error(ino, fh) {
             return WriteStart::Done(Err(e));
         }
         let permit = self.wb_budget.clone().try_acquire_many_owned(wb_kib(n));
