@@ -562,8 +562,16 @@ impl HostFs for FsService {
             let size = sys::fstat(fd)?.st_size as u64;
             if len > 0 && size == e.saturating_add(len) {
                 let mut there = Vec::new();
-                sys::pread_append(fd, e, len as u32, &mut there)?;
-                if there == data {
+                // Appending handles are usually write-only (`>>`, O_WRONLY|O_APPEND): read the
+                // bytes through a descriptor of our own for reading.
+                let read = match sys::pread_append(fd, e, len as u32, &mut there) {
+                    Err(libc::EBADF) => sys::reopen(fd, libc::O_RDONLY).and_then(|r| {
+                        there.clear();
+                        sys::pread_append(r.as_raw_fd(), e, len as u32, &mut there)
+                    }),
+                    other => other,
+                };
+                if read.is_ok() && there == data {
                     return Ok(proto::Appended {
                         written: len as u32,
                         end: size,
