@@ -465,45 +465,57 @@ fn spawn_stdin_reader(src: StdinSource, tx: mpsc::Sender<Bytes>) -> io::Result<(
                 StdinSource::Fd(o) => (std::os::fd::AsRawFd::as_raw_fd(&o), Some(o)),
                 _ => (0, None),
             };
-            // rexec reads its stdin ahead of the program. From a terminal while rexec is a
-            // background job (`rexec … &`, or continued in the background after ^Z), that read
-            // would stop rexec with SIGTTIN although the program may never read: with SIGTTIN
-            // blocked in this thread the read fails with EIO instead, and the thread waits until
-            // rexec is in the foreground again.
-            // SAFETY: changing this thread's own signal mask.
-            unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, libc::SIGTTIN);
-                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            }
+            // rexec reads its stdin ahead of the program, also as a background job.
+            block_sigttin();
             let mut buf = vec![0u8; 256 * 1024];
             loop {
-                // SAFETY: reading into a valid buffer.
-                let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    if fd == 0 && e.raw_os_error() == Some(libc::EIO) && background_on_tty() {
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                        continue;
-                    }
-                    return; // EBADF (closed stdin), a hung-up terminal etc.: EOF
-                }
-                if n == 0 {
-                    return;
-                }
-                if tx
-                    .blocking_send(Bytes::copy_from_slice(&buf[..n as usize]))
-                    .is_err()
-                {
+                let n = match read_input(fd, &mut buf) {
+                    Some(0) | None => return,
+                    Some(n) => n,
+                };
+                if tx.blocking_send(Bytes::copy_from_slice(&buf[..n])).is_err() {
                     return;
                 }
             }
         })?;
     Ok(())
+}
+
+/// Blocks SIGTTIN in the calling thread, a reader of the caller's stdin: a read while rexec
+/// is in the background would stop rexec with SIGTTIN although the program may never read;
+/// with it blocked the read fails with EIO instead, and [`read_input`] waits until rexec is
+/// in the foreground again.
+pub(crate) fn block_sigttin() {
+    // SAFETY: changing this thread's own signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTTIN);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// One read of the caller's input `fd` into `buf` (after [`block_sigttin`]): the byte count,
+/// 0 at end of file, `None` on an error that ends the input (EBADF for a closed stdin, a
+/// hung-up terminal, ...). Retries interrupted reads, and waits while a read of stdin from
+/// the background fails with EIO.
+pub(crate) fn read_input(fd: i32, buf: &mut [u8]) -> Option<usize> {
+    loop {
+        // SAFETY: reading into a valid buffer.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+        if n >= 0 {
+            return Some(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if fd == 0 && e.raw_os_error() == Some(libc::EIO) && background_on_tty() {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        return None;
+    }
 }
 
 /// True if fd 0 is a terminal whose foreground process group is not ours.

@@ -320,3 +320,26 @@ pub fn tmpdir() -> tempfile::TempDir {
         .expect("chmod tempdir");
     d
 }
+
+/// A small tmpfs mounted at a directory (which must exist), lazily unmounted on drop: a HOST
+/// export that runs out of space.
+pub struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    /// Mounts a tmpfs of `size` (mount(8)'s syntax, e.g. "1m") at `dir`; panics if it cannot.
+    pub fn mount(dir: &Path, size: &str) -> SmallTmpfs {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "mount a {size} tmpfs at {}", dir.display());
+        SmallTmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

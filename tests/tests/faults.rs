@@ -10,7 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::fs::{fs_test_links, fuse_ready, tmpdir, ExportSpec, Host, Mount};
+use tests::fs::{fs_test_links, fuse_ready, tmpdir, ExportSpec, Host, Mount, SmallTmpfs};
 use tests::{spawn_ready, wait_until, KillOnDrop};
 
 /// A writer appends numbered records, each followed by fsync, and reports the last record whose
@@ -104,19 +104,7 @@ fn fault_enospc_reaches_the_dpu_writer() {
         let tmp = tmpdir();
         let exp = tmp.path().join("small");
         fs::create_dir_all(&exp).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-            .arg(&exp)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs");
-        struct Umount(std::path::PathBuf);
-        impl Drop for Umount {
-            fn drop(&mut self) {
-                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-            }
-        }
-        let _u = Umount(exp.clone());
+        let _u = SmallTmpfs::mount(&exp, "1m");
         let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
         let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "");
         let mut f = fs::File::create(m.path("big")).unwrap();
@@ -167,19 +155,7 @@ fn fault_enospc_is_not_swallowed_by_a_child_that_execs() {
         let tmp = tmpdir();
         let exp = tmp.path().join("small");
         fs::create_dir_all(&exp).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-            .arg(&exp)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs");
-        struct Umount(std::path::PathBuf);
-        impl Drop for Umount {
-            fn drop(&mut self) {
-                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-            }
-        }
-        let _u = Umount(exp.clone());
+        let _u = SmallTmpfs::mount(&exp, "1m");
         fs::write(exp.join("filler"), vec![1u8; (1 << 20) - (8 << 10)]).unwrap();
         let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
         let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "");

@@ -11,7 +11,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt
 use std::path::Path;
 use std::process::Command;
 
-use tests::fs::{as_nobody, fs_test_links, fuse_ready, sh, tmpdir, ExportSpec, Host, Mount};
+use tests::fs::{
+    as_nobody, fs_test_links, fuse_ready, sh, tmpdir, ExportSpec, Host, Mount, SmallTmpfs,
+};
 
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -693,19 +695,7 @@ fn fs_write_behind_reports_host_errors() {
         fs::create_dir(&exp).unwrap();
         let tiny = exp.join("tiny");
         fs::create_dir(&tiny).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tiny"])
-            .arg(&tiny)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs");
-        struct Unmount(std::path::PathBuf);
-        impl Drop for Unmount {
-            fn drop(&mut self) {
-                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-            }
-        }
-        let _tiny_guard = Unmount(tiny.clone());
+        let _tiny_guard = SmallTmpfs::mount(&tiny, "256k");
         let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
         let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "");
 

@@ -168,44 +168,20 @@ fn spawn_stdin_copier(pipe: OwnedFd) -> io::Result<()> {
     std::thread::Builder::new()
         .name("rexec-stdin".into())
         .spawn(move || {
-            // SAFETY: changing this thread's own signal mask.
-            unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, libc::SIGTTIN);
-                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            }
+            crate::client::block_sigttin();
             let mut out = std::fs::File::from(pipe);
             let mut buf = vec![0u8; 128 * 1024];
             loop {
-                // SAFETY: reading into a valid buffer.
-                let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    if e.raw_os_error() == Some(libc::EIO) && background_on_tty() {
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                        continue;
-                    }
-                    return;
-                }
-                if n == 0 || out.write_all(&buf[..n as usize]).is_err() {
+                let n = match crate::client::read_input(0, &mut buf) {
+                    Some(0) | None => return,
+                    Some(n) => n,
+                };
+                if out.write_all(&buf[..n]).is_err() {
                     return;
                 }
             }
         })?;
     Ok(())
-}
-
-/// True if fd 0 is a terminal whose foreground process group is not ours.
-fn background_on_tty() -> bool {
-    // SAFETY: plain queries.
-    unsafe {
-        let fg = libc::tcgetpgrp(0);
-        fg > 0 && fg != libc::getpgrp()
-    }
 }
 
 /// `si_code` of signals the kernel generates itself (tty job control keys, hangup).

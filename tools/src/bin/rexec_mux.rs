@@ -130,13 +130,7 @@ fn bind(path: &std::path::Path) -> anyhow::Result<std::os::unix::net::UnixListen
 fn main() -> anyhow::Result<()> {
     tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tools::init_tracing("info");
     let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.addr)
         .with_context(|| format!("bad address {:?}", args.addr))?;
     let cfg = args.link.session_config().context("session settings")?;

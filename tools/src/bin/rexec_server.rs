@@ -56,13 +56,7 @@ struct ConfigFile {
 fn main() -> anyhow::Result<()> {
     tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    tools::init_tracing("info");
     let (mut cfg, link_cfg) = match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
