@@ -83,7 +83,7 @@ pub struct Mux {
 
 impl Mux {
     /// Starts `rexec_mux` for `url` with `key` (and extra link arguments), its socket in
-    /// `dir/ctl/`, and waits until the socket exists.
+    /// `dir/ctl/`, and waits until the socket exists with its final mode.
     pub fn start(url: &str, key: &Path, dir: &Path, extra: &[&str]) -> Mux {
         let path = dir.join("ctl").join("mux.sock");
         let child = Command::new(tests::bin("rexec_mux"))
@@ -98,7 +98,13 @@ impl Mux {
             .spawn()
             .expect("spawn rexec_mux");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !path.exists() {
+        // Up once the socket is there with its final mode (the mux binds, then restricts it;
+        // a test that loosens the mode must not race that).
+        let ready = |p: &std::path::Path| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o777 == 0o600)
+        };
+        while !ready(&path) {
             assert!(Instant::now() < deadline, "rexec_mux did not come up");
             std::thread::sleep(Duration::from_millis(20));
         }
