@@ -35,16 +35,32 @@ fn through_mux(out: &Output) -> bool {
 }
 
 /// A `rexec_mux` at its default path (under `ctl_dir`), for `url` and `key`.
-fn default_mux(url: &str, key: &Path, ctl_dir: &Path) -> Child {
-    Command::new(tests::bin("rexec_mux"))
-        .env("CMD_NET_ADDR", url)
+/// `rexec_mux` for `url` and `key` with its socket in the default place under `ctl_dir`.
+fn mux_command(url: &str, key: &Path, ctl_dir: &Path) -> Command {
+    let mut c = Command::new(tests::bin("rexec_mux"));
+    c.env("CMD_NET_ADDR", url)
         .env("REXEC_CONTROL_DIR", ctl_dir)
-        .env("RUST_LOG", "warn")
         .arg("--key-file")
         .arg(key)
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    c
+}
+
+fn default_mux(url: &str, key: &Path, ctl_dir: &Path) -> Child {
+    mux_command(url, key, ctl_dir)
+        .env("RUST_LOG", "warn")
         .spawn()
         .expect("spawn rexec_mux")
+}
+
+/// A mux that must refuse to start, saying `why` on stderr.
+fn mux_refuses(url: &str, key: &Path, ctl_dir: &Path, why: &str) {
+    let out = mux_command(url, key, ctl_dir)
+        .output()
+        .expect("run rexec_mux");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(why), "{err}");
 }
 
 fn wait_socket(dir: &Path) -> std::path::PathBuf {
@@ -125,20 +141,7 @@ fn exec_mux_default_path_private_socket_and_fallback() {
     assert!(!through_mux(&out));
 
     // A second mux on the same path refuses to start (the first one answers there).
-    let second = Command::new(tests::bin("rexec_mux"))
-        .env("CMD_NET_ADDR", &server.url)
-        .env("REXEC_CONTROL_DIR", &ctl)
-        .arg("--key-file")
-        .arg(&server.key)
-        .stdin(Stdio::null())
-        .output()
-        .expect("second mux");
-    assert!(!second.status.success());
-    assert!(
-        String::from_utf8_lossy(&second.stderr).contains("already listens"),
-        "{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
+    mux_refuses(&server.url, &server.key, &ctl, "already listens");
 
     // The mux killed outright leaves a stale socket: rexec falls back silently.
     mux.kill().expect("kill mux");
@@ -167,20 +170,7 @@ fn exec_mux_default_path_private_socket_and_fallback() {
 
     // A directory open to others is refused.
     std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let out = Command::new(tests::bin("rexec_mux"))
-        .env("CMD_NET_ADDR", &server.url)
-        .env("REXEC_CONTROL_DIR", &ctl)
-        .arg("--key-file")
-        .arg(&server.key)
-        .stdin(Stdio::null())
-        .output()
-        .expect("mux on an open dir");
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("mode 0700"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mux_refuses(&server.url, &server.key, &ctl, "mode 0700");
 }
 
 /// A caller of another uid is refused by the mux (even where the file modes would let it in),

@@ -489,7 +489,7 @@ impl Inner {
     /// Sends a call's frame: written here and now when [`SessionConfig::direct_send`] and the
     /// link allow and nothing is ahead of it, else queued. Err: the session is gone.
     fn send_call_frame(&self, f: Frame) -> Result<(), ()> {
-        if f.head.len() + f.body.len() <= self.direct_send {
+        if f.len() <= self.direct_send {
             let mut ws = lock_ws(&self.ws);
             if !ws.busy && ws.queued == 0 && !ws.done {
                 let mut chunks: VecDeque<Bytes> = VecDeque::new();
@@ -611,20 +611,21 @@ impl Inner {
         };
         // Outside the state lock (the registry's snapshot reads it through the gauges).
         self.stats.closed();
-        match &reason {
-            // A peer that exits while sending (a killed rexec) is routine, not a warning; so is
-            // one that exits with our last frames unread (its kernel resets the connection),
-            // unless work was still in flight.
+        // A peer that exits while sending (a killed rexec) is routine, not a warning; so is one
+        // that exits with our last frames unread (its kernel resets the connection), unless
+        // work was still in flight.
+        let routine = match &reason {
             CloseReason::Local
             | CloseReason::PeerClosed
             | CloseReason::PeerGoAway
-            | CloseReason::Truncated(_) => {
-                tracing::debug!(peer = %self.peer, %reason, "session closed")
-            }
-            CloseReason::PeerReset if calls.is_empty() && streams.is_empty() => {
-                tracing::debug!(peer = %self.peer, %reason, "session closed")
-            }
-            _ => tracing::warn!(peer = %self.peer, %reason, "session closed"),
+            | CloseReason::Truncated(_) => true,
+            CloseReason::PeerReset => calls.is_empty() && streams.is_empty(),
+            _ => false,
+        };
+        if routine {
+            tracing::debug!(peer = %self.peer, %reason, "session closed")
+        } else {
+            tracing::warn!(peer = %self.peer, %reason, "session closed")
         }
         for (_, p) in calls {
             p.finish(Err(CallError::Closed(reason.clone())));

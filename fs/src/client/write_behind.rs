@@ -116,9 +116,14 @@ impl Inner {
     /// A failure of an acknowledged write of `ino` that handle `fh` was not told of yet; it
     /// is told now (a write reports it, see [`Unstable`]).
     pub(super) fn take_write_error(&self, ino: u64, fh: u64) -> Option<OpError> {
+        let u = self.unstable_map().get(&ino)?.clone();
+        self.unseen_failure(&u, fh, true)
+    }
+
+    /// A failure recorded in `u` that handle `fh` was not told of; `take`: it is told now.
+    fn unseen_failure(&self, u: &Unstable, fh: u64, take: bool) -> Option<OpError> {
         let (err, failures) = {
-            let map = self.unstable_map();
-            let st = map.get(&ino)?.lock();
+            let st = u.lock();
             (st.1, st.2)
         };
         let mut st = self.st();
@@ -126,7 +131,9 @@ impl Inner {
         if failures <= h.err_seen {
             return None;
         }
-        h.err_seen = failures;
+        if take {
+            h.err_seen = failures;
+        }
         Some(err.unwrap_or(OpError::Errno(libc::EIO)))
     }
 
@@ -165,21 +172,7 @@ impl Inner {
             return Ok(());
         };
         u.settle_keep().await;
-        let (err, failures) = {
-            let st = u.lock();
-            (st.1, st.2)
-        };
-        let mut st = self.st();
-        let Some(h) = st.handles.get_mut(&fh) else {
-            return Ok(());
-        };
-        if failures <= h.err_seen {
-            return Ok(());
-        }
-        if take {
-            h.err_seen = failures;
-        }
-        Err(err.unwrap_or(OpError::Errno(libc::EIO)))
+        self.unseen_failure(&u, fh, take).map_or(Ok(()), Err)
     }
 
     pub(super) fn has_unstable(&self, ino: u64) -> bool {
