@@ -11,6 +11,11 @@ echo "== build (all binaries, rdma feature included)"
 cargo build --locked --workspace --bins --features tools/rdma,tests/rdma
 # Built just above: the tests need not each check that their binaries are fresh (tests::bin).
 export OFFLOAD_TESTS_PREBUILT=1
+# Every test binary runs under a deadline (tests/watchdog.sh, OFFLOAD_TEST_TIMEOUT seconds,
+# default 1200): a hung test fails its binary with a dump of where it is blocked, and the rest
+# of the suite still runs.
+host_triple=$(rustc -vV | sed -n 's/^host: //p')
+export "CARGO_TARGET_$(echo "$host_triple" | tr 'a-z-' 'A-Z_')_RUNNER=$PWD/tests/watchdog.sh"
 echo "== workspace tests"
 cargo test --locked --workspace --no-fail-fast --features tools/rdma,tests/rdma -- --test-threads=2
 if [ "${SKIP_VM:-0}" = 1 ]; then

@@ -46,8 +46,11 @@
 //! DPU daemon keeps an `O_PATH` descriptor of the FIFO only during a cycle and the first tenths
 //! of a second after a kick (later probes walk the path), so a DPU `umount` is refused as busy
 //! only while a FIFO is in use. A tunnel idle for [`DISARM_AFTER`] is closed, as is the tunnel of a FIFO
-//! the DPU unlinked or forgot, and every tunnel when the session or the mount ends. An idle
-//! tunnel holds no HOST descriptor; probes are transient.
+//! the DPU unlinked, and every tunnel when the session or the mount ends. While armed, a
+//! tunnel keeps the FIFO's inode number and HOST node (the kernel forgets a FIFO's inode as
+//! soon as its last opener is done, its entries having TTL 0; a tunnel whose inode changed
+//! under it would end in the middle of a cycle and hand the HOST's readers an early EOF). An
+//! idle tunnel holds no HOST descriptor; probes are transient.
 //!
 //! # Limits (known, by design)
 //! - Who opens is inferred from lookups and getattrs: a DPU writer blocked in `open` longer
@@ -240,7 +243,7 @@ impl Control {
         self.kick.notify_one();
     }
 
-    /// Stop once no cycle is running (unlinked, forgotten); at once with `now` (unmount).
+    /// Stop once no cycle is running (unlinked); at once with `now` (unmount).
     pub fn stop(&self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.stop_notify.notify_one();

@@ -399,19 +399,24 @@ fn fs_fifo_dpu_writer_host_reader() {
         );
 
         // Blocking HOST reader first, DPU writer later.
+        // (A HOST reader given an early EOF would leave the DPU writer blocked in `open`: the
+        // writer runs on a thread, so that shows as a failure, not a hang.)
         let reader = cat(&s.exp.join("f"));
         std::thread::sleep(Duration::from_millis(200));
-        {
-            let mut w = fs::OpenOptions::new()
-                .write(true)
-                .open(s.m.path("f"))
-                .unwrap();
+        let mp = s.m.path("f");
+        let wt = std::thread::spawn(move || {
+            let mut w = fs::OpenOptions::new().write(true).open(mp).unwrap();
             for i in 0..100 {
                 writeln!(w, "line {i} from the DPU").unwrap();
             }
-        }
+        });
         let out = String::from_utf8(finish(reader, "HOST cat", Duration::from_secs(10))).unwrap();
-        assert_eq!(out.lines().count(), 100);
+        assert_eq!(out.lines().count(), 100, "HOST cat read {out:?}");
+        join_within(
+            wt,
+            "DPU writer (HOST reader first)",
+            Duration::from_secs(10),
+        );
         assert_eq!(out.lines().last(), Some("line 99 from the DPU"));
 
         // DPU writer first (blocked in open), HOST reader later.

@@ -73,16 +73,24 @@ impl Inner {
             armed.insert(ino, c.clone());
             c
         };
+        // The tunnel keeps its inode (and the HOST node) while it lives: the kernel forgets a
+        // FIFO's inode as soon as its last opener is done (entries have TTL 0), and the next
+        // lookup must find the same inode, or this tunnel's own opens would see another one
+        // and end it in the middle of a HOST cycle.
+        self.pin(&[ino]);
         let me = self.clone();
         self.rt.spawn(async move {
             match me.fifo_tunnel(ino, node, instance, ctl.clone()).await {
                 Ok(()) => debug!(ino, "fifo tunnel closed"),
                 Err(e) => debug!(ino, error = %e, "fifo tunnel ended"),
             }
-            let mut armed = me.fifos.armed();
-            if armed.get(&ino).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
-                armed.remove(&ino);
+            {
+                let mut armed = me.fifos.armed();
+                if armed.get(&ino).is_some_and(|c| Arc::ptr_eq(c, &ctl)) {
+                    armed.remove(&ino);
+                }
             }
+            me.unpin(&[ino]);
         });
     }
 
@@ -112,6 +120,7 @@ impl Inner {
             opener,
             ino,
             node_fd: None,
+            rel: None,
         };
         fifo::run(fifo::Side::Dpu, ends, stream, ctl).await
     }
@@ -140,6 +149,9 @@ pub(super) struct DpuEnds {
     pub(super) opener: Arc<fifo::Opener>,
     pub(super) ino: u64,
     pub(super) node_fd: Option<Arc<std::os::fd::OwnedFd>>,
+    /// The FIFO's path below the mount as last known: its directories may be forgotten by
+    /// the kernel while the tunnel (which pins only the FIFO's inode) idles.
+    pub(super) rel: Option<PathBuf>,
 }
 
 impl DpuEnds {
@@ -147,7 +159,12 @@ impl DpuEnds {
         let fd = match &self.node_fd {
             Some(fd) => fd.clone(),
             None => {
-                let rel = self.inner.rel_path(self.ino).ok_or(libc::ESTALE)?;
+                let rel = self
+                    .inner
+                    .rel_path(self.ino)
+                    .or_else(|| self.rel.clone())
+                    .ok_or(libc::ESTALE)?;
+                self.rel = Some(rel.clone());
                 let ino = self.ino;
                 let fd = self
                     .opener
