@@ -303,6 +303,39 @@ struct Args {
     command: Vec<OsString>,
 }
 
+/// The common call, `rexec CMD ARGS…` with `CMD_NET_ADDR` set and no option: the [`Args`]
+/// clap would produce, without building clap's parser (a wrapper script pays rexec's start-up
+/// on every call; issue 14's target is one local program start). Anything else (an option, no
+/// or an unusable address) goes through clap, with its errors and help.
+fn quick_args(argv: &[OsString]) -> Option<Args> {
+    let first = argv.get(1)?;
+    if first.as_bytes().first() == Some(&b'-') {
+        return None;
+    }
+    let addr = std::env::var("CMD_NET_ADDR").ok().filter(|a| !a.is_empty())?;
+    Some(Args {
+        addr,
+        transport: None,
+        link: tools::KeyArgs {
+            key_file: None,
+            accept_key_file: Vec::new(),
+            allow_unauthenticated: false,
+            heartbeat_interval: 3.0,
+            heartbeat_timeout: 10.0,
+            encrypt: None,
+        },
+        env_clear: false,
+        env_set: Vec::new(),
+        env_keep: Vec::new(),
+        cwd: None,
+        user: None,
+        pgroup: false,
+        tty: false,
+        verbose: false,
+        command: argv[1..].to_vec(),
+    })
+}
+
 fn build_env(args: &Args) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut env: Vec<(Vec<u8>, Vec<u8>)> = if args.env_clear {
         args.env_keep
@@ -527,7 +560,7 @@ fn sanitize_stdio() {
 fn rexec_main() -> std::convert::Infallible {
     tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = match ARGV.get() {
-        Some(argv) => Args::parse_from(argv),
+        Some(argv) => quick_args(argv).unwrap_or_else(|| Args::parse_from(argv)),
         None => Args::parse(),
     };
     // rexec's own variable: RUST_LOG in the caller's environment is meant for the program.
@@ -623,4 +656,37 @@ fn rexec_main() -> std::convert::Infallible {
     // exit() skips waiting for the stdin reader thread (blocked in read(2)); all output was
     // written by client::run before it returned, and the terminal mode was restored above.
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast path must give exactly what clap gives (an option added to [`Args`] later
+    /// with a default or an environment variable would otherwise be skipped by it).
+    #[test]
+    fn quick_args_match_clap() {
+        std::env::set_var("CMD_NET_ADDR", "tcp://127.0.0.1:7000");
+        std::env::remove_var("OFFLOAD_KEY_FILE");
+        for argv in [
+            &["rexec", "true"][..],
+            &["rexec", "ls", "-la", "--", "x"],
+            &["rexec", "sh", "-c", "echo --env=x"],
+        ] {
+            let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            let quick = quick_args(&argv).expect("no option: the fast path applies");
+            assert_eq!(
+                format!("{quick:?}"),
+                format!("{:?}", Args::parse_from(&argv)),
+                "{argv:?}"
+            );
+        }
+        for argv in [&["rexec", "--tty", "true"][..], &["rexec"], &["rexec", "-v", "x"]] {
+            let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
+            assert!(quick_args(&argv).is_none(), "{argv:?} needs clap");
+        }
+        std::env::set_var("CMD_NET_ADDR", "");
+        let argv: Vec<OsString> = ["rexec", "true"].iter().map(OsString::from).collect();
+        assert!(quick_args(&argv).is_none(), "an empty address is clap's to report");
+    }
 }
