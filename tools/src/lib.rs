@@ -148,6 +148,29 @@ pub fn endpoint(transport: Option<&str>, addr: &str) -> anyhow::Result<Endpoint>
     Endpoint::from_parts(transport, addr).with_context(|| format!("bad address {addr:?}"))
 }
 
+/// Raises the soft open-file limit to the hard one: every peer connection, open file handle,
+/// FIFO tunnel and bridged socket is a descriptor, and the usual soft limit (1024) is far below
+/// what a HOST serving several DPUs (or a mux serving many
+/// concurrent rexecs: a socket and two or three passed descriptors each) holds.
+pub fn raise_nofile_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: rl.rlim_max,
+                rlim_max: rl.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                tracing::debug!("could not raise the open-file limit");
+            }
+        }
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info` for daemons, `warn` for tools).
 pub fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

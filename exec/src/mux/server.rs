@@ -37,14 +37,40 @@ pub async fn serve(
     sessions: Arc<dyn SessionSource>,
 ) -> std::io::Result<()> {
     loop {
-        let (sock, _) = listener.accept().await?;
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            // Out of descriptors or memory, or a caller that gave up while queued: the mux
+            // stays up (its end would reset every queued caller) and tries again.
+            Err(e) if accept_error_is_transient(&e) => {
+                warn!(error = %e, "accepting a rexec connection failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let sessions = sessions.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(sock, sessions).await {
-                debug!(error = %e, "rexec connection ended");
+                warn!(error = %e, "rexec connection ended with an error");
             }
         });
     }
+}
+
+/// Errors of `accept` that say nothing about the listener itself.
+fn accept_error_is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EPROTO
+        )
+    )
 }
 
 /// Reads the Hello and the descriptors attached to it.

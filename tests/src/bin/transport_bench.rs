@@ -188,32 +188,59 @@ fn serve_child(kind: &str, encrypt: bool) {
     });
 }
 
+/// Session layer vs a raw socket on the same link, in one run (docs/BENCHMARKS.md, transport).
+#[derive(clap::Parser, Debug)]
+#[command(name = "transport-bench")]
+struct Args {
+    /// Seconds of traffic per measurement (scales the round-trip count and the bytes sent).
+    #[arg(long, default_value_t = 1.0, value_name = "S")]
+    secs: f64,
+    /// Links to measure, comma-separated: tcp (clear), tcp-encrypted, unix.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "tcp,tcp-encrypted,unix",
+        value_name = "L"
+    )]
+    links: Vec<String>,
+    /// Internal: serve the raw baseline and the session (KIND [encrypted]) for the client.
+    #[arg(long, num_args = 1..=2, hide = true, value_name = "KIND")]
+    serve: Option<Vec<String>>,
+}
+
 fn main() {
+    use clap::Parser;
     if std::env::var_os("BENCH_NO_TUNE").is_none() {
         transport::tune_allocator();
     }
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("--serve") {
+    let args = Args::parse();
+    if let Some(s) = &args.serve {
         return serve_child(
-            args.get(2).map(String::as_str).unwrap_or("tcp"),
-            args.get(3).map(String::as_str) == Some("encrypted"),
+            s.first().map(String::as_str).unwrap_or("tcp"),
+            s.get(1).map(String::as_str) == Some("encrypted"),
         );
     }
-    let secs: f64 = args
-        .iter()
-        .skip_while(|a| *a != "--secs")
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0);
+    let mut links = Vec::new();
+    for l in &args.links {
+        links.push(match l.as_str() {
+            "tcp" => ("tcp", false),
+            "tcp-encrypted" => ("tcp", true),
+            "unix" => ("unix", false),
+            other => {
+                eprintln!("transport-bench: unknown link {other:?} (tcp, tcp-encrypted, unix)");
+                std::process::exit(2);
+            }
+        });
+    }
     // The client side runs on a current-thread runtime, like rexec and mount.qtfs.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(client_main(secs));
+    rt.block_on(client_main(args.secs, &links));
 }
 
-async fn client_main(secs: f64) {
+async fn client_main(secs: f64, links: &[(&str, bool)]) {
     use std::io::BufRead;
     let rtt_n = (20_000.0 * secs) as usize;
     let total: u64 = (2048.0 * secs) as u64 * (1 << 20);
@@ -223,7 +250,7 @@ async fn client_main(secs: f64) {
     let mut tcp: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     // CPU seconds per MB of the session runs (client + server), clear and encrypted.
     let mut tcp_cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for (kind, encrypt) in [("tcp", false), ("tcp", true), ("unix", false)] {
+    for &(kind, encrypt) in links {
         let exe = std::env::current_exe().expect("current_exe");
         let mode = if encrypt { "encrypted" } else { "clear" };
         let mut child = std::process::Command::new(exe)
@@ -288,6 +315,9 @@ async fn client_main(secs: f64) {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+    if tcp.iter().any(Vec::is_empty) {
+        return;
     }
     let [clear, enc] = &tcp;
     println!(

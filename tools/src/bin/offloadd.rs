@@ -151,33 +151,11 @@ fn remove_on_signal(path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Raises the soft open-file limit to the hard one: every peer connection, open file handle,
-/// FIFO tunnel and bridged socket is a descriptor, and the usual soft limit (1024) is far below
-/// what a HOST serving several DPUs holds.
-fn raise_nofile_limit() {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read/write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: rl.rlim_max,
-                rlim_max: rl.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
-                tracing::debug!("could not raise the open-file limit");
-            }
-        }
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     transport::tune_allocator();
     tools::init_tracing("info");
     tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
-    raise_nofile_limit();
+    tools::raise_nofile_limit();
     let args = Args::parse();
     let mut cfg = load_config(args.config.as_ref())?;
     let session_cfg = args

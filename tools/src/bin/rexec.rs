@@ -312,7 +312,9 @@ fn quick_args(argv: &[OsString]) -> Option<Args> {
     if first.as_bytes().first() == Some(&b'-') {
         return None;
     }
-    let addr = std::env::var("CMD_NET_ADDR").ok().filter(|a| !a.is_empty())?;
+    let addr = std::env::var("CMD_NET_ADDR")
+        .ok()
+        .filter(|a| !a.is_empty())?;
     Some(Args {
         addr,
         transport: None,
@@ -681,12 +683,19 @@ mod tests {
                 "{argv:?}"
             );
         }
-        for argv in [&["rexec", "--tty", "true"][..], &["rexec"], &["rexec", "-v", "x"]] {
+        for argv in [
+            &["rexec", "--tty", "true"][..],
+            &["rexec"],
+            &["rexec", "-v", "x"],
+        ] {
             let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
             assert!(quick_args(&argv).is_none(), "{argv:?} needs clap");
         }
         std::env::set_var("CMD_NET_ADDR", "");
         let argv: Vec<OsString> = ["rexec", "true"].iter().map(OsString::from).collect();
-        assert!(quick_args(&argv).is_none(), "an empty address is clap's to report");
+        assert!(
+            quick_args(&argv).is_none(),
+            "an empty address is clap's to report"
+        );
     }
 }

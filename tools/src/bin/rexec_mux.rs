@@ -141,6 +141,7 @@ fn main() -> anyhow::Result<()> {
             &mux::key_file_path(args.link.key_file.as_deref()),
         ),
     };
+    tools::raise_nofile_limit();
     let listener = bind(&path)?;
     listener.set_nonblocking(true)?;
     info!(socket = %path.display(), peer = %endpoint, "rexec mux listening");
