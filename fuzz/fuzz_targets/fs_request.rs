@@ -55,5 +55,6 @@ fuzz_target!(|data: &[u8]| {
         OpCode::GetLk => check::<op::GetLk>(&r),
         OpCode::SetLk => check::<op::SetLk>(&r),
         OpCode::Poll => check::<op::Poll>(&r),
+        OpCode::Append => check::<op::Append>(&r),
     }
 });
