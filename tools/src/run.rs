@@ -599,7 +599,10 @@ impl Supervisor {
         }
         let target = c.read_str(args[1], libc::PATH_MAX as usize)?;
         // Unresolvable or not on qtfs: the kernel runs it (and says why it fails).
-        let Ok(Some(t)) = self.locate(c, &target, true) else {
+        // What the DPU just made there must be on the HOST before the HOST mounts (not for a
+        // remount: opening the mount's own root would hold it busy for a moment).
+        let settle = !matches!(op, MountOp::Remount { .. });
+        let Ok(Some(t)) = self.locate(c, &target, true, settle) else {
             return Ok(Decision::Continue);
         };
         if t.mount_root {
@@ -610,7 +613,7 @@ impl Supervisor {
             MountOp::Remount { bind } => Kind::Remount { bind },
             MountOp::Bind { recursive } => {
                 let source = c.read_str(args[0], libc::PATH_MAX as usize)?;
-                let Some(s) = self.locate(c, &source, true)? else {
+                let Some(s) = self.locate(c, &source, true, true)? else {
                     warn!(source = %String::from_utf8_lossy(&source), target = %t.host,
                         "bind of a DPU-local path onto a qtfs path cannot be made on the HOST: EPERM");
                     return Err(libc::EPERM);
@@ -646,7 +649,7 @@ impl Supervisor {
                     let d = spec::overlay_dirs(opts)?;
                     refresh.extend(d.upper.iter().chain(d.work.iter()).cloned());
                     let mut host = |p: &str| -> Result<String, i32> {
-                        match self.locate(c, p.as_bytes(), true) {
+                        match self.locate(c, p.as_bytes(), true, true) {
                             Ok(Some(q)) => Ok(q.host),
                             Err(e) => {
                                 warn!(dir = %p, target = %t.host, errno = e,
@@ -699,7 +702,7 @@ impl Supervisor {
         let flags = args[1] as i32;
         let target = c.read_str(args[0], libc::PATH_MAX as usize)?;
         let follow = flags & libc::UMOUNT_NOFOLLOW == 0;
-        let Ok(Some(t)) = self.locate(c, &target, follow) else {
+        let Ok(Some(t)) = self.locate(c, &target, follow, false) else {
             return Ok(Decision::Continue);
         };
         if t.mount_root || flags & libc::MNT_EXPIRE != 0 {
@@ -718,7 +721,13 @@ impl Supervisor {
 
     /// Where `path` (as the caller names it) lies: on a qtfs mount (Some), elsewhere (None),
     /// or the errno resolving it gave the caller's view.
-    fn locate(&self, c: &Caller, path: &[u8], follow: bool) -> Result<Option<QtfsPath>, i32> {
+    fn locate(
+        &self,
+        c: &Caller,
+        path: &[u8],
+        follow: bool,
+        settle: bool,
+    ) -> Result<Option<QtfsPath>, i32> {
         let fd = c.resolve(path, follow)?;
         let link = self.proc_root.join(format!("self/fd/{}", fd.as_raw_fd()));
         let canonical =
@@ -729,10 +738,49 @@ impl Supervisor {
         let mnt = mnt_id(fd.as_raw_fd())?;
         let info = std::fs::read_to_string(self.proc_root.join("self/mountinfo"))
             .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-        Ok(spec::parse_mountinfo(&info)
+        let found = spec::parse_mountinfo(&info)
             .into_iter()
             .find(|m| m.id == mnt)
-            .and_then(|m| spec::qtfs_host_path(&m, canonical)))
+            .and_then(|m| spec::qtfs_host_path(&m, canonical));
+        if settle && found.is_some() {
+            settle_on_host(Path::new(canonical));
+        }
+        Ok(found)
+    }
+}
+
+/// Makes what the DPU just created at and under `path` (a path on a qtfs mount, in this
+/// process's view) reach the HOST before a mount call names it. qtfs answers mkdir, create and
+/// symlink at once and sends them in the background (asynchronous directory operations), while
+/// the mount goes to the HOST over another session: dockerd's overlay check made `upper` and
+/// mounted it at once, and the HOST could answer "upperdir: No such file or directory".
+/// Opening a qtfs directory (FUSE OPENDIR, a listing) waits until the operations queued in it
+/// are answered, with no disk sync on the HOST: so the parent (the node's own creation) and,
+/// for a directory, the node itself (what was made inside). Failures are left to the mount
+/// itself to report.
+fn settle_on_host(path: &Path) {
+    let mut dirs = Vec::with_capacity(2);
+    if let Some(parent) = path.parent() {
+        dirs.push(parent);
+    }
+    dirs.push(path);
+    for d in dirs {
+        let Ok(c) = CString::new(d.as_os_str().as_bytes()) else {
+            continue;
+        };
+        // SAFETY: NUL-terminated path; the descriptor is closed below.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            )
+        };
+        if fd < 0 {
+            // Not a directory (a bind source that is a file), or gone: nothing to settle.
+            continue;
+        }
+        // SAFETY: `fd` was just opened and is owned here; dropping it closes it.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
 }
 
