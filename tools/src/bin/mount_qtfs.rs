@@ -39,7 +39,8 @@ Options (-o, comma separated):
   negative_timeout=S  for S seconds after this mount makes a directory, answer lookups of
                       names it did not make there ENOENT without asking the HOST
                       (default 0: off; speeds up unpacking trees, hides HOST-side creations)
-  timeout=S           fail operations with EIO after S seconds of HOST outage (default 30)
+  timeout=S           fail operations with EIO after S seconds of HOST outage (default 30);
+                      the mount itself waits S seconds, at least 5 and at most 30, for the HOST
   hard                wait for the HOST forever instead
   allow_other         let every user use the mount
   threads=N           FUSE event-loop threads (default 4)
@@ -232,10 +233,13 @@ fn setup(args: &Args) -> anyhow::Result<(offload_fs::client::Mounted, tokio::run
         .thread_name("qtfs")
         .build()
         .context("starting the runtime")?;
+    // The first connection (and its handshake: an X25519 exchange on encrypting links, the
+    // RDMA connection manager's resolve-and-connect) gets at least 5 s even when `timeout=`
+    // asks for less per request: a 1 s budget failed RDMA mounts in the emulated guest.
     let connect_timeout = o
         .mount
         .timeout
-        .clamp(Duration::from_secs(1), Duration::from_secs(30));
+        .clamp(Duration::from_secs(5), Duration::from_secs(30));
     let client = Client::new(ep.clone(), cfg, Registry::new());
     let pseudo = o.mount.proc_fs || o.mount.sys_fs;
     let readahead = o.mount.readahead_kb;
