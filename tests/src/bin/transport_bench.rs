@@ -203,7 +203,8 @@ struct Args {
         value_name = "L"
     )]
     links: Vec<String>,
-    /// Internal: serve the raw baseline and the session (KIND [encrypted]) for the client.
+    /// Internal: serve the raw baseline and the session for the client (`KIND`, optionally
+    /// followed by `encrypted`).
     #[arg(long, num_args = 1..=2, hide = true, value_name = "KIND")]
     serve: Option<Vec<String>>,
 }
