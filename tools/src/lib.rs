@@ -10,6 +10,11 @@ use std::time::Duration;
 use anyhow::Context;
 use transport::{EncryptPolicy, Endpoint, SessionConfig, TransportConfig};
 
+/// Default of `--heartbeat-interval`, seconds.
+pub const HEARTBEAT_INTERVAL_SECS: f64 = 3.0;
+/// Default of `--heartbeat-timeout`, seconds.
+pub const HEARTBEAT_TIMEOUT_SECS: f64 = 10.0;
+
 /// Link options every daemon and tool takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KeyArgs {
@@ -28,10 +33,10 @@ pub struct KeyArgs {
     #[arg(long)]
     pub allow_unauthenticated: bool,
     /// Seconds between heartbeats on an idle link.
-    #[arg(long, value_name = "SECS", default_value_t = 3.0)]
+    #[arg(long, value_name = "SECS", default_value_t = HEARTBEAT_INTERVAL_SECS)]
     pub heartbeat_interval: f64,
     /// Seconds of silence after which the peer is declared dead and pending calls fail.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECS", default_value_t = HEARTBEAT_TIMEOUT_SECS)]
     pub heartbeat_timeout: f64,
     /// Encrypt the link (AES-128-GCM keyed by a forward-secret X25519 exchange inside the
     /// authenticated handshake), overriding `[transport.<kind>] encrypt` in the config. Default:
@@ -39,6 +44,21 @@ pub struct KeyArgs {
     /// handshake is refused.
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set)]
     pub encrypt: Option<bool>,
+}
+
+/// What a command line with none of these options gives (for callers that skip clap, such as
+/// rexec's common call).
+impl Default for KeyArgs {
+    fn default() -> KeyArgs {
+        KeyArgs {
+            key_file: None,
+            accept_key_file: Vec::new(),
+            allow_unauthenticated: false,
+            heartbeat_interval: HEARTBEAT_INTERVAL_SECS,
+            heartbeat_timeout: HEARTBEAT_TIMEOUT_SECS,
+            encrypt: None,
+        }
+    }
 }
 
 impl KeyArgs {

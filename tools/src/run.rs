@@ -46,7 +46,7 @@ use std::ffi::{CString, OsString};
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -720,7 +720,8 @@ impl Supervisor {
     }
 
     /// Where `path` (as the caller names it) lies: on a qtfs mount (Some), elsewhere (None),
-    /// or the errno resolving it gave the caller's view.
+    /// or the errno resolving it gave the caller's view. `settle`: on qtfs, first make what the
+    /// DPU created there reach the HOST ([`settle_on_host`]).
     fn locate(
         &self,
         c: &Caller,
@@ -759,28 +760,13 @@ impl Supervisor {
 /// for a directory, the node itself (what was made inside). Failures are left to the mount
 /// itself to report.
 fn settle_on_host(path: &Path) {
-    let mut dirs = Vec::with_capacity(2);
-    if let Some(parent) = path.parent() {
-        dirs.push(parent);
-    }
-    dirs.push(path);
-    for d in dirs {
-        let Ok(c) = CString::new(d.as_os_str().as_bytes()) else {
-            continue;
-        };
-        // SAFETY: NUL-terminated path; the descriptor is closed below.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-            )
-        };
-        if fd < 0 {
-            // Not a directory (a bind source that is a file), or gone: nothing to settle.
-            continue;
-        }
-        // SAFETY: `fd` was just opened and is owned here; dropping it closes it.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    for d in path.parent().into_iter().chain([path]) {
+        // Not a directory (a bind source that is a file), or gone: nothing to settle. The
+        // descriptor is closed again at once.
+        let _ = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(d);
     }
 }
 

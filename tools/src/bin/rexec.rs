@@ -318,14 +318,7 @@ fn quick_args(argv: &[OsString]) -> Option<Args> {
     Some(Args {
         addr,
         transport: None,
-        link: tools::KeyArgs {
-            key_file: None,
-            accept_key_file: Vec::new(),
-            allow_unauthenticated: false,
-            heartbeat_interval: 3.0,
-            heartbeat_timeout: 10.0,
-            encrypt: None,
-        },
+        link: tools::KeyArgs::default(),
         env_clear: false,
         env_set: Vec::new(),
         env_keep: Vec::new(),
