@@ -1,9 +1,11 @@
 // spawn-ab: interleaved start-to-exit latency of several commands (docs/BENCHMARKS.md, exec).
 //
 //   gcc -O2 -o /tmp/spawn-ab exec/benches/spawn-ab.c
-//   /tmp/spawn-ab RUNS CMD1 ARGS -- CMD2 ARGS -- ...
+//   /tmp/spawn-ab RUNS [NAME=VALUE...] CMD1 ARGS -- [NAME=VALUE...] CMD2 ARGS -- ...
 //   e.g. /tmp/spawn-ab 300 /bin/true -- target/x86_64-unknown-linux-musl/release/rexec /bin/true
 //
+// Leading NAME=VALUE words of a candidate are set in its environment only (as env(1) would,
+// without starting env: e.g. two rexec candidates with different REXEC_CONTROL sockets).
 // The candidates run round-robin (RUNS rounds after 3 warm-up rounds), so load drifts hit all
 // alike; stdin/stdout/stderr on /dev/null; paths as given (posix_spawn, no PATH search);
 // CMD_NET_ADDR / OFFLOAD_KEY_FILE come from the environment. Prints per candidate the median,
@@ -39,6 +41,22 @@ int main(int argc, char **argv) {
             cmds[nc++] = &argv[i + 1];
         }
     }
+    // Per-candidate environment: this one's NAME=VALUE words first, then ours.
+    char **envs[32];
+    size_t nenv = 0;
+    while (environ[nenv]) nenv++;
+    for (int c = 0; c < nc; c++) {
+        int k = 0;
+        while (cmds[c][k] && strchr(cmds[c][k], '=') && cmds[c][k][0] != '/') k++;
+        envs[c] = malloc(sizeof(char *) * (nenv + k + 1));
+        memcpy(envs[c], cmds[c], sizeof(char *) * k);
+        memcpy(envs[c] + k, environ, sizeof(char *) * (nenv + 1));
+        cmds[c] += k;
+        if (!cmds[c][0]) {
+            fprintf(stderr, "candidate %d: no command\n", c + 1);
+            return 2;
+        }
+    }
     double *t[32];
     int fails[32] = {0};
     for (int c = 0; c < nc; c++) t[c] = malloc(sizeof(double) * runs);
@@ -53,7 +71,7 @@ int main(int argc, char **argv) {
             pid_t p;
             int st;
             clock_gettime(CLOCK_MONOTONIC, &a);
-            if (posix_spawn(&p, cmds[c][0], &fa, NULL, cmds[c], environ)) {
+            if (posix_spawn(&p, cmds[c][0], &fa, NULL, cmds[c], envs[c])) {
                 perror(cmds[c][0]);
                 return 1;
             }
@@ -70,6 +88,7 @@ int main(int argc, char **argv) {
         qsort(t[c], runs, sizeof(double), cmpd);
         printf("median %6.3f  p25 %6.3f  min %6.3f  mean %6.3f  fails %d  |", t[c][runs / 2],
                t[c][runs / 4], t[c][0], s / runs, fails[c]);
+        for (char **a = envs[c]; *a && a < envs[c] + 8 && *a != environ[0]; a++) printf(" %s", *a);
         for (char **a = cmds[c]; *a; a++) printf(" %s", *a);
         printf("\n");
     }

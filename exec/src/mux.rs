@@ -129,10 +129,19 @@ pub enum MuxError {
 
 /// Encodes one local frame.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, MuxError> {
-    let body = postcard::to_allocvec(msg).map_err(|e| MuxError::Protocol(e.to_string()))?;
-    let mut v = Vec::with_capacity(4 + body.len());
-    v.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    v.extend_from_slice(&body);
+    encode_into(msg, Vec::new())
+}
+
+/// [`encode`] into `buf` (emptied first; its capacity is reused): one buffer, no copy.
+pub fn encode_into<T: Serialize>(msg: &T, mut buf: Vec<u8>) -> Result<Vec<u8>, MuxError> {
+    buf.clear();
+    buf.extend_from_slice(&[0; 4]);
+    let mut v = postcard::to_extend(msg, buf).map_err(|e| MuxError::Protocol(e.to_string()))?;
+    let len = u32::try_from(v.len() - 4)
+        .ok()
+        .filter(|&l| l as usize <= MAX_LOCAL_FRAME)
+        .ok_or_else(|| MuxError::Protocol(format!("frame of {} bytes", v.len() - 4)))?;
+    v[..4].copy_from_slice(&len.to_le_bytes());
     Ok(v)
 }
 

@@ -203,5 +203,6 @@ pub fn init_tracing(default: &str) {
 }
 
 pub mod man;
+pub mod rexec;
 pub mod rootfs;
 pub mod status;

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use tracing::debug;
 
-use super::{decode, encode, peer_uid, send_with_fds, uid_allowed};
+use super::{decode, encode, encode_into, peer_uid, send_with_fds, uid_allowed};
 use super::{ClientMsg, Control, Ended, MuxError, MuxMsg, MUX_VERSION};
 use crate::client::{local_winsize, pgrp_orphaned};
 use crate::proto::{ExecRequest, Sig};
@@ -37,25 +37,18 @@ pub struct Call<'a> {
 /// Falls back (returns [`Attempt::Fallback`]) when nothing answers on `path`, the mux is not
 /// of this user or root, or the mux cannot take the exec.
 pub fn try_run(path: &Path, call: Call<'_>) -> Attempt {
-    let sock = match UnixStream::connect(path) {
-        Ok(s) => s,
-        Err(e) => return Attempt::Fallback(format!("{}: {e}", path.display())),
-    };
-    match peer_uid(sock.as_raw_fd()) {
-        Ok(uid) if uid_allowed(uid) => {}
-        Ok(uid) => {
-            return Attempt::Fallback(format!(
-                "{}: served by uid {uid}, not this user or root",
-                path.display()
-            ))
-        }
-        Err(e) => return Attempt::Fallback(format!("{}: SO_PEERCRED: {e}", path.display())),
-    }
+    // Everything is ready before connecting: the mux wakes on the connection, and a request
+    // that is not there yet would cost it (and, on the same CPU, this process) a wasted
+    // wake-up and a second one for the request.
     let blocked = match BlockedSignals::new(call.req.sig_ignored) {
         Ok(b) => b,
         Err(e) => return Attempt::Fallback(format!("signalfd: {e}")),
     };
-    match drive(sock, &call, &blocked) {
+    let attempt = match Prepared::new(&call) {
+        Ok(p) => connect(path).and_then(|sock| drive(sock, p, &call, &blocked)),
+        Err(e) => Err(Sent::No(e)),
+    };
+    match attempt {
         Ok(a) => {
             if let Attempt::Fallback(_) = a {
                 blocked.restore();
@@ -70,26 +63,98 @@ pub fn try_run(path: &Path, call: Call<'_>) -> Attempt {
     }
 }
 
+/// Connects to the mux on `path` and checks that it runs as this user or root.
+fn connect(path: &Path) -> Result<UnixStream, Sent> {
+    let sock = UnixStream::connect(path).map_err(|e| {
+        Sent::No(MuxError::Io(io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        )))
+    })?;
+    match peer_uid(sock.as_raw_fd()) {
+        Ok(uid) if uid_allowed(uid) => Ok(sock),
+        Ok(uid) => Err(Sent::No(MuxError::Insecure(format!(
+            "{}: served by uid {uid}, not this user or root",
+            path.display()
+        )))),
+        Err(e) => Err(Sent::No(MuxError::Io(io::Error::new(
+            e.kind(),
+            format!("{}: SO_PEERCRED: {e}", path.display()),
+        )))),
+    }
+}
+
 /// An error, and whether the request may have reached the mux (then no fallback).
 enum Sent {
     No(MuxError),
     Yes(MuxError),
 }
 
-fn drive(mut sock: UnixStream, call: &Call<'_>, blocked: &BlockedSignals) -> Result<Attempt, Sent> {
-    let (pipe_r, pipe_w) = if call.stdin {
-        let (r, w) = crate::sys::pipe().map_err(|e| Sent::No(e.into()))?;
-        (Some(r), Some(w))
-    } else {
-        (None, None)
-    };
-    let hello = encode(&ClientMsg::Hello {
-        version: MUX_VERSION,
-        req: call.req.clone(),
-        tty: call.tty,
-        stdin: call.stdin,
-    })
-    .map_err(Sent::No)?;
+/// [`ClientMsg::Hello`] with the request borrowed: the same bytes (same variant index, same
+/// fields in the same order; see the test), without cloning the request to encode it.
+#[derive(serde::Serialize)]
+enum HelloRef<'a> {
+    Hello {
+        version: u16,
+        req: &'a ExecRequest,
+        tty: bool,
+        stdin: bool,
+    },
+}
+
+/// The Hello frame and the stdin pipe, made before connecting.
+struct Prepared {
+    hello: Vec<u8>,
+    pipe_r: Option<OwnedFd>,
+    pipe_w: Option<OwnedFd>,
+}
+
+impl Prepared {
+    fn new(call: &Call<'_>) -> Result<Prepared, MuxError> {
+        let (pipe_r, pipe_w) = if call.stdin {
+            let (r, w) = crate::sys::pipe()?;
+            (Some(r), Some(w))
+        } else {
+            (None, None)
+        };
+        // Sized once (argv and the environment are most of it): the request is not copied.
+        let size = 64
+            + call.req.argv.iter().map(|a| a.len() + 2).sum::<usize>()
+            + call
+                .req
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+            + call.req.cwd.as_ref().map_or(0, Vec::len);
+        let hello = encode_into(
+            &HelloRef::Hello {
+                version: MUX_VERSION,
+                req: call.req,
+                tty: call.tty,
+                stdin: call.stdin,
+            },
+            Vec::with_capacity(size),
+        )?;
+        Ok(Prepared {
+            hello,
+            pipe_r,
+            pipe_w,
+        })
+    }
+}
+
+fn drive(
+    mut sock: UnixStream,
+    prepared: Prepared,
+    call: &Call<'_>,
+    blocked: &BlockedSignals,
+) -> Result<Attempt, Sent> {
+    let Prepared {
+        hello,
+        pipe_r,
+        mut pipe_w,
+    } = prepared;
     let mut fds: Vec<RawFd> = vec![1, 2];
     if let Some(r) = &pipe_r {
         fds.push(r.as_raw_fd());
@@ -98,7 +163,6 @@ fn drive(mut sock: UnixStream, call: &Call<'_>, blocked: &BlockedSignals) -> Res
     drop(pipe_r);
     sock.write_all(&hello[n..])
         .map_err(|e| Sent::Yes(e.into()))?;
-    let mut pipe_w = pipe_w;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -272,6 +336,50 @@ impl BlockedSignals {
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &one, std::ptr::null_mut());
             libc::raise(libc::SIGTSTP);
             libc::pthread_sigmask(libc::SIG_BLOCK, &self.set, std::ptr::null_mut());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{StdioKind, VERSION};
+
+    #[test]
+    fn borrowed_hello_encodes_like_the_owned_one() {
+        let req = ExecRequest {
+            version: VERSION,
+            id: 7,
+            argv: vec![b"/bin/echo".to_vec(), b"hi".to_vec()],
+            env: vec![(b"PATH".to_vec(), b"/bin".to_vec())],
+            cwd: Some(b"/tmp".to_vec()),
+            user: Some("nobody".into()),
+            pty: None,
+            pgroup: true,
+            umask: Some(0o22),
+            nice: Some(3),
+            sig_ignored: 1 << 13,
+            stdio: [StdioKind::Stream, StdioKind::Closed, StdioKind::DevFull],
+        };
+        for (tty, stdin) in [(false, false), (true, true)] {
+            let owned = encode(&ClientMsg::Hello {
+                version: MUX_VERSION,
+                req: req.clone(),
+                tty,
+                stdin,
+            })
+            .expect("encode");
+            let borrowed = encode_into(
+                &HelloRef::Hello {
+                    version: MUX_VERSION,
+                    req: &req,
+                    tty,
+                    stdin,
+                },
+                Vec::new(),
+            )
+            .expect("encode");
+            assert_eq!(owned, borrowed);
         }
     }
 }

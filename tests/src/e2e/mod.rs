@@ -561,6 +561,7 @@ impl Lab {
             "offloadd",
             "mount_qtfs",
             "rexec",
+            "rexec-full",
             "offload-shim",
             "remote_kill",
         ] {
