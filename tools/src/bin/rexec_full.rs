@@ -1,3 +1,8 @@
+//! rexec-full: the complete rexec client (every option, the direct link, `-t`). `rexec`, the
+//! front end that wrapper scripts call, handles the common call through a rexec mux itself and
+//! execs this executable, next to it, with the same arguments for everything else; run
+//! directly it behaves exactly as `rexec` (its `--help` and man page are rexec's).
+//!
 //! rexec: run a program on the peer (HOST or DPU) exactly as if it ran here.
 //!
 //! `CMD_NET_ADDR=tcp://IP:PORT rexec CMD ARGS…` — argv verbatim, this process's environment and
@@ -50,6 +55,8 @@ rexec's own logging: REXEC_LOG=debug (RUST_LOG is left to the program).\n\
 With a rexec_mux running for the same address and key file, rexec runs the program over the \
 mux's session (no handshake of its own); REXEC_CONTROL=PATH names the mux socket, \
 REXEC_CONTROL=none always connects directly. Without an answering mux rexec connects itself.\n\
+The `rexec` executable runs the common call (`rexec CMD ARGS…` through a mux) itself and execs \
+`rexec-full`, installed next to it, for everything else.\n\
 Example: CMD_NET_ADDR=tcp://10.0.0.1:7000 rexec --key-file /etc/offload/psk uname -a"
 )]
 struct Args {
