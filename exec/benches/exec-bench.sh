@@ -1,7 +1,7 @@
 #!/bin/bash
 # rexec benchmark: remote-exec latency and stdout streaming, rexec vs ssh, in one run.
 #
-#   cargo build --release -p tools --bin rexec --bin rexec_server --bin rexec_mux
+#   cargo build --release -p tools --bin rexec --bin rexec-full --bin rexec_server --bin rexec_mux
 #   cargo rexec-musl                      # the deployed build of rexec (static musl; or
 #                                         # rexec-static / rexec-static-nopie, glibc; .cargo/config.toml)
 #   exec/benches/exec-bench.sh            # RUNS=200 (latency runs), STREAM_RUNS=3, BIN=target/release
@@ -37,7 +37,7 @@ cleanup() {
 }
 trap cleanup EXIT
 for t in hyperfine /usr/sbin/sshd ssh python3; do command -v $t >/dev/null || { echo "missing $t" >&2; exit 1; }; done
-[ -x "$BIN/rexec" ] && [ -x "$BIN/rexec_server" ] && [ -x "$BIN/rexec_mux" ] || { echo "build first: cargo build --release -p tools --bin rexec --bin rexec_server --bin rexec_mux (BIN=$BIN)" >&2; exit 1; }
+[ -x "$BIN/rexec" ] && [ -x "$BIN/rexec-full" ] && [ -x "$BIN/rexec_server" ] && [ -x "$BIN/rexec_mux" ] || { echo "build first: cargo build --release -p tools --bin rexec --bin rexec-full --bin rexec_server --bin rexec_mux (BIN=$BIN)" >&2; exit 1; }
 STATIC=$(dirname "$BIN")/$(rustc --print host-tuple 2>/dev/null || echo none)/release/rexec
 MUSL=$(dirname "$BIN")/$(uname -m)-unknown-linux-musl/release/rexec
 if [ -z "${REXEC:-}" ]; then
