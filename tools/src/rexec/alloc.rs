@@ -56,14 +56,18 @@ fn arena_alloc(layout: Layout) -> *mut u8 {
     }
 }
 
-/// Blocks from 64 KiB (2^16) up to 16 MiB (2^24) are rounded up to a power of two and
-/// cached; smaller and larger ones go straight to musl.
-const MIN_SHIFT: u32 = 16;
+/// Blocks from 4 KiB (2^12) up to 16 MiB (2^24) are rounded up to a power of two and
+/// cached; smaller and larger ones go straight to musl. From 4 KiB, not 64: musl's malloc
+/// also maps and unmaps its groups of mid-sized blocks (20–60 KiB) as they fill and empty,
+/// ~3 600 `mmap`/`munmap` pairs per GiB of streamed output; cached from 4 KiB, 320
+/// (docs/BENCHMARKS.md, exec).
+const MIN_SHIFT: u32 = 12;
 const MAX_SHIFT: u32 = 24;
 const CLASSES: usize = (MAX_SHIFT - MIN_SHIFT + 1) as usize;
-/// Freed blocks kept per size class (at most ~4 × 16 MiB + … in the worst case, in practice
-/// a few 256/512 KiB read buffers).
-const SLOTS: usize = 4;
+/// Freed blocks kept per size class. Only blocks that were live together are ever cached, so
+/// the cache never holds more than the process's own peak use of a class; 16 rather than 4
+/// because frames in flight keep more than 4 read buffers alive at once while streaming.
+const SLOTS: usize = 16;
 /// musl's malloc alignment; blocks with a stricter alignment are not cached.
 const MAX_ALIGN: usize = 16;
 
