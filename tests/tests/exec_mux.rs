@@ -317,3 +317,74 @@ fn exec_mux_death_mid_run() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// With no mux answering, the `rexec` front end hands the call to `rexec-full` after it has
+/// already read and changed its own process state (a /dev/null on a closed descriptor,
+/// SIGPIPE ignored, signals blocked): the program must still see the caller's closed
+/// descriptors and signal dispositions exactly as when `rexec-full` runs straight away.
+#[test]
+fn exec_mux_fallback_keeps_the_callers_state() {
+    tests::init_tracing();
+    let server = Server::start("tcp");
+    let key = server.key.to_str().expect("utf8").to_string();
+    let run = |control: &str, script: &str| -> Output {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("REXEC", tests::bin("rexec"))
+            .env("CMD_NET_ADDR", &server.url)
+            .env("OFFLOAD_KEY_FILE", &key)
+            .env("REXEC_CONTROL", control)
+            .env_remove("REXEC_CONTROL_DIR")
+            .env_remove("REXEC_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("sh")
+    };
+    for script in [
+        // fd 1 closed: closed for the program too (its echo fails with EBADF).
+        r#"exec "$REXEC" sh -c 'echo hi; echo rc=$? >&2' >&-"#,
+        // SIGPIPE at its default for the caller, and ignored by it: the same for the program.
+        r#""$REXEC" sh -c 'grep -E "^Sig(Ign|Blk)" /proc/self/status'"#,
+        r#"trap '' PIPE; "$REXEC" sh -c 'grep -E "^Sig(Ign|Blk)" /proc/self/status'"#,
+    ] {
+        let direct = run("none", script);
+        let fallback = run("/nonexistent-rexec-mux/rexec.sock", script);
+        let show = |o: &Output| {
+            format!(
+                "{:?} out {:?} err {:?}",
+                o.status.code(),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        assert_eq!(show(&direct), show(&fallback), "{script}");
+        assert!(
+            direct.status.success() || script.contains(">&-"),
+            "{}",
+            show(&direct)
+        );
+    }
+    // The two SIGPIPE cases differ from each other (the comparison above is not vacuous).
+    let dfl = run(
+        "/nonexistent-rexec-mux/rexec.sock",
+        r#""$REXEC" sh -c 'grep ^SigIgn /proc/self/status'"#,
+    );
+    let ign = run(
+        "/nonexistent-rexec-mux/rexec.sock",
+        r#"trap '' PIPE; "$REXEC" sh -c 'grep ^SigIgn /proc/self/status'"#,
+    );
+    assert_ne!(
+        dfl.stdout, ign.stdout,
+        "SIGPIPE ignored by the caller shows in SigIgn"
+    );
+    let closed = run(
+        "/nonexistent-rexec-mux/rexec.sock",
+        r#"exec "$REXEC" sh -c 'echo hi; echo rc=$? >&2' >&-"#,
+    );
+    assert!(
+        String::from_utf8_lossy(&closed.stderr).contains("rc=1"),
+        "closed stdout: {}",
+        String::from_utf8_lossy(&closed.stderr)
+    );
+}
