@@ -16,7 +16,6 @@
 #![cfg_attr(not(test), no_main)]
 
 use std::ffi::OsString;
-use std::os::unix::ffi::OsStrExt;
 
 use offload_exec::mux::{self, client::Attempt, Ended};
 use tools::rexec::{self as common, Caller};
@@ -39,13 +38,7 @@ extern "C" fn main(argc: libc::c_int, argv: *const *const libc::c_char) -> libc:
 
 /// The mux socket for the common call, or `None` where `rexec-full` must decide.
 fn common_call(argv: &[OsString]) -> Option<std::path::PathBuf> {
-    let first = argv.get(1)?;
-    if first.as_bytes().first() == Some(&b'-') {
-        return None;
-    }
-    let addr = std::env::var("CMD_NET_ADDR")
-        .ok()
-        .filter(|a| !a.is_empty())?;
+    let addr = common::common_call_addr(argv)?;
     common::control_path(&addr, None, None)
 }
 

@@ -103,13 +103,7 @@ struct Args {
 /// on every call; issue 14's target is one local program start). Anything else (an option, no
 /// or an unusable address) goes through clap, with its errors and help.
 fn quick_args(argv: &[OsString]) -> Option<Args> {
-    let first = argv.get(1)?;
-    if first.as_bytes().first() == Some(&b'-') {
-        return None;
-    }
-    let addr = std::env::var("CMD_NET_ADDR")
-        .ok()
-        .filter(|a| !a.is_empty())?;
+    let addr = common::common_call_addr(argv)?;
     Some(Args {
         addr,
         transport: None,

@@ -51,6 +51,17 @@ pub unsafe fn command_line(argc: libc::c_int, argv: *const *const libc::c_char) 
         .collect()
 }
 
+/// The address of the common call, `rexec CMD ARGS…` with `CMD_NET_ADDR` set (not empty) and no
+/// option; `None` for anything else (an option, `--`, no command, no address), which needs the
+/// argument parser.
+pub fn common_call_addr(argv: &[OsString]) -> Option<String> {
+    let first = argv.get(1)?;
+    if first.as_bytes().first() == Some(&b'-') {
+        return None;
+    }
+    std::env::var("CMD_NET_ADDR").ok().filter(|a| !a.is_empty())
+}
+
 /// Set once SIGPIPE was switched to ignored by [`Caller::capture`] (to put back before an exec).
 static SIGPIPE_CHANGED: AtomicBool = AtomicBool::new(false);
 
