@@ -249,19 +249,18 @@ pub fn spawn(req: &ExecRequest, policy: &Policy) -> Result<Spawned, SpawnError> 
         Policy::Any => found,
         // The allow-list names canonical paths; the canonical path is also what runs, so a
         // symlink changed after the check cannot redirect the exec.
-        Policy::Only(_) => {
-            std::fs::canonicalize(&found).map_err(|e| SpawnError::Os(show(argv0), e))?
+        Policy::Only(set) => {
+            let exe = std::fs::canonicalize(&found).map_err(|e| SpawnError::Os(show(argv0), e))?;
+            if !set.contains(&exe) {
+                return Err(SpawnError::NotAllowed(if argv0.contains(&b'/') {
+                    show(argv0)
+                } else {
+                    format!("{} ({})", show(argv0), exe.display())
+                }));
+            }
+            exe
         }
     };
-    if let Policy::Only(set) = policy {
-        if !set.contains(&exe) {
-            return Err(SpawnError::NotAllowed(if argv0.contains(&b'/') {
-                show(argv0)
-            } else {
-                format!("{} ({})", show(argv0), exe.display())
-            }));
-        }
-    }
     let creds = req.user.as_deref().map(lookup_user).transpose()?;
     // posix_spawn cannot set a umask or nice value for the child (both are inherited from the
     // calling thread), so a caller whose values differ from the server's takes the fork path.

@@ -198,7 +198,7 @@ pub fn control_path(
 }
 
 /// The exit code for a program that ended with `st`; dies of the program's signal instead
-/// where it was killed by one ([`die_of_signal`]).
+/// where it was killed by one (default action restored, no core dump).
 pub fn exit_code(st: ExitStatus) -> i32 {
     if let ExitStatus::Signal { signal, .. } = st {
         die_of_signal(signal);
@@ -210,7 +210,7 @@ pub fn exit_code(st: ExitStatus) -> i32 {
 /// the same signal (Go's `Signaled()`, Python's negative return codes, a shell's "Killed").
 /// Returns only for signals whose default action does not terminate (stop, ignore) or that are
 /// out of range; the caller then exits 128+N. rexec itself never dumps core here.
-pub fn die_of_signal(sig: i32) {
+fn die_of_signal(sig: i32) {
     const NOT_FATAL: [i32; 8] = [
         libc::SIGSTOP,
         libc::SIGTSTP,
