@@ -189,6 +189,15 @@ pub fn attr_of(st: &libc::stat) -> Attr {
     }
 }
 
+/// lstat of `name` in `dirfd` (a symlink itself, not its target).
+pub fn lstatat(dirfd: RawFd, name: &CStr) -> Result<libc::stat, Errno> {
+    // SAFETY: zeroed stat is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and pointers.
+    check(unsafe { libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
 /// `fstatat(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW)`.
 pub fn fstat(fd: RawFd) -> Result<libc::stat, Errno> {
     // SAFETY: zeroed stat is a valid out-parameter.

@@ -175,6 +175,83 @@ fn fs_async_create_error_surfaces_at_close() {
     }
 }
 
+/// Removing a file's last name through the mount frees it on the HOST at once, as a local
+/// `rm` does: the HOST daemon does not keep the inode (and its space) until the DPU's forget
+/// arrives, so a full filesystem has room again the moment `rm` or a `mv` over the file
+/// returns. A file with another name, or one still open on the DPU, stays whole.
+#[test]
+fn fs_remove_frees_the_host_inode_at_once() {
+    let test = "fs_remove_frees_the_host_inode_at_once";
+    if !root_and_fuse(test) {
+        return;
+    }
+    const BIG: usize = 700 << 10;
+    for kind in fs_test_links(test) {
+        let tmp = tmpdir();
+        let exp = tmp.path().join("export");
+        let tiny = exp.join("tiny");
+        let _t = Tmpfs::mount(&tiny, "size=1m");
+        let host = Host::start(&kind, tmp.path(), &[ExportSpec::rw(&exp)]);
+        // Synchronous removals: the HOST made the files, so the mount does not know the
+        // directory whole.
+        let m = Mount::new(&host, &exp, &tmp.path().join("mnt"), "");
+        let fill = |name: &str| fs::write(tiny.join(name), vec![7u8; BIG]);
+        fill("big").expect("the first big file fits");
+        assert_eq!(
+            errno(fill("nospace")),
+            libc::ENOSPC,
+            "[{kind}] two do not fit"
+        );
+        fs::remove_file(tiny.join("nospace")).unwrap();
+
+        // rm: the DPU looked the file up (its kernel and the HOST hold the node).
+        assert_eq!(fs::metadata(m.path("tiny/big")).unwrap().len(), BIG as u64);
+        fs::remove_file(m.path("tiny/big")).unwrap();
+        fill("big2").unwrap_or_else(|e| panic!("[{kind}] the space of an rm file: {e}"));
+
+        // mv over it.
+        fs::write(tiny.join("small"), b"s").unwrap();
+        assert_eq!(fs::metadata(m.path("tiny/big2")).unwrap().len(), BIG as u64);
+        fs::rename(m.path("tiny/small"), m.path("tiny/big2")).unwrap();
+        fill("big3").unwrap_or_else(|e| panic!("[{kind}] the space of a replaced file: {e}"));
+        assert_eq!(fs::read(m.path("tiny/big2")).unwrap(), b"s");
+
+        // Another name keeps the file: still readable through the mount by that name.
+        fs::hard_link(tiny.join("big3"), tiny.join("link")).unwrap();
+        assert_eq!(fs::metadata(m.path("tiny/big3")).unwrap().nlink(), 2);
+        fs::remove_file(m.path("tiny/big3")).unwrap();
+        assert_eq!(
+            fs::metadata(m.path("tiny/link")).unwrap().nlink(),
+            1,
+            "[{kind}] the link"
+        );
+        assert_eq!(
+            fs::read(m.path("tiny/link")).unwrap().len(),
+            BIG,
+            "[{kind}] the link"
+        );
+
+        // Open on the DPU: the file lives on until it is closed, as locally.
+        let mut f = fs::File::open(m.path("tiny/link")).unwrap();
+        fs::remove_file(m.path("tiny/link")).unwrap();
+        assert_eq!(
+            errno(fill("big4")),
+            libc::ENOSPC,
+            "[{kind}] an open file keeps its space"
+        );
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut back).unwrap();
+        assert_eq!(
+            back.len(),
+            BIG,
+            "[{kind}] read after rm through the open file"
+        );
+        assert_eq!(f.metadata().unwrap().nlink(), 0, "[{kind}] fstat after rm");
+        drop(f);
+        drop(m);
+    }
+}
+
 /// An asynchronous unlink the HOST refuses (here: the file was removed on the HOST behind the
 /// mount's back — no change feed — so it answers ENOENT) returns at once, and the failure comes back from the
 /// next listing of the directory (opendir) — or from fsync of the directory — once. With

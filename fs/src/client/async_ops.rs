@@ -16,7 +16,7 @@ use super::*;
 /// arrives.
 struct InFlight {
     trackers: Vec<Arc<Unstable>>,
-    /// Inodes kept in the table meanwhile.
+    /// Inodes kept in the table meanwhile (with their parents, [`Inner::pin`]).
     pinned: Vec<u64>,
 }
 
@@ -165,7 +165,7 @@ impl Inner {
     /// done; `creating`: also on `inos[0]`'s creation, which re-resolving it after a HOST
     /// restart waits for.
     fn begin_ops(&self, inos: &[u64], creating: bool) -> InFlight {
-        self.pin(inos);
+        let pinned = self.pin(inos);
         let mut out = Vec::with_capacity(inos.len() + 1);
         {
             let mut map = self.unstable_map();
@@ -183,7 +183,7 @@ impl Inner {
         }
         InFlight {
             trackers: out,
-            pinned: inos.to_vec(),
+            pinned,
         }
     }
 

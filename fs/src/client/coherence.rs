@@ -54,6 +54,15 @@ pub(super) struct Feed {
     pub(super) unwatched: Mutex<HashSet<u64>>,
     /// Where invalidations go (set once the mount is live).
     pub(super) tx: std::sync::OnceLock<Mutex<std_mpsc::Sender<Inval>>>,
+    /// The first attempt at a feed is over (up, refused or failed): [`Inner::wait_feed`].
+    settled: (Mutex<bool>, std::sync::Condvar),
+}
+
+impl Feed {
+    fn settle(&self) {
+        *lock(&self.settled.0) = true;
+        self.settled.1.notify_all();
+    }
 }
 
 impl Inner {
@@ -310,6 +319,7 @@ impl Inner {
     /// a feed open across lost sessions and HOST restarts.
     pub(super) fn start_feed(self: &Arc<Self>, notifier: fuser::Notifier) {
         if self.opts.coherent_ttl.is_zero() || self.opts.pseudo() {
+            self.feed.settle();
             return;
         }
         let (tx, rx) = std_mpsc::channel::<Inval>();
@@ -333,6 +343,7 @@ impl Inner {
             });
         if let Err(e) = spawned {
             warn!(error = %e, "cannot start the invalidation thread: short cache lifetimes");
+            self.feed.settle();
             return;
         }
         let me = Arc::downgrade(self);
@@ -342,6 +353,7 @@ impl Inner {
                 let Some(inner) = me.upgrade() else { return };
                 let started = Instant::now();
                 let r = inner.feed_once().await;
+                inner.feed.settle();
                 if inner.feed.live.swap(false, Ordering::AcqRel) {
                     inner.drop_all();
                 }
@@ -361,6 +373,21 @@ impl Inner {
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         });
+    }
+
+    /// Waits (at most `max`) until the first attempt at a change feed is over, so a mount is
+    /// coherent from the moment it is reported: a feed coming up later drops what was
+    /// cached, and with it the exclusive knowledge of directories made meanwhile (their
+    /// operations would turn synchronous for no reason a user could see).
+    pub(super) fn wait_feed(&self, max: Duration) {
+        let (m, cv) = &self.feed.settled;
+        let g = lock(m);
+        let (g, timeout) = cv
+            .wait_timeout_while(g, max, |settled| !*settled)
+            .unwrap_or_else(|e| e.into_inner());
+        if timeout.timed_out() && !*g {
+            debug!(?max, "change feed not up yet; mounted without it");
+        }
     }
 
     /// One feed until it ends. `Ok(false)`: the HOST cannot watch (do not ask again).
@@ -386,6 +413,7 @@ impl Inner {
         lock(&self.feed.unwatched).clear();
         self.feed.live.store(true, Ordering::Release);
         self.drop_all();
+        self.feed.settle();
         debug!("change feed up");
         loop {
             match notify::read_msg(&mut stream).await? {

@@ -77,7 +77,7 @@ impl Inner {
         // FIFO's inode as soon as its last opener is done (entries have TTL 0), and the next
         // lookup must find the same inode, or this tunnel's own opens would see another one
         // and end it in the middle of a HOST cycle.
-        self.pin(&[ino]);
+        let pinned = self.pin(&[ino]);
         let me = self.clone();
         self.rt.spawn(async move {
             match me.fifo_tunnel(ino, node, instance, ctl.clone()).await {
@@ -90,7 +90,7 @@ impl Inner {
                     armed.remove(&ino);
                 }
             }
-            me.unpin(&[ino]);
+            me.unpin(&pinned);
         });
     }
 

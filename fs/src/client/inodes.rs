@@ -150,15 +150,30 @@ impl Inner {
         self.forget_node(release);
     }
 
-    /// Keeps each inode of `inos` in the table while an asynchronous operation naming it is
-    /// in flight (see [`Inode::pins`]).
-    pub(super) fn pin(&self, inos: &[u64]) {
+    /// Keeps each inode of `inos`, and the directories above it, in the table while an
+    /// asynchronous operation naming it is in flight (see [`Inode::pins`]): after a HOST
+    /// restart it is re-resolved by name through its parents, which the kernel may have
+    /// forgotten meanwhile (their entries invalidated when the change feed came back).
+    /// Returns what was pinned, for [`Inner::unpin`] (the parents then, not after a rename).
+    pub(super) fn pin(&self, inos: &[u64]) -> Vec<u64> {
         let mut st = self.st();
-        for i in inos {
-            if let Some(n) = st.inodes.get_mut(i) {
+        let mut pinned = Vec::with_capacity(inos.len() + 4);
+        for &i in inos {
+            let mut cur = i;
+            // A chain longer than the table is a cycle (it cannot be); stop there.
+            for _ in 0..=st.inodes.len() {
+                let Some(n) = st.inodes.get_mut(&cur) else {
+                    break;
+                };
                 n.pins += 1;
+                pinned.push(cur);
+                if cur == ROOT {
+                    break;
+                }
+                cur = n.parent;
             }
         }
+        pinned
     }
 
     /// The asynchronous operation that pinned `inos` is done: an inode the kernel forgot

@@ -597,6 +597,7 @@ impl QtfsFs {
         let inner = self.inner.clone();
         let session = fuser::Session::new(self, mountpoint, &cfg)?;
         inner.start_feed(session.notifier());
+        inner.wait_feed(Duration::from_secs(2));
         Ok(Mounted(session))
     }
 }

@@ -385,15 +385,19 @@ fn negative_lookups_only_in_directories_this_mount_made() {
 }
 
 /// The kernel may forget a directory (its entry invalidated when the change feed comes back)
-/// while an asynchronous operation in it waits to be replayed: the inode stays resolvable
-/// until that operation is done, and is forgotten then.
+/// while an asynchronous operation in it waits to be replayed: the inode, and the directories
+/// above it that re-resolving it by name goes through, stay resolvable until that operation
+/// is done, and are forgotten then.
 #[test]
 fn an_inode_named_by_an_operation_in_flight_outlives_the_kernels_forget() {
     let r = rig(MountOptions::default());
-    let d = r.mkdir(ROOT, "d");
+    let top = r.mkdir(ROOT, "top");
+    let d = r.mkdir(top, "d");
     let e = r.mkdir(ROOT, "e");
-    r.inner.pin(&[d]);
+    let pinned = r.inner.pin(&[d]);
+    assert_eq!(pinned, vec![d, top, ROOT]);
     r.inner.forget(d, 1);
+    r.inner.forget(top, 1);
     // Without a pin, the kernel's forget ends an inode at once.
     r.inner.forget(e, 1);
     assert!(!r.inner.st().inodes.contains_key(&e));
@@ -401,8 +405,9 @@ fn an_inode_named_by_an_operation_in_flight_outlives_the_kernels_forget() {
     let me = r.inner.clone();
     let node = r.rt.block_on(async { me.with(|| me.node_of(d)).await });
     assert!(node.is_ok(), "{node:?}");
-    r.inner.unpin(&[d]);
+    r.inner.unpin(&pinned);
     assert!(!r.inner.st().inodes.contains_key(&d));
+    assert!(!r.inner.st().inodes.contains_key(&top));
 }
 
 /// Appends through an `O_APPEND` handle go as `Append`; a resend of one that landed (its

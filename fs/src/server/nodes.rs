@@ -20,7 +20,10 @@ pub(super) type Key = (usize, u64, u64);
 pub(super) type Covered = (Arc<OwnedFd>, Key, u32);
 
 pub(super) struct Node {
-    pub(super) fd: Arc<OwnedFd>,
+    /// `None` once the inode's last name was removed through this daemon and nothing had it
+    /// open ([`FsService::unlinked`]): the HOST frees the inode at once, as a local unlink
+    /// does, rather than when the DPU's forget arrives. The node answers ENOENT until then.
+    pub(super) fd: Option<Arc<OwnedFd>>,
     pub(super) export: usize,
     pub(super) lookups: u64,
     pub(super) key: (usize, u64, u64),
@@ -33,6 +36,8 @@ pub(super) struct Node {
 pub(super) struct OpenFile {
     pub(super) fd: OwnedFd,
     pub(super) export: usize,
+    /// The node's key, counted in [`State::open_keys`].
+    pub(super) key: Key,
     /// pread/pwrite at offsets (regular files) rather than read/write (pipes, devices).
     pub(super) seekable: bool,
     /// May block indefinitely (char device): use a dedicated thread.
@@ -57,6 +62,9 @@ pub(super) struct State {
     /// Lookup references per session id, released when that session ends (a mount process
     /// that exits or is unmounted never sends all its forgets).
     pub(super) held: HashMap<u64, HashMap<NodeId, u64>>,
+    /// Open files per node key, so a removal can tell whether anything still has the inode
+    /// open ([`FsService::unlinked`]).
+    pub(super) open_keys: HashMap<Key, usize>,
     /// Client-chosen ids per session (see "Client-chosen ids" in [`crate::proto`]): the node
     /// or handle an asynchronous create made, or the errno it failed with.
     pub(super) aliases: HashMap<u64, HashMap<u64, Result<u64, Errno>>>,
@@ -89,10 +97,53 @@ impl State {
 
 impl FsService {
     pub(super) fn node(&self, id: NodeId) -> R<(Arc<OwnedFd>, usize, u32)> {
+        self.node_key(id)
+            .map(|(fd, export, mode, _)| (fd, export, mode))
+    }
+
+    /// [`FsService::node`] and the node's key.
+    pub(super) fn node_key(&self, id: NodeId) -> R<(Arc<OwnedFd>, usize, u32, Key)> {
         let st = self.state();
         let id = st.real(current_session(), id)?;
         let n = st.nodes.get(&id).ok_or(libc::ESTALE)?;
-        Ok((n.fd.clone(), n.export, n.mode))
+        let fd = n.fd.clone().ok_or(libc::ENOENT)?;
+        Ok((fd, n.export, n.mode, n.key))
+    }
+
+    /// This daemon removed a name of the inode `key` (unlink, or a rename over it). When that
+    /// was its last name and no open file refers to it, its node lets go of the `O_PATH`
+    /// descriptor now: the HOST frees the inode and its space at once, as a local unlink does,
+    /// instead of when the DPU's forget arrives (a `rm` then a create on a full filesystem
+    /// must not fail with ENOSPC). Nothing on the DPU can name the inode any more; a request
+    /// already on its way gets ENOENT, as it would racing a local unlink.
+    pub(super) fn unlinked(&self, key: Key) {
+        let mut s = self.state();
+        if s.open_keys.contains_key(&key) {
+            return;
+        }
+        let Some(&id) = s.by_key.get(&key) else {
+            return;
+        };
+        let Some(n) = s.nodes.get_mut(&id) else {
+            return;
+        };
+        if n.mode & libc::S_IFMT == libc::S_IFDIR || !n.under.is_empty() {
+            return;
+        }
+        // Only the inode itself can say it has no name left (a hard link elsewhere, or a
+        // name the HOST made meanwhile).
+        let last = match &n.fd {
+            Some(fd) => sys::fstat(fd.as_raw_fd()).is_ok_and(|st| st.st_nlink == 0),
+            None => false,
+        };
+        if !last {
+            return;
+        }
+        let fd = n.fd.take();
+        s.by_key.remove(&key);
+        drop(s);
+        drop(fd);
+        debug!(node = id, "released a removed inode");
     }
 
     pub(super) fn writable(&self, export: usize) -> R<()> {
@@ -112,7 +163,14 @@ impl FsService {
     pub(super) fn take_file(&self, fh: Fh) -> Option<Arc<OpenFile>> {
         let mut st = self.state();
         let fh = st.unalias(current_session(), fh).ok()?;
-        st.files.remove(&fh)
+        let f = st.files.remove(&fh)?;
+        if let Some(c) = st.open_keys.get_mut(&f.key) {
+            *c -= 1;
+            if *c == 0 {
+                st.open_keys.remove(&f.key);
+            }
+        }
+        Some(f)
     }
 
     /// Records what the client-chosen id `alias` stands for in this session: the node or
@@ -150,7 +208,7 @@ impl FsService {
         s.nodes.insert(
             id,
             Node {
-                fd: fd.clone(),
+                fd: Some(fd.clone()),
                 export,
                 lookups: 1,
                 key,
@@ -230,7 +288,7 @@ impl FsService {
         if remove {
             if let Some(node) = s.nodes.remove(&id) {
                 s.by_key.remove(&node.key);
-                return Some(node.fd);
+                return node.fd;
             }
         }
         None
@@ -246,9 +304,12 @@ impl FsService {
         let mut moved = Vec::new();
         for (id, n) in s.nodes.iter_mut() {
             if (n.key.1, n.key.2) == under {
+                let Some(fd) = n.fd.clone() else {
+                    continue;
+                };
                 let old = n.key;
-                n.under.push((n.fd.clone(), n.key, n.mode));
-                n.fd = root.clone();
+                n.under.push((fd, n.key, n.mode));
+                n.fd = Some(root.clone());
                 n.key = (n.export, st.st_dev, st.st_ino);
                 n.mode = st.st_mode;
                 moved.push((*id, old, n.key));
@@ -273,7 +334,10 @@ impl FsService {
         let ids: Vec<NodeId> = s
             .nodes
             .iter()
-            .filter(|(_, n)| n.key.1 == root.0 && sys::mnt_id(n.fd.as_raw_fd()) == Ok(mnt))
+            .filter(|(_, n)| {
+                n.key.1 == root.0
+                    && n.fd.as_ref().map(|fd| sys::mnt_id(fd.as_raw_fd())) == Some(Ok(mnt))
+            })
             .map(|(id, _)| *id)
             .collect();
         let mut restored = Vec::new();
@@ -284,7 +348,7 @@ impl FsService {
             let old = n.key;
             if (n.key.1, n.key.2) == root {
                 if let Some((fd, key, mode)) = n.under.pop() {
-                    n.fd = fd;
+                    n.fd = Some(fd);
                     n.key = key;
                     n.mode = mode;
                     if s.by_key.get(&old) == Some(&id) {
@@ -315,19 +379,16 @@ impl FsService {
         }
     }
 
-    pub(super) fn add_file(
-        &self,
-        fd: OwnedFd,
-        export: usize,
-        seekable: bool,
-        blocking: bool,
-    ) -> Fh {
+    pub(super) fn add_file(&self, fd: OwnedFd, key: Key, seekable: bool, blocking: bool) -> Fh {
         let fh = self.id();
-        self.state().files.insert(
+        let mut s = self.state();
+        *s.open_keys.entry(key).or_default() += 1;
+        s.files.insert(
             fh,
             Arc::new(OpenFile {
                 fd,
-                export,
+                export: key.0,
+                key,
                 seekable,
                 blocking,
             }),

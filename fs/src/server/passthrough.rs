@@ -141,7 +141,19 @@ impl FsService {
         let (pfd, export, _) = self.node(parent)?;
         self.writable(export)?;
         let name = sys::component(&name)?;
-        blocking(move || sys::unlinkat(pfd.as_raw_fd(), &name, dir)).await?;
+        let removed = blocking(move || {
+            // What the name is, for [`FsService::unlinked`]; a directory holds no space
+            // worth hurrying for and may carry a watch.
+            let before = (!dir)
+                .then(|| sys::lstatat(pfd.as_raw_fd(), &name).ok())
+                .flatten();
+            sys::unlinkat(pfd.as_raw_fd(), &name, dir)?;
+            Ok(before)
+        })
+        .await?;
+        if let Some(st) = removed {
+            self.unlinked((export, st.st_dev, st.st_ino));
+        }
         Ok(())
     }
 
@@ -258,7 +270,7 @@ impl FsService {
         })
         .await?;
         let entry = self.register(fd, export, &st);
-        let fh = self.add_file(ofd, export, true, false);
+        let fh = self.add_file(ofd, (export, st.st_dev, st.st_ino), true, false);
         Ok(Created {
             entry,
             opened: Opened { fh, direct: false },
@@ -457,8 +469,18 @@ impl HostFs for FsService {
         }
         let name = sys::component(&name)?;
         let newname = sys::component(&newname)?;
-        blocking(move || sys::renameat2(pfd.as_raw_fd(), &name, npfd.as_raw_fd(), &newname, flags))
-            .await?;
+        let replaced = blocking(move || {
+            // The inode a plain rename replaces loses that name (see `remove`).
+            let before = (flags & libc::RENAME_EXCHANGE == 0)
+                .then(|| sys::lstatat(npfd.as_raw_fd(), &newname).ok())
+                .flatten();
+            sys::renameat2(pfd.as_raw_fd(), &name, npfd.as_raw_fd(), &newname, flags)?;
+            Ok(before)
+        })
+        .await?;
+        if let Some(st) = replaced {
+            self.unlinked((export, st.st_dev, st.st_ino));
+        }
         Ok(())
     }
 
@@ -490,7 +512,7 @@ impl HostFs for FsService {
 
     async fn open(&self, a: op::Open) -> FsResult<Opened> {
         let op::Open { node, flags } = a;
-        let (fd, export, mode) = self.node(node)?;
+        let (fd, export, mode, key) = self.node_key(node)?;
         if is_type(mode, libc::S_IFLNK) {
             return Err(libc::ELOOP);
         }
@@ -498,7 +520,7 @@ impl HostFs for FsService {
             self.writable(export)?;
         }
         let (ofd, seekable, special) = self.open_fd(fd, mode, flags).await?;
-        let fh = self.add_file(ofd, export, seekable, special);
+        let fh = self.add_file(ofd, key, seekable, special);
         Ok(Opened {
             fh,
             direct: special || !seekable,

@@ -397,7 +397,10 @@ impl FsService {
                 return Some(Vec::new());
             };
             h.keys()
-                .filter_map(|id| s.nodes.get(id).map(|n| (*id, n.mode, n.fd.clone())))
+                .filter_map(|id| {
+                    let n = s.nodes.get(id)?;
+                    Some((*id, n.mode, n.fd.clone()?))
+                })
                 .filter(|(_, mode, _)| mode & libc::S_IFMT == libc::S_IFDIR)
                 .map(|(id, _, fd)| (id, fd))
                 .collect()
