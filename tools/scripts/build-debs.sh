@@ -10,6 +10,10 @@
 #   CHECK=1 tools/scripts/build-debs.sh          # then unpack each package into a scratch root
 #                                                # (dpkg -x) and run every binary's --version
 #   FEATURES=tools/rdma (default) | FEATURES=    # RDMA links (libibverbs at run time) or not
+#   MUSL_REXEC=auto (default) | 1 | 0            # release: ship rexec and rexec-full as the static
+#                                                # musl build (`cargo rexec-musl`, the build the
+#                                                # exec benchmarks measure); auto = when the musl
+#                                                # target is installed (else says so and ships glibc)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PROFILE=${PROFILE:-release}
@@ -34,6 +38,36 @@ fi
 echo "== ${build[*]}"
 "${build[@]}"
 BIN=$TARGET/$DIR
+
+# rexec and rexec-full: the static musl build where wrapper scripts start rexec per operation
+# (docs/BENCHMARKS.md, exec: a glibc start-up costs ~0.3 ms more on a VM). cargo-deb takes its
+# assets from $BIN, so the musl executables stand in for the glibc ones while packaging and the
+# glibc ones are put back afterwards (the cargo build stays as it was).
+MUSL_REXEC=${MUSL_REXEC:-auto}
+musl_dir=$TARGET/$(uname -m)-unknown-linux-musl/release
+swapped=()
+restore_rexec() {
+  local b
+  for b in "${swapped[@]}"; do mv -f "$BIN/.$b.glibc" "$BIN/$b"; done
+  swapped=()
+}
+trap restore_rexec EXIT
+if [ "$DIR" = release ] && [ "$MUSL_REXEC" != 0 ]; then
+  if rustup target list --installed 2>/dev/null | grep -qx "$(uname -m)-unknown-linux-musl"; then
+    echo "== cargo rexec-musl (rexec and rexec-full for offload-dpu)"
+    cargo rexec-musl --locked
+    for b in rexec rexec-full; do
+      cp -f "$BIN/$b" "$BIN/.$b.glibc"
+      swapped+=("$b")
+      cp -f "$musl_dir/$b" "$BIN/$b"
+    done
+  elif [ "$MUSL_REXEC" = 1 ]; then
+    echo "build-debs: MUSL_REXEC=1 but the target is missing: rustup target add $(uname -m)-unknown-linux-musl" >&2
+    exit 1
+  else
+    echo "build-debs: no $(uname -m)-unknown-linux-musl target: offload-dpu ships the glibc rexec (slower start; rustup target add $(uname -m)-unknown-linux-musl)"
+  fi
+fi
 echo "== man pages"
 rm -rf "$BIN/man"
 "$BIN/offload" gen-man "$BIN/man" >/dev/null
@@ -50,6 +84,7 @@ for variant in "" host dpu; do
   echo "== cargo ${args[*]}"
   cargo "${args[@]}"
 done
+restore_rexec
 ls -l "$OUT"/offload-{common,host,dpu}_*.deb
 
 if [ "${CHECK:-0}" = 1 ]; then
