@@ -77,8 +77,10 @@ OUT=$TARGET/debian
 mkdir -p "$OUT"
 rm -f "$OUT"/offload-{common,host,dpu}_*.deb
 for variant in "" host dpu; do
-  # Stripped (cargo-deb's default); debug packages compress fast (CI throws them away).
-  args=(deb -p tools --no-build --profile "$PROFILE" --output "$OUT")
+  # Stripped: the release profile keeps line tables (debug = 1) for local backtraces, and
+  # cargo-deb keeps whatever the profile has unless told (the packages were ~10x their size).
+  # Debug packages compress fast (CI throws them away).
+  args=(deb -p tools --no-build --profile "$PROFILE" --output "$OUT" --strip)
   [ "$DIR" = debug ] && args+=(--fast)
   [ -n "$variant" ] && args+=(--variant "$variant")
   echo "== cargo ${args[*]}"
