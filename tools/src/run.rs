@@ -41,7 +41,7 @@
 //! place are logged, and `--umount-on-exit` detaches them. Descendants that outlive CMD get
 //! ENOSYS from mount(2) once the supervisor is gone: a mount never silently lands on the DPU.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsString};
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -602,7 +602,8 @@ impl Supervisor {
         // What the DPU just made there must be on the HOST before the HOST mounts (not for a
         // remount: opening the mount's own root would hold it busy for a moment).
         let settle = !matches!(op, MountOp::Remount { .. });
-        let Ok(Some(t)) = self.locate(c, &target, true, settle) else {
+        let mut seen = Seen::default();
+        let Ok(Some(t)) = self.locate(c, &target, true, settle, &mut seen) else {
             return Ok(Decision::Continue);
         };
         if t.mount_root {
@@ -613,7 +614,7 @@ impl Supervisor {
             MountOp::Remount { bind } => Kind::Remount { bind },
             MountOp::Bind { recursive } => {
                 let source = c.read_str(args[0], libc::PATH_MAX as usize)?;
-                let Some(s) = self.locate(c, &source, true, true)? else {
+                let Some(s) = self.locate(c, &source, true, true, &mut seen)? else {
                     warn!(source = %String::from_utf8_lossy(&source), target = %t.host,
                         "bind of a DPU-local path onto a qtfs path cannot be made on the HOST: EPERM");
                     return Err(libc::EPERM);
@@ -649,7 +650,7 @@ impl Supervisor {
                     let d = spec::overlay_dirs(opts)?;
                     refresh.extend(d.upper.iter().chain(d.work.iter()).cloned());
                     let mut host = |p: &str| -> Result<String, i32> {
-                        match self.locate(c, p.as_bytes(), true, true) {
+                        match self.locate(c, p.as_bytes(), true, true, &mut seen) {
                             Ok(Some(q)) => Ok(q.host),
                             Err(e) => {
                                 warn!(dir = %p, target = %t.host, errno = e,
@@ -702,7 +703,7 @@ impl Supervisor {
         let flags = args[1] as i32;
         let target = c.read_str(args[0], libc::PATH_MAX as usize)?;
         let follow = flags & libc::UMOUNT_NOFOLLOW == 0;
-        let Ok(Some(t)) = self.locate(c, &target, follow, false) else {
+        let Ok(Some(t)) = self.locate(c, &target, follow, false, &mut Seen::default()) else {
             return Ok(Decision::Continue);
         };
         if t.mount_root || flags & libc::MNT_EXPIRE != 0 {
@@ -721,13 +722,15 @@ impl Supervisor {
 
     /// Where `path` (as the caller names it) lies: on a qtfs mount (Some), elsewhere (None),
     /// or the errno resolving it gave the caller's view. `settle`: on qtfs, first make what the
-    /// DPU created there reach the HOST ([`settle_on_host`]).
+    /// DPU created there reach the HOST ([`settle_on_host`]). `seen` carries what the other
+    /// paths of the same call already read.
     fn locate(
         &self,
         c: &Caller,
         path: &[u8],
         follow: bool,
         settle: bool,
+        seen: &mut Seen,
     ) -> Result<Option<QtfsPath>, i32> {
         let fd = c.resolve(path, follow)?;
         let link = self.proc_root.join(format!("self/fd/{}", fd.as_raw_fd()));
@@ -737,17 +740,32 @@ impl Supervisor {
             return Ok(None);
         };
         let mnt = mnt_id(fd.as_raw_fd())?;
-        let info = std::fs::read_to_string(self.proc_root.join("self/mountinfo"))
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
-        let found = spec::parse_mountinfo(&info)
-            .into_iter()
+        let mounts = match &mut seen.mounts {
+            Some(m) => m,
+            slot => {
+                let info = std::fs::read_to_string(self.proc_root.join("self/mountinfo"))
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                slot.insert(spec::parse_mountinfo(&info))
+            }
+        };
+        let found = mounts
+            .iter()
             .find(|m| m.id == mnt)
-            .and_then(|m| spec::qtfs_host_path(&m, canonical));
+            .and_then(|m| spec::qtfs_host_path(m, canonical));
         if settle && found.is_some() {
-            settle_on_host(Path::new(canonical));
+            settle_on_host(Path::new(canonical), &mut seen.settled);
         }
         Ok(found)
     }
+}
+
+/// What one trapped mount call has read so far ([`Supervisor::locate`]): the mount table is
+/// read once per call, not once per path (an overlay names every layer), and each directory
+/// is settled once.
+#[derive(Default)]
+struct Seen {
+    mounts: Option<Vec<spec::MountInfo>>,
+    settled: HashSet<PathBuf>,
 }
 
 /// Makes what the DPU just created at and under `path` (a path on a qtfs mount, in this
@@ -759,8 +777,13 @@ impl Supervisor {
 /// are answered, with no disk sync on the HOST: so the parent (the node's own creation) and,
 /// for a directory, the node itself (what was made inside). Failures are left to the mount
 /// itself to report.
-fn settle_on_host(path: &Path) {
+/// `settled`: the directories this call opened already (an overlay's lower layers share
+/// their parent: once is enough).
+fn settle_on_host(path: &Path, settled: &mut HashSet<PathBuf>) {
     for d in path.parent().into_iter().chain([path]) {
+        if !settled.insert(d.to_path_buf()) {
+            continue;
+        }
         // Not a directory (a bind source that is a file), or gone: nothing to settle. The
         // descriptor is closed again at once.
         let _ = std::fs::OpenOptions::new()
