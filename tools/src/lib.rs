@@ -15,6 +15,24 @@ pub const HEARTBEAT_INTERVAL_SECS: f64 = 3.0;
 /// Default of `--heartbeat-timeout`, seconds.
 pub const HEARTBEAT_TIMEOUT_SECS: f64 = 10.0;
 
+/// Where a DPU-side exec client reaches its peer: the address, its link type and the link
+/// options. One struct for `rexec` and `rexec_mux`, which must read them alike (the mux's
+/// socket is named after the address and key file, [`rexec::default_control_path`]).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PeerArgs {
+    /// Peer address (the exec service of offloadd or rexec_server): URL (tcp://H:P,
+    /// unix:///path, vsock://CID:PORT, vsock-uds:///path:PORT, rdma://IP:PORT), or a bare
+    /// address with --transport.
+    #[arg(long, env = "CMD_NET_ADDR", value_name = "ADDR")]
+    pub addr: String,
+    /// Link type for a bare --addr (tcp, unix, vsock, vsock-uds, rdma).
+    #[arg(long, value_name = "T")]
+    pub transport: Option<String>,
+    /// The key and link options.
+    #[command(flatten)]
+    pub link: KeyArgs,
+}
+
 /// Link options every daemon and tool takes.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KeyArgs {

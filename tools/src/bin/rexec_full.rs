@@ -60,15 +60,8 @@ The `rexec` executable runs the common call (`rexec CMD ARGS…` through a mux) 
 Example: CMD_NET_ADDR=tcp://10.0.0.1:7000 rexec --key-file /etc/offload/psk uname -a"
 )]
 struct Args {
-    /// Server address: URL (tcp://H:P, unix:///path, vsock://CID:PORT, vsock-uds:///path:PORT,
-    /// rdma://IP:PORT), or a bare address with --transport.
-    #[arg(long, env = "CMD_NET_ADDR", value_name = "ADDR")]
-    addr: String,
-    /// Link type for a bare --addr (tcp, unix, vsock, vsock-uds, rdma).
-    #[arg(long, value_name = "T")]
-    transport: Option<String>,
     #[command(flatten)]
-    link: tools::KeyArgs,
+    peer: tools::PeerArgs,
     /// Start the remote program with an empty environment (then add --env/--env-keep).
     #[arg(long)]
     env_clear: bool,
@@ -105,9 +98,11 @@ struct Args {
 fn quick_args(argv: &[OsString]) -> Option<Args> {
     let addr = common::common_call_addr(argv)?;
     Some(Args {
-        addr,
-        transport: None,
-        link: tools::KeyArgs::default(),
+        peer: tools::PeerArgs {
+            addr,
+            transport: None,
+            link: tools::KeyArgs::default(),
+        },
         env_clear: false,
         env_set: Vec::new(),
         env_keep: Vec::new(),
@@ -143,9 +138,10 @@ fn build_env(args: &Args) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
 
 async fn run(args: &Args, req: ExecRequest) -> anyhow::Result<Outcome> {
     let req_ignored = req.sig_ignored;
-    let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.addr)
-        .map_err(|e| anyhow::anyhow!("bad address {:?}: {e}", args.addr))?;
-    let session = Session::connect(&endpoint, args.link.session_config()?, Registry::new())
+    let peer = &args.peer;
+    let endpoint = Endpoint::from_parts(peer.transport.as_deref(), &peer.addr)
+        .map_err(|e| anyhow::anyhow!("bad address {:?}: {e}", peer.addr))?;
+    let session = Session::connect(&endpoint, peer.link.session_config()?, Registry::new())
         .await
         .map_err(|e| {
             // Name the address once: handshake errors already start with it.
@@ -266,9 +262,9 @@ fn rexec_main() -> std::convert::Infallible {
     );
     // A mux for this address (and key) runs the exec over its session: no handshake here.
     let path = common::control_path(
-        &args.addr,
-        args.transport.as_deref(),
-        args.link.key_file.as_deref(),
+        &args.peer.addr,
+        args.peer.transport.as_deref(),
+        args.peer.link.key_file.as_deref(),
     );
     if let Some(path) = path {
         let raw = if args.tty {

@@ -36,15 +36,9 @@ Logging: RUST_LOG (default info).\n\
 Example: CMD_NET_ADDR=tcp://10.0.0.1:7000 rexec_mux --key-file /etc/offload/psk"
 )]
 struct Args {
-    /// Peer address: URL (tcp://H:P, unix:///path, vsock://CID:PORT, vsock-uds:///path:PORT,
-    /// rdma://IP:PORT), or a bare address with --transport. The same as rexec's CMD_NET_ADDR.
-    #[arg(long, env = "CMD_NET_ADDR", value_name = "ADDR")]
-    addr: String,
-    /// Link type for a bare --addr (tcp, unix, vsock, vsock-uds, rdma).
-    #[arg(long, value_name = "T")]
-    transport: Option<String>,
+    // The same address, link type and key file as rexec's.
     #[command(flatten)]
-    link: tools::KeyArgs,
+    peer: tools::PeerArgs,
     /// Listen here instead of the default path for the address and key file (rexec then needs
     /// REXEC_CONTROL=PATH). Its directory must be private to this user (created 0700).
     #[arg(long, value_name = "PATH")]
@@ -131,15 +125,13 @@ fn main() -> anyhow::Result<()> {
     tools::man::generate_if_asked(<Args as clap::CommandFactory>::command);
     let args = Args::parse();
     tools::init_tracing("info");
-    let endpoint = Endpoint::from_parts(args.transport.as_deref(), &args.addr)
-        .with_context(|| format!("bad address {:?}", args.addr))?;
-    let cfg = args.link.session_config().context("session settings")?;
+    let peer = &args.peer;
+    let endpoint = Endpoint::from_parts(peer.transport.as_deref(), &peer.addr)
+        .with_context(|| format!("bad address {:?}", peer.addr))?;
+    let cfg = peer.link.session_config().context("session settings")?;
     let path = match &args.control_path {
         Some(p) => p.clone(),
-        None => mux::default_control_path(
-            &endpoint.to_string(),
-            &mux::key_file_path(args.link.key_file.as_deref()),
-        ),
+        None => tools::rexec::default_control_path(&endpoint, peer.link.key_file.as_deref()),
     };
     tools::raise_nofile_limit();
     let listener = bind(&path)?;

@@ -1,8 +1,9 @@
 //! rexec's allocator in the static musl build (`cargo rexec-musl`), shared by `rexec` and
-//! `rexec-full`: musl's malloc maps every block above 128 KiB and unmaps it when freed, so
-//! streaming output (a 256 KiB read buffer per chunk) paid an mmap, 64 page faults and an
-//! munmap per chunk; [`Cached`] keeps a few freed big blocks for reuse, and small blocks come
-//! from a start-up arena. glibc builds keep glibc's allocator.
+//! `rexec-full`: musl's malloc maps every block above 128 KiB, and its groups of mid-sized
+//! blocks, and unmaps them when freed, so streaming output (a 256 KiB read buffer per chunk)
+//! paid an mmap, 64 page faults and an munmap per chunk; [`Cached`] keeps freed blocks from
+//! 4 KiB to 16 MiB for reuse, and small blocks come from a start-up arena. glibc builds keep
+//! glibc's allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::UnsafeCell;
@@ -135,14 +136,14 @@ unsafe impl GlobalAlloc for Cached {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if class(layout).is_none() && layout.align() <= 4096 {
-            // Arena pieces are never reused: still zero.
-            let p = arena_alloc(layout);
-            if !p.is_null() {
-                return p;
-            }
-        }
         if class(layout).is_none() {
+            if layout.align() <= 4096 {
+                // Arena pieces are never reused: still zero.
+                let p = arena_alloc(layout);
+                if !p.is_null() {
+                    return p;
+                }
+            }
             // SAFETY: forwarding the caller's valid layout (calloc: fresh pages need no memset).
             return unsafe { System.alloc_zeroed(layout) };
         }

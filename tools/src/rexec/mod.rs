@@ -191,10 +191,18 @@ pub fn control_path(
         Some(v) => Some(PathBuf::from(v)),
         None => {
             let ep = transport::Endpoint::from_parts(transport, addr).ok()?;
-            let key = mux::key_file_path(key_file);
-            Some(mux::default_control_path(&ep.to_string(), &key))
+            Some(default_control_path(&ep, key_file))
         }
     }
+}
+
+/// The default mux socket for a link to `endpoint` with `key_file` (`--key-file`): where
+/// rexec_mux listens and rexec looks, worked out in this one place so the two agree.
+pub fn default_control_path(
+    endpoint: &transport::Endpoint,
+    key_file: Option<&std::path::Path>,
+) -> PathBuf {
+    mux::default_control_path(&endpoint.to_string(), &mux::key_file_path(key_file))
 }
 
 /// The exit code for a program that ended with `st`; dies of the program's signal instead
